@@ -1,0 +1,7 @@
+"""``python -m bigrec`` is the ``bigrec`` command."""
+
+import sys
+
+from bigrec.cli import main
+
+sys.exit(main())

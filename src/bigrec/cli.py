@@ -1,0 +1,75 @@
+"""The ``bigrec`` command: one subcommand per pipeline stage.
+
+Each stage lives in its own module, which exposes a ``Config`` dataclass and ``run(config)``.
+Modules are imported only when their subcommand runs, so ``bigrec prepare`` does not pay for
+importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from bigrec import __version__
+from bigrec.config import ConfigError, add_dataclass_arguments, from_args
+
+# subcommand -> (module, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("bigrec.prepare", "prepare a public dataset: catalogue, time splits, instruction files"),
+    "train": ("bigrec.train", "LoRA (or full) instruction tuning of a causal LM"),
+    "generate": ("bigrec.generate", "batched beam-search generation for instruction rows"),
+    "index": ("bigrec.index", "embed every catalogue title with the base model"),
+    "evaluate": ("bigrec.evaluate", "ground generations to items and compute all-rank NDCG/HR"),
+    "baseline": ("bigrec.baselines.run", "train and evaluate popularity or SASRec on the prepared splits"),
+    "demo": ("bigrec.demo", "the whole pipeline on the bundled default (SmolLM2-135M, ml-100k)"),
+    "recommend": ("bigrec.recommend", "recommend items for a history with a finished run"),
+    "serve": ("bigrec.serve", "HTTP recommendation service for a finished run"),
+}
+
+
+def _load(stage: str):
+    module_name = STAGES[stage][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="bigrec", description="BIGRec: LLM recommendation by bi-step grounding.")
+    parser.add_argument("--version", action="version", version=f"bigrec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    chosen = next((a for a in argv if a in STAGES), None)
+    module = None
+    for stage, (_, description) in STAGES.items():
+        p = sub.add_parser(stage, help=description, description=description)
+        if stage == chosen:
+            module = _load(stage)
+            if module is not None:
+                add_dataclass_arguments(p, module.Config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    if module is None:
+        print(f"bigrec {args.stage}: not yet available in this version", file=sys.stderr)
+        return 3
+    try:
+        config = from_args(module.Config, args)
+        result = module.run(config)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"bigrec {args.stage}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bigrec {args.stage}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
