@@ -1,0 +1,198 @@
+"""Step 2 maths: L2 grounding and re-weighting by statistical information, with the gamma search.
+
+The paper ranks items by ``d' = d * (1 + s) ** (-gamma)`` after per-row min-max normalisation
+of the distance d and of a score s (popularity, or a conventional model's score), with gamma
+picked on validation per metric@K. Evaluating ~200 gammas by brute force would redo a
+[rows, items] pass per gamma; instead, in log space an item beats the target exactly on an
+open interval of gamma, so one pass finds, for every (row, item), the grid slice where it
+wins, and a cumulative sum gives the target's rank at every gamma at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bigrec.metrics import TOPK, Targets, ndcg_hr_many, target_index
+
+# 0.01..1.00 step 0.01, then 2..99: the paper's grid.
+GAMMA_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(1, 101)) + tuple(
+    float(i) for i in range(2, 100))
+
+_BLOCK = 1 << 22  # elements of one [rows, items] block in the float64 search (~32 MB per temp)
+
+
+def l2_distances(queries: torch.Tensor, items: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """L2 distance of every query [R, D] to every item [N, D] -> [R, N] float32, in row chunks."""
+    if queries.dim() != 2 or items.dim() != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"need [R, D] and [N, D], got {tuple(queries.shape)} and {tuple(items.shape)}")
+    items = items.float()
+    out = torch.empty(queries.shape[0], items.shape[0], dtype=torch.float32)
+    for lo in range(0, queries.shape[0], chunk_rows):
+        out[lo : lo + chunk_rows] = torch.cdist(queries[lo : lo + chunk_rows].float(), items, p=2)
+    return out
+
+
+def minmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per-row (last dim) min-max to [0, 1]; a constant row becomes zeros rather than NaN."""
+    x = x if x.is_floating_point() else x.float()
+    low = x.amin(-1, keepdim=True)
+    span = x.amax(-1, keepdim=True) - low
+    return (x - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def reweight(dist: torch.Tensor, scores: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``minmax(d) * (1 + minmax(s)) ** (-gamma)``; a 1-D score vector (popularity) serves every row."""
+    _check_scores(dist, scores)
+    return minmax_rows(dist) * (1 + minmax_rows(scores)) ** (-gamma)
+
+
+def popularity_counts(train_item_ids: Iterable[int] | torch.Tensor, num_items: int) -> torch.Tensor:
+    """Interactions per catalogue item in the training split -> [N] int64."""
+    ids = torch.as_tensor(train_item_ids if isinstance(train_item_ids, torch.Tensor) else list(train_item_ids),
+                          dtype=torch.long).flatten()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= num_items):
+        raise ValueError(f"item ids must lie in [0, {num_items}), got {ids.min()}..{ids.max()}")
+    return torch.bincount(ids, minlength=num_items)
+
+
+def _check_scores(dist: torch.Tensor, scores: torch.Tensor) -> None:
+    if dist.dim() != 2:
+        raise ValueError(f"dist must be [rows, items], got shape {tuple(dist.shape)}")
+    if scores.shape not in (dist.shape, dist.shape[1:]):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not match distances "
+                         f"{tuple(dist.shape)}: need [rows, items] or [items]")
+
+
+def _thresholds(a: torch.Tensor, b: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For target column ``col`` [C, 1]: threshold [C, N] and whether the item wins above it.
+
+    Item j beats the target iff a_j - a_t < g * (b_j - b_t). With db > 0 it wins for g above
+    da / db, with db < 0 below it. db == 0 is +0.0 here (b >= 0), so da / db is -inf (always
+    wins), +inf (never) or NaN for da == 0, a tie, which is mapped to +inf (never).
+    """
+    a_t = a.gather(1, col)
+    da = a - torch.where(torch.isinf(a_t), torch.zeros_like(a_t), a_t)  # targets at d=0 are handled by the caller
+    db = b - b.gather(1, col)
+    return (da / db).nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf")), db >= 0
+
+
+def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gammas: Sequence[float]) -> torch.Tensor:
+    """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
+
+    With a = log minmax(d) and b = log(1 + minmax(s)), item j beats target t exactly for g in
+    an open interval (see :func:`_thresholds`); with several target ids it must beat all of
+    them, an intersection of intervals. Each item adds +1 where its interval starts on the
+    sorted grid and -1 where it ends, and a cumulative sum gives the counts. Computed in
+    float64 (more exact than a float32 brute force, which underflows at large gamma); the two
+    can differ only on near-ties.
+    """
+    _check_scores(dist, scores)
+    if torch.isnan(dist).any() or torch.isnan(scores).any():
+        raise ValueError("distances or scores contain NaN")
+    rows, num_items = dist.shape
+    idx, _ = target_index(targets, rows, num_items)  # padding repeats an id: harmless here
+    order = sorted(range(len(gammas)), key=lambda i: gammas[i])
+    grid = torch.tensor([float(gammas[i]) for i in order], dtype=torch.float64)
+    n_grid, inf = len(order), float("inf")
+    log_w = minmax_rows(scores.double()).log1p() if scores.dim() == 1 else None  # [N] in [0, log 2]
+    ranks = torch.empty(rows, n_grid, dtype=torch.long)
+    step = max(1, _BLOCK // max(num_items, 1))
+    for lo in range(0, rows, step):  # row chunks bound memory; no per-row Python work
+        a = minmax_rows(dist[lo : lo + step].double()).log_()  # [C, N], -inf at the nearest item
+        b = log_w.expand_as(a) if log_w is not None else minmax_rows(scores[lo : lo + step].double()).log1p_()
+        cols = idx[lo : lo + step]
+        diff = torch.zeros(a.shape[0], n_grid + 1, dtype=torch.long)  # last column absorbs "never"
+        if cols.shape[1] == 1:  # one id: each item has a single bound, one search
+            thr, up = _thresholds(a, b, cols)
+            at = torch.searchsorted(grid, torch.where(up, thr.nextafter(torch.tensor(inf, dtype=thr.dtype)), thr))
+            diff.scatter_add_(1, at, up.long() * 2 - 1)  # +1 from the first g > thr; -1 from the first g >= thr
+            diff[:, 0] += (~up).sum(1)  # items winning below a bound win from the start
+        else:
+            low, high = torch.full_like(a, -inf), torch.full_like(a, inf)
+            for m in range(cols.shape[1]):  # one pass per target id column
+                thr, up = _thresholds(a, b, cols[:, m : m + 1])
+                low = torch.maximum(low, torch.where(up, thr, -inf))
+                high = torch.minimum(high, torch.where(up, inf, thr))
+            start = torch.searchsorted(grid, low.nextafter_(torch.tensor(inf, dtype=low.dtype)))
+            end = torch.maximum(torch.searchsorted(grid, high), start)
+            diff.scatter_add_(1, start, torch.ones_like(start)).scatter_add_(1, end, -torch.ones_like(end))
+        block = diff[:, :n_grid].cumsum(1)
+        block[torch.isinf(a.gather(1, cols)).any(1)] = 0  # a target at minmax distance 0: nothing beats it
+        ranks[lo : lo + step] = block
+    back = torch.empty(n_grid, dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(n_grid)
+    return ranks[:, back].T.contiguous()
+
+
+@dataclass(frozen=True)
+class GammaSearch:
+    """Gammas chosen on validation and the validation metrics (plain lists, JSON-ready)."""
+
+    topk: tuple[int, ...]
+    grid: tuple[float, ...]
+    ndcg_gamma: dict[int, float]  # K -> gamma maximising validation NDCG@K
+    hr_gamma: dict[int, float]  # K -> gamma maximising validation HR@K
+    single_k: int
+    single_gamma: float  # gamma maximising validation NDCG@single_k, used for every K
+    valid_tuned: dict[str, list[float]]  # best NDCG@K / HR@K, each at its own gamma
+    valid_single: dict[str, list[float]]  # metrics at single_gamma
+    valid_grid: dict[str, list[list[float]]]  # [G][len(topk)] metrics for every grid gamma
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _argmax_first(values: list[float]) -> int:
+    """Index of the maximum; ties go to the earliest (smallest gamma)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_valid: Targets,
+                 topk: Sequence[int] = TOPK, grid: Sequence[float] = GAMMA_GRID, *,
+                 single_k: int = 10) -> GammaSearch:
+    """Pick gamma per metric@K, and one gamma by NDCG@single_k, on the validation rows."""
+    topk, grid = tuple(int(k) for k in topk), tuple(sorted(float(g) for g in set(grid)))
+    if single_k not in topk:
+        raise ValueError(f"single_k={single_k} is not in topk {list(topk)}")
+    ndcg, hr = ndcg_hr_many(grid_ranks(dist_valid, scores_valid, targets_valid, grid), topk)
+    ndcg_best = [_argmax_first([row[j] for row in ndcg]) for j in range(len(topk))]
+    hr_best = [_argmax_first([row[j] for row in hr]) for j in range(len(topk))]
+    single = _argmax_first([row[topk.index(single_k)] for row in ndcg])
+    return GammaSearch(
+        topk=topk, grid=grid,
+        ndcg_gamma={k: grid[g] for k, g in zip(topk, ndcg_best, strict=True)},
+        hr_gamma={k: grid[g] for k, g in zip(topk, hr_best, strict=True)},
+        single_k=single_k, single_gamma=grid[single],
+        valid_tuned={"NDCG": [ndcg[g][j] for j, g in enumerate(ndcg_best)],
+                     "HR": [hr[g][j] for j, g in enumerate(hr_best)]},
+        valid_single={"NDCG": ndcg[single], "HR": hr[single]},
+        valid_grid={"NDCG": ndcg, "HR": hr},
+    )
+
+
+def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test: Targets,
+                search: GammaSearch) -> dict:
+    """Test metrics with each metric@K at its own tuned gamma, and with the single gamma.
+
+    Returns ``{"topk", "tuned": {"NDCG", "HR"}, "single": {"NDCG", "HR"}, "gammas": {"NDCG": [...],
+    "HR": [...], "single": g}}``, plain lists and floats.
+    """
+    topk = search.topk
+    gammas = sorted({*search.ndcg_gamma.values(), *search.hr_gamma.values(), search.single_gamma})
+    ndcg, hr = ndcg_hr_many(grid_ranks(dist_test, scores_test, targets_test, gammas), topk)
+
+    def at(g: float) -> int:
+        return bisect.bisect_left(gammas, g)
+
+    return {
+        "topk": list(topk),
+        "tuned": {"NDCG": [ndcg[at(search.ndcg_gamma[k])][j] for j, k in enumerate(topk)],
+                  "HR": [hr[at(search.hr_gamma[k])][j] for j, k in enumerate(topk)]},
+        "single": {"NDCG": ndcg[at(search.single_gamma)], "HR": hr[at(search.single_gamma)]},
+        "gammas": {"NDCG": [search.ndcg_gamma[k] for k in topk], "HR": [search.hr_gamma[k] for k in topk],
+                   "single": search.single_gamma},
+    }

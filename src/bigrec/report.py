@@ -1,0 +1,83 @@
+"""Reporting: the reference metrics JSON, a plain-text table and a PNG of NDCG@K and HR@K.
+
+Inputs are ``{run: {"NDCG": [...], "HR": [...]}}`` with values in ``topk`` order; a top-level
+``"topk"`` key (as in the metrics JSON) is skipped, so a loaded metrics file can be passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from bigrec.io import atomic_path
+from bigrec.metrics import TOPK
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("NDCG", "HR")
+
+
+def _runs(metrics: Mapping[str, Mapping], topk: Sequence[int]) -> dict[str, dict[str, list[float]]]:
+    """Validated runs: each has NDCG and HR lists as long as topk."""
+    runs = {}
+    for name, run in metrics.items():
+        if name == "topk":
+            continue
+        for key in METRICS:
+            values = run.get(key) if isinstance(run, Mapping) else None
+            if values is None or len(values) != len(topk):
+                raise ValueError(f"run {name!r}: {key} needs {len(topk)} values (one per K in {list(topk)})")
+        runs[name] = {key: [float(v) for v in run[key]] for key in METRICS}
+    return runs
+
+
+def metrics_json(runs: Mapping[str, Mapping], topk: Sequence[int] = TOPK) -> dict:
+    """The reference metrics JSON: ``{"topk": [...], run: {"NDCG": [...], "HR": [...]}}``."""
+    return {"topk": [int(k) for k in topk], **_runs(runs, topk)}
+
+
+def format_table(metrics: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
+                 ks: Sequence[int] | None = None) -> str:
+    """One line per run with NDCG@K then HR@K columns (4 decimals); ``ks`` picks a subset of topk."""
+    runs = _runs(metrics, topk)
+    ks = list(topk) if ks is None else list(ks)
+    missing = [k for k in ks if k not in topk]
+    if missing:
+        raise ValueError(f"K {missing} not in topk {list(topk)}")
+    cols = [(key, k, list(topk).index(k)) for key in METRICS for k in ks]
+    header = ["run"] + [f"{key}@{k}" for key, k, _ in cols]
+    body = [[name] + [f"{run[key][j]:.4f}" for key, _, j in cols] for name, run in runs.items()]
+    width0 = max(len(r[0]) for r in [header, *body])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(1, len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join([cells[0].ljust(width0)] + [c.rjust(w) for c, w in zip(cells[1:], widths, strict=True)])
+
+    return "\n".join([line(header), line(["-" * width0] + ["-" * w for w in widths]), *map(line, body)])
+
+
+def plot_metrics(metrics: Mapping[str, Mapping], path: str | Path, topk: Sequence[int] = TOPK) -> Path:
+    """Write a PNG with NDCG@K and HR@K against K, one line per run (Agg canvas, atomic write)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = _runs(metrics, topk)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)  # no pyplot: no global backend state, works headless
+    for ax, key in zip(fig.subplots(1, 2), METRICS, strict=True):
+        for name, run in runs.items():
+            ax.plot(list(topk), run[key], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xticks(list(topk), [str(k) for k in topk])
+        ax.set_xlabel("K")
+        ax.set_title(f"{key}@K")
+        ax.grid(True, alpha=0.3)
+    if runs:
+        fig.axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    logger.info("wrote plot %s", path)
+    return path

@@ -1,0 +1,130 @@
+"""Grounding maths: distances, min-max, re-weighting, the gamma grid and the gamma search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bigrec.ground import (
+    GAMMA_GRID,
+    apply_gamma,
+    grid_ranks,
+    l2_distances,
+    minmax_rows,
+    popularity_counts,
+    reweight,
+    search_gamma,
+)
+from bigrec.metrics import target_ranks
+
+# Row A: target 2 (d=0.6) is more popular than item 1 (d=0.5): it overtakes it for gamma > log2(1.2).
+# Row B: target 1 (d=0.2) is less popular than items 2, 3: it falls behind for gamma > log2(2.5), log2(5).
+DIST = torch.tensor([[1.0, 2.0, 2.2, 3.0], [5.0, 5.6, 6.5, 8.0]], dtype=torch.float64)
+SCORES = torch.tensor([[0.0, 0.0, 10.0, 5.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+TARGETS = torch.tensor([2, 1])
+
+
+def test_gamma_grid():
+    assert len(GAMMA_GRID) == 198 and len(set(GAMMA_GRID)) == 198
+    assert list(GAMMA_GRID) == sorted(GAMMA_GRID)
+    assert GAMMA_GRID[:3] == (0.01, 0.02, 0.03) and 0.07 in GAMMA_GRID and 0.29 in GAMMA_GRID
+    assert GAMMA_GRID[99:102] == (1.0, 2.0, 3.0) and GAMMA_GRID[-1] == 99.0
+    assert all(isinstance(g, float) for g in GAMMA_GRID)
+
+
+def test_minmax_rows_and_constant_rows():
+    x = torch.tensor([[2.0, 4.0, 3.0], [7.0, 7.0, 7.0]])
+    assert minmax_rows(x).tolist() == [[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]]
+    assert minmax_rows(torch.tensor([1, 3, 5])).tolist() == [0.0, 0.5, 1.0]  # integer counts
+
+
+def test_l2_distances_chunked():
+    gen = torch.Generator().manual_seed(0)
+    q, items = torch.randn(5, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    expected = ((q[:, None, :] - items[None, :, :]) ** 2).sum(-1).sqrt()
+    got = l2_distances(q, items, chunk_rows=2)
+    assert got.dtype == torch.float32 and got.shape == (5, 7)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[R, D\]"):
+        l2_distances(q, torch.randn(7, 4))
+
+
+def test_reweight_by_hand_and_broadcast():
+    got = reweight(DIST[:1], SCORES[0], gamma=1.0)  # 1-D popularity
+    assert got.tolist()[0] == pytest.approx([0.0, 0.5, 0.6 / 2, 1.0 / 1.5])
+    both = reweight(DIST, SCORES[0], gamma=0.5)
+    assert torch.equal(both[1], reweight(DIST[1:], SCORES[0:1], gamma=0.5)[0])  # same vector on every row
+    with pytest.raises(ValueError, match="do not match"):
+        reweight(DIST, torch.ones(3), gamma=1.0)
+
+
+def test_popularity_counts():
+    assert popularity_counts([2, 0, 2, 3, 2], 5).tolist() == [1, 0, 3, 1, 0]
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        popularity_counts([5], 5)
+
+
+def test_popularity_moves_target_up():
+    gammas = [0.1, 0.26, 0.27, 1.0, 2.0, 99.0]  # log2(1.2) = 0.263
+    ranks = grid_ranks(DIST[:1], SCORES[0], TARGETS[:1], gammas)
+    assert ranks[:, 0].tolist() == [2, 2, 1, 1, 1, 1]
+    assert target_ranks(DIST[:1], TARGETS[:1]).tolist() == [2]
+    b = grid_ranks(DIST, SCORES, TARGETS, [0.1, 1.3, 1.33, 2.3, 2.33])[:, 1]  # log2(2.5) = 1.32, log2(5) = 2.32
+    assert b.tolist() == [1, 1, 2, 2, 3]
+
+
+def test_nearest_target_stays_first():
+    dist = torch.tensor([[0.3, 0.9, 0.1]])
+    scores = torch.tensor([9.0, 0.0, 0.0])
+    assert grid_ranks(dist, scores, torch.tensor([2]), [0.5, 99.0])[:, 0].tolist() == [0, 0]
+    assert grid_ranks(dist, scores, [[1, 2]], [0.5, 99.0])[:, 0].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("kind", ["popularity", "per_row"])
+def test_grid_ranks_equal_brute_force(kind):
+    gen = torch.Generator().manual_seed(1)
+    rows, items = 40, 250
+    dist = torch.rand(rows, items, generator=gen, dtype=torch.float64)
+    scores = (torch.randint(0, 15, (items,), generator=gen) if kind == "popularity"  # many tied counts
+              else torch.rand(rows, items, generator=gen, dtype=torch.float64))
+    ids = torch.randint(0, items, (rows,), generator=gen)
+    multi = [[int(t), (int(t) + 3) % items] if r % 3 else [int(t)] for r, t in enumerate(ids)]
+    gammas = [0.01, 0.07, 0.3, 1.0, 4.0, 99.0]
+    for targets in (ids, multi):
+        fast = grid_ranks(dist, scores, targets, gammas)
+        for g, gamma in enumerate(gammas):
+            assert torch.equal(fast[g], target_ranks(reweight(dist, scores.double(), gamma), targets))
+
+
+def test_search_gamma_by_hand():
+    s = search_gamma(DIST, SCORES, TARGETS, topk=(1, 3), grid=(5.0, 0.1, 2.0, 0.5), single_k=3)
+    # ranks per gamma 0.1, 0.5, 2, 5: row A 2,1,1,1; row B 1,1,2,3.
+    g3, g2 = 1 / math.log2(4), 1 / math.log2(3)
+    assert s.grid == (0.1, 0.5, 2.0, 5.0)
+    assert s.valid_grid["NDCG"] == [[0.0, (g3 + g2) / 2], [0.0, g2], [0.0, (g2 + g3) / 2], [0.0, g2 / 2]]
+    assert s.ndcg_gamma == {1: 0.1, 3: 0.5}  # NDCG@1 is 0 everywhere: ties go to the smallest gamma
+    assert s.hr_gamma == {1: 0.1, 3: 0.1}
+    assert s.single_gamma == 0.5
+    assert s.valid_tuned == {"NDCG": [0.0, g2], "HR": [0.0, 1.0]}
+    assert s.valid_single == {"NDCG": [0.0, g2], "HR": [0.0, 1.0]}
+    out = apply_gamma(DIST, SCORES, TARGETS, s)
+    assert out["tuned"] == s.valid_tuned and out["single"] == s.valid_single
+    assert out["gammas"] == {"NDCG": [0.1, 0.5], "HR": [0.1, 0.1], "single": 0.5}
+    with pytest.raises(ValueError, match="single_k"):
+        search_gamma(DIST, SCORES, TARGETS, topk=(1, 3))
+
+
+def test_search_and_apply_agree_on_same_rows():
+    gen = torch.Generator().manual_seed(2)
+    dist = torch.rand(60, 300, generator=gen)
+    pop = torch.randint(0, 40, (300,), generator=gen)
+    targets = torch.randint(0, 300, (60,), generator=gen)
+    s = search_gamma(dist, pop, targets)
+    out = apply_gamma(dist, pop, targets, s)
+    assert out["tuned"] == s.valid_tuned and out["single"] == s.valid_single
+    assert out["topk"] == [1, 3, 5, 10, 20, 50] and len(s.valid_grid["HR"]) == len(GAMMA_GRID)
+    j = out["topk"].index(10)
+    assert s.valid_tuned["NDCG"][j] == max(row[j] for row in s.valid_grid["NDCG"])
+    assert all(isinstance(v, float) for v in out["tuned"]["NDCG"] + out["single"]["HR"])
