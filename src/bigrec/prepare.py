@@ -80,8 +80,8 @@ def pick_domain(cfg: Config, examples: SplitExamples) -> Domain:
         return DOMAINS[cfg.domain]
     if cfg.dataset.startswith("ml-"):
         return DOMAINS["movie"]
-    if cfg.category:
-        return domain_for_category(cfg.category)
+    if cfg.category or examples.category:
+        return domain_for_category(cfg.category or examples.category)
     hint = examples.source.lower()
     for word, key in (("game", "game"), ("movie", "movie"), ("book", "book"), ("music", "music")):
         if word in hint:
@@ -103,7 +103,9 @@ def split_tables(examples: SplitExamples, domain: Domain) -> dict[str, tuple[pd.
         hist_ids = [_ids(h, key_to_id) for h in frame["history"]]
         item_ids = [key_to_id[k] for k in frame["item"]]
         csv = pd.DataFrame({
-            "user_id": frame["user"].astype(str), "item_asins": frame["history"], "item_asin": frame["item"],
+            "user_id": frame["user"].astype(str),
+            "item_asins": frame["history_asin"] if "history_asin" in frame else frame["history"],
+            "item_asin": frame["asin"] if "asin" in frame else frame["item"],
             "history_item_id": hist_ids, "item_id": item_ids,
             "history_item_title": [[titles[i] for i in h] for h in hist_ids],
             "item_title": [titles[i] for i in item_ids],

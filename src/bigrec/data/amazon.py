@@ -104,7 +104,8 @@ def read_amazon(source: Source, category: str | None = None, start: str | None =
     items = list(dict.fromkeys(table["item"]))  # first appearance, as D3
     random.Random(seed).shuffle(items)
     notes = [f"category {category}", f"window {start or '-'}..{end or '-'}", f"{kcore}-core"]
-    return Interactions(table.reset_index(drop=True), titles, source=str(source.path), items=items, notes=notes)
+    return Interactions(table.reset_index(drop=True), titles, source=str(source.path), items=items, notes=notes,
+                        category=category)
 
 
 def kcore_filter(table: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 
 import pandas as pd
 
@@ -69,7 +70,11 @@ def _literal_list(value: object, label: str, row: int, column: str) -> list:
 
 
 def read_d3(source: Source, category: str | None = None) -> SplitExamples:
-    catalog = read_catalog_lines(source.read_text(_pick(source, "info", category, True)), "info")
+    info = _pick(source, "info", category, True)
+    catalog = read_catalog_lines(source.read_text(info), source.label(info))
+    if category is None:  # "Industrial_and_Scientific_5_2016-10-2018-11.txt" -> Industrial_and_Scientific
+        match = re.match(r"(.+?)_\d+(?:_|\.|$)", info.rsplit("/", 1)[-1])
+        category = match.group(1) if match else None
     known = {item for item, _ in catalog}
     by_title = {}
     for item, title in catalog:
@@ -110,11 +115,14 @@ def read_d3(source: Source, category: str | None = None) -> SplitExamples:
             ratings = (_literal_list(rec["history_rating"], label, i, "history_rating")
                        if "history_rating" in frame.columns else [None] * len(history))
             rating = float(rec["rating"]) if rec.get("rating", "") not in ("", None) else None
+            asins = (_literal_list(rec["item_asins"], label, i, "item_asins")
+                     if "item_asins" in frame.columns and "item_asin" in frame.columns else history)
             rows.append({"user": str(rec["user_id"]), "history": history, "item": item,
+                         "history_asin": [str(a) for a in asins], "asin": str(rec.get("item_asin", item)),
                          "history_rating": ratings, "rating": rating,
                          "history_timestamp": h_time, "timestamp": time})
         splits[split] = pd.DataFrame(rows, columns=["user", "history", "item", "history_rating", "rating",
-                                                    "history_timestamp", "timestamp"])
+                                                    "history_timestamp", "timestamp", "history_asin", "asin"])
         if not has_time:
             notes.append(f"{split}: no timestamps; row order is used as the time")
     if "train" not in splits:
@@ -122,4 +130,5 @@ def read_d3(source: Source, category: str | None = None) -> SplitExamples:
         cut = int(len(valid) * 0.9)
         splits["train"], splits["valid"] = valid.iloc[:cut].reset_index(drop=True), valid.iloc[cut:].reset_index(drop=True)
         notes.append("no train split: train is the first 90% of the source's valid rows, valid the last 10%")
-    return SplitExamples({s: splits[s] for s in SPLITS}, catalog, source=str(source.path), notes=notes)
+    return SplitExamples({s: splits[s] for s in SPLITS}, catalog, source=str(source.path), notes=notes,
+                         category=category)

@@ -24,6 +24,7 @@ class Interactions:
     source: str
     items: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    category: str | None = None
 
     def __post_init__(self) -> None:
         missing = [c for c in INTERACTION_COLUMNS if c not in self.table.columns]
@@ -37,10 +38,12 @@ class SplitExamples:
 
     ``splits`` maps split name to a DataFrame with columns user, history (list of item keys),
     item, history_rating, rating, history_timestamp, timestamp; ``catalog`` lists
-    (item key, title) in id order.
+    (item key, title) in id order. Optional columns ``history_asin`` / ``asin`` carry the
+    source's raw item keys when they differ from the catalogue keys.
     """
 
     splits: dict[str, pd.DataFrame]
     catalog: list[tuple[str, str]]
     source: str
     notes: list[str] = field(default_factory=list)
+    category: str | None = None

@@ -67,7 +67,8 @@ def window_and_split(inter: Interactions, max_history: int = 10, min_history: in
         "history_timestamp": [times_l[s:t] for s, t in zip(starts, targets.tolist(), strict=True)],
         "timestamp": times[targets],
     })
-    return SplitExamples(split_by_time(frame, ratios), catalog, source=inter.source, notes=inter.notes + notes)
+    return SplitExamples(split_by_time(frame, ratios), catalog, source=inter.source, notes=inter.notes + notes,
+                         category=inter.category)
 
 
 def split_by_time(frame: pd.DataFrame, ratios: tuple[float, float, float]) -> dict[str, pd.DataFrame]:
