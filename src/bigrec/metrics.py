@@ -9,6 +9,7 @@ and matches a per-row loop bit for bit.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -53,7 +54,7 @@ def target_index(targets: Targets, rows: int, num_items: int) -> tuple[torch.Ten
         idx = targets.long().reshape(-1, 1)
         mask = torch.ones_like(idx, dtype=torch.bool)
     else:
-        lists = [[int(t)] if isinstance(t, int) else [int(x) for x in t] for t in targets]
+        lists = [[int(t)] if isinstance(t, numbers.Integral) else [int(x) for x in t] for t in targets]
         if any(not ids for ids in lists):
             raise ValueError("every row needs at least one target id")
         width = max((len(ids) for ids in lists), default=1)
