@@ -1,0 +1,312 @@
+"""Step 1 of BIGRec: instruction-tune a causal LM (LoRA by default) on recommendation prompts.
+
+A thin layer over ``transformers.Trainer`` + ``peft``, so that ``accelerate launch`` (DDP,
+DeepSpeed, CPU processes) works unchanged. What it adds: the reference script's flags,
+prompt masking from the one prompt module, early stopping that keeps the best adapter,
+a JSON-lines training log, and resumption (a rerun continues from the last complete
+checkpoint in ``output_dir``).
+
+Output folder: the adapter (plain ``PeftModel.from_pretrained`` loads it; a full model with
+``--lora false``), the tokenizer, ``config.yaml`` (this config, the base model's identity and
+the data drawn), ``train_log.jsonl``, and ``checkpoint-N/`` folders for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigrec.config import ConfigError, option, to_dict
+from bigrec.io import staged_dir, write_yaml
+from bigrec.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_base_model, resolve_dtype
+from bigrec.sft_data import Collator, SFTDataset, load_rows
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "train_log.jsonl"
+BEST_DIR = "best"  # the best adapter so far (lowest validation loss), inside output_dir
+
+
+@dataclass
+class Config:
+    base_model: str = option(DEFAULT_MODEL, "model folder, hub id, or the bundled 'smollm2-135m'")
+    train_data_path: list[str] = option(help="instruction JSON file(s); several are concatenated", factory=list)
+    val_data_path: list[str] = option(help="validation instruction JSON file(s); none = no early stopping",
+                                      factory=list)
+    output_dir: str = option("./lora-alpaca", "where the adapter, tokenizer, config and log go")
+    sample: int = option(-1, "rows drawn from each training file with --seed (-1 = all)")
+    val_sample: int = option(-1, "rows drawn from the validation files with --seed (-1 = all)")
+    seed: int = option(0, "seed for row sampling, LoRA init and data order")
+    batch_size: int = option(128, "examples per optimizer step (across all processes)")
+    micro_batch_size: int = option(4, "examples per forward pass and process")
+    num_epochs: int = option(50, "maximum epochs (early stopping usually ends sooner)")
+    max_steps: int = option(-1, "stop after this many optimizer steps (-1 = by epochs)")
+    learning_rate: float = option(1e-4, "AdamW peak learning rate")
+    warmup_steps: int = option(20, "linear warm-up steps")
+    cutoff_len: int = option(512, "maximum tokens per example (prompt + response + EOS)")
+    lora: bool = option(True, "train a LoRA adapter; false = full fine-tuning")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = option(help="modules that get LoRA", factory=lambda: ["q_proj", "v_proj"])
+    train_on_inputs: bool = option(True, "loss on the prompt too (reference default); false = response only")
+    group_by_length: bool = option(False, "batch examples of similar length together")
+    precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
+                            choices=["auto", "fp32", "bf16", "fp16"])
+    early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
+    eval_steps: int | None = option(None, "evaluate every N steps (default: once per epoch)")
+    save_steps: int = option(10, "write a resumable checkpoint every N optimizer steps")
+    save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
+    resume_from_checkpoint: str | None = option(
+        None, "a checkpoint-N folder, a run folder (its last checkpoint), or an adapter folder to start from; "
+              "default: the last checkpoint in output_dir if any; 'false' = start afresh")
+
+    def validate(self) -> None:
+        if not self.train_data_path:
+            raise ConfigError("--train_data_path: give at least one instruction JSON file")
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+            raise ConfigError("--batch_size must be >= --micro_batch_size >= 1")
+        if self.cutoff_len < 8:
+            raise ConfigError("--cutoff_len is too small to hold a prompt")
+        if self.save_steps < 1:
+            raise ConfigError("--save_steps must be >= 1")
+
+
+def lora_config(config: Config):
+    """The one place LoRA settings become a ``peft.LoraConfig``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` with a ``trainer_state.json`` (the Trainer writes it last,
+    so a checkpoint cut short by a kill is skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def resolve_resume(config: Config) -> tuple[str | None, str | None]:
+    """(Trainer checkpoint to resume, adapter to start from) for ``--resume_from_checkpoint``."""
+    value = config.resume_from_checkpoint
+    if value is None or value.strip().lower() in {"auto", "true", "last"}:
+        found = last_complete_checkpoint(config.output_dir)
+        if found is None and value is not None and value.strip().lower() != "auto":
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in {config.output_dir}")
+        return found, None
+    if value.strip().lower() in {"false", "no", "none", ""}:
+        return None, None
+    path = Path(value)
+    if (path / "trainer_state.json").is_file():
+        return str(path), None
+    if (path / "adapter_config.json").is_file():
+        return None, str(path)
+    found = last_complete_checkpoint(path)
+    if found:
+        return found, None
+    raise FileNotFoundError(f"--resume_from_checkpoint {value}: neither a Trainer checkpoint "
+                            "(trainer_state.json), a run folder with one, nor an adapter (adapter_config.json)")
+
+
+def _callbacks():
+    """Callback classes, defined lazily so that importing this module stays cheap."""
+    from transformers import ProgressCallback, TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class JsonlLog(TrainerCallback):
+        """Appends every Trainer log (loss per step, eval loss per evaluation) to a JSON-lines file."""
+
+        def __init__(self, path: str, info: dict[str, Any]):
+            self.path, self.info = path, info
+
+        def _write(self, record: dict[str, Any]) -> None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self._write({"event": "start", "global_step": state.global_step, "max_steps": state.max_steps,
+                             "world_size": args.world_size, **self.info})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
+
+    class KeepBest(TrainerCallback, ExportableState):
+        """Early stopping on validation loss that saves the best model as it goes (to ``best_dir``).
+
+        Trainer's own ``load_best_model_at_end`` would tie checkpoints to evaluations; this keeps
+        frequent resumable checkpoints independent of the evaluation schedule.
+        """
+
+        def __init__(self, best_dir: str, patience: int = 5, best_loss: float | None = None,
+                     best_step: int | None = None, bad_evals: int = 0):
+            self.best_dir, self.patience = best_dir, patience
+            self.best_loss, self.best_step, self.bad_evals = best_loss, best_step, bad_evals
+
+        def state(self) -> dict:
+            return {"args": {"best_dir": self.best_dir, "patience": self.patience},
+                    "attributes": {"best_loss": self.best_loss, "best_step": self.best_step,
+                                   "bad_evals": self.bad_evals}}
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            if self.best_loss is None or loss < self.best_loss:
+                self.best_loss, self.best_step, self.bad_evals = float(loss), state.global_step, 0
+                if state.is_world_process_zero and model is not None:
+                    _save_atomically(model, Path(self.best_dir), {"eval_loss": loss, "step": state.global_step})
+                log.info("validation loss %.4f at step %d: best so far", loss, state.global_step)
+            else:
+                self.bad_evals += 1
+                log.info("validation loss %.4f (best %.4f at step %s), %d/%d evaluations without improvement",
+                         loss, self.best_loss, self.best_step, self.bad_evals, self.patience)
+                if self.patience and self.bad_evals >= self.patience:
+                    control.should_training_stop = True
+
+    class QuietProgress(ProgressCallback):
+        """The progress bar with the latest loss on it, instead of a printed dict per step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in {"loss", "eval_loss"}}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    return JsonlLog, KeepBest, QuietProgress
+
+
+def _save_atomically(model, target: Path, meta: dict[str, Any]) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "best.json").write_text(json.dumps(meta) + "\n")
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_model(config: Config, base: str, adapter: str | None):
+    """The model to train: base (+ a new or given LoRA adapter), fp32 master weights on a CPU."""
+    on_cuda = torch.cuda.is_available()
+    compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu")
+    # A frozen base may sit in the compute dtype on a GPU; trained weights stay fp32 (autocast).
+    weights = compute if (config.lora and on_cuda) else torch.float32
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weights]
+    model, tokenizer = load_model(base, precision=precision, device="cpu", for_training=True,
+                                  lora_weights=adapter if config.lora else None)
+    if config.lora and adapter is None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(config))
+    elif not config.lora and adapter is not None:
+        raise ConfigError("--resume_from_checkpoint names an adapter but --lora is false")
+    return model, tokenizer, compute
+
+
+def run(config: Config) -> dict[str, Any]:
+    from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    base = resolve_base_model(config.base_model)
+    checkpoint, adapter = resolve_resume(config)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    model, tokenizer, compute = build_model(config, base, adapter)
+    if compute == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    if config.lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA: %d trainable parameters of %d", trainable, sum(p.numel() for p in model.parameters()))
+
+    train_rows, selection = load_rows(config.train_data_path, config.sample, config.seed)
+    val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
+    train_set = SFTDataset(train_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "train")
+    val_set = SFTDataset(val_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "validation") \
+        if val_rows else None
+    log.info("training on %d rows (%d tokens) from %d file(s); %d validation rows", len(train_set),
+             train_set.num_tokens(), len(selection), len(val_set) if val_set else 0)
+
+    grad_acc = max(1, config.batch_size // config.micro_batch_size // world)
+    eval_strategy = "no" if val_set is None else ("steps" if config.eval_steps else "epoch")
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=grad_acc,
+        num_train_epochs=config.num_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps, optim="adamw_torch", lr_scheduler_type="linear",
+        logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not torch.cuda.is_available(),
+        seed=config.seed, data_seed=config.seed, report_to="none", prediction_loss_only=True,
+        remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        restore_callback_states_from_checkpoint=True, disable_tqdm=False)
+    fingerprint = model_fingerprint(base)
+    resolved = {"stage": "train", "config": to_dict(config), "base_model": fingerprint,
+                "run": {"world_size": args.world_size, "gradient_accumulation_steps": grad_acc,
+                        "compute_dtype": str(compute).removeprefix("torch."),
+                        "resumed_from": checkpoint, "started_from_adapter": adapter,
+                        "train_rows": len(train_set), "val_rows": len(val_set) if val_set else 0,
+                        "train_tokens": train_set.num_tokens(), "data": selection}}
+    JsonlLog, KeepBest, QuietProgress = _callbacks()
+    best_dir = out / BEST_DIR
+    keep_best = KeepBest(str(best_dir), config.early_stopping_patience)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                      data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}), keep_best])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress)
+    if checkpoint is None and best_dir.exists() and trainer.is_world_process_zero():
+        shutil.rmtree(best_dir)  # a fresh run must not inherit an old run's best
+    if trainer.is_world_process_zero():
+        write_yaml(out / "config.yaml", {**resolved, "status": "training"})
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    state = trainer.state
+    summary = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": result.training_loss,
+               "best_eval_loss": _best_loss(best_dir), "best_step": _best_step(best_dir)}
+    if trainer.is_world_process_zero():
+        with staged_dir(out) as stage:
+            if best_dir.is_dir():  # the lowest validation loss, not the last step
+                for item in best_dir.iterdir():
+                    if item.name != "best.json":
+                        shutil.copy2(item, stage / item.name)
+            else:
+                trainer.model.save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            write_yaml(stage / "config.yaml", {**resolved, "status": "done", "result": summary})
+        log.info("saved %s to %s (step %d, best validation loss %s)", "adapter" if config.lora else "model",
+                 out, state.global_step, summary["best_eval_loss"])
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _best_meta(best_dir: Path) -> dict[str, Any]:
+    meta = best_dir / "best.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def _best_loss(best_dir: Path) -> float | None:
+    return _best_meta(best_dir).get("eval_loss")
+
+
+def _best_step(best_dir: Path) -> int | None:
+    return _best_meta(best_dir).get("step")

@@ -1,0 +1,232 @@
+"""Instruction tuning on a tiny random model: masking, sampling, adapter training, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from bigrec.config import ConfigError, parse
+from bigrec.models import load_tokenizer
+from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.sft_data import IGNORE_INDEX, Collator, SFTDataset, encode_row, load_rows
+from bigrec.train import Config, lora_config, run
+
+TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)", "Sabrina (1995)"]
+
+
+def make_rows(n: int, domain: str = "movie", offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(n):
+        history = [TITLES[(i + offset + k) % len(TITLES)] for k in range(3)]
+        row = instruction_row(DOMAINS[domain], history, TITLES[(i + offset + 4) % len(TITLES)])
+        row.update(user_id=i, item_id=(i + 4) % len(TITLES), history_item_id=[0, 1, 2], row=i)  # extra keys
+        rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def tiny_config(model_dir: str, out: Path, train: list[str], **overrides) -> Config:
+    values = dict(base_model=model_dir, train_data_path=train, output_dir=str(out), batch_size=8,
+                  micro_batch_size=4, num_epochs=1, learning_rate=1e-2, warmup_steps=0, cutoff_len=256,
+                  precision="fp32", save_steps=2)
+    values.update(overrides)
+    return Config(**values)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_label_masking_is_exact(request, fixture):
+    tok = load_tokenizer(request.getfixturevalue(fixture), padding_side="right")
+    row = make_rows(1)[0]
+    prompt_ids = tok(prompt_for_row(row))["input_ids"]
+    n = len(prompt_ids)
+    masked = encode_row(row, tok, cutoff_len=512, train_on_inputs=False)
+    assert masked["input_ids"][:n] == prompt_ids  # the prompt generation will feed, token for token
+    assert masked["labels"][:n] == [IGNORE_INDEX] * n
+    assert masked["labels"][n:] == masked["input_ids"][n:]
+    assert masked["labels"][-1] == tok.eos_token_id
+    assert tok.decode(masked["input_ids"][n:-1]) == row["output"]
+    unmasked = encode_row(row, tok, cutoff_len=512, train_on_inputs=True)
+    assert unmasked["labels"] == unmasked["input_ids"] == masked["input_ids"]
+    # Truncation cuts the end; a row left without any response token is dropped.
+    short = encode_row(row, tok, cutoff_len=n + 1, train_on_inputs=False)
+    assert len(short["input_ids"]) == n + 1 and short["labels"][-1] != IGNORE_INDEX
+    assert len(SFTDataset([row], tok, cutoff_len=n, train_on_inputs=False)) == 0
+
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=8)([masked, short])
+    length = batch["input_ids"].shape[1]
+    assert length % 8 == 0 and length >= len(masked["input_ids"])
+    assert batch["attention_mask"][1].tolist() == [1] * (n + 1) + [0] * (length - n - 1)
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * n + [short["labels"][-1]] + [IGNORE_INDEX] * (length - n - 1)
+    assert (batch["input_ids"][1, n + 1:] == tok.pad_token_id).all()
+
+
+def test_sample_and_concatenation_reproducible(tmp_path):
+    movies = write_rows(tmp_path / "movies.json", make_rows(30))
+    games = write_rows(tmp_path / "games.json", make_rows(20, "game"))
+    a, sel_a = load_rows([movies, games], sample=5, seed=7)
+    b, _ = load_rows([movies, games], sample=5, seed=7)
+    c, _ = load_rows([movies, games], sample=5, seed=8)
+    assert a == b and a != c
+    assert [s["used"] for s in sel_a] == [5, 5] and [s["rows"] for s in sel_a] == [30, 20]
+    assert all("movies" in r["instruction"] for r in a[:5]) and all("video games" in r["instruction"] for r in a[5:])
+    everything, _ = load_rows([movies, games], sample=-1, seed=7)
+    assert len(everything) == 50
+    assert len(load_rows([movies], sample=100, seed=0)[0]) == 30
+
+
+def test_config_flags_and_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_data_path: [a.json, b.json]\nlora_r: 4\nmicro_batch_size: 2\n")
+    config = parse(Config, ["--config", str(tmp_path / "c.yaml"), "--lora_r", "16", "--lora", "false",
+                            "--lora_target_modules", "[q_proj,k_proj,v_proj]"])
+    assert config.train_data_path == ["a.json", "b.json"] and config.lora_r == 16 and config.lora is False
+    assert config.micro_batch_size == 2 and config.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (config.batch_size, config.learning_rate, config.cutoff_len, config.lora_alpha) == (128, 1e-4, 512, 16)
+    (tmp_path / "bad.yaml").write_text("train_data_path: [a.json]\nlora_rank: 4\n")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        parse(Config, ["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ConfigError, match="train_data_path"):
+        parse(Config, [])
+
+
+def test_lora_training_changes_adapter_only(tiny_model_dir, tmp_path):
+    # One movie row and one game row, four copies each: every step sees the same batch.
+    movies = write_rows(tmp_path / "movies.json", make_rows(1) * 4)
+    games = write_rows(tmp_path / "games.json", make_rows(1, "game") * 4)
+    out = tmp_path / "run"
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    summary = run(tiny_config(tiny_model_dir, out, [movies, games], num_epochs=8, train_on_inputs=False,
+                              lora_target_modules=every_linear))
+    assert summary["global_step"] == 8
+
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.2, losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["status"] == "done" and resolved["run"]["train_rows"] == 8
+    assert [d["used"] for d in resolved["run"]["data"]] == [4, 4]
+    assert resolved["base_model"]["sha256"] and resolved["base_model"]["architecture"] == "LlamaForCausalLM"
+    assert (out / "tokenizer.json").is_file()
+
+    base_weights = load_file(Path(tiny_model_dir) / "model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    state = model.state_dict()
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero
+    for name, value in base_weights.items():
+        key = "base_model.model." + name
+        lora_key = key.replace(".weight", ".base_layer.weight")
+        assert torch.equal(state.get(lora_key, state.get(key)), value), name
+
+
+def test_full_finetune_changes_base_weights(tiny_qwen_dir, tmp_path):
+    data = write_rows(tmp_path / "d.json", make_rows(8))
+    out = tmp_path / "full"
+    run(tiny_config(tiny_qwen_dir, out, [data], lora=False, max_steps=2))
+    assert not (out / "adapter_config.json").exists()
+    trained = load_file(out / "model.safetensors")
+    base = load_file(Path(tiny_qwen_dir) / "model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_keep_best_stops_and_saves(tiny_model_dir, tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from bigrec.train import _callbacks
+
+    _, KeepBest, _ = _callbacks()
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           lora_config(Config(train_data_path=["x"])))
+    cb = KeepBest(str(tmp_path / "best"), patience=2)
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in enumerate([3.0, 2.0, 2.5, 2.1], start=1):
+        state.global_step = step
+        assert not control.should_training_stop
+        cb.on_evaluate(None, state, control, metrics={"eval_loss": loss}, model=model)
+    assert control.should_training_stop and (cb.best_loss, cb.best_step) == (2.0, 2)
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == {"eval_loss": 2.0, "step": 2}
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_validation_keeps_best_adapter(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "d.json", make_rows(8))
+    val = write_rows(tmp_path / "v.json", make_rows(4, offset=2))
+    out = tmp_path / "run"
+    summary = run(tiny_config(tiny_model_dir, out, [data], val_data_path=[val], num_epochs=3,
+                              eval_steps=1, max_steps=3))
+    evals = [r for r in read_log(out) if "eval_loss" in r]
+    assert len(evals) == 3
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert summary["best_step"] == best["step"]
+    assert summary["best_eval_loss"] == pytest.approx(best["eval_loss"])
+    assert load_file(out / "adapter_model.safetensors").keys() == load_file(out / "best" / "adapter_model.safetensors").keys()
+    for k, v in load_file(out / "best" / "adapter_model.safetensors").items():
+        assert torch.equal(load_file(out / "adapter_model.safetensors")[k], v)
+
+
+def test_resume_after_sigkill(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "d.json", make_rows(16))
+    out = tmp_path / "run"
+    args = ["--base_model", tiny_model_dir, "--train_data_path", data, "--output_dir", str(out),
+            "--batch_size", "4", "--micro_batch_size", "4", "--num_epochs", "100", "--precision", "fp32",
+            "--save_steps", "2", "--warmup_steps", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "bigrec", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint-4" / "trainer_state.json").is_file():
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                    if (p / "trainer_state.json").is_file())
+    assert killed_at >= 4 and (out / f"checkpoint-{killed_at}" / "optimizer.pt").is_file()
+
+    # The same output folder again: it picks up the last complete checkpoint by itself.
+    config = parse(Config, [*args, "--max_steps", str(killed_at + 2)])
+    summary = run(config)
+    records = read_log(out)
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    resumed = records[starts[-1]]
+    assert resumed["global_step"] == killed_at and resumed["resumed_from"].endswith(f"checkpoint-{killed_at}")
+    steps_after = [r["step"] for r in records[starts[-1] + 1:] if "loss" in r]
+    assert steps_after == [killed_at + 1, killed_at + 2]
+    assert summary["global_step"] == killed_at + 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["resumed_from"].endswith(f"checkpoint-{killed_at}")
+
+
+def test_start_from_adapter(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "d.json", make_rows(4))
+    first = tmp_path / "first"
+    run(tiny_config(tiny_model_dir, first, [data], max_steps=2))
+    second = tmp_path / "second"
+    # Learning rate 0: the adapter that comes out must be exactly the one it started from.
+    run(tiny_config(tiny_model_dir, second, [data], max_steps=1, learning_rate=0.0,
+                    resume_from_checkpoint=str(first)))
+    log = read_log(second)
+    assert log[0]["event"] == "start" and log[0]["global_step"] == 0
+    assert yaml.safe_load((second / "config.yaml").read_text())["run"]["started_from_adapter"] == str(first)
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
