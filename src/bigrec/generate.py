@@ -1,0 +1,250 @@
+"""Batched beam-search generation for instruction rows (``bigrec generate``).
+
+Each row gets ``num_beams`` returned sequences (the reference's ``"predict"`` list). A beam
+ends at the end of the title (EOS, a newline, or the quote that closes the opening one)
+rather than running to ``max_new_tokens``: small models otherwise drift on into a list of
+titles, which is slow and makes the text to ground worse. Rows are batched by prompt length
+to waste little padding; finished rows go to a sidecar progress file, so an interrupted run
+resumes; under ``accelerate launch`` the rows are split across processes and gathered back
+in their original order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from bigrec import io
+from bigrec.config import option, to_dict
+from bigrec.models import DEFAULT_MODEL
+from bigrec.prompts import prompt_for_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    test_data_path: str = option(help="instruction rows to generate for (JSON list)")
+    result_json_data: str = option(help="where to write the rows with 'predict' added (JSON)")
+    base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or bundled name")
+    lora_weights: str | None = option(None, "LoRA adapter folder (merged into the base model)")
+    batch_size: int = option(8, "rows per generate call (each row runs num_beams beams)")
+    num_beams: int = option(4, "beams per row; all of them are returned")
+    max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end")
+    limit: int | None = option(None, "only the first N rows")
+    precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+
+
+# --- where a title ends -------------------------------------------------------------------
+
+def title_end(text: str) -> int | None:
+    """Index just past the end of the title in generated ``text``, or None while it goes on.
+
+    The title ends after the quote that closes an opening quote, before a stray closing quote
+    (a beam that skipped the opening one), or at a newline after some text.
+    """
+    start = len(text) - len(text.lstrip())
+    ends = []
+    if text.startswith('"', start):
+        close = text.find('"', start + 1)
+        if close != -1:
+            ends.append(close + 1)
+    else:
+        stray = text.find('"', start)
+        if stray != -1:
+            ends.append(stray)
+    newline = text.find("\n", start)
+    if newline != -1:
+        ends.append(newline)
+    return min(ends) if ends else None
+
+
+def cut_title(text: str) -> str:
+    """Generated text cut at the end of its title (unchanged if it never ended)."""
+    end = title_end(text)
+    return (text if end is None else text[:end]).strip()
+
+
+class TitleEndCriteria(StoppingCriteria):
+    """Per sequence: has the generated part (after ``prompt_len`` tokens) finished its title?
+
+    Beam search asks this of every candidate, so a beam that closed its title becomes a
+    finished hypothesis and its slot goes to another candidate.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([title_end(t) is not None for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int) -> torch.Tensor:
+    """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    prompt_len = enc["input_ids"].shape[1]
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)]))
+    return out[:, prompt_len:].cpu()
+
+
+def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int) -> list[list[str]]:
+    """``num_beams`` titles per prompt, each cut at the end of its title."""
+    ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens)
+    texts = [cut_title(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return [texts[i * num_beams:(i + 1) * num_beams] for i in range(len(prompts))]
+
+
+# --- rows and resumable progress ----------------------------------------------------------
+
+def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Instruction rows from a JSON list; each needs an ``instruction`` string."""
+    rows = io.read_json(path)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of instruction rows, got {type(rows).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"{path}, row {i}: expected an object with an 'instruction' string")
+    return rows[:limit] if limit else rows
+
+
+def progress_files(result_path: str | Path) -> list[Path]:
+    result_path = Path(result_path)
+    return sorted(result_path.parent.glob(f"{result_path.name}.progress.*.jsonl"))
+
+
+def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
+    """What must match for a rerun to reuse finished rows."""
+    return {"data_sha256": hashlib.sha256(data_path.read_bytes()).hexdigest(), "base_model": config.base_model,
+            "lora_weights": config.lora_weights, "num_beams": config.num_beams,
+            "max_new_tokens": config.max_new_tokens, "precision": config.precision}
+
+
+def read_progress(result_path: str | Path, settings: dict[str, Any]) -> dict[int, list[str]]:
+    """Finished rows from every progress file, by row position; other settings are an error."""
+    done: dict[int, list[str]] = {}
+    for path in progress_files(result_path):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if lineno == len(lines):  # a write cut short by a kill: that row reruns
+                    break
+                raise ValueError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
+            if "settings" in record:
+                if record["settings"] != settings:
+                    changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
+                    raise ValueError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
+                                     "delete it to start afresh")
+                continue
+            done[int(record["pos"])] = list(record["predict"])
+    return done
+
+
+class ProgressWriter:
+    """Appends finished rows (one JSON line each) to this process's progress file, durably."""
+
+    def __init__(self, result_path: str | Path, rank: int, settings: dict[str, Any]):
+        self.path = Path(f"{result_path}.progress.{rank}.jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self.handle = self.path.open("a", encoding="utf-8")
+        if fresh:
+            self._write([{"settings": settings}])
+
+    def _write(self, records: list[dict]) -> None:
+        self.handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def add(self, positions: list[int], predicts: list[list[str]]) -> None:
+        self._write([{"pos": p, "predict": pr} for p, pr in zip(positions, predicts, strict=True)])
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+def run(config: Config) -> Path:
+    """Generate for every row not yet finished, then write the full result file atomically."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from bigrec.models import load_model
+
+    state = PartialState()
+    data_path = Path(config.test_data_path)
+    result_path = Path(config.result_json_data)
+    rows = read_rows(data_path, config.limit)
+    settings = run_settings(config, data_path)
+    done = read_progress(result_path, settings)
+    todo = [pos for pos in range(len(rows)) if pos not in done]
+    if done and state.is_main_process:
+        log.info("resuming: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows),
+                 ", ".join(str(p) for p in progress_files(result_path)))
+    state.wait_for_everyone()  # every process has read the progress files before any appends
+    produced: list[tuple[int, list[str]]] = []
+    if todo:
+        model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device))
+        prompts = {pos: prompt_for_row(rows[pos]) for pos in todo}
+        lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
+                                                      strict=True)}
+        todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
+        with state.split_between_processes(todo) as mine:
+            writer = ProgressWriter(result_path, state.process_index, settings)
+            bar = tqdm(total=len(mine), unit="row", desc="generate", disable=not state.is_local_main_process)
+            start = time.perf_counter()
+            try:
+                for lo in range(0, len(mine), config.batch_size):
+                    batch = mine[lo:lo + config.batch_size]
+                    predicts = generate_batch(model, tokenizer, [prompts[p] for p in batch],
+                                              config.num_beams, config.max_new_tokens)
+                    writer.add(batch, predicts)
+                    produced.extend(zip(batch, predicts, strict=True))
+                    bar.update(len(batch))
+            finally:
+                writer.close()
+                bar.close()
+            elapsed = time.perf_counter() - start
+            log.info("process %d: %d rows in %.1fs (%.2f rows/s)", state.process_index, len(mine), elapsed,
+                     len(mine) / elapsed if elapsed else float("nan"))
+    for pos, predict in gather_object(produced):
+        done[pos] = predict
+    if state.is_main_process:
+        missing = [pos for pos in range(len(rows)) if pos not in done]
+        if missing:
+            raise RuntimeError(f"rows {missing[:10]} were not generated; rerun to finish them")
+        results = [{**row, "predict": done[pos]} for pos, row in enumerate(rows)]
+        io.write_json(result_path, results)
+        io.write_yaml(result_path.with_name(result_path.stem + ".config.yaml"), to_dict(config))
+        for path in progress_files(result_path):
+            path.unlink()
+        log.info("wrote %d rows to %s", len(results), result_path)
+    state.wait_for_everyone()
+    return result_path

@@ -1,0 +1,193 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigrec import generate
+from bigrec.config import build
+from bigrec.generate import Config, cut_title, generate_batch, generate_ids, title_end
+from bigrec.models import load_model
+from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
+
+# history -> target; histories of different lengths so that length sorting reorders rows
+CASES = [(["Heat (1995)"], "Casino (1995)"),
+         (["Babe (1995)", "Jumanji (1995)", "Heat (1995)"], "Sabrina (1995)"),
+         (["Toy Story (1995)", "Babe (1995)"], "Jumanji (1995)")]
+DRIFT = ', "Heat (1995)"'  # taught to follow every answer: what stopping must cut off
+
+
+def case_rows(repeat: int = 1) -> list[dict]:
+    rows = []
+    for history, target in CASES * repeat:
+        row = instruction_row(DOMAINS["movie"], history, target)
+        rows.append({**row, "user_id": len(rows), "row": len(rows)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def taught_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model taught (100 steps) to answer each case's target title, then drift on."""
+    model, tok = load_model(tiny_model_dir, "fp32", for_training=True)
+    rows = case_rows()
+    enc = tok([prompt_for_row(r, with_output=True) + DRIFT + tok.eos_token for r in rows],
+              return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    for i, row in enumerate(rows):  # loss on the response only
+        labels[i, : len(tok(prompt_for_row(row))["input_ids"])] = -100
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("taught")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("text, cut", [
+    ('"Heat (1995)", "Casino', '"Heat (1995)"'),
+    ('  "Heat (1995)"\n', '"Heat (1995)"'),
+    ('Heat (1995)", "Casino', "Heat (1995)"),  # skipped the opening quote: cut before the stray one
+    ("Heat (1995)\nCasino", "Heat (1995)"),
+    ('"Heat (19', '"Heat (19'),  # never ended (max_new_tokens): kept whole
+])
+def test_cut_title(text, cut):
+    assert cut_title(text) == cut
+
+
+def test_title_end_waits_for_text():
+    assert title_end('"Heat') is None
+    assert title_end("\n") is None  # a leading newline is not the end of a title
+
+
+def test_beams_stop_at_closing_quote(taught_dir):
+    model, tok = load_model(taught_dir, "fp32")
+    prompts = [prompt_for_row(r) for r in case_rows()]
+    ids = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=40)
+    assert ids.shape[0] == len(prompts) * 4
+    assert ids.shape[1] < 40
+    raw = tok.batch_decode(ids, skip_special_tokens=True)
+    assert all("Heat" not in text for text in raw[::4])  # best beams stopped before the taught drift
+    predicts = generate_batch(model, tok, prompts, num_beams=4, max_new_tokens=40)
+    assert [p[0] for p in predicts] == [f'"{target}"' for _, target in CASES]
+    assert all(len(p) == 4 and all(text.count('"') <= 2 and "\n" not in text for text in p) for p in predicts)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def config(tmp_path, model_dir, **kw) -> Config:
+    values = dict(base_model=model_dir, test_data_path=str(tmp_path / "test.json"),
+                  result_json_data=str(tmp_path / "out" / "test.json"), batch_size=2, num_beams=3,
+                  max_new_tokens=24, precision="fp32")
+    return build(Config, {**values, **kw})
+
+
+def test_run_keeps_order_and_resumes(taught_dir, tmp_path, monkeypatch):
+    rows = case_rows(repeat=2)
+    write_rows(tmp_path / "test.json", rows)
+    cfg = config(tmp_path, taught_dir)
+    real = generate.generate_batch
+    calls: list[int] = []
+
+    def interrupted(model, tok, prompts, *args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(prompts))
+        return real(model, tok, prompts, *args)
+
+    monkeypatch.setattr(generate, "generate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg)
+    result = Path(cfg.result_json_data)
+    assert not result.exists()
+    [progress] = generate.progress_files(result)
+    assert len(progress.read_text().splitlines()) == 1 + 2  # settings + the finished batch
+    with progress.open("a") as fh:
+        fh.write('{"pos": 0, "predi')  # a line cut short by the kill
+
+    # other settings refuse the progress file rather than mixing outputs
+    with pytest.raises(ValueError, match=r"other settings \(num_beams\)"):
+        generate.run(config(tmp_path, taught_dir, num_beams=2))
+
+    generated: list[str] = []
+
+    def counting(model, tok, prompts, *args):
+        generated.extend(prompts)
+        return real(model, tok, prompts, *args)
+
+    monkeypatch.setattr(generate, "generate_batch", counting)
+    generate.run(cfg)
+    assert len(generated) == len(rows) - 2  # the finished rows were not generated again
+    out = json.loads(result.read_text())
+    assert [{k: v for k, v in r.items() if k != "predict"} for r in out] == rows
+    model, tok = load_model(taught_dir, "fp32")
+    for row, got in zip(rows, out, strict=True):  # each row got its own generation, not a neighbour's
+        assert got["predict"] == real(model, tok, [prompt_for_row(row)], 3, 24)[0]
+    assert [r["predict"][0] for r in out[:3]] == [f'"{t}"' for _, t in CASES]
+    assert generate.progress_files(result) == []
+    assert (result.parent / "test.config.yaml").is_file()
+
+
+def test_limit_and_reference_rows(taught_dir, tmp_path):
+    rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in case_rows(repeat=2)]
+    write_rows(tmp_path / "test.json", rows)
+    generate.run(config(tmp_path, taught_dir, limit=2, num_beams=2))
+    out = json.loads((tmp_path / "out" / "test.json").read_text())
+    assert [r["output"] for r in out] == [rows[0]["output"], rows[1]["output"]]
+    assert all(len(r["predict"]) == 2 for r in out)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
+    ("{}", "expected a JSON list"),
+    ("[]", "no rows"),
+    ('[{"instruction": "x"}, {"input": "y"}]', r"row 1: expected an object with an 'instruction'"),
+    ("[{", "not valid JSON"),
+])
+def test_bad_rows(tmp_path, content, message):
+    path = tmp_path / "test.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        generate.read_rows(path)
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="--num_beams must be at least 1"):
+        config(tmp_path, "x", num_beams=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_two_processes_match_one(taught_dir, tmp_path):
+    rows = case_rows(repeat=2)[:5]  # odd count: processes get unequal shares
+    write_rows(tmp_path / "test.json", rows)
+    single = config(tmp_path, taught_dir, result_json_data=str(tmp_path / "single.json"))
+    generate.run(single)
+    multi = tmp_path / "multi.json"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "bigrec", "generate", "--base_model", taught_dir, "--test_data_path", str(tmp_path / "test.json"),
+           "--result_json_data", str(multi), "--batch_size", "2", "--num_beams", "3", "--max_new_tokens", "24",
+           "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(multi.read_text()) == json.loads(Path(single.result_json_data).read_text())
+    assert generate.progress_files(multi) == []
