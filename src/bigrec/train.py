@@ -202,9 +202,15 @@ def _save_atomically(model, target: Path, meta: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def use_cuda() -> bool:
+    """A GPU is there and the launcher did not ask for the CPU (``use_cpu`` in an accelerate config)."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in {"1", "true", "yes"}
+    return torch.cuda.is_available() and not forced_cpu
+
+
 def build_model(config: Config, base: str, adapter: str | None):
     """The model to train: base (+ a new or given LoRA adapter), fp32 master weights on a CPU."""
-    on_cuda = torch.cuda.is_available()
+    on_cuda = use_cuda()
     compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu")
     # A frozen base may sit in the compute dtype on a GPU; trained weights stay fp32 (autocast).
     weights = compute if (config.lora and on_cuda) else torch.float32
@@ -232,7 +238,7 @@ def run(config: Config) -> dict[str, Any]:
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     model, tokenizer, compute = build_model(config, base, adapter)
-    if compute == torch.float16 and not torch.cuda.is_available():
+    if compute == torch.float16 and not use_cuda():
         raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
     if config.lora:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -255,7 +261,7 @@ def run(config: Config) -> dict[str, Any]:
         warmup_steps=config.warmup_steps, optim="adamw_torch", lr_scheduler_type="linear",
         logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not torch.cuda.is_available(),
+        bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not use_cuda(),
         seed=config.seed, data_seed=config.seed, report_to="none", prediction_loss_only=True,
         remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
