@@ -1,0 +1,319 @@
+"""Grounding and all-rank evaluation (``bigrec evaluate``): step 2 of BIGRec.
+
+Each row's top generation is embedded by the base model like the catalogue titles (see
+:mod:`bigrec.index`), every item is ranked by L2 distance, and NDCG@K / HR@K are computed
+over the whole catalogue. With ``--popularity`` or ``--ci_scores`` the distances are also
+re-weighted by ``d * (1 + s) ** (-gamma)``, gamma chosen on the validation results.
+
+Outputs, all written at the end (atomically, nothing half-written on an error):
+``OUTPUT`` (the reference metrics JSON plus ``"topk"``; re-weighted runs under clearly named
+keys), ``OUTPUT.details.json`` (gammas, validation metrics, diagnostics, counts),
+``OUTPUT.png`` (plot) and ``OUTPUT.config.yaml``. The table goes to stdout.
+
+A row whose top generation is empty counts as a miss (and is counted in the details); the
+re-weighted metrics are computed on the other rows and scaled by their share, which is the
+same as counting the empty rows as misses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bigrec import io
+from bigrec.catalog import Catalog, read_catalog, row_target
+from bigrec.config import ConfigError, option, to_dict
+from bigrec.ground import GAMMA_GRID, apply_gamma, l2_distances, popularity_counts, search_gamma
+from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
+from bigrec.models import DEFAULT_MODEL
+from bigrec.prompts import normalize_title
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    catalog: str = option(help="catalogue file (id2name.txt)")
+    input_dir: str = option(help="folder of result JSON files from bigrec generate (or one file)")
+    output: str = option(help="metrics JSON to write; .details.json, .png and .config.yaml go beside it")
+    base_model: str = option(DEFAULT_MODEL, "base model that embeds generations and titles (no adapter)")
+    valid_input_dir: str | None = option(None, "validation results for choosing gamma: same file names as "
+                                               "--input_dir, or a single file for all")
+    popularity: str | None = option(None, "train.csv of the prepared data (or its folder): re-weight by popularity")
+    ci_scores: str | None = option(None, "a conventional model's score matrix for the test rows (.safetensors "
+                                         "or .npy), or a folder of them (bigrec baseline's scores/)")
+    valid_ci_scores: str | None = option(None, "score matrix for the validation rows (default: searched "
+                                               "beside --ci_scores)")
+    all_beams: bool = option(False, "ground every beam and keep each row's best rank (plain metrics)")
+    index_path: str | None = option(None, "item index to reuse or build (default: beside --output)")
+    precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+    batch_size: int = option(64, "texts per embedding forward pass")
+
+    def validate(self) -> None:
+        if (self.popularity or self.ci_scores) and not self.valid_input_dir:
+            raise ConfigError("--popularity and --ci_scores need --valid_input_dir: gamma is chosen on validation")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Results:
+    """One result file: its rows, their targets, and each row's generations (normalised titles)."""
+
+    path: Path
+    rows: list[dict]
+    targets: list[list[int]]  # per row, every catalogue id with the target's title
+    beams: list[list[str]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def top1(self) -> list[str]:
+        return [b[0] for b in self.beams]
+
+
+def result_files(spec: str | Path, exclude: set[Path] = frozenset()) -> list[Path]:
+    spec = Path(spec)
+    if spec.is_file():
+        return [spec]
+    if not spec.is_dir():
+        raise FileNotFoundError(f"results not found: {spec}")
+    skip = {p.resolve() for p in exclude}
+    files = sorted(p for p in spec.glob("*.json") if p.resolve() not in skip)
+    if not files:
+        raise FileNotFoundError(f"{spec}: no result files (*.json)")
+    return files
+
+
+def read_results(path: Path, catalog: Catalog) -> Results:
+    """Rows with a non-empty ``predict`` list of strings and a target in the catalogue."""
+    rows = io.read_json(path)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: no result rows")
+    targets, beams = [], []
+    for i, row in enumerate(rows):
+        where = f"{path}, row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object")
+        predict = row.get("predict")
+        if predict is None:
+            raise ValueError(f"{where}: no 'predict' field; run bigrec generate on this file first")
+        if not isinstance(predict, list) or not predict or not all(isinstance(p, str) for p in predict):
+            raise ValueError(f"{where}: field 'predict' must be a non-empty list of strings, got {predict!r}")
+        targets.append(row_target(row, catalog, where))
+        beams.append([normalize_title(p) for p in predict])
+    return Results(path, rows, target_id_lists(targets, catalog.titles), beams)
+
+
+class Embedder:
+    """Embeds generations, each distinct text once (generations repeat a lot)."""
+
+    def __init__(self, model, tokenizer, batch_size: int):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """[len(texts), D]; empty texts get zero rows (the caller makes them misses)."""
+        from bigrec.index import embed_texts
+
+        new = sorted({t for t in texts if t and t not in self.cache})
+        if new:
+            for text, vec in zip(new, embed_texts(self.model, self.tokenizer, new, self.batch_size), strict=True):
+                self.cache[text] = vec
+        dim = self.model.config.hidden_size
+        return torch.stack([self.cache[t] if t else torch.zeros(dim) for t in texts])
+
+
+def ground(texts: list[str], targets: list[list[int]], items: torch.Tensor,
+           embed: Embedder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2 distances [R, N] of each text to every item, the targets' ranks [R] and the empty mask [R].
+
+    An empty text is a miss: its rank is beyond the catalogue and every K.
+    """
+    dist = l2_distances(embed(texts), items)
+    ranks = target_ranks(dist, targets)
+    empty = torch.tensor([not t for t in texts])
+    ranks[empty] = max(items.shape[0], *TOPK)
+    return dist, ranks, empty
+
+
+def _keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x[keep] if x.dim() == 2 else x  # a popularity vector serves every row
+
+
+def _scaled(metrics: dict[str, list[float]], factor: float) -> dict[str, list[float]]:
+    return {key: [v * factor for v in values] for key, values in metrics.items()}
+
+
+def diagnostics(results: Results, catalog: Catalog) -> dict:
+    """How varied and how grounded the top generations are (homogeneity shows here first)."""
+    top = results.top1
+    counts = Counter(top)
+    n = len(top)
+    return {"rows": n, "empty_top1": sum(1 for t in top if not t),
+            "distinct_top1_share": len([t for t in counts if t]) / n,
+            "exact_title_top1_share": sum(c for t, c in counts.items() if t and catalog.is_title(t)) / n,
+            "most_frequent_top1": [[t, c] for t, c in counts.most_common(10)]}
+
+
+def popularity_scores(spec: str | Path, num_items: int) -> torch.Tensor:
+    """Training counts [N] of each target item in ``train.csv`` (a file, or the folder holding it)."""
+    import pandas as pd
+
+    path = Path(spec)
+    path = path / "train.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"popularity: training split not found: {path}")
+    try:
+        ids = pd.read_csv(path, usecols=["item_id"])["item_id"]
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot read column 'item_id': {exc}") from exc
+    if ids.isna().any():
+        raise ValueError(f"{path}: column 'item_id' has {int(ids.isna().sum())} empty values")
+    try:
+        return popularity_counts(torch.tensor(ids.to_numpy(dtype="int64")), num_items).float()
+    except ValueError as exc:
+        raise ValueError(f"{path}: column 'item_id': {exc} (is this the catalogue's training split?)") from exc
+
+
+def ci_matrix(spec: Path, results: Results, role: str, num_items: int) -> tuple[torch.Tensor, Path]:
+    """The score matrix aligned to ``results``: ``spec`` itself, or the first file in folder ``spec``
+    whose rows match (preferring the result file's stem, then names starting with ``role``)."""
+    from bigrec.scores import load_scores
+
+    if spec.is_file():
+        candidates = [spec]
+    elif spec.is_dir():
+        stem = results.path.stem
+        candidates = sorted(spec.glob("*.safetensors"),
+                            key=lambda p: (p.stem != stem, not p.stem.startswith(role), p.name))
+    else:
+        raise FileNotFoundError(f"score matrix not found: {spec}")
+    problems = []
+    for path in candidates:
+        try:
+            scores = load_scores(path).align(results.rows)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if scores.shape[1] != num_items:
+            raise ValueError(f"{path}: {scores.shape[1]} item columns, but the catalogue has {num_items} items")
+        return scores, path
+    raise ValueError(f"no score matrix in {spec} matches the rows of {results.path}: "
+                     + ("; ".join(problems[:3]) or "no .safetensors files"))
+
+
+def pair_valid(test: Results, valid: list[Results]) -> Results:
+    same = [v for v in valid if v.name == test.name]
+    if same:
+        return same[0]
+    if len(valid) == 1:
+        return valid[0]
+    raise ConfigError(f"no validation results for {test.path}: expected {test.name} among "
+                      f"{', '.join(v.name for v in valid)}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text).rstrip("/")).name) or "model"
+
+
+def run(config: Config) -> dict:
+    from bigrec.index import ensure_index
+    from bigrec.models import load_model
+    from bigrec.report import format_table, metrics_json, plot_metrics
+
+    output = Path(config.output)
+    details_path = output.with_name(output.stem + ".details.json")
+    catalog = read_catalog(config.catalog)
+    tests = [read_results(p, catalog) for p in result_files(config.input_dir, {output, details_path})]
+    reweighting = {}
+    if config.popularity:
+        reweighting["popularity"] = popularity_scores(config.popularity, len(catalog))
+    if config.ci_scores:
+        reweighting["CI"] = None  # per file, aligned below
+    valids: list[Results] = []
+    if reweighting:
+        valids = [read_results(p, catalog) for p in result_files(config.valid_input_dir)]
+    pairs = {t.name: pair_valid(t, valids) for t in tests} if reweighting else {}
+    ci = {}
+    if config.ci_scores:  # align before the expensive part, so a mismatch fails fast
+        spec = Path(config.ci_scores)
+        valid_spec = Path(config.valid_ci_scores) if config.valid_ci_scores else (spec.parent if spec.is_file() else spec)
+        for t in tests:
+            ci[t.name] = (ci_matrix(spec, t, "test", len(catalog)), ci_matrix(valid_spec, pairs[t.name], "valid", len(catalog)))
+
+    model, tokenizer = load_model(config.base_model, config.precision)
+    index_path = Path(config.index_path) if config.index_path else output.parent / f"index.{_slug(config.base_model)}.safetensors"
+    items = ensure_index(config.base_model, catalog.path, index_path, config.precision, model=model,
+                         tokenizer=tokenizer, batch_size=config.batch_size)
+    embed = Embedder(model, tokenizer, config.batch_size)
+    runs: dict[str, dict] = {}
+    details: dict = {"topk": list(TOPK), "index": str(index_path), "catalog": str(catalog.path),
+                     "num_items": len(catalog), "all_beams": config.all_beams, "files": {}}
+    for test in tests:
+        start = time.perf_counter()
+        dist, ranks, empty = ground(test.top1, test.targets, items, embed)  # [R, N], [R], [R]
+        if config.all_beams:
+            width = max(len(b) for b in test.beams)
+            for k in range(1, width):
+                texts = [b[min(k, len(b) - 1)] for b in test.beams]
+                ranks = torch.minimum(ranks, ground(texts, test.targets, items, embed)[1])
+        runs[test.name] = ndcg_hr(ranks, TOPK)
+        info = {"diagnostics": diagnostics(test, catalog)}
+        log.info("%s: %d rows grounded in %.1fs", test.name, len(test.rows), time.perf_counter() - start)
+        if reweighting:
+            valid = pairs[test.name]
+            info["valid_file"] = str(valid.path)
+            valid_dist, _, valid_empty = ground(valid.top1, valid.targets, items, embed)
+            keep, valid_keep = ~empty, ~valid_empty
+            if not valid_keep.any():
+                raise ValueError(f"{valid.path}: every top generation is empty; cannot choose gamma")
+            for kind, pop in reweighting.items():
+                if kind == "CI":
+                    (scores, src), (valid_scores, valid_src) = ci[test.name]
+                    info["ci_scores"], info["valid_ci_scores"] = str(src), str(valid_src)
+                else:
+                    scores = valid_scores = pop
+                search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep),
+                                      [t for t, k in zip(valid.targets, valid_keep.tolist(), strict=True) if k],
+                                      TOPK, GAMMA_GRID)
+                share = int(keep.sum()) / len(keep)
+                if keep.any():
+                    applied = apply_gamma(dist[keep], _keep(scores, keep),
+                                          [t for t, k in zip(test.targets, keep.tolist(), strict=True) if k], search)
+                else:
+                    zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
+                    applied = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
+                               "HR": [search.hr_gamma[k] for k in TOPK], "single": search.single_gamma}}
+                runs[f"{test.name} +{kind} (gamma per metric@K)"] = _scaled(applied["tuned"], share)
+                runs[f"{test.name} +{kind} (gamma by NDCG@{search.single_k})"] = _scaled(applied["single"], share)
+                valid_share = int(valid_keep.sum()) / len(valid_keep)
+                info[kind] = {"gammas": applied["gammas"], "valid_tuned": _scaled(search.valid_tuned, valid_share),
+                              "valid_single": _scaled(search.valid_single, valid_share)}
+        details["files"][test.name] = info
+
+    metrics = metrics_json(runs, TOPK)
+    table = format_table(metrics, TOPK)
+    io.write_json(output, metrics)
+    io.write_json(details_path, details)
+    plot_metrics(metrics, output.with_suffix(".png"), TOPK)
+    io.write_yaml(output.with_name(output.stem + ".config.yaml"), to_dict(config))
+    sys.stdout.write(table + "\n")
+    for name, info in details["files"].items():
+        d = info["diagnostics"]
+        log.info("%s: distinct top-1 %.1f%%, exact catalogue titles %.1f%%, empty %d; most frequent: %s", name,
+                 100 * d["distinct_top1_share"], 100 * d["exact_title_top1_share"], d["empty_top1"],
+                 ", ".join(f"{t!r} x{c}" for t, c in d["most_frequent_top1"][:3]))
+    return metrics
+

@@ -1,0 +1,192 @@
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from bigrec.cli import main
+from bigrec.evaluate import Config, run
+from bigrec.ground import GAMMA_GRID
+from bigrec.index import embed_texts, load_index
+from bigrec.metrics import TOPK
+from bigrec.models import load_model
+from bigrec.scores import load_scores, save_scores
+
+TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)",
+          "Sabrina (1995)", "Heat (1995)", "Mortal Kombat (1995)", "Usual Suspects, The (1995)"]
+# (target id, generations): exact hits, a hit on a duplicate title, an empty top-1, near misses
+TEST = [(1, ['"Heat (1995)"', '"Babe (1995)"']), (6, ['"Heat (1995)"', '"Casino"']),
+        (2, ['"Casino (1995)"', '"Heat"']), (4, ['""', '"Jumanji (1995)"']),
+        (5, ['"Sabrina"', '"Sabrina (1995)"']), (8, ['"The quick brown fox"', '"Usual Suspects, The (1995)"'])]
+VALID = [(3, ['"Babe (1995)"', '"Heat"']), (7, ['"Mortal Kombat"', '"Babe"']), (0, ['"Toy"', '"Heat"']),
+         (5, ['"Heat (1995)"', '"Sabrina"'])]
+
+
+def rows_for(cases, reference=False):
+    rows = []
+    for i, (target, predict) in enumerate(cases):
+        row = {"instruction": "Given ...", "input": "The user has watched ...", "output": f'"{TITLES[target]}"'}
+        if not reference:
+            row.update(user_id=100 + i, item_id=target, history_item_id=[0], row=i)
+        rows.append({**row, "predict": predict})
+    return rows
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "valid").mkdir()
+    catalog = tmp_path / "id2name.txt"
+    catalog.write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(TITLES)))
+    (tmp_path / "results" / "test.json").write_text(json.dumps(rows_for(TEST)))
+    (tmp_path / "results" / "reference.json").write_text(json.dumps(rows_for(TEST[:3], reference=True)))
+    (tmp_path / "valid" / "valid.json").write_text(json.dumps(rows_for(VALID)))
+    return tmp_path
+
+
+def args(data, model_dir, *extra):
+    return ["evaluate", "--base_model", model_dir, "--catalog", str(data / "id2name.txt"), "--input_dir",
+            str(data / "results"), "--output", str(data / "out" / "metrics.json"), "--precision", "fp32",
+            *extra]
+
+
+def reference_style_metrics(model_dir, index_path, cases, scores=None, gammas=None):
+    """The reference evaluate's logic: per-row argsort ranks and per-K loops.
+
+    With ``scores`` [R, N] or [N], distances are re-weighted as the paper's scripts do, with
+    ``gammas`` = {"NDCG": [g per K], "HR": [g per K]}.
+    """
+    model, tok = load_model(model_dir, "fp32")
+    items = load_index(index_path)[0]
+    ndcg, hr = [[] for _ in TOPK], [[] for _ in TOPK]
+
+    def minmax(x):
+        return (x - x.min()) / (x.max() - x.min())
+
+    def rank_at(dist, target):
+        order = torch.argsort(dist).tolist()
+        return min(order.index(i) for i, t in enumerate(TITLES) if t == TITLES[target])
+
+    for r, (target, predict) in enumerate(cases):
+        text = predict[0].strip('"')
+        dist = torch.linalg.norm(items - embed_texts(model, tok, [text])[0], dim=1) if text else None
+        for j, k in enumerate(TOPK):
+            for key, out in (("NDCG", ndcg), ("HR", hr)):
+                if dist is None:
+                    rank = math.inf  # an empty generation is a miss
+                elif scores is None:
+                    rank = rank_at(dist, target)
+                else:
+                    s = scores[r] if scores.dim() == 2 else scores
+                    rank = rank_at(minmax(dist.double()) * (1 + minmax(s.double())) ** -gammas[key][j], target)
+                gain = (1 / math.log2(rank + 2)) if key == "NDCG" else 1.0
+                out[j].append(gain if rank < k else 0.0)
+    return {"NDCG": [math.fsum(v) / len(cases) for v in ndcg], "HR": [math.fsum(v) / len(cases) for v in hr]}
+
+
+def test_evaluate_end_to_end(data, tiny_model_dir, capsys):
+    assert main(args(data, tiny_model_dir)) == 0
+    out = data / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["topk", "reference.json", "test.json"]
+    assert metrics["topk"] == list(TOPK)
+    index = next(out.glob("index.*.safetensors"))
+    assert metrics["test.json"] == reference_style_metrics(tiny_model_dir, index, TEST)
+    assert metrics["test.json"]["HR"][0] == pytest.approx(3 / 6)  # exact titles, the duplicate id included
+    assert metrics["reference.json"]["HR"][0] == 1.0  # reference rows: targets found by title
+    assert (out / "metrics.png").stat().st_size > 1000
+    details = json.loads((out / "metrics.details.json").read_text())
+    diag = details["files"]["test.json"]["diagnostics"]
+    assert diag["empty_top1"] == 1 and diag["rows"] == 6
+    assert diag["distinct_top1_share"] == pytest.approx(4 / 6)  # Heat x2, Casino, Sabrina, fox
+    assert diag["exact_title_top1_share"] == pytest.approx(3 / 6)
+    assert diag["most_frequent_top1"][0] == ["Heat (1995)", 2]
+    assert "NDCG@10" in capsys.readouterr().out
+    assert (out / "metrics.config.yaml").is_file()
+
+    # every beam: the best rank per row; the empty and near-miss rows hit through their second beam
+    assert main(args(data, tiny_model_dir, "--all_beams", "--output", str(out / "beams.json"))) == 0
+    beams = json.loads((out / "beams.json").read_text())
+    assert beams["test.json"]["HR"][0] == 1.0
+    assert len(list(out.glob("index.*.safetensors"))) == 1  # the index was reused
+
+
+def test_index_of_another_model_is_refused(data, tiny_model_dir, tiny_qwen_dir, capsys):
+    index = str(data / "index.safetensors")
+    assert main(args(data, tiny_model_dir, "--index_path", index)) == 0
+    (data / "out" / "metrics.json").unlink()
+    assert main(args(data, tiny_qwen_dir, "--index_path", index)) == 1
+    assert "made by another base model" in capsys.readouterr().err
+    assert not (data / "out" / "metrics.json").exists()
+
+
+def test_reweighting_with_popularity_and_ci(data, tiny_model_dir):
+    (data / "results" / "reference.json").unlink()
+    (data / "train.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in
+                                                                   enumerate([1, 1, 1, 2, 3, 5, 5])))
+    scores = data / "scores"
+    for split, cases in (("test", TEST), ("valid", VALID)):  # a perfect CI model: one-hot on the target
+        onehot = torch.zeros(len(cases), len(TITLES))
+        onehot[torch.arange(len(cases)), torch.tensor([t for t, _ in cases])] = 1
+        save_scores(scores / f"{split}.safetensors", onehot, range(len(cases)), [t for t, _ in cases],
+                    [100 + i for i in range(len(cases))], split)
+    metrics = run(Config(base_model=tiny_model_dir, catalog=str(data / "id2name.txt"),
+                         input_dir=str(data / "results"), valid_input_dir=str(data / "valid"),
+                         popularity=str(data / "train.csv"), ci_scores=str(scores),
+                         output=str(data / "out" / "metrics.json"), precision="fp32"))
+    plain, tuned = metrics["test.json"], metrics["test.json +CI (gamma per metric@K)"]
+    # with its score, each target beats every item but the nearest; the empty row stays a miss
+    assert tuned["HR"][TOPK.index(3)] == pytest.approx(5 / 6)
+    assert all(t >= p - 1e-12 for t, p in zip(tuned["HR"], plain["HR"], strict=True))
+    details = json.loads((data / "out" / "metrics.details.json").read_text())["files"]["test.json"]
+    assert details["ci_scores"].endswith("test.safetensors")
+    assert details["valid_ci_scores"].endswith("valid.safetensors")
+    index = next((data / "out").glob("index.*.safetensors"))
+    popularity = torch.tensor([0, 3, 1, 1, 0, 2, 0, 0, 0], dtype=torch.float64)
+    ci = load_scores(scores / "test.safetensors").scores
+    for kind, weights in (("CI", ci), ("popularity", popularity)):
+        gammas = details[kind]["gammas"]
+        assert len(gammas["NDCG"]) == len(TOPK) and gammas["single"] in GAMMA_GRID
+        expected = reference_style_metrics(tiny_model_dir, index, TEST, weights, gammas)
+        for key in ("NDCG", "HR"):
+            assert metrics[f"test.json +{kind} (gamma per metric@K)"][key] == pytest.approx(expected[key])
+        single = {key: [gammas["single"]] * len(TOPK) for key in ("NDCG", "HR")}
+        expected = reference_style_metrics(tiny_model_dir, index, TEST, weights, single)
+        for key in ("NDCG", "HR"):
+            assert metrics[f"test.json +{kind} (gamma by NDCG@10)"][key] == pytest.approx(expected[key])
+
+
+def write(path, rows):
+    path.write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_predict", r"test.json, row 1: no 'predict' field"),
+    ("bad_predict", r"test.json, row 0: field 'predict' must be a non-empty list of strings"),
+    ("unknown_title", r"reference.json, row 0: target title '\"Nope\"' is not in"),
+    ("empty_file", r"test.json: no result rows"),
+    ("no_valid", "need --valid_input_dir"),
+    ("misaligned_ci", r"no score matrix in .* matches the rows of"),
+])
+def test_bad_input(data, tiny_model_dir, capsys, case, message):
+    rows = rows_for(TEST)
+    extra = []
+    if case == "no_predict":
+        del rows[1]["predict"]
+    elif case == "bad_predict":
+        rows[0]["predict"] = '"Heat (1995)"'
+    elif case == "unknown_title":
+        write(data / "results" / "reference.json", [{"instruction": "x", "output": '"Nope"', "predict": ["a"]}])
+    elif case == "empty_file":
+        rows = []
+    elif case == "no_valid":
+        extra = ["--popularity", str(data / "train.csv")]
+    elif case == "misaligned_ci":
+        save_scores(data / "ci.safetensors", torch.zeros(2, len(TITLES)), [0, 1], [0, 0], [100, 101], "test")
+        extra = ["--ci_scores", str(data / "ci.safetensors"), "--valid_input_dir", str(data / "valid")]
+    write(data / "results" / "test.json", rows)
+    assert main(args(data, tiny_model_dir, *extra)) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (data / "out").exists() or not list((data / "out").iterdir())  # nothing half-written
+
