@@ -1,0 +1,173 @@
+"""Latency of `bigrec serve` under concurrent clients; prints figures, asserts nothing.
+
+    python benchmarks/bench_serve.py --run runs/demo --clients 8 --requests 50
+
+Starts `bigrec serve` on the run folder (a free loopback port), warms it up, measures a single
+client's latency, then ``--clients`` clients each sending ``--requests`` requests back to
+back, and prints p50/p90/p99 latency, throughput and the server's batch sizes. Histories come
+from the run's prepared test rows (else catalogue ids). Without a run folder (``make bench``
+on a fresh clone) it builds the tests' tiny run folder: those figures measure the service's
+machinery on a random 2-layer model, not SmolLM2. ``--url`` measures a server already running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def histories_for(run: Path, count: int, seed: int = 0) -> list[list[int]]:
+    from bigrec.run_manifest import RunManifest
+
+    manifest = RunManifest.load(run)
+    data = manifest.path(run, "data")
+    rows = []
+    if data is not None and (data / "test.json").is_file():
+        rows = [r["history_item_id"] for r in json.loads((data / "test.json").read_text()) if r.get("history_item_id")]
+    rng = random.Random(seed)
+    if not rows:
+        n = sum(1 for line in manifest.path(run, "catalog").open() if line.strip())
+        rows = [[rng.randrange(n) for _ in range(5)] for _ in range(count)]
+    return [list(rows[rng.randrange(len(rows))]) for _ in range(count)]
+
+
+def start_server(run: Path, args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "bigrec", "serve", "--run", str(run), "--port", str(port), "--log_level", "warning",
+           "--max_batch", str(args.max_batch), "--batch_window_ms", str(args.batch_window_ms)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bigrec serve exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"bigrec serve did not answer within {args.start_timeout}s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def load(url: str, histories: list[list[int]], clients: int, per_client: int, k: int, use_ci: bool):
+    """Latencies (seconds) of every successful request, the errors, and the wall time."""
+    def client(n: int) -> tuple[list[float], list[str]]:
+        times, errors = [], []
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for i in range(per_client):
+                history = histories[(n * per_client + i) % len(histories)]
+                start = time.perf_counter()
+                r = c.post("/recommend", json={"history": history, "k": k, "use_ci": use_ci})
+                if r.status_code == 200:
+                    times.append(time.perf_counter() - start)
+                else:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+        return times, errors
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    return [t for ts, _ in parts for t in ts], [e for _, es in parts for e in es], wall
+
+
+def report(label: str, times: list[float], errors: list[str], wall: float) -> None:
+    ms = [t * 1000 for t in times]
+    if not ms:
+        print(f"{label}: no successful requests; errors: {errors[:3]}")
+        return
+    print(f"{label}: {len(ms)} ok, {len(errors)} errors in {wall:.1f}s ({len(ms) / wall:.2f} req/s); latency ms "
+          f"p50 {percentile(ms, 50):.0f}  p90 {percentile(ms, 90):.0f}  p99 {percentile(ms, 99):.0f}  "
+          f"max {max(ms):.0f}  mean {statistics.fmean(ms):.0f}")
+    for e in errors[:3]:
+        print(f"  error {e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/demo", help="finished run folder (default: runs/demo)")
+    parser.add_argument("--url", default=None, help="measure a server already running here instead")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=50, help="requests per client")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--use_ci", action="store_true")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--max_batch", type=int, default=16)
+    parser.add_argument("--batch_window_ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: default)")
+    parser.add_argument("--start_timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    run = Path(args.run)
+    tmp = None
+    if args.url is None and not (run / "run.yaml").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from run_fixture import build_run
+
+        tmp = tempfile.TemporaryDirectory()
+        print(f"{run}/run.yaml not found: building the tests' tiny run folder (random 2-layer model; figures "
+              "measure the service, not SmolLM2)", flush=True)
+        run = build_run(Path(tmp.name))
+    proc = None
+    try:
+        if args.url is None:
+            started = time.perf_counter()
+            proc, url = start_server(run, args)
+            print(f"server up in {time.perf_counter() - started:.1f}s at {url}", flush=True)
+        else:
+            url = args.url.rstrip("/")
+        info = httpx.get(f"{url}/health", timeout=30).json()["run"]
+        print(f"run {info['run']}: {info['items']} items, beams {info['num_beams']}, device {info['device']} "
+              f"{info['dtype']}, clients {args.clients} x {args.requests} requests, k {args.k}"
+              f"{', use_ci' if args.use_ci else ''}")
+        histories = histories_for(run, max(64, args.clients * args.requests)) if args.url is None else \
+            [[i, i + 1, i + 2] for i in range(64)]
+        report("warm-up", *load(url, histories, 1, args.warmup, args.k, args.use_ci))
+        report("1 client", *load(url, histories, 1, max(5, args.requests // 5), args.k, args.use_ci))
+        before = httpx.get(f"{url}/health", timeout=30).json()["stats"]
+        report(f"{args.clients} clients", *load(url, histories, args.clients, args.requests, args.k, args.use_ci))
+        after = httpx.get(f"{url}/health", timeout=30).json()["stats"]
+        batches = after["batches"] - before["batches"]
+        served = after["requests"] - before["requests"]
+        print(f"server: {batches} batches for {served} requests (mean {served / max(batches, 1):.2f}, max "
+              f"{after['max_batch_size']}), model busy {after['model_busy_s'] - before['model_busy_s']:.1f}s")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

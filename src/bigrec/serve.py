@@ -1,0 +1,315 @@
+"""``bigrec serve``: an HTTP recommendation service for a finished run folder (FastAPI + uvicorn).
+
+Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+- ``POST /recommend`` ``{"history": [titles or ids], "k": 10, "use_ci": false, "exclude_history": false}``
+  -> the generated text, the history matches and the top-k items (id, title, score, distance);
+- ``GET /items?q=...&limit=20``: catalogue titles containing ``q`` (ignoring case);
+- ``GET /health``: the run's description and batching statistics.
+
+The run folder is loaded once (:class:`bigrec.recommender.Recommender`). Requests wait in an
+asyncio queue; one collector takes the first waiting request, waits ``batch_window_ms`` for
+company, and hands up to ``max_batch`` requests to a single worker thread as one generation
+call. While the worker is busy, new requests queue up and form the next batch, so under load
+batches grow by themselves and the event loop never blocks on the model.
+
+Bad input is answered with 422 and a ``message`` naming the field (``history[2]: item id 99999
+is not in the catalogue (ids 0..1681)``), besides FastAPI's usual ``detail`` list. A full
+queue is answered with 503. The service binds loopback unless ``--host`` says otherwise; it
+has no authentication.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from bigrec.config import ConfigError, option
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@dataclass
+class Config:
+    run: str = option(help="finished run folder (holds run.yaml; written by bigrec demo)")
+    host: str = option("127.0.0.1", "address to bind; loopback by default (the service has no authentication)")
+    port: int = option(8000, "TCP port")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
+    max_batch: int = option(16, "most requests in one generation call")
+    batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch")
+    max_queue: int = option(1024, "requests waiting beyond this are refused with 503")
+    max_history: int = option(50, "most items in a request's history (the prompt uses the latest of them)")
+    max_k: int = option(100, "largest k a request may ask for")
+    max_title_length: int = option(300, "longest title (characters) in a history or a search")
+    threads: int = option(0, "torch CPU threads; 0 = torch's default")
+    log_level: str = option("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+    def validate(self) -> None:
+        for name in ("port", "max_batch", "max_queue", "max_history", "max_k", "max_title_length"):
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ConfigError(f"--batch_window_ms must not be negative, got {self.batch_window_ms}")
+
+
+# --- batching -------------------------------------------------------------------------------
+
+class Busy(RuntimeError):
+    """The request queue is full."""
+
+
+class BatchStats:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests = 0
+        self.batches = 0
+        self.max_batch = 0
+        self.failed_batches = 0
+        self.busy_s = 0.0
+        self.sizes: dict[int, int] = {}
+
+    def add(self, size: int, seconds: float, ok: bool) -> None:
+        self.batches += 1
+        self.requests += size
+        self.max_batch = max(self.max_batch, size)
+        self.busy_s += seconds
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+        self.failed_batches += not ok
+
+    def to_dict(self, queued: int) -> dict[str, Any]:
+        return {"requests": self.requests, "batches": self.batches, "max_batch_size": self.max_batch,
+                "mean_batch_size": round(self.requests / self.batches, 3) if self.batches else 0.0,
+                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+                "failed_batches": self.failed_batches, "model_busy_s": round(self.busy_s, 3),
+                "queued": queued, "uptime_s": round(time.time() - self.started, 1)}
+
+
+class Batcher:
+    """Collects concurrent requests into batches for one worker thread running ``work``."""
+
+    def __init__(self, work, max_batch: int, window_s: float, max_queue: int):
+        self.work = work  # list[query] -> list[result], run on the worker thread
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self.stats = BatchStats()
+        self.queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigrec-model")
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue(self.max_queue)
+        self._task = asyncio.create_task(self._collect(), name="bigrec-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self.queue is not None and not self.queue.empty():
+            _, future = self.queue.get_nowait()
+            if not future.done():
+                future.set_exception(Busy("the server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, query):
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((query, future))
+        except asyncio.QueueFull:
+            raise Busy(f"{self.max_queue} requests are already waiting; try again shortly") from None
+        return await future
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            if self.window_s > 0 and self.queue.qsize() < self.max_batch - 1:
+                await asyncio.sleep(self.window_s)
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            batch = [(q, f) for q, f in batch if not f.done()]  # drop requests whose client went away
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.work, [q for q, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                log.exception("batch of %d failed", len(batch))
+                self.stats.add(len(batch), time.perf_counter() - start, ok=False)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.stats.add(len(batch), time.perf_counter() - start, ok=True)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+# --- the application ------------------------------------------------------------------------
+
+def _field(loc: tuple | list) -> str:
+    """``("body", "history", 2)`` -> ``history[2]``."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query") and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "request"
+
+
+def _message(errors: list[dict]) -> str:
+    return "; ".join(f"{_field(e.get('loc', ()))}: {str(e.get('msg', '')).removeprefix('Value error, ')}"
+                     for e in errors)
+
+
+def create_app(rec, config: Config | None = None):
+    """The FastAPI application serving ``rec`` (a :class:`bigrec.recommender.Recommender`)."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, RedirectResponse
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+
+    from bigrec.recommender import HistoryError
+    from bigrec.recommender import Query as RecQuery
+
+    config = config or Config(run=str(rec.run_dir))
+    max_title = config.max_title_length
+
+    def history_item(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected a catalogue id (integer) or a title (string), got {value!r}")
+        if isinstance(value, str) and len(value) > max_title:
+            raise ValueError(f"title of {len(value)} characters; at most {max_title} are allowed")
+        return value
+
+    HistoryItem = Annotated[StrictInt | StrictStr, BeforeValidator(history_item)]  # noqa: N806
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "examples": [{"history": ["Toy Story (1995)", "Heat (1995)"], "k": 10, "use_ci": False}]})
+        history: list[HistoryItem] = Field(
+            min_length=1, max_length=config.max_history,
+            description=f"oldest first: catalogue ids or titles (at most {config.max_history}; the prompt uses "
+                        f"the latest {rec.max_history}). A title not in the catalogue is matched to the nearest.")
+        k: int = Field(10, ge=1, le=config.max_k, description="how many items to return")
+        use_ci: bool = Field(False, description="re-weight distances by the run's SASRec scores")
+        exclude_history: bool = Field(False, description="leave the history's items out")
+
+    class MatchOut(BaseModel):
+        given: int | str
+        id: int
+        title: str
+        how: str = Field(description="id, title, case (ignoring case) or nearest (embedding distance)")
+        distance: float | None = None
+
+    class ItemOut(BaseModel):
+        id: int
+        title: str
+        score: float = Field(description="ranking score, lower is better (distance, or re-weighted with use_ci)")
+        distance: float = Field(description="L2 distance to the generated text's embedding")
+
+    class RecommendResponse(BaseModel):
+        generated: str = Field(description="the top beam, cut at the end of its title")
+        beams: list[str]
+        grounded: str = Field(description="the text whose embedding ranked the items")
+        history: list[MatchOut]
+        items: list[ItemOut]
+        use_ci: bool
+        batch_size: int = Field(description="requests that shared this generation call")
+
+    class CatalogItem(BaseModel):
+        id: int
+        title: str
+
+    class ItemsResponse(BaseModel):
+        query: str
+        items: list[CatalogItem]
+
+    batcher = Batcher(rec.recommend_queries, config.max_batch, config.batch_window_ms / 1000, config.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="bigrec", lifespan=lifespan,
+                  description="BIGRec recommendations (bi-step grounding) for the run folder "
+                              f"{rec.run_dir.name}: {len(rec.catalog)} items.")
+    app.state.batcher = batcher
+    app.state.recommender = rec
+
+    def unprocessable(errors: list[dict]) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"message": _message(errors), "detail": errors})
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return unprocessable(errors)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness, the run's description and the batching statistics."""
+        return {"status": "ok", "run": rec.describe(), "stats": batcher.stats.to_dict(batcher.queue.qsize())}
+
+    @app.get("/items", response_model=ItemsResponse)
+    async def items(q: Annotated[str, Query(min_length=1, max_length=max_title, description="text to find")],
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+        """Catalogue items whose title contains ``q`` (ignoring case), titles starting with it first."""
+        return {"query": q, "items": [{"id": i, "title": t} for i, t in rec.search(q, limit)]}
+
+    @app.post("/recommend", response_model=RecommendResponse,
+              responses={422: {"description": "bad input; `message` names the field"},
+                         503: {"description": "too many requests waiting"}})
+    async def recommend(body: RecommendRequest) -> Any:
+        """Generate with beam search, ground the top generation to catalogue items, return the top k."""
+        try:
+            rec.check_history(body.history)
+        except HistoryError as exc:
+            loc = ["body", "history"] + ([exc.index] if exc.index is not None else [])
+            return unprocessable([{"loc": loc, "msg": exc.reason, "type": "value_error"}])
+        if body.use_ci and not rec.has_ci:
+            return unprocessable([{"loc": ["body", "use_ci"], "type": "value_error",
+                                   "msg": "this run has no SASRec model (or no ci_gamma) to re-weight with"}])
+        try:
+            result = await batcher.submit(RecQuery(list(body.history), body.k, body.use_ci, body.exclude_history))
+        except Busy as exc:
+            return JSONResponse(status_code=503, content={"message": str(exc)})
+        out = result.to_dict()
+        return {"generated": result.generated[0] if result.generated else "", "beams": result.generated,
+                "grounded": result.grounded, "history": out["history"], "items": out["items"],
+                "use_ci": result.use_ci, "batch_size": int(result.timing.get("batch", 1))}
+
+    return app
+
+
+def run(config: Config) -> int:
+    import torch
+    import uvicorn
+
+    from bigrec.recommender import Recommender
+
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    if config.host not in LOOPBACK:
+        log.warning("binding %s: the service is reachable from other machines and has no authentication",
+                    config.host)
+    rec = Recommender.from_run(config.run, device=config.device)
+    app = create_app(rec, config)
+    log.info("serving %s on http://%s:%d (docs at /docs)", rec.run_dir, config.host, config.port)
+    uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level)).run()
+    return 0

@@ -1,0 +1,212 @@
+"""Recommender core and ``bigrec recommend`` on a complete tiny run folder (tests/run_fixture.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bigrec.baselines.data import read_split
+from bigrec.cli import main
+from bigrec.ground import l2_distances, reweight
+from bigrec.index import IndexMismatchError, embed_texts, load_index
+from bigrec.models import load_model
+from bigrec.recommend import rejoin_titles
+from bigrec.recommender import HistoryError, Query, Recommender
+from bigrec.run_manifest import RunManifest
+from run_fixture import TAUGHT, TITLES, tiny_run
+
+CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19  # ids in the fixture catalogue (Heat is there twice)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rec(run_dir):
+    return Recommender.from_run(run_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """The base model and the index file, loaded independently of the recommender."""
+    model, tok = load_model(str(run_dir / "base"), "fp32", device="cpu")
+    items, _ = load_index(run_dir / "index.safetensors")
+    return model, tok, items
+
+
+def sibling_run(run_dir, tmp_path, **changes):
+    """Another run folder reusing the fixture's parts (paths relative to the new folder)."""
+    manifest = RunManifest.load(run_dir)
+    up = f"../{run_dir.name}"
+    values = dict(base_model=f"{up}/base", catalog=f"{up}/data/id2name.txt", index=f"{up}/index.safetensors",
+                  data=f"{up}/data", adapter=f"{up}/adapter", sasrec=f"{up}/sasrec")
+    values.update(changes)
+    for key, value in values.items():
+        setattr(manifest, key, value)
+    out = run_dir.parent / tmp_path.name
+    out.mkdir()
+    manifest.save(out)
+    return out
+
+
+def test_ids_and_titles_give_the_taught_answer(rec, reference):
+    (history, answer), (history2, answer2) = TAUGHT
+    ids = [TITLES.index(t) for t in history]
+    by_id, by_title, other = rec.recommend([ids, history, history2], k=5)
+    assert [m.how for m in by_id.history] == ["id", "id"] and [m.how for m in by_title.history] == ["title", "title"]
+    assert [m.id for m in by_id.history] == [m.id for m in by_title.history] == ids
+    # Step 1: the adapter's taught answer, per history; step 2: grounded onto that very item.
+    assert by_id.generated[0] == by_title.generated[0] == f'"{answer}"' and len(by_id.generated) == 2
+    assert other.generated[0] == f'"{answer2}"'
+    assert by_title.grounded == answer == "Casino (1995)"
+    assert by_title.items[0].id == CASINO and by_title.items[0].distance < 1e-4
+    assert other.items[0].id == JUMANJI and other.items[0].title == "Jumanji (1995)"
+    assert [(i.id, i.title) for i in by_id.items] == [(i.id, i.title) for i in by_title.items]
+    # The distances are the L2 distances between base-model embeddings of the text and every title.
+    model, tok, items = reference
+    dist = l2_distances(embed_texts(model, tok, [by_title.grounded]), items)[0]
+    expected = torch.argsort(dist, stable=True)[:5].tolist()
+    assert [i.id for i in by_title.items] == expected
+    assert [i.distance for i in by_title.items] == pytest.approx(dist[expected].tolist(), abs=1e-5)
+    assert [i.score for i in by_title.items] == [i.distance for i in by_title.items]
+    assert all(i.title == TITLES[i.id] for i in by_title.items)
+
+
+def test_unknown_titles_are_matched_and_reported(rec, reference):
+    (result,) = rec.recommend([["toy story (1995)", ' "Heat (1995)" ', "Heet (1995)", "Braveheart"]], k=3)
+    how = [(m.given, m.how, m.id) for m in result.history]
+    assert how[0] == ("toy story (1995)", "case", 0)
+    assert how[1] == (' "Heat (1995)" ', "title", HEAT)  # normalised exactly; duplicate title -> first id
+    model, tok, items = reference
+    dist = l2_distances(embed_texts(model, tok, ["Heet (1995)", "Braveheart"]), items)
+    for match, row in zip(result.history[2:], dist, strict=True):
+        assert match.how == "nearest"
+        assert match.id == int(row.argmin()) and match.title == TITLES[match.id]
+        assert match.distance == pytest.approx(float(row.min()), abs=1e-5)
+
+
+def test_exclude_history_and_k(rec):
+    (plain,) = rec.recommend([["Heat (1995)", "Babe (1995)"]], k=len(TITLES) + 5)
+    assert len(plain.items) == len(TITLES)  # k beyond the catalogue gives the whole ranking
+    assert sorted(i.id for i in plain.items) == list(range(len(TITLES)))
+    scores = [i.score for i in plain.items]
+    assert scores == sorted(scores)
+    (excl,) = rec.recommend([["Heat (1995)", "Babe (1995)"]], k=len(TITLES), exclude_history=True)
+    assert {i.id for i in excl.items} == set(range(len(TITLES))) - {HEAT, HEAT_TWIN, 7}  # both Heat ids go
+
+
+def test_batch_with_mixed_options(rec):
+    queries = [Query(["Heat (1995)"], k=2), Query([0, 5], k=4, use_ci=True), Query(["Babe (1995)"], k=1)]
+    results = rec.recommend_queries(queries)
+    assert [len(r.items) for r in results] == [2, 4, 1]
+    assert [r.use_ci for r in results] == [False, True, False]
+    assert all(r.timing["batch"] == 3 for r in results)
+
+
+def test_use_ci_reweights_with_sasrec(rec, run_dir):
+    from bigrec.baselines.sasrec import SASRec
+
+    history = [0, 5, 7]
+    (plain,) = rec.recommend([history], k=len(TITLES))
+    (ci,) = rec.recommend([history], k=len(TITLES), use_ci=True)
+    assert ci.use_ci and ci.generated == plain.generated
+    dist = torch.tensor([next(i.distance for i in plain.items if i.id == j) for j in range(len(TITLES))])
+    sasrec = SASRec.from_dir(run_dir / "sasrec")
+    expected = reweight(dist[None], sasrec.score([history]), RunManifest.load(run_dir).ci_gamma)[0]
+    assert [i.id for i in ci.items] == torch.argsort(expected, stable=True).tolist()
+    assert [i.score for i in ci.items] == pytest.approx(expected[[i.id for i in ci.items]].tolist(), abs=1e-5)
+    assert {i.id: i.distance for i in ci.items} == pytest.approx({i.id: i.distance for i in plain.items})
+
+
+@pytest.mark.parametrize("history, field, text", [
+    ([], "history", "empty"),
+    ([0, 20], "history[1]", "item id 20 is not in the catalogue (ids 0..19)"),
+    ([-1], "history[0]", "not in the catalogue"),
+    (["Heat (1995)", True], "history[1]", "expected a catalogue id"),
+    ([" "], "history[0]", "empty title"),
+    ([1.5], "history[0]", "expected a catalogue id"),
+])
+def test_bad_histories(rec, history, field, text):
+    with pytest.raises(HistoryError) as info:
+        rec.recommend([history])
+    assert info.value.field == field and text in str(info.value)
+
+
+def test_k_must_be_positive(rec):
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        rec.recommend([[0]], k=0)
+
+
+def test_run_without_sasrec_refuses_use_ci(run_dir, tmp_path):
+    other = Recommender.from_run(sibling_run(run_dir, tmp_path, sasrec=None), device="cpu")
+    assert not other.has_ci and other.sasrec is None
+    assert other.recommend([[0, 5]], k=2)[0].items[0].id == CASINO
+    with pytest.raises(ValueError, match="use_ci needs a SASRec model"):
+        other.recommend([[0, 5]], use_ci=True)
+
+
+def test_index_of_another_precision_is_refused(run_dir, tmp_path):
+    with pytest.raises(IndexMismatchError, match="float32"):
+        Recommender.from_run(sibling_run(run_dir, tmp_path, precision="bf16"), device="cpu")
+
+
+def test_search(rec):
+    assert rec.search("heat") == [(HEAT, "Heat (1995)"), (HEAT_TWIN, "Heat (1995)")]
+    assert [t for _, t in rec.search("  SEVEN ")] == ["Seven (Se7en) (1995)"]
+    assert [i for i, _ in rec.search("man")] == [8, 14, 16]  # Jumanji, Batman Forever, Dead Man Walking
+    assert [i for i, _ in rec.search("b")] == [7, 12, 14, 9, 10]  # titles starting with "b" first, then by id
+    assert [i for i, _ in rec.search("b", limit=2)] == [7, 12]
+    assert rec.search("zzz") == [] and rec.search("   ") == []
+
+
+def test_rejoin_comma_split_titles():
+    titles = {t.casefold() for t in TITLES}
+    assert rejoin_titles(["Usual Suspects", "The (1995)", "Heat (1995)"], titles) == \
+        ["Usual Suspects, The (1995)", "Heat (1995)"]
+    assert rejoin_titles(["usual suspects", "the (1995)"], titles) == ["usual suspects, the (1995)"]
+    assert rejoin_titles(["Foo", "Bar", "12"], titles) == ["Foo", "Bar", "12"]
+    assert rejoin_titles([], titles) == []
+
+
+# --- the command --------------------------------------------------------------------------
+
+def test_cli_recommend_by_history(run_dir, capsys):
+    rc = main(["recommend", "--run", str(run_dir), "--history", "Toy Story (1995)", "--history",
+               "Usual Suspects, The (1995)", "--history", "Heet (1995)", "--history", "5", "--k", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[:3] == ["history:", "   1. #0 Toy Story (1995)", "   2. #11 Usual Suspects, The (1995)"]
+    assert "'Heet (1995)' is not in the catalogue; nearest title: #" in lines[3] and "(distance " in lines[3]
+    assert lines[4] == "   4. #5 Heat (1995)"
+    assert any(line.startswith('generated: "') for line in lines)
+    top = lines[lines.index("top 3 (distance):") + 1:]
+    assert len(top) == 3 and top[0].split()[0] == "1."
+
+
+def test_cli_recommend_by_user(run_dir, capsys):
+    test = read_split(run_dir / "data", "test")
+    user = test.user_ids[-1]
+    last = max(r for r, u in enumerate(test.user_ids) if u == user)
+    rc = main(["recommend", "--run", str(run_dir), "--user", str(user), "--include_target", "false", "--json",
+               "--k", "4", "--use_ci"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [m["id"] for m in out["history"]] == test.histories[last][-10:]
+    assert out["held_out"]["id"] == int(test.targets[last]) and out["use_ci"] is True
+    assert len(out["items"]) == 4 and out["generated"]
+
+
+def test_cli_errors(run_dir, capsys):
+    assert main(["recommend", "--run", str(run_dir), "--history", "99"]) == 1
+    assert "history[0]: item id 99 is not in the catalogue" in capsys.readouterr().err
+    assert main(["recommend", "--run", str(run_dir), "--user", "no-such-user"]) == 1
+    assert "user 'no-such-user' has no row" in capsys.readouterr().err
+    assert main(["recommend", "--run", str(run_dir)]) == 1
+    assert "give either --history" in capsys.readouterr().err
+    assert main(["recommend", "--run", str(run_dir.parent / "nowhere"), "--history", "x"]) == 1
+    assert "not a finished run folder" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""``bigrec serve``: a real uvicorn server on a free loopback port, spoken to with httpx."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from bigrec.recommender import Recommender
+from bigrec.serve import Config, create_app
+from run_fixture import TAUGHT, TITLES, tiny_run
+
+CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19
+LIMITS = dict(max_history=12, max_k=15, max_title_length=60)
+
+
+@contextlib.contextmanager
+def serving(rec, **settings):
+    """Run ``create_app(rec)`` under uvicorn in a thread, on a socket bound to a free loopback port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(rec, Config(run=str(rec.run_dir), port=port, **settings))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory):
+    return Recommender.from_run(tiny_run(tmp_path_factory), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(rec):
+    with serving(rec, batch_window_ms=5, max_batch=16, **LIMITS) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+def test_health_and_docs(client, rec):
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["run"]["items"] == len(TITLES) and health["run"]["ci_available"] is True
+    assert {"requests", "batches", "max_batch_size", "mean_batch_size"} <= set(health["stats"])
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = client.get("/openapi.json").json()
+    assert {"/recommend", "/items", "/health"} <= set(schema["paths"])
+    assert client.get("/", follow_redirects=False).headers["location"] == "/docs"
+
+
+def test_recommend_answers(client, rec):
+    (history, answer), (history2, answer2) = TAUGHT
+    response = client.post("/recommend", json={"history": history, "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["generated"] == f'"{answer}"' and body["grounded"] == answer and len(body["beams"]) == 2
+    assert [m["how"] for m in body["history"]] == ["title", "title"]
+    assert [m["id"] for m in body["history"]] == [TITLES.index(t) for t in history]
+    assert len(body["items"]) == 5 and body["items"][0]["id"] == CASINO and body["items"][0]["score"] < 1e-4
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores) and all(i["title"] == TITLES[i["id"]] for i in body["items"])
+    # The same answer as the recommender gives directly (the server is idle between requests here).
+    (direct,) = rec.recommend([history], k=5)
+    assert [(i["id"], i["score"]) for i in body["items"]] == [(i.id, pytest.approx(i.score)) for i in direct.items]
+    # Ids work as well as titles, and the other taught history gets its own answer.
+    by_ids = client.post("/recommend", json={"history": [TITLES.index(t) for t in history2], "k": 3}).json()
+    assert by_ids["generated"] == f'"{answer2}"' and by_ids["items"][0]["id"] == JUMANJI
+    assert [m["how"] for m in by_ids["history"]] == ["id", "id"]
+
+
+def test_recommend_options(client):
+    body = client.post("/recommend", json={"history": ["heet (1995)", "Heat (1995)"], "k": 15,
+                                           "use_ci": True, "exclude_history": True}).json()
+    assert body["use_ci"] is True and len(body["items"]) == 15
+    assert body["history"][0]["how"] == "nearest" and body["history"][0]["distance"] > 0
+    excluded = {HEAT, HEAT_TWIN, body["history"][0]["id"]}
+    assert not excluded & {i["id"] for i in body["items"]}
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"history": []}, "history"),
+    ({"history": [0, 99]}, "history[1]"),
+    ({"history": [-3]}, "history[0]"),
+    ({"history": [True]}, "history[0]"),
+    ({"history": [1.5]}, "history[0]"),
+    ({"history": ["Heat (1995)", ""]}, "history[1]"),
+    ({"history": ["x" * 61]}, "history[0]"),
+    ({"history": list(range(13))}, "history"),
+    ({"history": [0], "k": 0}, "k"),
+    ({"history": [0], "k": 16}, "k"),
+    ({"history": [0], "use_ci": "maybe"}, "use_ci"),
+    ({"history": [0], "extra": 1}, "extra"),
+    ({"k": 3}, "history"),
+    ({"history": "Heat (1995)"}, "history"),
+])
+def test_bad_input_is_422_naming_the_field(client, payload, field):
+    response = client.post("/recommend", json=payload)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["message"].startswith(f"{field}:"), body["message"]
+    assert body["detail"] and all("loc" in d and "msg" in d for d in body["detail"])
+
+
+def test_bad_body_is_422(client):
+    response = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert client.get("/recommend").status_code == 405
+
+
+def test_use_ci_without_sasrec_is_422(rec):
+    bare = Recommender(rec.run_dir, rec.manifest, rec.catalog, rec.items, rec.gen_model, rec.embed_model,
+                       rec.tokenizer, sasrec=None, max_history=rec.max_history)
+    with serving(bare) as base:
+        response = httpx.post(f"{base}/recommend", json={"history": [0], "use_ci": True}, timeout=60)
+        assert response.status_code == 422 and response.json()["message"].startswith("use_ci: this run has no SASRec")
+        assert httpx.post(f"{base}/recommend", json={"history": [0]}, timeout=60).status_code == 200
+
+
+def test_items_search(client):
+    assert client.get("/items", params={"q": "heat"}).json() == {
+        "query": "heat", "items": [{"id": HEAT, "title": "Heat (1995)"}, {"id": HEAT_TWIN, "title": "Heat (1995)"}]}
+    assert [i["id"] for i in client.get("/items", params={"q": "B", "limit": 2}).json()["items"]] == [7, 12]
+    assert client.get("/items", params={"q": "nothing like it"}).json()["items"] == []
+    for params, field in [({}, "q"), ({"q": ""}, "q"), ({"q": "x" * 61}, "q"), ({"q": "a", "limit": 0}, "limit")]:
+        response = client.get("/items", params=params)
+        assert response.status_code == 422 and response.json()["message"].startswith(f"{field}:")
+
+
+def test_concurrent_clients_are_batched(url, client):
+    before = client.get("/health").json()["stats"]
+    clients, per_client = 8, 50
+    cases = [(history, TITLES.index(answer)) for history, answer in TAUGHT]
+
+    def one_client(n: int) -> list[str]:
+        problems = []
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for i in range(per_client):
+                history, expected = cases[(n + i) % len(cases)]
+                r = c.post("/recommend", json={"history": history, "k": 3})
+                if r.status_code != 200:
+                    problems.append(f"client {n} request {i}: {r.status_code} {r.text[:200]}")
+                elif r.json()["items"][0]["id"] != expected:
+                    problems.append(f"client {n} request {i}: top item {r.json()['items'][0]} for {history}")
+        return problems
+
+    with ThreadPoolExecutor(clients) as pool:
+        problems = [p for found in pool.map(one_client, range(clients)) for p in found]
+    assert problems == []
+    after = client.get("/health").json()["stats"]
+    assert after["requests"] - before["requests"] == clients * per_client
+    assert after["failed_batches"] == before["failed_batches"]
+    assert after["max_batch_size"] > 1  # concurrent requests shared generation calls
+    assert after["batches"] - before["batches"] < clients * per_client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_subprocess(tmp_path_factory):
+    """``bigrec serve`` as a user starts it: loopback by default, answers, stops on SIGTERM."""
+    run_dir = tiny_run(tmp_path_factory)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "bigrec", "serve", "--run", str(run_dir), "--port", str(port),
+                             "--log_level", "warning", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "bigrec serve did not come up"
+            time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"history": TAUGHT[0][0], "k": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["items"][0]["id"] == CASINO
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    # uvicorn shuts down cleanly, then re-raises the signal it caught: exit status -SIGTERM.
+    assert proc.returncode in (0, -15), out
+    assert "Traceback" not in out and "ERROR" not in out, out
