@@ -20,13 +20,17 @@ from bigrec.io import read_json
 from bigrec.scores import load_scores
 
 
-def write_prepared(root: Path, sequences: dict[int, list[int]], titles: list[str], max_history: int = 10) -> Path:
-    """A prepared folder: one row per interaction after a user's first, split 80/10/10 by time."""
+def write_prepared(root: Path, sequences: dict[int, list[int]], titles: list[str], max_history: int = 10,
+                   skip: frozenset[int] = frozenset()) -> Path:
+    """A prepared folder: one row per interaction after a user's first (but positions in ``skip``),
+    split 80/10/10 by time."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "id2name.txt").write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(titles)))
     rows = []
     for user, items in sequences.items():
         for k in range(1, len(items)):
+            if k in skip:
+                continue
             hist = items[max(0, k - max_history):k]
             stamps = [j * 1000 + user for j in range(k - len(hist), k)]
             rows.append({"user_id": user, "item_asins": str([f"a{i}" for i in hist]), "item_asin": f"a{items[k]}",
@@ -71,6 +75,17 @@ def test_contexts_extend_the_prepared_history(tmp_path):
             target_at = seqs[user].index(int(part.targets[i])) if user == 0 else None
             if target_at is not None:
                 assert [x for x in long[i].tolist() if x != PAD] == seqs[0][:target_at]
+
+
+def test_items_that_were_no_target_are_spliced_into_the_timeline(tmp_path):
+    seqs = {0: list(range(30)), 1: list(range(29, -1, -1))}
+    data = load_prepared(write_prepared(tmp_path, seqs, [f"T{i}" for i in range(30)], skip=frozenset({4, 13, 14})))
+    assert data.detached == 0
+    for name, part in data.splits.items():
+        ctx = data.contexts(name, 40)
+        for i, user in enumerate(part.user_ids):
+            seq = seqs[user]
+            assert [x for x in ctx[i].tolist() if x != PAD] == seq[:seq.index(int(part.targets[i]))]
 
 
 def test_training_windows_cover_each_train_target_once(tmp_path):
@@ -153,3 +168,4 @@ def test_score_ignores_padding_and_cuts_long_histories():
     scores = model.score([[5, 6, 1, 2], [0, 3, 5, 6, 1, 2], []])
     assert scores.shape == (3, 7) and torch.isfinite(scores).all()
     torch.testing.assert_close(scores[0], scores[1])
+    torch.testing.assert_close(model.score(torch.tensor([[1, 2]])), model.score([[1, 2]]))

@@ -9,9 +9,12 @@ row's prepared history. Nothing after a row's target is ever part of its context
 row the earlier valid and test interactions of the same user are history, as in the prepared
 ``history_item_id`` column itself.
 
-If a row's history does not end the timeline built so far (rows out of order, or a prepared
-file that skipped rows), the row starts a fresh timeline segment from its own history, so its
-context is never wrong, only shorter; such rows are counted in ``Prepared.detached``.
+Items of a row's history that were no earlier row's target (a prepared file that kept only
+some targets, e.g. ``--min_target_rating``) are spliced in where the history overlaps the
+timeline's end. If a row's history does not overlap it at all (rows out of order, or more
+missing items than the history holds), the row starts a fresh timeline segment from its own
+history, so its context is never wrong, only shorter; such rows are counted in
+``Prepared.detached``.
 """
 
 from __future__ import annotations
@@ -101,6 +104,14 @@ def read_split(data_dir: str | Path, name: str) -> Split:
                  targets=torch.tensor(frame["item_id"].to_numpy(dtype=np.int64)))
 
 
+def _overlap(timeline: list[int], history: list[int]) -> int:
+    """Longest k such that the timeline ends with ``history[:k]`` (normally all of it)."""
+    for k in range(min(len(timeline), len(history)), 0, -1):
+        if timeline[len(timeline) - k:] == history[:k]:
+            return k
+    return 0
+
+
 def load_prepared(data_dir: str | Path) -> Prepared:
     """Read the catalogue and the three splits, and rebuild the users' timelines."""
     catalog = read_catalog(Path(data_dir) / "id2name.txt")
@@ -123,9 +134,12 @@ def load_prepared(data_dir: str | Path) -> Prepared:
             seg = current.get(key)
             if seg is not None:
                 timeline = segments[seg]
-                if history and timeline[len(timeline) - len(history):] != history:
+                k = _overlap(timeline, history)
+                if history and not k:
                     detached += 1
                     seg = None
+                else:  # history items that were no row's target (e.g. filtered by rating) join too
+                    timeline.extend(history[k:])
             if seg is None:
                 seg = current[key] = len(segments)
                 segments.append(list(history))

@@ -81,6 +81,9 @@ class SASRec(nn.Module):
 
     def last_hidden(self, seq: torch.Tensor) -> torch.Tensor:
         """State [B, H] after the last position, which predicts the next item."""
+        short = self.config.max_len - seq.shape[1]
+        if short > 0:  # positions count from the left of a full window, as in training
+            seq = F.pad(seq, (short, 0), value=PAD)
         return self.forward(seq[:, -self.config.max_len:])[:, -1]
 
     @torch.no_grad()
