@@ -12,7 +12,6 @@ from bigrec.cli import main
 from bigrec.ground import l2_distances, reweight
 from bigrec.index import IndexMismatchError, embed_texts, load_index
 from bigrec.models import load_model
-from bigrec.recommend import rejoin_titles
 from bigrec.recommender import HistoryError, Query, Recommender
 from bigrec.run_manifest import RunManifest
 from run_fixture import TAUGHT, TITLES, tiny_run
@@ -163,20 +162,20 @@ def test_search(rec):
     assert rec.search("zzz") == [] and rec.search("   ") == []
 
 
-def test_rejoin_comma_split_titles():
-    titles = {t.casefold() for t in TITLES}
-    assert rejoin_titles(["Usual Suspects", "The (1995)", "Heat (1995)"], titles) == \
-        ["Usual Suspects, The (1995)", "Heat (1995)"]
-    assert rejoin_titles(["usual suspects", "the (1995)"], titles) == ["usual suspects, the (1995)"]
-    assert rejoin_titles(["Foo", "Bar", "12"], titles) == ["Foo", "Bar", "12"]
-    assert rejoin_titles([], titles) == []
+def test_history_flag_keeps_commas_and_k_alias():
+    from bigrec.config import parse
+    from bigrec.recommend import Config
+
+    cfg = parse(Config, ["--run", "r", "--history", "Usual Suspects, The (1995)", "--history", "Heat (1995)",
+                         "-k", "3"])
+    assert cfg.history == ["Usual Suspects, The (1995)", "Heat (1995)"] and cfg.k == 3
 
 
 # --- the command --------------------------------------------------------------------------
 
 def test_cli_recommend_by_history(run_dir, capsys):
     rc = main(["recommend", "--run", str(run_dir), "--history", "Toy Story (1995)", "--history",
-               "Usual Suspects, The (1995)", "--history", "Heet (1995)", "--history", "5", "--k", "3"])
+               "Usual Suspects, The (1995)", "--history", "Heet (1995)", "--history", "5", "-k", "3"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()

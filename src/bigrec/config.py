@@ -21,9 +21,14 @@ import yaml
 T = TypeVar("T")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices=None):
-    """A dataclass field with help text (and optional choices) for the command line."""
-    meta = {"help": help, "choices": choices}
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices=None,
+           aliases: tuple[str, ...] = (), split: bool = True):
+    """A dataclass field with help text for the command line.
+
+    ``aliases`` adds flags such as ``-k``; ``split=False`` makes a list option take each
+    flag's value whole (titles contain commas), so only repeating the flag adds items.
+    """
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -111,18 +116,21 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["const"] = True
         if typing.get_origin(base) is list:
             kwargs["action"] = _ListAction
-        parser.add_argument(f"--{f.name}", **kwargs)
+            if not f.metadata.get("split", True):
+                kwargs["type"] = str
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)
 
 
 class _ListAction(argparse.Action):
-    """``--x a --x b``, ``--x a,b`` and ``--x '[a,b]'`` all give ``[a, b]``."""
+    """``--x a --x b``, ``--x a,b`` and ``--x '[a,b]'`` all give ``[a, b]`` (without ``split``,
+    each flag's value is one item)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, self.dest, None)
         if not isinstance(current, list) or getattr(namespace, f"_{self.dest}_fresh", True):
             current = []
             setattr(namespace, f"_{self.dest}_fresh", False)
-        setattr(namespace, self.dest, current + list(values))
+        setattr(namespace, self.dest, current + (list(values) if isinstance(values, list) else [values]))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -146,8 +154,10 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     converted = {}
+    no_split = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("split", True)}
     for key, value in values.items():
-        conv = _converter(hints[key])
+        conv = (lambda v: [str(x) for x in v] if isinstance(v, list | tuple) else [str(v)]) if key in no_split \
+            else _converter(hints[key])
         try:
             converted[key] = value if value is None and _base_type(hints[key])[1] else conv(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigrec.config import ConfigError, option
-from bigrec.prompts import normalize_title
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +27,11 @@ log = logging.getLogger(__name__)
 class Config:
     run: str = option(help="finished run folder (holds run.yaml; written by bigrec demo)")
     history: list[str] = option(help="a history item, oldest first; repeat the flag (title or catalogue id)",
-                                factory=list)
+                                factory=list, split=False)
     user: str | None = option(None, "take this user's latest history from the run's prepared data instead")
     include_target: bool = option(True, "with --user: end the history with the latest row's target (false: "
                                         "use the row's history and show its target as the held-out answer)")
-    k: int = option(10, "how many items to recommend")
+    k: int = option(10, "how many items to recommend", aliases=("-k",))
     use_ci: bool = option(False, "re-weight the distances by the run's SASRec scores (needs ci_gamma in run.yaml)")
     exclude_history: bool = option(False, "leave the history's items out of the recommendations")
     json: bool = option(False, "print the result as JSON")
@@ -71,32 +70,8 @@ def user_history(data_dir: Path, user: str, max_history: int, include_target: bo
     raise ValueError(f"user {user!r} has no row in {data_dir}/{{test,valid,train}}.csv")
 
 
-def rejoin_titles(parts: list[str], titles: set[str], max_parts: int = 6) -> list[str]:
-    """Undo the comma split of list options for catalogue titles ("Usual Suspects, The (1995)").
-
-    List flags split their values on commas (``bigrec.config.parse_list``), so the boundaries
-    between ``--history`` values are lost. The parts are regrouped so that as many parts as
-    possible belong to a group that is a catalogue title (``titles``: normalised and case
-    folded), with the fewest groups among those; other parts stay on their own.
-    """
-    n = len(parts)
-    best: list[tuple[int, int, int]] = [(0, 0, 0)] * (n + 1)  # from part i: (-parts in titles, groups, next i)
-    for i in range(n - 1, -1, -1):
-        options = [(best[i + 1][0], best[i + 1][1] + 1, i + 1)]
-        for j in range(i + 2, min(n, i + max_parts) + 1):
-            if normalize_title(", ".join(parts[i:j])).casefold() in titles:
-                options.append((best[j][0] - (j - i), best[j][1] + 1, j))
-        best[i] = min(options)
-    out, i = [], 0
-    while i < n:
-        out.append(", ".join(parts[i:best[i][2]]))
-        i = best[i][2]
-    return out
-
-
 def parse_history(values: list[str], catalog) -> list[str | int]:
-    """Regroup comma-split titles; digits are a catalogue id unless some title reads that way."""
-    values = rejoin_titles(values, {t.casefold() for t in catalog.titles})
+    """Digits are a catalogue id unless some title reads that way."""
     return [int(v) if v.strip().isdigit() and not catalog.is_title(v) else v for v in values]
 
 
