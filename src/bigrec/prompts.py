@@ -4,6 +4,11 @@ The instruction rows follow the reference BIGRec notebooks word for word, so tha
 trained with the reference scripts see the same prompts. The reference training script ends
 the Alpaca preamble with "request. " and its inference script with "request.  "; here one
 template serves both.
+
+A second template, ``"d3"``, is the prompt of the D3 code ("Decoding Matters", the authors'
+follow-up; its ``code/dataset.py`` with ``K=0``), word for word including its typos, so that
+checkpoints trained with that code (the released ``BIGRec_<Category>_0.5B`` full fine-tunes of
+Qwen2-0.5B) see their training prompt. Its response is the quoted title followed by a newline.
 """
 
 from __future__ import annotations
@@ -95,6 +100,70 @@ def alpaca_prompt(instruction: str, input_text: str = "", output: str = "") -> s
     return f"{ALPACA_PREAMBLE_NO_INPUT}\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}"
 
 
-def prompt_for_row(row: dict, with_output: bool = False) -> str:
-    """Prompt text for an instruction row (the response left empty unless ``with_output``)."""
-    return alpaca_prompt(row["instruction"], row.get("input", ""), row.get("output", "") if with_output else "")
+TEMPLATES = ("alpaca", "d3")
+
+# D3's training script maps the Amazon category file name to the word its prompt uses.
+D3_CATEGORIES: dict[str, str] = {
+    "Office_Products": "office products", "Books": "books", "steam": "games", "STEAM": "games",
+    "CDs_and_Vinyl": "musics", "Toys_and_Games": "toys and games", "Video_Games": "video games",
+    "Musical_Instruments": "music instruments", "Sports_and_Outdoors": "sports and outdoors",
+    "Pet_Supplies": "pet supplies", "Arts_Crafts_and_Sewing": "arts products", "Movies": "movie",
+}
+D3_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n\n### Instruction:\n"
+)
+
+
+def d3_category(category: str) -> str:
+    """The word D3's prompt uses for a category: its own table, else the name in lower case."""
+    return D3_CATEGORIES.get(category) or category.replace("_", " ").strip().lower()
+
+
+def d3_prompt(category: str, history_titles: list[str] | str, output: str = "") -> str:
+    """The D3 prompt (``K=0``); ``category`` is the word (see :func:`d3_category`).
+
+    ``history_titles`` is a list of titles or the already joined ``"A", "B"`` text. D3 tokenises
+    the part up to the instruction and the rest separately; for byte-level BPE tokenizers the
+    joined text tokenises identically at that boundary (a newline before ``###``).
+    """
+    history = history_titles if isinstance(history_titles, str) else ", ".join(quote(t) for t in history_titles)
+    instruction = (f"Given a list of {category} the user recetenly enjoy, "
+                   f"please write a new {category} that the user may bought")
+    user_input = f"The user has palyed the following {category}s before: {history}"
+    return f"{D3_PREAMBLE}{instruction}\n### User Input: \n{user_input}\n\n### Response: \n{output}"
+
+
+def response_text(output: str, template: str = "alpaca") -> str:
+    """The response a model was trained on for a quoted title (D3 adds a newline); EOS follows it."""
+    if template == "d3":
+        return f"{output}\n"
+    if template == "alpaca":
+        return output
+    raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+
+
+def _history_text(row: dict) -> str:
+    """The joined quoted history of a bigrec instruction row (the text after "before:")."""
+    _, sep, tail = str(row.get("input", "")).partition(" before:")
+    if not sep:
+        raise ValueError(f"row input {str(row.get('input', ''))[:80]!r} does not hold a '... before:' history")
+    return tail.strip()
+
+
+def prompt_for_row(row: dict, with_output: bool = False, template: str = "alpaca",
+                   category: str | None = None) -> str:
+    """Prompt text for an instruction row (the response left empty unless ``with_output``).
+
+    ``template="d3"`` needs the D3 category word: ``category`` or the row's ``"category"``.
+    """
+    if template == "alpaca":
+        return alpaca_prompt(row["instruction"], row.get("input", ""), row.get("output", "") if with_output else "")
+    if template == "d3":
+        word = category or row.get("category")
+        if not word:
+            raise ValueError("the d3 prompt template needs a category word (e.g. 'video games'); "
+                             "pass --category or use d3_category('Video_Games')")
+        output = response_text(row.get("output", ""), "d3") if with_output else ""
+        return d3_prompt(word, _history_text(row), output)
+    raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
