@@ -140,8 +140,8 @@ def test_reweighting_with_popularity_and_ci(data, tiny_model_dir):
     assert tuned["HR"][TOPK.index(3)] == pytest.approx(5 / 6)
     assert all(t >= p - 1e-12 for t, p in zip(tuned["HR"], plain["HR"], strict=True))
     details = json.loads((data / "out" / "metrics.details.json").read_text())["files"]["test.json"]
-    assert details["ci_scores"].endswith("test.safetensors")
-    assert details["valid_ci_scores"].endswith("valid.safetensors")
+    assert details["CI"]["ci_scores"].endswith("test.safetensors")
+    assert details["CI"]["valid_ci_scores"].endswith("valid.safetensors")
     index = next((data / "out").glob("index.*.safetensors"))
     popularity = torch.tensor([0, 3, 1, 1, 0, 2, 0, 0, 0], dtype=torch.float64)
     ci = load_scores(scores / "test.safetensors").scores

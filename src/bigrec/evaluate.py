@@ -122,6 +122,7 @@ class Embedder:
     def __init__(self, model, tokenizer, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.cache: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0  # spent embedding, for the timing log
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), D]; empty texts get zero rows (the caller makes them misses)."""
@@ -129,8 +130,10 @@ class Embedder:
 
         new = sorted({t for t in texts if t and t not in self.cache})
         if new:
+            start = time.perf_counter()
             for text, vec in zip(new, embed_texts(self.model, self.tokenizer, new, self.batch_size), strict=True):
                 self.cache[text] = vec
+            self.seconds += time.perf_counter() - start
         dim = self.model.config.hidden_size
         return torch.stack([self.cache[t] if t else torch.zeros(dim) for t in texts])
 
@@ -228,6 +231,36 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text).rstrip("/")).name) or "model"
 
 
+def _rows(x: list, keep: torch.Tensor) -> list:
+    return [v for v, k in zip(x, keep.tolist(), strict=True) if k]
+
+
+def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, targets: list[list[int]],
+               valid_dist: torch.Tensor, valid_empty: torch.Tensor, valid_scores: torch.Tensor,
+               valid_targets: list[list[int]]) -> dict:
+    """Gamma searched on validation, applied to test; empty generations stay misses.
+
+    Returns :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics.
+    """
+    keep, valid_keep = ~empty, ~valid_empty
+    if not valid_keep.any():
+        raise ValueError("every top generation of the validation results is empty; cannot choose gamma")
+    search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
+                          TOPK, GAMMA_GRID)
+    if keep.any():
+        out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search)
+    else:
+        zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
+        out = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
+                                                           "HR": [search.hr_gamma[k] for k in TOPK],
+                                                           "single": search.single_gamma}}
+    share, valid_share = int(keep.sum()) / len(keep), int(valid_keep.sum()) / len(valid_keep)
+    return {"tuned": _scaled(out["tuned"], share), "single": _scaled(out["single"], share),
+            "gammas": out["gammas"], "single_k": search.single_k,
+            "valid_tuned": _scaled(search.valid_tuned, valid_share),
+            "valid_single": _scaled(search.valid_single, valid_share)}
+
+
 def run(config: Config) -> dict:
     from bigrec.index import ensure_index
     from bigrec.models import load_model
@@ -236,71 +269,56 @@ def run(config: Config) -> dict:
     output = Path(config.output)
     details_path = output.with_name(output.stem + ".details.json")
     catalog = read_catalog(config.catalog)
+    n = len(catalog)
     tests = [read_results(p, catalog) for p in result_files(config.input_dir, {output, details_path})]
-    reweighting = {}
-    if config.popularity:
-        reweighting["popularity"] = popularity_scores(config.popularity, len(catalog))
-    if config.ci_scores:
-        reweighting["CI"] = None  # per file, aligned below
-    valids: list[Results] = []
-    if reweighting:
+    # (test scores, valid scores, where from) per kind and test file; read before the slow part
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, dict]]] = {}
+    if config.popularity or config.ci_scores:
         valids = [read_results(p, catalog) for p in result_files(config.valid_input_dir)]
-    pairs = {t.name: pair_valid(t, valids) for t in tests} if reweighting else {}
-    ci = {}
-    if config.ci_scores:  # align before the expensive part, so a mismatch fails fast
+        pairs = {t.name: pair_valid(t, valids) for t in tests}
+    if config.popularity:
+        pop = popularity_scores(config.popularity, n)
+        weights["popularity"] = {t.name: (pop, pop, {"train_csv": config.popularity}) for t in tests}
+    if config.ci_scores:
         spec = Path(config.ci_scores)
         valid_spec = Path(config.valid_ci_scores) if config.valid_ci_scores else (spec.parent if spec.is_file() else spec)
+        weights["CI"] = {}
         for t in tests:
-            ci[t.name] = (ci_matrix(spec, t, "test", len(catalog)), ci_matrix(valid_spec, pairs[t.name], "valid", len(catalog)))
+            (scores, src), (valid_scores, valid_src) = ci_matrix(spec, t, "test", n), ci_matrix(
+                valid_spec, pairs[t.name], "valid", n)
+            weights["CI"][t.name] = (scores, valid_scores, {"ci_scores": str(src), "valid_ci_scores": str(valid_src)})
 
     model, tokenizer = load_model(config.base_model, config.precision)
-    index_path = Path(config.index_path) if config.index_path else output.parent / f"index.{_slug(config.base_model)}.safetensors"
+    index_path = Path(config.index_path or output.parent / f"index.{_slug(config.base_model)}.safetensors")
     items = ensure_index(config.base_model, catalog.path, index_path, config.precision, model=model,
                          tokenizer=tokenizer, batch_size=config.batch_size)
     embed = Embedder(model, tokenizer, config.batch_size)
     runs: dict[str, dict] = {}
     details: dict = {"topk": list(TOPK), "index": str(index_path), "catalog": str(catalog.path),
-                     "num_items": len(catalog), "all_beams": config.all_beams, "files": {}}
+                     "num_items": n, "all_beams": config.all_beams, "files": {}}
     for test in tests:
-        start = time.perf_counter()
+        start, embedded = time.perf_counter(), embed.seconds
         dist, ranks, empty = ground(test.top1, test.targets, items, embed)  # [R, N], [R], [R]
         if config.all_beams:
-            width = max(len(b) for b in test.beams)
-            for k in range(1, width):
+            for k in range(1, max(len(b) for b in test.beams)):
                 texts = [b[min(k, len(b) - 1)] for b in test.beams]
                 ranks = torch.minimum(ranks, ground(texts, test.targets, items, embed)[1])
         runs[test.name] = ndcg_hr(ranks, TOPK)
-        info = {"diagnostics": diagnostics(test, catalog)}
-        log.info("%s: %d rows grounded in %.1fs", test.name, len(test.rows), time.perf_counter() - start)
-        if reweighting:
+        info: dict = {"diagnostics": diagnostics(test, catalog)}
+        log.info("%s: %d rows grounded in %.1fs (%.1fs embedding; %d distinct texts so far)", test.name,
+                 len(test.rows), time.perf_counter() - start, embed.seconds - embedded, len(embed.cache))
+        if weights:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
             valid_dist, _, valid_empty = ground(valid.top1, valid.targets, items, embed)
-            keep, valid_keep = ~empty, ~valid_empty
-            if not valid_keep.any():
-                raise ValueError(f"{valid.path}: every top generation is empty; cannot choose gamma")
-            for kind, pop in reweighting.items():
-                if kind == "CI":
-                    (scores, src), (valid_scores, valid_src) = ci[test.name]
-                    info["ci_scores"], info["valid_ci_scores"] = str(src), str(valid_src)
-                else:
-                    scores = valid_scores = pop
-                search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep),
-                                      [t for t, k in zip(valid.targets, valid_keep.tolist(), strict=True) if k],
-                                      TOPK, GAMMA_GRID)
-                share = int(keep.sum()) / len(keep)
-                if keep.any():
-                    applied = apply_gamma(dist[keep], _keep(scores, keep),
-                                          [t for t, k in zip(test.targets, keep.tolist(), strict=True) if k], search)
-                else:
-                    zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
-                    applied = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
-                               "HR": [search.hr_gamma[k] for k in TOPK], "single": search.single_gamma}}
-                runs[f"{test.name} +{kind} (gamma per metric@K)"] = _scaled(applied["tuned"], share)
-                runs[f"{test.name} +{kind} (gamma by NDCG@{search.single_k})"] = _scaled(applied["single"], share)
-                valid_share = int(valid_keep.sum()) / len(valid_keep)
-                info[kind] = {"gammas": applied["gammas"], "valid_tuned": _scaled(search.valid_tuned, valid_share),
-                              "valid_single": _scaled(search.valid_single, valid_share)}
+        for kind, per_file in weights.items():
+            start = time.perf_counter()
+            scores, valid_scores, sources = per_file[test.name]
+            out = reweighted(dist, empty, scores, test.targets, valid_dist, valid_empty, valid_scores, valid.targets)
+            runs[f"{test.name} +{kind} (gamma per metric@K)"] = out.pop("tuned")
+            runs[f"{test.name} +{kind} (gamma by NDCG@{out['single_k']})"] = out.pop("single")
+            info[kind] = {**sources, **out}
+            log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
         details["files"][test.name] = info
 
     metrics = metrics_json(runs, TOPK)
@@ -316,4 +334,3 @@ def run(config: Config) -> dict:
                  100 * d["distinct_top1_share"], 100 * d["exact_title_top1_share"], d["empty_top1"],
                  ", ".join(f"{t!r} x{c}" for t, c in d["most_frequent_top1"][:3]))
     return metrics
-
