@@ -117,11 +117,15 @@ def read_results(path: Path, catalog: Catalog) -> Results:
 
 
 class Embedder:
-    """Embeds generations, each distinct text once (generations repeat a lot)."""
+    """Embeds generations, each distinct text once (generations repeat a lot).
 
-    def __init__(self, model, tokenizer, batch_size: int):
+    A generation that is exactly a catalogue title takes that title's row of the index: the
+    same text through the same model, so the same vector up to rounding, at no cost.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int, known: dict[str, torch.Tensor] | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, torch.Tensor] = dict(known or {})
         self.seconds = 0.0  # spent embedding, for the timing log
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -292,7 +296,8 @@ def run(config: Config) -> dict:
     index_path = Path(config.index_path or output.parent / f"index.{_slug(config.base_model)}.safetensors")
     items = ensure_index(config.base_model, catalog.path, index_path, config.precision, model=model,
                          tokenizer=tokenizer, batch_size=config.batch_size)
-    embed = Embedder(model, tokenizer, config.batch_size)
+    embed = Embedder(model, tokenizer, config.batch_size,
+                     known={title: items[ids[0]] for title, ids in catalog.ids_by_title.items()})
     runs: dict[str, dict] = {}
     details: dict = {"topk": list(TOPK), "index": str(index_path), "catalog": str(catalog.path),
                      "num_items": n, "all_beams": config.all_beams, "files": {}}
@@ -305,8 +310,8 @@ def run(config: Config) -> dict:
                 ranks = torch.minimum(ranks, ground(texts, test.targets, items, embed)[1])
         runs[test.name] = ndcg_hr(ranks, TOPK)
         info: dict = {"diagnostics": diagnostics(test, catalog)}
-        log.info("%s: %d rows grounded in %.1fs (%.1fs embedding; %d distinct texts so far)", test.name,
-                 len(test.rows), time.perf_counter() - start, embed.seconds - embedded, len(embed.cache))
+        log.info("%s: %d rows grounded in %.1fs (%.1fs embedding generations that are not titles)", test.name,
+                 len(test.rows), time.perf_counter() - start, embed.seconds - embedded)
         if weights:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
