@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ def _callbacks():
 
         def __init__(self, path: str, info: dict[str, Any]):
             self.path, self.info = path, info
+            self.started = time.time()
 
         def _write(self, record: dict[str, Any]) -> None:
             with open(self.path, "a", encoding="utf-8") as fh:
@@ -142,7 +144,8 @@ def _callbacks():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs})
+                self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                             "elapsed_s": round(time.time() - self.started, 3), **logs})
 
     class KeepBest(TrainerCallback, ExportableState):
         """Early stopping on validation loss that saves the best model as it goes (to ``best_dir``).
