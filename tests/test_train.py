@@ -89,8 +89,9 @@ def test_sample_and_concatenation_reproducible(tmp_path):
     assert a == b and a != c
     assert [s["used"] for s in sel_a] == [5, 5] and [s["rows"] for s in sel_a] == [30, 20]
     assert all("movies" in r["instruction"] for r in a[:5]) and all("video games" in r["instruction"] for r in a[5:])
-    everything, _ = load_rows([movies, games], sample=-1, seed=7)
-    assert len(everything) == 50
+    assert [s["indices"] for s in sel_a] == [sorted(s["indices"]) for s in sel_a] and len(sel_a[0]["indices"]) == 5
+    everything, sel_all = load_rows([movies, games], sample=-1, seed=7)
+    assert len(everything) == 50 and [s["indices"] for s in sel_all] == ["all", "all"]
     assert len(load_rows([movies], sample=100, seed=0)[0]) == 30
 
 

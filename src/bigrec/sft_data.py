@@ -50,7 +50,9 @@ def load_rows(paths: list[str], sample: int = -1, seed: int = 0) -> tuple[list[d
         file_rows = read_rows(path)
         picked = sample_indices(len(file_rows), sample, seed)
         rows.extend(file_rows[i] for i in picked)
-        selection.append({"path": str(path), "rows": len(file_rows), "used": len(picked), "indices": picked})
+        # Indices only when sampled: a full file needs none (and would bloat config.yaml).
+        indices = picked if len(picked) < len(file_rows) else "all"
+        selection.append({"path": str(path), "rows": len(file_rows), "used": len(picked), "indices": indices})
     return rows, selection
 
 
