@@ -98,12 +98,19 @@ class TitleEndCriteria(StoppingCriteria):
 
 
 def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int) -> torch.Tensor:
-    """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first."""
+    """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first.
+
+    The prompts are encoded once and their KV cache repeated for the beams (transformers
+    would copy each prompt ``num_beams`` times before the prefill, which dominates on a CPU).
+    """
+    from bigrec.decoding import prompt_cache
+
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
     with torch.inference_mode():
+        extra = {"cache": prompt_cache(model, enc, num_beams)} if prompt_len > 1 else {}
         out = model.generate(
-            **enc, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+            **enc, **extra, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)]))
     return out[:, prompt_len:].cpu()

@@ -128,8 +128,14 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve_dtype(precision: str, device: str | torch.device | None = None) -> torch.dtype:
-    """``auto``: bf16 where the hardware computes it natively (CUDA, AVX-512 BF16/AMX CPUs), else fp32."""
+def resolve_dtype(precision: str, device: str | torch.device | None = None, training: bool = False) -> torch.dtype:
+    """``auto``: bf16 on CUDA with bf16; on a CPU, bf16 autocast for training where the CPU has
+    native bf16 (AVX-512 BF16/AMX) and fp32 for inference.
+
+    Measured on a 2-core AVX-512 BF16 CPU with torch 2.13 (SmolLM2-135M): a LoRA step of 16
+    examples took 6.5 s in bf16 and 10 s in fp32, but 4-beam generation of 8 rows took 13 s in
+    bf16 weights and 5.5 s in fp32, and embedding titles was also faster in fp32.
+    """
     precision = (precision or "auto").lower()
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -141,7 +147,7 @@ def resolve_dtype(precision: str, device: str | torch.device | None = None) -> t
     if kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if kind == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if training and cpu_has_bf16() else torch.float32
     return torch.float32
 
 

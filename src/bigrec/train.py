@@ -214,7 +214,7 @@ def use_cuda() -> bool:
 def build_model(config: Config, base: str, adapter: str | None):
     """The model to train: base (+ a new or given LoRA adapter), fp32 master weights on a CPU."""
     on_cuda = use_cuda()
-    compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu")
+    compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", training=True)
     # A frozen base may sit in the compute dtype on a GPU; trained weights stay fp32 (autocast).
     weights = compute if (config.lora and on_cuda) else torch.float32
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weights]
