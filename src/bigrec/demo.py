@@ -35,7 +35,7 @@ class Config:
     source: str | None = option(None, "local copy of the dataset (see `bigrec prepare --source`)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or the bundled 'smollm2-135m'")
     sample: int = option(1024, "training examples drawn from train.json (the paper's few-shot setting)")
-    num_epochs: int = option(4, "training epochs (early stopping on validation loss may end sooner)")
+    num_epochs: int = option(1, "training epochs (64 steps each at batch 16; early stopping may end sooner)")
     batch_size: int = option(16, "examples per optimizer step (the reference's 128 gives 8 steps on 1,024)")
     micro_batch_size: int = option(8, "examples per forward pass")
     learning_rate: float = option(5e-4, "peak learning rate (LoRA on a 135M model learns slowly at 1e-4)")
@@ -48,7 +48,7 @@ class Config:
     gen_batch_size: int = option(8, "rows per generate call")
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
-    sasrec_epochs: int = option(200, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
+    sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
 
 
