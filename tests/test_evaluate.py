@@ -190,3 +190,111 @@ def test_bad_input(data, tiny_model_dir, capsys, case, message):
     assert re.search(message, capsys.readouterr().err)
     assert not (data / "out").exists() or not list((data / "out").iterdir())  # nothing half-written
 
+
+
+# Constrained decoding: (target id, item ids of each beam); the beams' texts are their titles.
+CTEST = [(4, [[1, 6], [4]]), (1, [[1, 6], [3]]), (0, [[2], [7]]), (8, [[5], [8]])]
+CVALID = [(3, [[3], [0]]), (7, [[0], [2]]), (0, [[1, 6], [5]]), (5, [[4], [5]])]
+
+
+def constrained_rows(cases):
+    rows = rows_for([(t, [f'"{TITLES[ids[0]]}"' for ids in beams]) for t, beams in cases])
+    for row, (_, beams) in zip(rows, cases, strict=True):
+        row["predict_ids"] = beams
+        row["predict_scores"] = [-1.0 - i for i in range(len(beams))]
+    return rows
+
+
+@pytest.fixture
+def cdata(data):
+    for folder, cases in (("cresults", CTEST), ("cvalid", CVALID)):
+        (data / folder).mkdir()
+        write(data / folder / f"{folder}.json", constrained_rows(cases))
+    return data
+
+
+def expected_constrained_ranks(index_path, cases, scores=None, gamma=None):
+    """Brute force: distances to the top beam's title (its index row), re-weighted, beams first."""
+    from bigrec.decoding import rank_with_beams
+    from bigrec.ground import l2_distances, reweight
+    from bigrec.metrics import target_id_lists, target_ranks
+
+    items = load_index(index_path)[0]
+    dist = l2_distances(items[[beams[0][0] for _, beams in cases]], items)
+    if scores is not None:
+        dist = reweight(dist, scores, gamma)
+    first = [[i for ids in beams for i in ids] for _, beams in cases]
+    targets = target_id_lists([t for t, _ in cases], TITLES)
+    return target_ranks(rank_with_beams(first, dist), targets)
+
+
+def test_constrained_results_rank_their_beams_first(cdata, tiny_model_dir):
+    out = cdata / "out"
+    assert main(args(cdata, tiny_model_dir, "--input_dir", str(cdata / "cresults"))) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["cresults.json"]
+    index = next(out.glob("index.*.safetensors"))
+    ranks = expected_constrained_ranks(index, CTEST)
+    # By hand: row 0 ranks Heat's two ids, then its target (beam 2); row 1's target is beam 1; row 3's is beam 2.
+    assert ranks[[0, 1, 3]].tolist() == [2, 0, 1]
+    assert ranks[2] >= 2  # two beam items ahead of a target no beam named
+    from bigrec.metrics import ndcg_hr
+
+    expected = ndcg_hr(ranks, TOPK)
+    for key in ("NDCG", "HR"):
+        assert metrics[key] == pytest.approx(expected[key])
+    assert metrics["HR"][0] == pytest.approx(1 / 4) and metrics["HR"][TOPK.index(3)] >= 3 / 4
+    details = json.loads((out / "metrics.details.json").read_text())["files"]["cresults.json"]
+    assert details["diagnostics"]["decoding"] == "constrained"
+    assert details["diagnostics"]["exact_title_top1_share"] == 1.0
+
+    # --all_beams changes nothing for rows that already rank every beam
+    assert main(args(cdata, tiny_model_dir, "--input_dir", str(cdata / "cresults"), "--all_beams",
+                     "--output", str(out / "beams.json"))) == 0
+    assert json.loads((out / "beams.json").read_text())["cresults.json"] == metrics
+
+
+def test_constrained_results_with_reweighting(cdata, tiny_model_dir):
+    (cdata / "train.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in
+                                                                    enumerate([1, 1, 1, 2, 3, 5, 5, 0])))
+    scores = cdata / "scores"
+    for split, cases in (("test", CTEST), ("valid", CVALID)):  # a perfect CI model: one-hot on the target
+        onehot = torch.zeros(len(cases), len(TITLES))
+        onehot[torch.arange(len(cases)), torch.tensor([t for t, _ in cases])] = 1
+        save_scores(scores / f"{split}.safetensors", onehot, range(len(cases)), [t for t, _ in cases],
+                    [100 + i for i in range(len(cases))], split)
+    metrics = run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"),
+                         input_dir=str(cdata / "cresults"), valid_input_dir=str(cdata / "cvalid"),
+                         popularity=str(cdata / "train.csv"), ci_scores=str(scores),
+                         output=str(cdata / "out" / "metrics.json"), precision="fp32"))
+    from bigrec.metrics import ndcg_hr
+
+    details = json.loads((cdata / "out" / "metrics.details.json").read_text())["files"]["cresults.json"]
+    index = next((cdata / "out").glob("index.*.safetensors"))
+    popularity = torch.tensor([1, 3, 1, 1, 0, 2, 0, 0, 0], dtype=torch.float64)
+    ci = load_scores(scores / "test.safetensors").scores
+    for kind, weights in (("CI", ci), ("popularity", popularity)):
+        gammas = details[kind]["gammas"]
+        single = expected_constrained_ranks(index, CTEST, weights.double(), gammas["single"])
+        got, expected = metrics[f"cresults.json +{kind} (gamma by NDCG@10)"], ndcg_hr(single, TOPK)
+        for key in ("NDCG", "HR"):
+            assert got[key] == pytest.approx(expected[key])
+        tuned = metrics[f"cresults.json +{kind} (gamma per metric@K)"]
+        for j in range(len(TOPK)):
+            for key in ("NDCG", "HR"):
+                ranks = expected_constrained_ranks(index, CTEST, weights.double(), gammas[key][j])
+                assert tuned[key][j] == pytest.approx(ndcg_hr(ranks, TOPK)[key][j])
+    # with a perfect CI score, a target no beam named comes right after the beams: row 2 at rank 2
+    assert metrics["cresults.json +CI (gamma per metric@K)"]["HR"][TOPK.index(3)] == 1.0
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[1]], "must be a list of 2 non-empty lists"),
+    ([[1], []], "must be a list of 2 non-empty lists"),
+    ([[1], [99]], "outside the catalogue"),
+])
+def test_bad_predict_ids(cdata, tiny_model_dir, capsys, ids, message):
+    rows = constrained_rows(CTEST)
+    rows[1]["predict_ids"] = ids
+    write(cdata / "cresults" / "cresults.json", rows)
+    assert main(args(cdata, tiny_model_dir, "--input_dir", str(cdata / "cresults"))) == 1
+    assert re.search(rf"cresults.json, row 1: .*{message}", capsys.readouterr().err)

@@ -191,3 +191,141 @@ def test_accelerate_two_processes_match_one(taught_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(multi.read_text()) == json.loads(Path(single.result_json_data).read_text())
     assert generate.progress_files(multi) == []
+
+
+# --- constrained decoding --------------------------------------------------------------------
+
+CATALOG = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)",
+           "Sabrina (1995)", "Casino (1995)", "Mortal Kombat (1995)"]  # ids 2 and 6 share a title
+
+
+def write_catalog(folder: Path) -> Path:
+    path = folder / "id2name.txt"
+    path.write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(CATALOG)))
+    return path
+
+
+def check_constrained(out: list[dict], beams: int) -> None:
+    for row in out:
+        assert len(row["predict"]) == len(row["predict_ids"]) == len(row["predict_scores"]) == beams
+        assert row["predict_scores"] == sorted(row["predict_scores"], reverse=True)
+        for text, ids in zip(row["predict"], row["predict_ids"], strict=True):
+            title = text[1:-1]
+            assert text == f'"{title}"' and title in CATALOG  # every beam is a quoted catalogue title
+            assert ids == [i for i, t in enumerate(CATALOG) if t == title]
+
+
+def test_constrained_run_writes_titles_and_ids_and_resumes(taught_dir, tmp_path, monkeypatch):
+    rows = case_rows(repeat=2)
+    write_rows(tmp_path / "test.json", rows)
+    write_catalog(tmp_path)  # found beside the rows by default
+    cfg = config(tmp_path, taught_dir, decoding="constrained")
+    real = generate.ConstrainedDecoder.__call__
+    calls: list[int] = []
+
+    def interrupted(self, batch_rows, prompts):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(prompts))
+        return real(self, batch_rows, prompts)
+
+    monkeypatch.setattr(generate.ConstrainedDecoder, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg)
+    result = Path(cfg.result_json_data)
+    [progress] = generate.progress_files(result)
+    assert all("predict_ids" in json.loads(line) for line in progress.read_text().splitlines()[1:])
+    with pytest.raises(ValueError, match=r"other settings \(.*decoding"):  # free rows do not mix in
+        generate.run(config(tmp_path, taught_dir))
+
+    generated: list[str] = []
+
+    def counting(self, batch_rows, prompts):
+        generated.extend(prompts)
+        return real(self, batch_rows, prompts)
+
+    monkeypatch.setattr(generate.ConstrainedDecoder, "__call__", counting)
+    generate.run(cfg)
+    assert len(generated) == len(rows) - 2  # the finished rows were not generated again
+    out = json.loads(result.read_text())
+    assert [{k: v for k, v in r.items() if not k.startswith("predict")} for r in out] == rows
+    check_constrained(out, 3)
+    # the taught answers are among the beams (the model was taught to drift on rather than end, so its
+    # end-of-sequence probabilities, which the trie forces, blur the order)
+    assert all(f'"{t}"' in r["predict"] for r, (_, t) in zip(out, CASES * 2, strict=True))
+    assert generate.progress_files(result) == []
+
+    # the same rows in one go: resuming changed nothing
+    generate.run(config(tmp_path, taught_dir, decoding="constrained", result_json_data=str(tmp_path / "once.json")))
+    assert json.loads((tmp_path / "once.json").read_text()) == out
+
+
+def test_constrained_run_with_cf_guidance(taught_dir, tmp_path):
+    from bigrec.scores import save_scores
+
+    rows = [{**r, "item_id": CATALOG.index(t)} for r, (_, t) in zip(case_rows(), CASES, strict=True)]
+    write_rows(tmp_path / "test.json", rows)
+    (tmp_path / "data").mkdir()
+    catalog = write_catalog(tmp_path / "data")  # not beside the rows: given by --catalog
+    cf = torch.zeros(len(rows), len(CATALOG))
+    cf[:, 7] = 30.0  # the CF model is sure of "Mortal Kombat", which the model was never taught
+    save_scores(tmp_path / "cf.safetensors", cf, [r["row"] for r in rows], [r["item_id"] for r in rows],
+                [r["user_id"] for r in rows], "test")
+    cfg = config(tmp_path, taught_dir, decoding="constrained", catalog=str(catalog),
+                 cf_scores=str(tmp_path / "cf.safetensors"), cf_weight=50.0, length_correction=True)
+    out = json.loads(generate.run(cfg).read_text())
+    check_constrained(out, 3)
+    assert all(r["predict_ids"][0] == [7] for r in out)
+
+
+def test_constrained_run_with_the_d3_template(tiny_qwen_dir, tmp_path):
+    write_rows(tmp_path / "test.json", case_rows())
+    write_catalog(tmp_path)
+    cfg = config(tmp_path, tiny_qwen_dir, decoding="constrained", prompt_template="d3", category="movies",
+                 num_beams=4)
+    out = json.loads(generate.run(cfg).read_text())
+    check_constrained(out, 4)  # D3's response ends in a newline; predict holds the quoted title
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--decoding", "beam"], 2, "invalid choice: 'beam'"),
+    (["--prompt_template", "chatml"], 2, "invalid choice: 'chatml'"),
+    (["--cf_scores", "x.safetensors"], 1, "only apply to --decoding constrained"),
+    (["--decoding", "constrained", "--cf_weight", "1"], 1, "--cf_weight needs --cf_scores"),
+    (["--prompt_template", "d3"], 1, "needs a category word"),
+    (["--decoding", "constrained", "--catalog", "nowhere.txt"], 1, "catalogue not found"),
+])
+def test_cli_errors(tmp_path, tiny_model_dir, capsys, argv, code, message):
+    from bigrec.cli import main
+
+    write_rows(tmp_path / "test.json", case_rows())
+    base = ["generate", "--base_model", tiny_model_dir, "--test_data_path", str(tmp_path / "test.json"),
+            "--result_json_data", str(tmp_path / "out.json")]
+    try:
+        rc = main(base + argv)
+    except SystemExit as exc:  # argparse refuses a value outside the choices
+        rc = exc.code
+    assert rc == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_config_file_values_are_checked_too(tmp_path):
+    with pytest.raises(ValueError, match="--prompt_template must be one of alpaca, d3"):
+        config(tmp_path, "x", prompt_template="chatml")
+    with pytest.raises(ValueError, match="--decoding must be one of free, constrained"):
+        config(tmp_path, "x", decoding="greedy")
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run([sys.executable, "-m", "bigrec", "generate", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    import dataclasses
+
+    for field in dataclasses.fields(Config):
+        assert f"--{field.name}" in text
+    for phrase in ("free beam search", "constrained to catalogue titles", "{free,constrained}", "{alpaca,d3}",
+                   "length correction", "text-free assistant"):
+        assert phrase in text

@@ -128,3 +128,29 @@ def test_search_and_apply_agree_on_same_rows():
     j = out["topk"].index(10)
     assert s.valid_tuned["NDCG"][j] == max(row[j] for row in s.valid_grid["NDCG"])
     assert all(isinstance(v, float) for v in out["tuned"]["NDCG"] + out["single"]["HR"])
+
+
+def test_grid_ranks_with_leading_items_match_rank_with_beams_brute_force():
+    """Constrained beams first in beam order, the rest re-weighted: the same ranks as the brute force."""
+    from bigrec.decoding import rank_with_beams
+
+    gen = torch.Generator().manual_seed(3)
+    rows, items = 30, 25
+    dist = torch.rand(rows, items, generator=gen, dtype=torch.float64)
+    picks = torch.randint(items, (rows, 8), generator=gen).tolist()
+    for multi in (False, True):  # one target id, or two sharing a title
+        targets = [sorted({p[0], p[1]}) if multi and r % 2 else [p[0]] for r, p in enumerate(picks)]
+        # beams: some name the target (row r % 3 == 0), some not, one row has none
+        first = [([p[0]] if r % 3 == 0 else []) + p[2:2 + r % 5] for r, p in enumerate(picks)]
+        for scores in (torch.rand(rows, items, generator=gen, dtype=torch.float64),
+                       torch.rand(items, generator=gen, dtype=torch.float64)):
+            gammas = [0.01, 0.3, 1.0, 4.0, 60.0]
+            got = grid_ranks(dist, scores, targets, gammas, first)
+            for g, ranks in zip(gammas, got, strict=True):
+                assert torch.equal(ranks, target_ranks(rank_with_beams(first, reweight(dist, scores, g)), targets))
+    # a target among the beams keeps its place at every gamma
+    assert grid_ranks(DIST, SCORES, TARGETS, [0.1, 50.0], [[3, 2], [1]]).tolist() == [[1, 0], [1, 0]]
+    with pytest.raises(ValueError, match="leading item ids"):
+        grid_ranks(DIST, SCORES, TARGETS, [0.1], [[4], []])
+    with pytest.raises(ValueError, match="1 rows of leading items"):
+        grid_ranks(DIST, SCORES, TARGETS, [0.1], [[1]])

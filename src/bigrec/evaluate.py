@@ -5,6 +5,11 @@ Each row's top generation is embedded by the base model like the catalogue title
 over the whole catalogue. With ``--popularity`` or ``--ci_scores`` the distances are also
 re-weighted by ``d * (1 + s) ** (-gamma)``, gamma chosen on the validation results.
 
+Rows of constrained decoding (``bigrec generate --decoding constrained``) carry
+``predict_ids``: their beams' items are ranked first, in beam order, and the rest of the
+catalogue follows by the distance to the top beam (:func:`bigrec.decoding.rank_with_beams`);
+re-weighting then orders only that rest. ``--all_beams`` leaves such rows as they are.
+
 Outputs, all written at the end (atomically, nothing half-written on an error):
 ``OUTPUT`` (the reference metrics JSON plus ``"topk"``; re-weighted runs under clearly named
 keys), ``OUTPUT.details.json`` (gammas, validation metrics, diagnostics, counts),
@@ -71,6 +76,14 @@ class Results:
     rows: list[dict]
     targets: list[list[int]]  # per row, every catalogue id with the target's title
     beams: list[list[str]]
+    first: list[list[int]] | None = None  # per row, its beams' item ids in beam order ([] without predict_ids)
+    has_ids: list[bool] | None = None  # per row: did it carry predict_ids
+
+    @property
+    def decoding(self) -> str:
+        """constrained (every row has predict_ids), free (none has) or mixed."""
+        ids = sum(self.has_ids or [])
+        return "constrained" if ids == len(self.rows) else "free" if ids == 0 else "mixed"
 
     @property
     def name(self) -> str:
@@ -101,7 +114,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
         raise ValueError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
     if not rows:
         raise ValueError(f"{path}: no result rows")
-    targets, beams = [], []
+    targets, beams, first, has_ids = [], [], [], []
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
@@ -113,7 +126,22 @@ def read_results(path: Path, catalog: Catalog) -> Results:
             raise ValueError(f"{where}: field 'predict' must be a non-empty list of strings, got {predict!r}")
         targets.append(row_target(row, catalog, where))
         beams.append([normalize_title(p) for p in predict])
-    return Results(path, rows, target_id_lists(targets, catalog.titles), beams)
+        ids = row.get("predict_ids")
+        has_ids.append(ids is not None)
+        first.append([] if ids is None else _beam_ids(ids, len(predict), len(catalog), where))
+    return Results(path, rows, target_id_lists(targets, catalog.titles), beams, first, has_ids)
+
+
+def _beam_ids(ids: object, beams: int, num_items: int, where: str) -> list[int]:
+    """A row's ``predict_ids`` (a list of id lists, one per beam), flattened in beam order."""
+    if not isinstance(ids, list) or len(ids) != beams or not all(
+            isinstance(b, list) and b and all(isinstance(i, int) and not isinstance(i, bool) for i in b) for b in ids):
+        raise ValueError(f"{where}: field 'predict_ids' must be a list of {beams} non-empty lists of item ids "
+                         "(one per 'predict' beam)")
+    flat = [i for b in ids for i in b]
+    if not all(0 <= i < num_items for i in flat):
+        raise ValueError(f"{where}: 'predict_ids' {ids!r} holds ids outside the catalogue (0..{num_items - 1})")
+    return flat
 
 
 class Embedder:
@@ -168,7 +196,7 @@ def diagnostics(results: Results, catalog: Catalog) -> dict:
     top = results.top1
     counts = Counter(top)
     n = len(top)
-    return {"rows": n, "empty_top1": sum(1 for t in top if not t),
+    return {"rows": n, "decoding": results.decoding, "empty_top1": sum(1 for t in top if not t),
             "distinct_top1_share": len([t for t in counts if t]) / n,
             "exact_title_top1_share": sum(c for t, c in counts.items() if t and catalog.is_title(t)) / n,
             "most_frequent_top1": [[t, c] for t, c in counts.most_common(10)]}
@@ -241,18 +269,21 @@ def _rows(x: list, keep: torch.Tensor) -> list:
 
 def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, targets: list[list[int]],
                valid_dist: torch.Tensor, valid_empty: torch.Tensor, valid_scores: torch.Tensor,
-               valid_targets: list[list[int]]) -> dict:
+               valid_targets: list[list[int]], first: list[list[int]] | None = None,
+               valid_first: list[list[int]] | None = None) -> dict:
     """Gamma searched on validation, applied to test; empty generations stay misses.
 
-    Returns :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics.
+    ``first`` / ``valid_first``: per row, constrained beams' items, ranked ahead of the rest at
+    every gamma. Returns :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics.
     """
     keep, valid_keep = ~empty, ~valid_empty
     if not valid_keep.any():
         raise ValueError("every top generation of the validation results is empty; cannot choose gamma")
     search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
-                          TOPK, GAMMA_GRID)
+                          TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep))
     if keep.any():
-        out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search)
+        out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search,
+                          first=None if first is None else _rows(first, keep))
     else:
         zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
         out = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
@@ -263,6 +294,23 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
             "gammas": out["gammas"], "single_k": search.single_k,
             "valid_tuned": _scaled(search.valid_tuned, valid_share),
             "valid_single": _scaled(search.valid_single, valid_share)}
+
+
+def ground_results(results: Results, items: torch.Tensor,
+                   embed: Embedder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
+    """:func:`ground` of the top generations; rows with ``predict_ids`` rank their beams' items first.
+
+    Returns distances [R, N], ranks [R], the empty mask [R] (a row with beam ids is never
+    empty) and the beam items per row (None when no row has any).
+    """
+    from bigrec.decoding import rank_with_beams
+
+    dist, ranks, empty = ground(results.top1, results.targets, items, embed)
+    if not any(results.has_ids or []):
+        return dist, ranks, empty, None
+    has = torch.tensor(results.has_ids)
+    ranks = torch.where(has, target_ranks(rank_with_beams(results.first, dist), results.targets), ranks)
+    return dist, ranks, empty & ~has, results.first
 
 
 def run(config: Config) -> dict:
@@ -303,11 +351,12 @@ def run(config: Config) -> dict:
                      "num_items": n, "all_beams": config.all_beams, "files": {}}
     for test in tests:
         start, embedded = time.perf_counter(), embed.seconds
-        dist, ranks, empty = ground(test.top1, test.targets, items, embed)  # [R, N], [R], [R]
+        dist, ranks, empty, first = ground_results(test, items, embed)  # [R, N], [R], [R]
         if config.all_beams:
+            has = torch.tensor(test.has_ids)  # constrained rows already rank every beam's items
             for k in range(1, max(len(b) for b in test.beams)):
                 texts = [b[min(k, len(b) - 1)] for b in test.beams]
-                ranks = torch.minimum(ranks, ground(texts, test.targets, items, embed)[1])
+                ranks = torch.where(has, ranks, torch.minimum(ranks, ground(texts, test.targets, items, embed)[1]))
         runs[test.name] = ndcg_hr(ranks, TOPK)
         info: dict = {"diagnostics": diagnostics(test, catalog)}
         log.info("%s: %d rows grounded in %.1fs (%.1fs embedding generations that are not titles)", test.name,
@@ -315,11 +364,12 @@ def run(config: Config) -> dict:
         if weights:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
-            valid_dist, _, valid_empty = ground(valid.top1, valid.targets, items, embed)
+            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed)
         for kind, per_file in weights.items():
             start = time.perf_counter()
             scores, valid_scores, sources = per_file[test.name]
-            out = reweighted(dist, empty, scores, test.targets, valid_dist, valid_empty, valid_scores, valid.targets)
+            out = reweighted(dist, empty, scores, test.targets, valid_dist, valid_empty, valid_scores, valid.targets,
+                             first, valid_first)
             runs[f"{test.name} +{kind} (gamma per metric@K)"] = out.pop("tuned")
             runs[f"{test.name} +{kind} (gamma by NDCG@{out['single_k']})"] = out.pop("single")
             info[kind] = {**sources, **out}
@@ -335,7 +385,7 @@ def run(config: Config) -> dict:
     sys.stdout.write(table + "\n")
     for name, info in details["files"].items():
         d = info["diagnostics"]
-        log.info("%s: distinct top-1 %.1f%%, exact catalogue titles %.1f%%, empty %d; most frequent: %s", name,
-                 100 * d["distinct_top1_share"], 100 * d["exact_title_top1_share"], d["empty_top1"],
+        log.info("%s (%s decoding): distinct top-1 %.1f%%, exact catalogue titles %.1f%%, empty %d; "
+                 "most frequent: %s", name, d["decoding"], 100 * d["distinct_top1_share"], 100 * d["exact_title_top1_share"], d["empty_top1"],
                  ", ".join(f"{t!r} x{c}" for t, c in d["most_frequent_top1"][:3]))
     return metrics

@@ -1,12 +1,20 @@
 """Batched beam-search generation for instruction rows (``bigrec generate``).
 
-Each row gets ``num_beams`` returned sequences (the reference's ``"predict"`` list). A beam
-ends at the end of the title (EOS, a newline, or the quote that closes the opening one)
-rather than running to ``max_new_tokens``: small models otherwise drift on into a list of
-titles, which is slow and makes the text to ground worse. Rows are batched by prompt length
-to waste little padding; finished rows go to a sidecar progress file, so an interrupted run
-resumes; under ``accelerate launch`` the rows are split across processes and gathered back
-in their original order.
+Each row gets ``num_beams`` returned sequences (the reference's ``"predict"`` list). Two
+decodings:
+
+* ``free`` (the paper's): a beam ends at the end of the title (EOS, a newline, or the quote
+  that closes the opening one) rather than running to ``max_new_tokens``: small models
+  otherwise drift on into a list of titles, which is slow and makes the text to ground worse.
+* ``constrained``: beam search restricted to a trie of the catalogue titles
+  (:mod:`bigrec.decoding`), so every beam is a real item; rows also get ``"predict_ids"``
+  (per beam, every catalogue id with that title) and ``"predict_scores"``, which
+  ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
+  ``bigrec baseline`` score file.
+
+Rows are batched by prompt length to waste little padding; finished rows go to a sidecar
+progress file, so an interrupted run resumes; under ``accelerate launch`` the rows are split
+across processes and gathered back in their original order.
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.models import DEFAULT_MODEL
-from bigrec.prompts import prompt_for_row
+from bigrec.prompts import TEMPLATES, prompt_for_row
+
+DECODINGS = ("free", "constrained")
+OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores")  # what generate adds to a row (replacing old ones)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,23 @@ class Config:
     max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end")
     limit: int | None = option(None, "only the first N rows")
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+    decoding: str = option("free", "free beam search (the paper's), or constrained to catalogue titles",
+                           choices=list(DECODINGS))
+    catalog: str | None = option(None, "constrained: catalogue file (default: id2name.txt beside "
+                                       "--test_data_path)")
+    prompt_template: str = option("alpaca", "prompt the model was trained on: alpaca (bigrec, reference BIGRec) "
+                                            "or d3 (D3's code, the released BIGRec_<Category>_0.5B checkpoints)",
+                                  choices=list(TEMPLATES))
+    category: str | None = option(None, "d3 template: the category word of the prompt, e.g. 'video games' "
+                                        "(default: each row's 'category')")
+    length_penalty: float = option(1.0, "beam scores are divided by length ** length_penalty")
+    length_correction: bool = option(False, "constrained: D3's length correction (near-certain tokens do not "
+                                            "count towards the length)")
+    ghost_threshold: float = option(0.99, "constrained, with --length_correction: tokens of at least this "
+                                          "probability are not counted")
+    cf_scores: str | None = option(None, "constrained: a `bigrec baseline` score file (scores/*.safetensors) for "
+                                         "these rows, to guide the search (D3's text-free assistant)")
+    cf_weight: float = option(0.0, "constrained: weight of the CF log-scores added to the beam scores")
 
     def validate(self) -> None:
         for name in ("batch_size", "num_beams", "max_new_tokens"):
@@ -49,6 +77,22 @@ class Config:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"--decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+        if self.prompt_template not in TEMPLATES:
+            raise ValueError(f"--prompt_template must be one of {', '.join(TEMPLATES)}, got {self.prompt_template!r}")
+        if not 0 < self.ghost_threshold <= 1:
+            raise ValueError(f"--ghost_threshold must lie in (0, 1], got {self.ghost_threshold}")
+        if self.cf_weight and not self.cf_scores:
+            raise ValueError("--cf_weight needs --cf_scores")
+        if self.decoding == "free":
+            used = [f"--{n}" for n in ("catalog", "cf_scores") if getattr(self, n)]
+            used += ["--length_correction"] if self.length_correction else []
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to --decoding constrained")
+
+    def catalog_path(self) -> Path:
+        return Path(self.catalog) if self.catalog else Path(self.test_data_path).parent / "id2name.txt"
 
 
 # --- where a title ends -------------------------------------------------------------------
@@ -97,7 +141,8 @@ class TitleEndCriteria(StoppingCriteria):
         return torch.tensor([title_end(t) is not None for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int) -> torch.Tensor:
+def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
+                 length_penalty: float = 1.0) -> torch.Tensor:
     """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first.
 
     The prompts are encoded once and their KV cache repeated for the beams (transformers
@@ -111,14 +156,15 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
         extra = {"cache": prompt_cache(model, enc, num_beams)} if prompt_len > 1 else {}
         out = model.generate(
             **enc, **extra, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)]))
     return out[:, prompt_len:].cpu()
 
 
-def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int) -> list[list[str]]:
+def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
+                   length_penalty: float = 1.0) -> list[list[str]]:
     """``num_beams`` titles per prompt, each cut at the end of its title."""
-    ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens)
+    ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens, length_penalty)
     texts = [cut_title(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return [texts[i * num_beams:(i + 1) * num_beams] for i in range(len(prompts))]
 
@@ -143,16 +189,35 @@ def progress_files(result_path: str | Path) -> list[Path]:
     return sorted(result_path.parent.glob(f"{result_path.name}.progress.*.jsonl"))
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
     """What must match for a rerun to reuse finished rows."""
-    return {"data_sha256": hashlib.sha256(data_path.read_bytes()).hexdigest(), "base_model": config.base_model,
-            "lora_weights": config.lora_weights, "num_beams": config.num_beams,
-            "max_new_tokens": config.max_new_tokens, "precision": config.precision}
+    settings = {"data_sha256": _sha256(data_path), "base_model": config.base_model,
+                "lora_weights": config.lora_weights, "num_beams": config.num_beams,
+                "max_new_tokens": config.max_new_tokens, "precision": config.precision,
+                "decoding": config.decoding, "prompt_template": config.prompt_template,
+                "category": config.category, "length_penalty": config.length_penalty}
+    if config.decoding == "constrained":
+        from bigrec.catalog import read_catalog
+
+        settings.update(catalog_sha256=read_catalog(config.catalog_path()).digest,
+                        length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
+                        cf_scores_sha256=_sha256(Path(config.cf_scores)) if config.cf_scores else None,
+                        cf_weight=config.cf_weight)
+    return settings
 
 
-def read_progress(result_path: str | Path, settings: dict[str, Any]) -> dict[int, list[str]]:
-    """Finished rows from every progress file, by row position; other settings are an error."""
-    done: dict[int, list[str]] = {}
+# Settings that progress files of earlier versions did not record: their values then.
+_LEGACY_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0}
+
+
+def read_progress(result_path: str | Path, settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Finished rows from every progress file, by row position: ``{"predict": [...], ...}`` each
+    (constrained rows also hold ``predict_ids`` and ``predict_scores``); other settings are an error."""
+    done: dict[int, dict[str, Any]] = {}
     for path in progress_files(result_path):
         lines = path.read_text(encoding="utf-8").splitlines()
         for lineno, line in enumerate(lines, start=1):
@@ -163,12 +228,13 @@ def read_progress(result_path: str | Path, settings: dict[str, Any]) -> dict[int
                     break
                 raise ValueError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
             if "settings" in record:
-                if record["settings"] != settings:
-                    changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
+                recorded = {**_LEGACY_SETTINGS, **record["settings"]}
+                if recorded != settings:
+                    changed = sorted(k for k in {*settings, *recorded} if recorded.get(k) != settings.get(k))
                     raise ValueError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
                                      "delete it to start afresh")
                 continue
-            done[int(record["pos"])] = list(record["predict"])
+            done[int(record.pop("pos"))] = record
     return done
 
 
@@ -188,14 +254,49 @@ class ProgressWriter:
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
-    def add(self, positions: list[int], predicts: list[list[str]]) -> None:
-        self._write([{"pos": p, "predict": pr} for p, pr in zip(positions, predicts, strict=True)])
+    def add(self, positions: list[int], outputs: list[dict[str, Any]]) -> None:
+        """One record per row: its position and its output fields (``predict``, ...)."""
+        self._write([{"pos": p, **out} for p, out in zip(positions, outputs, strict=True)])
 
     def close(self) -> None:
         self.handle.close()
 
 
 # --- the stage ------------------------------------------------------------------------------
+
+class ConstrainedDecoder:
+    """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
+
+    def __init__(self, config: Config, model, tokenizer):
+        from bigrec.catalog import read_catalog
+        from bigrec.scores import load_scores
+        from bigrec.trie import Trie
+
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        start = time.perf_counter()
+        catalog = read_catalog(config.catalog_path())
+        self.trie = Trie.from_catalog(tokenizer, catalog, template=config.prompt_template)
+        log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs",
+                 len(self.trie.titles), self.trie.num_items, self.trie.num_nodes, self.trie.max_depth,
+                 time.perf_counter() - start)
+        self.cf = load_scores(config.cf_scores) if config.cf_scores else None
+        if self.cf is not None and self.cf.num_items != len(catalog):
+            raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
+                             f"{catalog.path} has {len(catalog)} items")
+        self.stats: dict[str, float] = {}
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        from bigrec.decoding import constrained_generate
+
+        cfg = self.config
+        cf = self.cf.align(rows) if self.cf is not None else None
+        out = constrained_generate(
+            self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
+            length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
+            cf_weight=cfg.cf_weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats)
+        return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
+                 "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
+
 
 def run(config: Config) -> Path:
     """Generate for every row not yet finished, then write the full result file atomically."""
@@ -216,10 +317,12 @@ def run(config: Config) -> Path:
         log.info("resuming: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows),
                  ", ".join(str(p) for p in progress_files(result_path)))
     state.wait_for_everyone()  # every process has read the progress files before any appends
-    produced: list[tuple[int, list[str]]] = []
+    produced: list[tuple[int, dict[str, Any]]] = []
     if todo:
+        prompts = {pos: prompt_for_row(rows[pos], template=config.prompt_template, category=config.category)
+                   for pos in todo}  # bad template settings fail before the model loads
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device))
-        prompts = {pos: prompt_for_row(rows[pos]) for pos in todo}
+        constrained = ConstrainedDecoder(config, model, tokenizer) if config.decoding == "constrained" else None
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
         todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
@@ -230,10 +333,15 @@ def run(config: Config) -> Path:
             try:
                 for lo in range(0, len(mine), config.batch_size):
                     batch = mine[lo:lo + config.batch_size]
-                    predicts = generate_batch(model, tokenizer, [prompts[p] for p in batch],
-                                              config.num_beams, config.max_new_tokens)
-                    writer.add(batch, predicts)
-                    produced.extend(zip(batch, predicts, strict=True))
+                    batch_prompts = [prompts[p] for p in batch]
+                    if constrained is not None:
+                        outputs = constrained([rows[p] for p in batch], batch_prompts)
+                    else:
+                        outputs = [{"predict": p} for p in generate_batch(
+                            model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
+                            config.length_penalty)]
+                    writer.add(batch, outputs)
+                    produced.extend(zip(batch, outputs, strict=True))
                     bar.update(len(batch))
             finally:
                 writer.close()
@@ -241,13 +349,18 @@ def run(config: Config) -> Path:
             elapsed = time.perf_counter() - start
             log.info("process %d: %d rows in %.1fs (%.2f rows/s)", state.process_index, len(mine), elapsed,
                      len(mine) / elapsed if elapsed else float("nan"))
-    for pos, predict in gather_object(produced):
-        done[pos] = predict
+            if constrained is not None and constrained.stats:
+                log.info("process %d: constrained decoding %.1fs in generate, %.1fs of it in the trie processor",
+                         state.process_index, constrained.stats["generate_seconds"],
+                         constrained.stats["processor_seconds"])
+    for pos, output in gather_object(produced):
+        done[pos] = output
     if state.is_main_process:
         missing = [pos for pos in range(len(rows)) if pos not in done]
         if missing:
             raise RuntimeError(f"rows {missing[:10]} were not generated; rerun to finish them")
-        results = [{**row, "predict": done[pos]} for pos, row in enumerate(rows)]
+        results = [{**{k: v for k, v in row.items() if k not in OUTPUT_FIELDS}, **done[pos]}
+                   for pos, row in enumerate(rows)]
         io.write_json(result_path, results)
         io.write_yaml(result_path.with_name(result_path.stem + ".config.yaml"), to_dict(config))
         for path in progress_files(result_path):

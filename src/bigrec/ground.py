@@ -80,8 +80,34 @@ def _thresholds(a: torch.Tensor, b: torch.Tensor, col: torch.Tensor) -> tuple[to
     return (da / db).nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf")), db >= 0
 
 
-def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gammas: Sequence[float]) -> torch.Tensor:
+def _first_items(first: Sequence[Sequence[int]], idx: torch.Tensor, mask: torch.Tensor,
+                 num_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' leading items as a mask [R, N], their count [R] and the target's place among them [R] (-1: not there)."""
+    rows = idx.shape[0]
+    if len(first) != rows:
+        raise ValueError(f"{len(first)} rows of leading items for {rows} rows")
+    ahead = torch.zeros(rows, num_items, dtype=torch.bool)
+    lead = torch.zeros(rows, dtype=torch.long)
+    place = torch.full((rows,), -1, dtype=torch.long)
+    for r, items in enumerate(first):  # building the index: a few ids per row
+        ordered = list(dict.fromkeys(int(i) for i in items))
+        if ordered and not 0 <= min(ordered) <= max(ordered) < num_items:
+            raise ValueError(f"row {r}: leading item ids {ordered} outside 0..{num_items - 1}")
+        wanted = set(idx[r][mask[r]].tolist())
+        ahead[r, ordered] = True
+        lead[r] = len(ordered)
+        place[r] = next((j for j, i in enumerate(ordered) if i in wanted), -1)
+    return ahead, lead, place
+
+
+def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gammas: Sequence[float],
+               first: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
+
+    ``first`` (per row, item ids in order; constrained beams) ranks those items ahead of all
+    others, as :func:`bigrec.decoding.rank_with_beams` does on the re-weighted distances: a
+    target among them has its place there at every gamma; otherwise its rank is their count
+    plus the re-weighted count over the other items.
 
     With a = log minmax(d) and b = log(1 + minmax(s)), item j beats target t exactly for g in
     an open interval (see :func:`_thresholds`); with several target ids it must beat all of
@@ -94,7 +120,10 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     if torch.isnan(dist).any() or torch.isnan(scores).any():
         raise ValueError("distances or scores contain NaN")
     rows, num_items = dist.shape
-    idx, _ = target_index(targets, rows, num_items)  # padding repeats an id: harmless here
+    idx, mask = target_index(targets, rows, num_items)  # padding repeats an id: harmless here
+    ahead = lead = place = None
+    if first is not None:
+        ahead, lead, place = _first_items(first, idx, mask, num_items)
     order = sorted(range(len(gammas)), key=lambda i: gammas[i])
     grid = torch.tensor([float(gammas[i]) for i in order], dtype=torch.float64)
     n_grid, inf = len(order), float("inf")
@@ -105,12 +134,13 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
         a = minmax_rows(dist[lo : lo + step].double()).log_()  # [C, N], -inf at the nearest item
         b = log_w.expand_as(a) if log_w is not None else minmax_rows(scores[lo : lo + step].double()).log1p_()
         cols = idx[lo : lo + step]
+        counted = torch.ones_like(a, dtype=torch.long) if ahead is None else (~ahead[lo : lo + step]).long()
         diff = torch.zeros(a.shape[0], n_grid + 1, dtype=torch.long)  # last column absorbs "never"
         if cols.shape[1] == 1:  # one id: each item has a single bound, one search
             thr, up = _thresholds(a, b, cols)
             at = torch.searchsorted(grid, torch.where(up, thr.nextafter(torch.tensor(inf, dtype=thr.dtype)), thr))
-            diff.scatter_add_(1, at, up.long() * 2 - 1)  # +1 from the first g > thr; -1 from the first g >= thr
-            diff[:, 0] += (~up).sum(1)  # items winning below a bound win from the start
+            diff.scatter_add_(1, at, (up.long() * 2 - 1) * counted)  # +1 from the first g > thr; -1 from g >= thr
+            diff[:, 0] += ((~up).long() * counted).sum(1)  # items winning below a bound win from the start
         else:
             low, high = torch.full_like(a, -inf), torch.full_like(a, inf)
             for m in range(cols.shape[1]):  # one pass per target id column
@@ -119,9 +149,12 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
                 high = torch.minimum(high, torch.where(up, inf, thr))
             start = torch.searchsorted(grid, low.nextafter_(torch.tensor(inf, dtype=low.dtype)))
             end = torch.maximum(torch.searchsorted(grid, high), start)
-            diff.scatter_add_(1, start, torch.ones_like(start)).scatter_add_(1, end, -torch.ones_like(end))
+            diff.scatter_add_(1, start, counted).scatter_add_(1, end, -counted)
         block = diff[:, :n_grid].cumsum(1)
         block[torch.isinf(a.gather(1, cols)).any(1)] = 0  # a target at minmax distance 0: nothing beats it
+        if ahead is not None:
+            hit = place[lo : lo + step, None]
+            block = torch.where(hit >= 0, hit, block + lead[lo : lo + step, None])
         ranks[lo : lo + step] = block
     back = torch.empty(n_grid, dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(n_grid)
@@ -153,12 +186,15 @@ def _argmax_first(values: list[float]) -> int:
 
 def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_valid: Targets,
                  topk: Sequence[int] = TOPK, grid: Sequence[float] = GAMMA_GRID, *,
-                 single_k: int = 10) -> GammaSearch:
-    """Pick gamma per metric@K, and one gamma by NDCG@single_k, on the validation rows."""
+                 single_k: int = 10, first: Sequence[Sequence[int]] | None = None) -> GammaSearch:
+    """Pick gamma per metric@K, and one gamma by NDCG@single_k, on the validation rows.
+
+    ``first``: per row, items ranked ahead of the rest (constrained beams; see :func:`grid_ranks`).
+    """
     topk, grid = tuple(int(k) for k in topk), tuple(sorted(float(g) for g in set(grid)))
     if single_k not in topk:
         raise ValueError(f"single_k={single_k} is not in topk {list(topk)}")
-    ndcg, hr = ndcg_hr_many(grid_ranks(dist_valid, scores_valid, targets_valid, grid), topk)
+    ndcg, hr = ndcg_hr_many(grid_ranks(dist_valid, scores_valid, targets_valid, grid, first), topk)
     ndcg_best = [_argmax_first([row[j] for row in ndcg]) for j in range(len(topk))]
     hr_best = [_argmax_first([row[j] for row in hr]) for j in range(len(topk))]
     single = _argmax_first([row[topk.index(single_k)] for row in ndcg])
@@ -175,15 +211,17 @@ def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_v
 
 
 def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test: Targets,
-                search: GammaSearch) -> dict:
+                search: GammaSearch, first: Sequence[Sequence[int]] | None = None) -> dict:
     """Test metrics with each metric@K at its own tuned gamma, and with the single gamma.
+
+    ``first``: per row, items ranked ahead of the rest (constrained beams; see :func:`grid_ranks`).
 
     Returns ``{"topk", "tuned": {"NDCG", "HR"}, "single": {"NDCG", "HR"}, "gammas": {"NDCG": [...],
     "HR": [...], "single": g}}``, plain lists and floats.
     """
     topk = search.topk
     gammas = sorted({*search.ndcg_gamma.values(), *search.hr_gamma.values(), search.single_gamma})
-    ndcg, hr = ndcg_hr_many(grid_ranks(dist_test, scores_test, targets_test, gammas), topk)
+    ndcg, hr = ndcg_hr_many(grid_ranks(dist_test, scores_test, targets_test, gammas, first), topk)
 
     def at(g: float) -> int:
         return bisect.bisect_left(gammas, g)
