@@ -1,0 +1,148 @@
+"""Beam-search generation speed: `bigrec generate` vs the reference recipe; prints figures, asserts nothing.
+
+    .venv/bin/python benchmarks/bench_generate.py [--rows 64] [--lora_weights runs/demo/adapter]
+        [--test_data runs/demo/data/test_5000.json] [--precision auto] [--max_new_tokens 64]
+
+Both run in this process, on the same first ``--rows`` rows and the same prompt text
+(:func:`bigrec.prompts.prompt_for_row`; the reference's inference prompt differs from its training
+prompt by one space, which is not copied), with the same tokenizer (left padding):
+
+* ours: the model as ``bigrec generate`` loads it (adapter merged, precision auto = fp32 for
+  inference on a CPU), rows sorted by prompt length as ``generate.run`` does, then
+  :func:`bigrec.generate.generate_batch`: the prompt's KV cache encoded once and shared by the
+  beams, every beam stopping at the end of its title, at most ``--max_new_tokens``.
+* reference (BIGRec ``inference.py``, restated): base model + ``PeftModel`` (not merged), fp32,
+  rows in file order, batch 8, plain ``model.generate`` with 4 beams returning 4 sequences,
+  ``max_new_tokens`` 128, no stopping criteria (beams end at EOS or the token limit), transformers
+  copying each prompt once per beam, ``output_scores`` and ``return_dict_in_generate`` on as in
+  the reference. ``do_sample=False`` is explicit; its GPU parts (fp16, torch.compile) are left
+  out, and its ``num_return_sequences=1`` (which would mix rows up) is taken as 4.
+
+Top-1 agreement: the first returned sequence of each row, both cut at the end of the title
+(:func:`bigrec.generate.cut_title`) and normalised, compared row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_ADAPTER = Path("runs/demo/adapter")
+
+
+def default_test_data() -> str:
+    for path in (Path("runs/demo/data/test_5000.json"), Path("/tmp/prep/ml-100k/test_5000.json")):
+        if path.is_file():
+            return str(path)
+    return "/tmp/prep/ml-100k/test_5000.json"
+
+
+def reference_generate(model, tok, prompts: list[str], num_beams: int, max_new_tokens: int) -> tuple[list[str], int]:
+    """The reference recipe for one batch: top-1 texts (cut at the title's end) and the steps it ran."""
+    from bigrec.generate import cut_title
+
+    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True)
+    prompt_len = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**enc, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             output_scores=True, return_dict_in_generate=True)
+    texts = tok.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
+    return [cut_title(texts[i * num_beams]) for i in range(len(prompts))], out.sequences.shape[1] - prompt_len
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--test_data", default=default_test_data())
+    parser.add_argument("--base_model", default="smollm2-135m")
+    parser.add_argument("--lora_weights", default=None,
+                        help=f"adapter folder; default {DEFAULT_ADAPTER} if it holds an adapter, else none")
+    parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per generate call, both recipes")
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="ours' upper bound (bigrec's default)")
+    parser.add_argument("--ref_max_new_tokens", type=int, default=128, help="the reference's max_new_tokens")
+    args = parser.parse_args()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from bigrec.generate import generate_batch
+    from bigrec.models import load_model, load_tokenizer, resolve_base_model
+    from bigrec.prompts import normalize_title, prompt_for_row
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    adapter = args.lora_weights
+    if adapter is None and (DEFAULT_ADAPTER / "adapter_config.json").is_file():
+        adapter = str(DEFAULT_ADAPTER)
+    adapter = adapter if adapter and adapter.lower() != "none" else None
+    base = resolve_base_model(args.base_model)
+    rows = json.loads(Path(args.test_data).read_text())[:args.rows]
+    prompts = [prompt_for_row(r) for r in rows]
+    print(f"model {base}, adapter: {adapter or 'none (base model only)'}; {len(rows)} rows of {args.test_data}; "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    # Ours, as bigrec generate runs it.
+    model, tok = load_model(base, args.precision, adapter, device="cpu")
+    dtype = next(model.parameters()).dtype
+    generate_batch(model, tok, prompts[:1], args.num_beams, 2)  # warm-up
+    lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
+    ours: dict[int, str] = {}
+    started = time.perf_counter()
+    for lo in range(0, len(order), args.batch_size):
+        picks = order[lo:lo + args.batch_size]
+        for i, beams in zip(picks, generate_batch(model, tok, [prompts[i] for i in picks], args.num_beams,
+                                                  args.max_new_tokens), strict=True):
+            ours[i] = beams[0]
+    ours_s = time.perf_counter() - started
+    print(f"ours: {len(rows)} rows in {ours_s:.1f}s", flush=True)
+    del model
+
+    # The reference recipe.
+    ref_tok = load_tokenizer(base, padding_side="left")
+    ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ref_model.config.pad_token_id = ref_tok.pad_token_id
+    if adapter:
+        ref_model = PeftModel.from_pretrained(ref_model, adapter)
+    ref_model.eval()
+    reference_generate(ref_model, ref_tok, prompts[:1], args.num_beams, 2)  # warm-up
+    ref: list[str] = []
+    steps: list[int] = []
+    started = time.perf_counter()
+    for lo in range(0, len(prompts), args.batch_size):
+        texts, n = reference_generate(ref_model, ref_tok, prompts[lo:lo + args.batch_size], args.num_beams,
+                                      args.ref_max_new_tokens)
+        ref.extend(texts)
+        steps.append(n)
+        print(f"  reference batch {lo // args.batch_size + 1}: {n} decoding steps", flush=True)
+    ref_s = time.perf_counter() - started
+    print(f"reference: {len(rows)} rows in {ref_s:.1f}s", flush=True)
+
+    same = sum(normalize_title(ours[i]) == normalize_title(ref[i]) for i in range(len(rows)))
+    n = len(rows)
+    print()
+    head = f"{'recipe':<10} {'dtype':<9} {'batch':>5} {'beams':>5} {'max new':>7} {'stop':<10} {'seconds':>8} {'rows/s':>7}"
+    print(head)
+    print("-" * len(head))
+    print(f"{'ours':<10} {str(dtype).removeprefix('torch.'):<9} {args.batch_size:>5} {args.num_beams:>5} "
+          f"{args.max_new_tokens:>7} {'title end':<10} {ours_s:>8.1f} {n / ours_s:>7.3f}")
+    print(f"{'reference':<10} {'float32':<9} {args.batch_size:>5} {args.num_beams:>5} {args.ref_max_new_tokens:>7} "
+          f"{'EOS only':<10} {ref_s:>8.1f} {n / ref_s:>7.3f}")
+    print(f"\nspeed-up {ref_s / ours_s:.2f}x; same top-1 title (both cut at the title's end) on {same}/{n} rows "
+          f"= {same / n:.1%}; reference decoding steps per batch: {steps}")
+    empty_ours = sum(1 for i in range(n) if not normalize_title(ours[i]))
+    print(f"empty top-1: ours {empty_ours}, reference {sum(1 for t in ref if not normalize_title(t))}")
+    for i in range(min(5, n)):
+        print(f"  row {i}: ours {ours[i]!r} | reference {ref[i]!r}")
+
+
+if __name__ == "__main__":
+    main()
