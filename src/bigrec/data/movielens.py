@@ -51,50 +51,37 @@ def read_movielens(name: str, source: Source | None = None) -> Interactions:
 
 
 def _read_100k_official(source: Source) -> Interactions:
-    data_name, item_name = source.find("u.data"), source.find("u.item")
-    label = source.label(data_name)
-    rows = []
-    for lineno, line in enumerate(source.read_text(data_name, "latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 4:
-            raise ValueError(f"{label}: line {lineno}: expected 4 tab-separated fields, got {len(parts)}")
-        rows.append(parts)
-    titles, order = {}, []
-    for lineno, line in enumerate(source.read_text(item_name, "latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("|")
-        if len(parts) < 2:
-            raise ValueError(f"{source.label(item_name)}: line {lineno}: expected '|'-separated fields")
-        order.append(parts[0])
-        titles[parts[0]] = normalize_title(parts[1])
-    return Interactions(_frame(rows, label), titles, source=str(source.path), items=order)
+    """GroupLens ml-100k: ``u.data`` (tab-separated) and ``u.item`` (``|``-separated)."""
+    return _read_pair(source, ("u.data", "\t"), ("u.item", "|"))
 
 
 def _read_dat(source: Source) -> Interactions:
     """``ratings.dat`` / ``movies.dat`` with ``::`` separators, ISO-8859-1 (ml-1m, ml-10m)."""
-    ratings_name, movies_name = source.find("ratings.dat"), source.find("movies.dat")
+    return _read_pair(source, ("ratings.dat", "::"), ("movies.dat", "::"))
+
+
+def _read_pair(source: Source, ratings: tuple[str, str], movies: tuple[str, str]) -> Interactions:
+    """A GroupLens ratings file (user, item, rating, time) and its movie file (id, title, ...)."""
+    ratings_name, movies_name = source.find(ratings[0]), source.find(movies[0])
     label = source.label(ratings_name)
-    rows = []
-    for lineno, line in enumerate(source.read_text(ratings_name, "latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("::")
-        if len(parts) != 4:
-            raise ValueError(f"{label}: line {lineno}: expected 4 '::'-separated fields, got {len(parts)}")
-        rows.append(parts)
+    rows = [parts for _, parts in _split_lines(source, ratings_name, ratings[1], exact=4)]
     titles, order = {}, []
-    for lineno, line in enumerate(source.read_text(movies_name, "latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("::")
-        if len(parts) < 2:
-            raise ValueError(f"{source.label(movies_name)}: line {lineno}: expected 'id::title::genres'")
+    for _, parts in _split_lines(source, movies_name, movies[1], exact=None):
         order.append(parts[0])
         titles[parts[0]] = normalize_title(parts[1])
     return Interactions(_frame(rows, label), titles, source=str(source.path), items=order)
+
+
+def _split_lines(source: Source, name: str, sep: str, exact: int | None):
+    """(line number, fields) of each non-blank line; ``exact`` fields, or at least id and title."""
+    for lineno, line in enumerate(source.read_text(name, "latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(sep)
+        if (exact is not None and len(parts) != exact) or len(parts) < 2:
+            want = f"{exact} {sep!r}-separated fields" if exact else f"{sep!r}-separated id and title"
+            raise ValueError(f"{source.label(name)}: line {lineno}: expected {want}, got {len(parts)} field(s)")
+        yield lineno, parts
 
 
 def _frame(rows: list[list[str]], label: str) -> pd.DataFrame:
