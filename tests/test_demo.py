@@ -31,7 +31,7 @@ def write_small_movielens(root: Path, users: int = 40, items: int = 25, per_user
 def demo_args(run_dir: Path, model: str, source: Path, **over) -> list[str]:
     opts = {"run_dir": run_dir, "base_model": model, "source": source, "sample": 32, "num_epochs": 1,
             "batch_size": 8, "micro_batch_size": 8, "val_rows": 8, "test_rows": 12, "valid_rows": 10,
-            "num_beams": 2, "gen_batch_size": 4, "max_new_tokens": 12, "sasrec_epochs": 3, "precision": "fp32", **over}
+            "num_beams": 2, "constrained_beams": 3, "gen_batch_size": 4, "max_new_tokens": 12, "sasrec_epochs": 3, "precision": "fp32", **over}
     return ["demo", *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
 
 
@@ -48,17 +48,24 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     run_dir, _ = finished_demo
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert table["topk"] == [1, 3, 5, 10, 20, 50]
-    for name in ("BIGRec", "BIGRec + popularity", "BIGRec + CI (SASRec)", "SASRec", "Popularity", "Random"):
+    bigrec = [f"BIGRec ({d}){extra}" for d in ("free", "constrained") for extra in ("", " + popularity",
+                                                                                  " + CI (SASRec)")]
+    assert list(table) == ["topk", *bigrec, "SASRec", "Popularity", "Random"]
+    for name in table.keys() - {"topk"}:
         assert len(table[name]["NDCG"]) == 6 and all(0 <= v <= 1 for v in table[name]["HR"])
     # 25 items: HR@50 of any complete ranking is 1.
-    assert table["SASRec"]["HR"][-1] == 1.0 and table["BIGRec"]["HR"][-1] == 1.0
+    assert all(table[name]["HR"][-1] == 1.0 for name in ("SASRec", "BIGRec (free)", "BIGRec (constrained)"))
     report = (run_dir / "report.md").read_text()
-    assert "Where plain BIGRec stands" in report and "random ranking" in report and "distinct" in report
+    assert "Where BIGRec stands" in report and "random ranking" in report and "distinct" in report
+    assert "## Decoding: free" in report and "## Decoding: constrained" in report
+    assert "100.0% are exact catalogue titles" in report.split("## Decoding: constrained")[1]
+    constrained = json.loads((run_dir / "results" / "constrained" / "test.json").read_text())
+    assert len(constrained) == 12 and all(len(r["predict_ids"]) == 3 for r in constrained)
     assert (run_dir / "metrics" / "side_by_side.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = RunManifest.load(run_dir)
     for field in ("catalog", "index", "adapter", "sasrec", "data"):
         assert manifest.path(run_dir, field).exists(), field
-    assert len(json.loads((run_dir / "results" / "test.json").read_text())) == 12
+    assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 12
 
 
 def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
@@ -74,5 +81,25 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
     caplog.set_level("INFO", logger="bigrec.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate", "generate_test", "generate_valid", "inputs"]
-    assert len(json.loads((run_dir / "results" / "test.json").read_text())) == 8
+    assert ran == ["evaluate_constrained", "evaluate_free", "generate_test_constrained", "generate_test_free",
+                   "generate_valid_constrained", "generate_valid_free", "inputs"]
+    assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 8
+
+
+def test_demo_constrained_setting_reruns_only_constrained_stages(finished_demo, tiny_model_dir, caplog):
+    run_dir, source = finished_demo
+    caplog.set_level("INFO", logger="bigrec.demo")
+    assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, constrained_beams=2)) == 0
+    ran = {r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running")}
+    assert {"generate_test_constrained", "generate_valid_constrained", "evaluate_constrained"} <= ran
+    assert not any("free" in name for name in ran)
+
+
+def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo, tiny_model_dir, caplog):
+    run_dir, source = finished_demo
+    caplog.set_level("INFO", logger="bigrec.demo")
+    assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free")) == 0
+    assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
+    table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
+    assert "BIGRec (free)" in table and not any("constrained" in name for name in table)
+    assert "## Decoding: constrained" not in (run_dir / "report.md").read_text()

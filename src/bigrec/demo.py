@@ -1,8 +1,11 @@
 """``bigrec demo``: the whole pipeline on the bundled default, with a side-by-side report.
 
 prepare ml-100k -> LoRA-tune SmolLM2-135M on 1,024 sampled examples -> generate for test (and
-validation) rows -> index the catalogue -> SASRec and popularity -> evaluate BIGRec, BIGRec +
-popularity, BIGRec + CI, SASRec and popularity on the same rows -> report.md, metrics, plot.
+validation) rows, with free and with catalogue-constrained beam search (``--decoding``) ->
+index the catalogue -> SASRec and popularity -> evaluate BIGRec, BIGRec + popularity and
+BIGRec + CI for each decoding, SASRec and popularity on the same rows -> report.md, metrics,
+plot. Each decoding has its own stages (``generate_test_free``, ``evaluate_constrained``, ...)
+and its own folders (``results/<decoding>/``, ``metrics/bigrec_<decoding>.json``).
 
 Every stage records the settings it ran with (``stages/<name>.json``); a rerun skips a stage
 whose settings and upstream stages are unchanged and whose outputs exist, so a finished demo
@@ -43,13 +46,21 @@ class Config:
     val_rows: int = option(128, "validation rows for the early-stopping loss")
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)")
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma")
-    num_beams: int = option(4, "beams per row")
+    num_beams: int = option(4, "beams per row (free decoding)")
+    decoding: str = option("both", "free beam search, catalogue-constrained beam search, or both side by side",
+                           choices=["free", "constrained", "both"])
+    constrained_beams: int = option(10, "beams per row (constrained decoding; each beam is one catalogue title)")
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
     gen_batch_size: int = option(8, "rows per generate call")
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
+
+    def validate(self) -> None:
+        for name in ("num_beams", "constrained_beams", "gen_batch_size", "test_rows", "valid_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
 class Stages:
@@ -114,7 +125,7 @@ def run(cfg: Config) -> int:
     stages = Stages(run_dir)
     data = run_dir / "data"
     adapter = run_dir / "adapter"
-    results, results_valid = run_dir / "results", run_dir / "results_valid"
+    results = run_dir / "results"
     index_path = run_dir / "index.safetensors"
 
     prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed)
@@ -137,15 +148,18 @@ def run(cfg: Config) -> int:
     stages.run("train", to_dict(train_cfg), [adapter / "adapter_config.json"], lambda: train.run(train_cfg),
                after=("prepare",))
 
-    gens = {}
-    for split, folder, name in (("test", results, "test"), ("valid", results_valid, "valid")):
-        gen_cfg = generate.Config(
-            test_data_path=str(run_dir / "inputs" / f"{name}.json"), result_json_data=str(folder / f"{name}.json"),
-            base_model=cfg.base_model, lora_weights=str(adapter), batch_size=cfg.gen_batch_size,
-            num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, precision=cfg.precision)
-        gens[split] = gen_cfg
-        stages.run(f"generate_{split}", to_dict(gen_cfg), [folder / f"{name}.json"],
-                   lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
+    decodings = ["free", "constrained"] if cfg.decoding == "both" else [cfg.decoding]
+    for decoding in decodings:
+        for split in ("test", "valid"):
+            gen_cfg = generate.Config(
+                test_data_path=str(run_dir / "inputs" / f"{split}.json"),
+                result_json_data=str(results / decoding / f"{split}.json"), base_model=cfg.base_model,
+                lora_weights=str(adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                precision=cfg.precision, decoding=decoding,
+                num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
+                catalog=str(data / "id2name.txt") if decoding == "constrained" else None)
+            stages.run(f"generate_{split}_{decoding}", to_dict(gen_cfg), [results / decoding / f"{split}.json"],
+                       lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 
     idx_cfg = index_stage.Config(catalog=str(data / "id2name.txt"), output=str(index_path),
                                  base_model=cfg.base_model, precision=cfg.precision, overwrite=True)
@@ -159,29 +173,36 @@ def run(cfg: Config) -> int:
         stages.run(model, to_dict(b_cfg), [run_dir / model / "scores" / "test_5000.safetensors"],
                    lambda c=b_cfg: baseline_run.run(c), after=("prepare",))
 
-    metrics_path = run_dir / "metrics" / "bigrec.json"
-    eval_cfg = evaluate.Config(
-        catalog=str(data / "id2name.txt"), input_dir=str(results), output=str(metrics_path),
-        base_model=cfg.base_model, valid_input_dir=str(results_valid), popularity=str(data / "train.csv"),
-        ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
-        valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
-        index_path=str(index_path), precision=cfg.precision)
-    stages.run("evaluate", to_dict(eval_cfg), [metrics_path], lambda: evaluate.run(eval_cfg),
-               after=("generate_test", "generate_valid", "index", "popularity", "sasrec"))
+    metrics_paths = {}
+    for decoding in decodings:
+        metrics_paths[decoding] = metrics_path = run_dir / "metrics" / f"bigrec_{decoding}.json"
+        eval_cfg = evaluate.Config(
+            catalog=str(data / "id2name.txt"), input_dir=str(results / decoding / "test.json"),
+            output=str(metrics_path), base_model=cfg.base_model,
+            valid_input_dir=str(results / decoding / "valid.json"), popularity=str(data / "train.csv"),
+            ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
+            valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
+            index_path=str(index_path), precision=cfg.precision)
+        stages.run(f"evaluate_{decoding}", to_dict(eval_cfg), [metrics_path], lambda c=eval_cfg: evaluate.run(c),
+                   after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity", "sasrec"))
 
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
     catalog = read_catalog(data / "id2name.txt")
     test_rows = io.read_json(run_dir / "inputs" / "test.json")
     targets = target_id_lists([row_target(r, catalog, "test") for r in test_rows], catalog.titles)
-    bigrec_metrics = io.read_json(metrics_path)
-    details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
     runs: dict[str, dict] = {}
-    test_name = next(iter(details["files"]))  # the result file's name, e.g. "test.json"
-    names = {test_name: "BIGRec", f"{test_name} +popularity (gamma by NDCG@10)": "BIGRec + popularity",
-             f"{test_name} +CI (gamma by NDCG@10)": "BIGRec + CI (SASRec)"}
-    for key, label in names.items():
-        if key in bigrec_metrics:
-            runs[label] = bigrec_metrics[key]
+    infos: dict[str, dict] = {}  # decoding -> the evaluation details of its test file
+    for decoding, metrics_path in metrics_paths.items():
+        bigrec_metrics = io.read_json(metrics_path)
+        details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
+        test_name = next(iter(details["files"]))  # the result file's name, "test.json"
+        infos[decoding] = details["files"][test_name]
+        label = f"BIGRec ({decoding})"
+        names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
+                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)"}
+        for key, name in names.items():
+            if key in bigrec_metrics:
+                runs[name] = bigrec_metrics[key]
     for model, label in (("sasrec", "SASRec"), ("popularity", "Popularity")):
         scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)
         runs[label] = ndcg_hr(target_ranks(scores, targets, higher_is_better=True), TOPK)
@@ -189,16 +210,17 @@ def run(cfg: Config) -> int:
     table = metrics_json(runs, TOPK)
     io.write_json(run_dir / "metrics" / "side_by_side.json", table)
     plot_metrics(table, run_dir / "metrics" / "side_by_side.png", TOPK)
-    diag = details["files"][test_name]["diagnostics"]
     elapsed = time.perf_counter() - started
-    report = render_report(cfg, table, diag, details["files"][test_name], stages.timings, elapsed, format_table(table, TOPK))
+    report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK))
     io.write_text(run_dir / "report.md", report)
+    # recommend/serve decode freely: their gammas come from the free run when there is one
+    gammas_from = infos.get("free") or infos["constrained"]
 
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
                 precision=cfg.precision, num_beams=cfg.num_beams,
-                ci_gamma=details["files"][test_name].get("CI", {}).get("gammas", {}).get("single"),
-                popularity_gamma=details["files"][test_name].get("popularity", {}).get("gammas", {}).get("single"),
+                ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
+                popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 ).save(run_dir)
     print(format_table(table, TOPK))
     print(f"\nreport: {run_dir / 'report.md'}   plot: {run_dir / 'metrics' / 'side_by_side.png'}   "
@@ -206,33 +228,47 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def render_report(cfg: Config, table: dict, diag: dict, info: dict, timings: dict, elapsed: float,
+def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dict, elapsed: float,
                   text_table: str) -> str:
+    """report.md: the table, where each decoding stands, its decoding diagnostics and gammas, stage times."""
     k10 = table["topk"].index(10)
     ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}
-    plain, rand = ndcg10.get("BIGRec", 0.0), ndcg10["Random"]
-    verdict = ("above" if plain > rand * 1.5 else "not clearly above") + " a random ranking"
+    rand = ndcg10["Random"]
+    beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding",
+             "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
+                            "first, then the rest by L2 distance to the top beam"}
     lines = [
         "# bigrec demo report", "",
         f"Dataset {cfg.dataset}, base model {cfg.base_model}, LoRA on {cfg.sample} sampled examples, "
         f"{cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, lr {cfg.learning_rate}, "
         f"loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}; "
-        f"{cfg.test_rows} test rows, {cfg.num_beams} beams, free decoding + L2 grounding. "
+        f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
         f"Wall time {elapsed / 60:.1f} min.", "",
         "```", text_table, "```", "",
-        "## Where plain BIGRec stands", "",
-        f"- NDCG@10: BIGRec {plain:.4f}, random ranking {rand:.4f} (BIGRec is {verdict}), "
-        f"popularity {ndcg10.get('Popularity', float('nan')):.4f}, SASRec {ndcg10.get('SASRec', float('nan')):.4f}.",
-        f"- Decoding: {diag['distinct_top1_share']:.1%} of top-1 generations are distinct, "
-        f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles, {diag['empty_top1']} are empty.",
-        "- Most frequent top-1 generations: " + "; ".join(f"\"{t}\" x{c}" for t, c in diag["most_frequent_top1"][:10]),
-        "", "## Re-weighting gammas (chosen on validation)", "",
+        "## Where BIGRec stands", "",
     ]
-    for kind in ("popularity", "CI"):
-        if kind in info:
-            gammas = info[kind]["gammas"]
-            lines.append(f"- {kind}: single gamma (by validation NDCG@10) {gammas['single']}; "
-                         f"per-K NDCG gammas {gammas['NDCG']}")
-    lines += ["", "## Stage times (s; 0 = reused)", "",
+    for decoding in infos:
+        plain = ndcg10.get(f"BIGRec ({decoding})", 0.0)
+        verdict = ("above" if plain > rand * 1.5 else "not clearly above") + " a random ranking"
+        lines.append(f"- NDCG@10: BIGRec ({decoding}) {plain:.4f} ({verdict}).")
+    lines += [f"- NDCG@10 of the references: random ranking {rand:.4f}, popularity "
+              f"{ndcg10.get('Popularity', float('nan')):.4f}, SASRec {ndcg10.get('SASRec', float('nan')):.4f}.", ""]
+    for decoding, info in infos.items():
+        diag = info["diagnostics"]
+        lines += [
+            f"## Decoding: {decoding}", "",
+            f"- {diag['distinct_top1_share']:.1%} of top-1 generations are distinct, "
+            f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles, {diag['empty_top1']} are empty.",
+            "- Most frequent top-1 generations: "
+            + "; ".join(f"\"{t}\" x{c}" for t, c in diag["most_frequent_top1"][:10]),
+            "- Re-weighting gammas (chosen on validation):" if any(k in info for k in ("popularity", "CI")) else "",
+        ]
+        for kind in ("popularity", "CI"):
+            if kind in info:
+                gammas = info[kind]["gammas"]
+                lines.append(f"  - {kind}: single gamma (by validation NDCG@10) {gammas['single']}; "
+                             f"per-K NDCG gammas {gammas['NDCG']}")
+        lines.append("")
+    lines += ["## Stage times (s; 0 = reused)", "",
               ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     return "\n".join(lines)

@@ -55,13 +55,12 @@ class Config:
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     decoding: str = option("free", "free beam search (the paper's), or constrained to catalogue titles",
                            choices=list(DECODINGS))
-    catalog: str | None = option(None, "constrained: catalogue file (default: id2name.txt beside "
-                                       "--test_data_path)")
+    catalog: str | None = option(None, "constrained: catalogue file; None: id2name.txt beside --test_data_path")
     prompt_template: str = option("alpaca", "prompt the model was trained on: alpaca (bigrec, reference BIGRec) "
                                             "or d3 (D3's code, the released BIGRec_<Category>_0.5B checkpoints)",
                                   choices=list(TEMPLATES))
-    category: str | None = option(None, "d3 template: the category word of the prompt, e.g. 'video games' "
-                                        "(default: each row's 'category')")
+    category: str | None = option(None, "d3 template: the category word of the prompt, e.g. 'video games'; "
+                                        "None: each row's 'category'")
     length_penalty: float = option(1.0, "beam scores are divided by length ** length_penalty")
     length_correction: bool = option(False, "constrained: D3's length correction (near-certain tokens do not "
                                             "count towards the length)")
