@@ -49,7 +49,7 @@ class Config:
     num_beams: int = option(4, "beams per row (free decoding)")
     decoding: str = option("both", "free beam search, catalogue-constrained beam search, or both side by side",
                            choices=["free", "constrained", "both"])
-    constrained_beams: int = option(10, "beams per row (constrained decoding; each beam is one catalogue title)")
+    constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)")
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
     gen_batch_size: int = option(8, "rows per generate call")
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
