@@ -1,6 +1,6 @@
 import pytest
 
-from bigrec.catalog import CatalogError, read_catalog, row_target
+from bigrec.catalog import CatalogError, UnknownTargetError, read_catalog, row_target
 
 
 def write(tmp_path, text, name="id2name.txt"):
@@ -53,7 +53,7 @@ def test_row_target_by_id_or_title(tmp_path):
     assert row_target({"output": '"B"', "item_id": 1}, cat, "f.json row 0") == 1
     assert row_target({"output": '"A"', "item_id": 2}, cat, "f.json row 0") == 2
     assert row_target({"output": '"A"'}, cat, "f.json row 0") == 0  # reference rows: by title
-    with pytest.raises(CatalogError, match=r"f.json row 3: target title '\"C\"' is not in"):
+    with pytest.raises(UnknownTargetError, match=r"f.json row 3: target title '\"C\"' is not in"):
         row_target({"output": '"C"'}, cat, "f.json row 3")
     with pytest.raises(CatalogError, match="f.json row 4: field 'item_id' = 7 is not an id"):
         row_target({"output": '"A"', "item_id": 7}, cat, "f.json row 4")

@@ -164,7 +164,7 @@ def write(path, rows):
 @pytest.mark.parametrize("case, message", [
     ("no_predict", r"test.json, row 1: no 'predict' field"),
     ("bad_predict", r"test.json, row 0: field 'predict' must be a non-empty list of strings"),
-    ("unknown_title", r"reference.json, row 0: target title '\"Nope\"' is not in"),
+    ("unknown_title", r"reference.json: no row has a target in .*row 0: target title '\"Nope\"' is not in"),
     ("empty_file", r"test.json: no result rows"),
     ("no_valid", "need --valid_input_dir"),
     ("misaligned_ci", r"no score matrix in .* matches the rows of"),
@@ -190,6 +190,23 @@ def test_bad_input(data, tiny_model_dir, capsys, case, message):
     assert re.search(message, capsys.readouterr().err)
     assert not (data / "out").exists() or not list((data / "out").iterdir())  # nothing half-written
 
+
+
+def test_unknown_targets_are_counted_and_skipped(data, tiny_model_dir):
+    rows = rows_for(TEST[:3], reference=True)
+    write(data / "results" / "reference.json", [*rows, {"instruction": "x", "output": '"Nope"', "predict": ["a"]}])
+    assert main(args(data, tiny_model_dir)) == 0
+    out = data / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    details = json.loads((out / "metrics.details.json").read_text())
+    assert details["files"]["reference.json"]["diagnostics"]["unknown_targets_skipped"] == 1
+    assert details["files"]["reference.json"]["diagnostics"]["rows"] == 3
+    assert details["files"]["test.json"]["diagnostics"]["unknown_targets_skipped"] == 0
+    # The three known rows are the first three rows of test.json: same predictions, same metrics.
+    write(data / "results" / "test.json", rows_for(TEST[:3]))
+    assert main(args(data, tiny_model_dir)) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert metrics["reference.json"] == again["test.json"]
 
 
 # Constrained decoding: (target id, item ids of each beam); the beams' texts are their titles.

@@ -15,6 +15,10 @@ from pathlib import Path
 from bigrec.prompts import normalize_title
 
 
+class UnknownTargetError(ValueError):
+    """A row's target title is not in the catalogue (evaluation counts and skips such rows)."""
+
+
 class CatalogError(ValueError):
     """The catalogue file, or a row's target, is wrong; the message names file and line or row."""
 
@@ -105,5 +109,5 @@ def row_target(row: dict, catalog: Catalog, where: str) -> int:
         raise CatalogError(f"{where}: no 'item_id' and no 'output' title to find the target by")
     ids = catalog.ids_for(output)
     if not ids:
-        raise CatalogError(f"{where}: target title {output!r} is not in {catalog.path}")
+        raise UnknownTargetError(f"{where}: target title {output!r} is not in {catalog.path}")
     return ids[0]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bigrec import io
-from bigrec.catalog import Catalog, read_catalog, row_target
+from bigrec.catalog import Catalog, UnknownTargetError, read_catalog, row_target
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.ground import GAMMA_GRID, apply_gamma, l2_distances, popularity_counts, search_gamma
 from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
@@ -78,6 +78,7 @@ class Results:
     beams: list[list[str]]
     first: list[list[int]] | None = None  # per row, its beams' item ids in beam order ([] without predict_ids)
     has_ids: list[bool] | None = None  # per row: did it carry predict_ids
+    unknown_targets: list[str] | None = None  # skipped rows whose target title is not in the catalogue
 
     @property
     def decoding(self) -> str:
@@ -114,7 +115,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
         raise ValueError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
     if not rows:
         raise ValueError(f"{path}: no result rows")
-    targets, beams, first, has_ids = [], [], [], []
+    targets, beams, first, has_ids, kept, unknown = [], [], [], [], [], []
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
@@ -124,12 +125,22 @@ def read_results(path: Path, catalog: Catalog) -> Results:
             raise ValueError(f"{where}: no 'predict' field; run bigrec generate on this file first")
         if not isinstance(predict, list) or not predict or not all(isinstance(p, str) for p in predict):
             raise ValueError(f"{where}: field 'predict' must be a non-empty list of strings, got {predict!r}")
-        targets.append(row_target(row, catalog, where))
+        try:
+            targets.append(row_target(row, catalog, where))
+        except UnknownTargetError as exc:
+            unknown.append(str(exc))
+            continue
+        kept.append(row)
         beams.append([normalize_title(p) for p in predict])
         ids = row.get("predict_ids")
         has_ids.append(ids is not None)
         first.append([] if ids is None else _beam_ids(ids, len(predict), len(catalog), where))
-    return Results(path, rows, target_id_lists(targets, catalog.titles), beams, first, has_ids)
+    if unknown:
+        log.warning("%s: %d of %d rows have a target that is not in the catalogue and are left out of the "
+                    "metrics; first: %s", path, len(unknown), len(rows), unknown[0])
+    if not kept:
+        raise ValueError(f"{path}: no row has a target in {catalog.path} ({unknown[0]})")
+    return Results(path, kept, target_id_lists(targets, catalog.titles), beams, first, has_ids, unknown)
 
 
 def _beam_ids(ids: object, beams: int, num_items: int, where: str) -> list[int]:
@@ -197,6 +208,7 @@ def diagnostics(results: Results, catalog: Catalog) -> dict:
     counts = Counter(top)
     n = len(top)
     return {"rows": n, "decoding": results.decoding, "empty_top1": sum(1 for t in top if not t),
+            "unknown_targets_skipped": len(results.unknown_targets or []),
             "distinct_top1_share": len([t for t in counts if t]) / n,
             "exact_title_top1_share": sum(c for t, c in counts.items() if t and catalog.is_title(t)) / n,
             "most_frequent_top1": [[t, c] for t, c in counts.most_common(10)]}
