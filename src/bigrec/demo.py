@@ -100,7 +100,7 @@ class Stages:
 def first_rows(src: Path, dst: Path, n: int) -> None:
     """The first ``n`` rows of an instruction file (the seeded 5,000-row sample keeps its order)."""
     rows = io.read_json(src)
-    io.write_text(dst, "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:n]) + "\n]\n")
+    io.write_json_rows(dst, rows[:n])
 
 
 def random_ndcg_hr(num_items: int, topk: tuple[int, ...]) -> dict[str, list[float]]:

@@ -9,7 +9,6 @@ output folder only when everything succeeded, so a failed run leaves it as it wa
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from bigrec.data.movielens import read_movielens
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
 from bigrec.data.windows import SPLITS, window_and_split
-from bigrec.io import staged_dir, write_json, write_text, write_yaml
+from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
 from bigrec.prompts import DOMAINS, Domain, domain_for_category, instruction_row
 
 log = logging.getLogger(__name__)
@@ -122,13 +121,6 @@ def split_tables(examples: SplitExamples, domain: Domain) -> dict[str, tuple[pd.
     return out
 
 
-def json_rows(rows: list[dict]) -> str:
-    """A JSON list with one row per line: valid JSON, diff-able, and far smaller than indent=4."""
-    if not rows:
-        return "[]\n"
-    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n"
-
-
 def stats_for(cfg: Config, examples: SplitExamples, tables: dict, seconds: float) -> dict:
     users, items, interactions = set(), set(), set()
     times = []
@@ -184,13 +176,12 @@ def run(cfg: Config) -> dict:
         write_text(stage / "id2name.txt", "".join(f"{title}\t{i}\n" for i, (_, title) in enumerate(examples.catalog)))
         for split, (csv, rows) in tables.items():
             csv.to_csv(stage / f"{split}.csv", index=False)
-            write_text(stage / f"{split}.json", json_rows(rows))
+            write_json_rows(stage / f"{split}.json", rows)
             if split != "train":
                 n = min(cfg.sample_rows, len(csv))
                 # pandas' sample with random_state=42 picks the same rows as the reference notebooks.
                 picked = csv.sample(n=n, random_state=cfg.seed).index.tolist()
-                write_text(stage / f"{split}_{cfg.sample_rows}.json" if cfg.sample_rows != 5000
-                           else stage / f"{split}_5000.json", json_rows([rows[i] for i in picked]))
+                write_json_rows(stage / f"{split}_{cfg.sample_rows}.json", [rows[i] for i in picked])
         stats = stats_for(cfg, examples, tables, time.time() - started)
         write_json(stage / "stats.json", stats)
         write_yaml(stage / "config.yaml", {"stage": "prepare", **to_dict(cfg), "domain_wording": domain.plural})
