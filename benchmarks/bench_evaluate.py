@@ -95,7 +95,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="ours' texts per forward pass (evaluate's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/bench_evaluate")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers.utils import logging as hf_logging
 

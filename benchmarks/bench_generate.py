@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="ours' upper bound (bigrec's default)")
     parser.add_argument("--ref_max_new_tokens", type=int, default=128, help="the reference's max_new_tokens")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -187,9 +187,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval_batch", type=int, default=8)
     parser.add_argument("--workdir", default="/tmp/bench_train", help="adapters and checkpoints go here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = torch's default)")
     parser.add_argument("--child", choices=RECIPES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args)
         return
@@ -210,8 +215,11 @@ def main() -> None:
     base = resolve_base_model(args.base_model)  # converts the bundled model once, outside the timings
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    import torch
+
     print(f"model {base}; {args.sample} training rows of {data / 'train.json'} (seed {args.seed}); "
-          f"{os.cpu_count()} CPUs, native bf16: {cpu_has_bf16()}", flush=True)
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, native bf16: {cpu_has_bf16()}",
+          flush=True)
 
     results: dict[str, dict] = {}
     for recipe in recipes:
@@ -220,7 +228,8 @@ def main() -> None:
         result_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", recipe, "--result", str(result_file), "--sample",
                str(args.sample), "--data", str(data), "--base_model", base, "--precision", args.precision,
-               "--cutoff_len", str(args.cutoff_len), "--seed", str(args.seed), "--workdir", str(workdir)]
+               "--cutoff_len", str(args.cutoff_len), "--seed", str(args.seed), "--workdir", str(workdir),
+               "--threads", str(args.threads)]
         print(f"[{recipe}] training in a subprocess (log: {log_file}) ...", flush=True)
         started = time.perf_counter()
         with log_file.open("w") as log:
