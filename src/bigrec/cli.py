@@ -29,39 +29,26 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(stage: str):
-    module_name = STAGES[stage][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="bigrec", description="BIGRec: LLM recommendation by bi-step grounding.")
     parser.add_argument("--version", action="version", version=f"bigrec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    chosen = next((a for a in argv if a in STAGES), None)
+    # Global options take no value, so the first bare word is the stage; only its module is imported.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
-    for stage, (_, description) in STAGES.items():
+    for stage, (module_name, description) in STAGES.items():
         p = sub.add_parser(stage, help=description, description=description)
         if stage == chosen:
-            module = _load(stage)
-            if module is not None:
-                add_dataclass_arguments(p, module.Config)
+            module = importlib.import_module(module_name)
+            add_dataclass_arguments(p, module.Config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.stage is None:
         parser.print_help()
         return 2
-    if module is None:
-        print(f"bigrec {args.stage}: not yet available in this version", file=sys.stderr)
-        return 3
     try:
         config = from_args(module.Config, args)
         result = module.run(config)
