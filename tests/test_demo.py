@@ -50,7 +50,8 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     assert table["topk"] == [1, 3, 5, 10, 20, 50]
     bigrec = [f"BIGRec ({d}){extra}" for d in ("free", "constrained") for extra in ("", " + popularity",
                                                                                   " + CI (SASRec)")]
-    assert list(table) == ["topk", *bigrec, "SASRec", "Popularity", "Random"]
+    reference = "BIGRec (free), reference grounding"  # the same generations, grounded the paper's way
+    assert list(table) == ["topk", *bigrec[:3], reference, *bigrec[3:], "SASRec", "Popularity", "Random"]
     for name in table.keys() - {"topk"}:
         assert len(table[name]["NDCG"]) == 6 and all(0 <= v <= 1 for v in table[name]["HR"])
     # 25 items: HR@50 of any complete ranking is 1.
@@ -58,6 +59,7 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     report = (run_dir / "report.md").read_text()
     assert "Where BIGRec stands" in report and "random ranking" in report and "distinct" in report
     assert "## Decoding: free" in report and "## Decoding: constrained" in report
+    assert "last layer, mean over tokens, natural titles" in report and "grounded the reference way" in report
     assert "100.0% are exact catalogue titles" in report.split("## Decoding: constrained")[1]
     constrained = json.loads((run_dir / "results" / "constrained" / "test.json").read_text())
     assert len(constrained) == 12 and all(len(r["predict_ids"]) == 3 for r in constrained)
@@ -65,6 +67,7 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     manifest = RunManifest.load(run_dir)
     for field in ("catalog", "index", "adapter", "sasrec", "data"):
         assert manifest.path(run_dir, field).exists(), field
+    assert (manifest.pooling, manifest.embed_layer, manifest.title_text) == ("mean", -1, "natural")
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 12
 
 
@@ -81,8 +84,9 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
     caplog.set_level("INFO", logger="bigrec.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate_constrained", "evaluate_free", "generate_test_constrained", "generate_test_free",
-                   "generate_valid_constrained", "generate_valid_free", "inputs"]
+    assert ran == ["evaluate_constrained", "evaluate_free", "evaluate_free_reference_grounding",
+                   "generate_test_constrained", "generate_test_free", "generate_valid_constrained",
+                   "generate_valid_free", "inputs"]
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 8
 
 
@@ -103,3 +107,15 @@ def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo,
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert "BIGRec (free)" in table and not any("constrained" in name for name in table)
     assert "## Decoding: constrained" not in (run_dir / "report.md").read_text()
+
+
+def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, tiny_model_dir, caplog):
+    run_dir, source = finished_demo
+    caplog.set_level("INFO", logger="bigrec.demo")
+    assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free", pooling="last",
+                          title_text="bare")) == 0
+    ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
+    assert ran == ["evaluate_free", "index"]  # the reference grounding needs no second row
+    table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
+    assert "BIGRec (free), reference grounding" not in table
+    assert RunManifest.load(run_dir).pooling == "last"

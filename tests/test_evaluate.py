@@ -1,6 +1,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from bigrec.cli import main
 from bigrec.evaluate import Config, run
 from bigrec.ground import GAMMA_GRID
-from bigrec.index import embed_texts, load_index
+from bigrec.index import Grounding, embed_texts, load_index
 from bigrec.metrics import TOPK
 from bigrec.models import load_model
 from bigrec.scores import load_scores, save_scores
@@ -110,6 +111,30 @@ def test_evaluate_end_to_end(data, tiny_model_dir, capsys):
     beams = json.loads((out / "beams.json").read_text())
     assert beams["test.json"]["HR"][0] == 1.0
     assert len(list(out.glob("index.*.safetensors"))) == 1  # the index was reused
+
+
+def test_grounding_options(data, tiny_model_dir):
+    """Mean pooling of a middle layer over natural titles: its own index, and a generation in
+    natural order ("The Usual Suspects") grounds to the catalogue's "Usual Suspects, The"."""
+    cases = TEST + [(8, ['"The Usual Suspects (1995)"', '"Heat"'])]
+    (data / "results" / "test.json").write_text(json.dumps(rows_for(cases)))
+    (data / "results" / "reference.json").unlink()
+    out = data / "out"
+    assert main(args(data, tiny_model_dir, "--pooling", "mean", "--embed_layer", "1", "--title_text", "natural")) == 0
+    details = json.loads((out / "metrics.details.json").read_text())
+    assert details["grounding"] == "layer 1, mean over tokens, natural titles"
+    assert Path(details["index"]).name.endswith(".mean-1-natural.safetensors")
+    assert load_index(details["index"])[1]["pooling"] == "mean"
+    model, tok = load_model(tiny_model_dir, "fp32")
+    items = load_index(details["index"])[0]
+    query = embed_texts(model, tok, ["The Usual Suspects (1995)"], grounding=Grounding("mean", 1, "natural"))
+    assert torch.linalg.norm(items - query, dim=1).argmin().item() == 8
+    metrics = json.loads((out / "metrics.json").read_text())["test.json"]
+    assert metrics["HR"][0] >= 4 / 7  # the 3 exact titles and "The Usual Suspects"
+
+    # the reference grounding is another index beside it
+    assert main(args(data, tiny_model_dir, "--output", str(out / "reference.json"))) == 0
+    assert len(list(out.glob("index.*.safetensors"))) == 2
 
 
 def test_index_of_another_model_is_refused(data, tiny_model_dir, tiny_qwen_dir, capsys):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bigrec.cli import main
-from bigrec.prompts import alpaca_prompt, normalize_title, prompt_for_row
+from bigrec.prompts import alpaca_prompt, natural_title, normalize_title, prompt_for_row
 from data_fixtures import (
     write_amazon,
     write_d3,
@@ -177,6 +177,15 @@ def test_normalize_title():
     assert normalize_title("'Quoted'") == "Quoted"
 
 
+@pytest.mark.parametrize("title, natural", [
+    ("Shining, The (1980)", "The Shining (1980)"), ("Haine, La (1995)", "La Haine (1995)"),
+    ("Enfer, L' (1994)", "L'Enfer (1994)"), ("Crows and Sparrows, The", "The Crows and Sparrows"),
+    ("Titanic (1997)", "Titanic (1997)"), ("Sunset, Boulevard (1950)", "Sunset, Boulevard (1950)"),
+    ("Good, the Bad and the Ugly, The (1966)", "The Good, the Bad and the Ugly (1966)")])
+def test_natural_title(title, natural):
+    assert natural_title(title) == natural
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
@@ -275,3 +284,4 @@ def test_real_d3_industrial(tmp_path):
     out = prepare(tmp_path, "--dataset", "d3", "--source", str(SHARED / "amazon-industrial"))
     assert len(catalog(out)) == 3686
     assert json.loads((out / "stats.json").read_text())["examples"]["test"] == 4533
+

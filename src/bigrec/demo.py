@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bigrec import io
 from bigrec.config import option, to_dict
+from bigrec.index import POOLINGS, TITLE_TEXTS
 from bigrec.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,13 @@ class Config:
     gen_batch_size: int = option(8, "rows per generate call")
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
+    # Grounding: chosen on the validation generations of a demo run (benchmarks/bench_grounding.py);
+    # the report also shows the reference's (last layer, last token, bare titles) on the same generations.
+    pooling: str = option("mean", "grounding: mean over the title's tokens, or the last token (reference)",
+                          choices=POOLINGS)
+    embed_layer: int = option(-1, "grounding: hidden state after this many layers (-1 = last, as the reference)")
+    title_text: str = option("natural", "grounding: natural ('The Shining (1980)') or bare ('Shining, The "
+                                        "(1980)', the reference) titles", choices=TITLE_TEXTS)
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
 
@@ -114,6 +122,7 @@ def run(cfg: Config) -> int:
     from bigrec import index as index_stage
     from bigrec.baselines import run as baseline_run
     from bigrec.catalog import read_catalog, row_target
+    from bigrec.index import REFERENCE, grounding_of
     from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
     from bigrec.report import format_table, metrics_json, plot_metrics
     from bigrec.run_manifest import RunManifest
@@ -161,9 +170,12 @@ def run(cfg: Config) -> int:
             stages.run(f"generate_{split}_{decoding}", to_dict(gen_cfg), [results / decoding / f"{split}.json"],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 
+    grounding = {"pooling": cfg.pooling, "embed_layer": cfg.embed_layer, "title_text": cfg.title_text}
     idx_cfg = index_stage.Config(catalog=str(data / "id2name.txt"), output=str(index_path),
-                                 base_model=cfg.base_model, precision=cfg.precision, overwrite=True)
+                                 base_model=cfg.base_model, precision=cfg.precision, overwrite=True, **grounding)
     stages.run("index", to_dict(idx_cfg), [index_path], lambda: index_stage.run(idx_cfg), after=("prepare",))
+    # The paper's grounding beside ours, on the same generations: what the choice of embedding is worth.
+    compare_reference = grounding_of(cfg) != REFERENCE and "free" in decodings
 
     base_cfgs = {}
     for model in ("popularity", "sasrec"):
@@ -182,9 +194,16 @@ def run(cfg: Config) -> int:
             valid_input_dir=str(results / decoding / "valid.json"), popularity=str(data / "train.csv"),
             ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
             valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
-            index_path=str(index_path), precision=cfg.precision)
+            index_path=str(index_path), precision=cfg.precision, **grounding)
         stages.run(f"evaluate_{decoding}", to_dict(eval_cfg), [metrics_path], lambda c=eval_cfg: evaluate.run(c),
                    after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity", "sasrec"))
+    if compare_reference:
+        reference_path = run_dir / "metrics" / "bigrec_free_reference_grounding.json"
+        ref_cfg = evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results / "free" / "test.json"),
+                                  output=str(reference_path), base_model=cfg.base_model,
+                                  index_path=str(run_dir / "index.reference.safetensors"), precision=cfg.precision)
+        stages.run("evaluate_free_reference_grounding", to_dict(ref_cfg), [reference_path],
+                   lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
 
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
     catalog = read_catalog(data / "id2name.txt")
@@ -203,6 +222,8 @@ def run(cfg: Config) -> int:
         for key, name in names.items():
             if key in bigrec_metrics:
                 runs[name] = bigrec_metrics[key]
+        if decoding == "free" and compare_reference:
+            runs["BIGRec (free), reference grounding"] = io.read_json(reference_path)[test_name]
     for model, label in (("sasrec", "SASRec"), ("popularity", "Popularity")):
         scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)
         runs[label] = ndcg_hr(target_ranks(scores, targets, higher_is_better=True), TOPK)
@@ -211,14 +232,15 @@ def run(cfg: Config) -> int:
     io.write_json(run_dir / "metrics" / "side_by_side.json", table)
     plot_metrics(table, run_dir / "metrics" / "side_by_side.png", TOPK)
     elapsed = time.perf_counter() - started
-    report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK))
+    report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK),
+                           grounding_of(cfg).describe())
     io.write_text(run_dir / "report.md", report)
     # recommend/serve decode freely: their gammas come from the free run when there is one
     gammas_from = infos.get("free") or infos["constrained"]
 
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
-                precision=cfg.precision, num_beams=cfg.num_beams,
+                precision=cfg.precision, num_beams=cfg.num_beams, **grounding,
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 ).save(run_dir)
@@ -229,7 +251,7 @@ def run(cfg: Config) -> int:
 
 
 def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dict, elapsed: float,
-                  text_table: str) -> str:
+                  text_table: str, grounding: str) -> str:
     """report.md: the table, where each decoding stands, its decoding diagnostics and gammas, stage times."""
     k10 = table["topk"].index(10)
     ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}
@@ -237,13 +259,14 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
     beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding",
              "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
                             "first, then the rest by L2 distance to the top beam"}
+    reference_row = ndcg10.get("BIGRec (free), reference grounding")
     lines = [
         "# bigrec demo report", "",
         f"Dataset {cfg.dataset}, base model {cfg.base_model}, LoRA on {cfg.sample} sampled examples, "
         f"{cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, lr {cfg.learning_rate}, "
         f"loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}; "
         f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
-        f"Wall time {elapsed / 60:.1f} min.", "",
+        f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.", "",
         "```", text_table, "```", "",
         "## Where BIGRec stands", "",
     ]
@@ -251,6 +274,9 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
         plain = ndcg10.get(f"BIGRec ({decoding})", 0.0)
         verdict = ("above" if plain > rand * 1.5 else "not clearly above") + " a random ranking"
         lines.append(f"- NDCG@10: BIGRec ({decoding}) {plain:.4f} ({verdict}).")
+    if reference_row is not None:
+        lines.append(f"- NDCG@10 of the same free generations grounded the reference way (last layer, last token, "
+                     f"bare titles): {reference_row:.4f}.")
     lines += [f"- NDCG@10 of the references: random ranking {rand:.4f}, popularity "
               f"{ndcg10.get('Popularity', float('nan')):.4f}, SASRec {ndcg10.get('SASRec', float('nan')):.4f}.", ""]
     for decoding, info in infos.items():

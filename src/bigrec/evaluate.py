@@ -36,6 +36,7 @@ from bigrec import io
 from bigrec.catalog import Catalog, UnknownTargetError, read_catalog, row_target
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.ground import GAMMA_GRID, apply_gamma, l2_distances, popularity_counts, search_gamma
+from bigrec.index import layer_option, pooling_option, title_text_option
 from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
 from bigrec.models import DEFAULT_MODEL
 from bigrec.prompts import normalize_title
@@ -60,6 +61,9 @@ class Config:
     index_path: str | None = option(None, "item index to reuse or build (default: beside --output)")
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     batch_size: int = option(64, "texts per embedding forward pass")
+    pooling: str = pooling_option()
+    embed_layer: int = layer_option()
+    title_text: str = title_text_option()
 
     def validate(self) -> None:
         if (self.popularity or self.ci_scores) and not self.valid_input_dir:
@@ -162,8 +166,12 @@ class Embedder:
     same text through the same model, so the same vector up to rounding, at no cost.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int, known: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model, tokenizer, batch_size: int, known: dict[str, torch.Tensor] | None = None,
+                 grounding=None):
+        from bigrec.index import REFERENCE
+
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.grounding = grounding or REFERENCE
         self.cache: dict[str, torch.Tensor] = dict(known or {})
         self.seconds = 0.0  # spent embedding, for the timing log
 
@@ -174,7 +182,8 @@ class Embedder:
         new = sorted({t for t in texts if t and t not in self.cache})
         if new:
             start = time.perf_counter()
-            for text, vec in zip(new, embed_texts(self.model, self.tokenizer, new, self.batch_size), strict=True):
+            for text, vec in zip(new, embed_texts(self.model, self.tokenizer, new, self.batch_size,
+                                                          self.grounding), strict=True):
                 self.cache[text] = vec
             self.seconds += time.perf_counter() - start
         dim = self.model.config.hidden_size
@@ -326,7 +335,7 @@ def ground_results(results: Results, items: torch.Tensor,
 
 
 def run(config: Config) -> dict:
-    from bigrec.index import ensure_index
+    from bigrec.index import REFERENCE, ensure_index, grounding_of
     from bigrec.models import load_model
     from bigrec.report import format_table, metrics_json, plot_metrics
 
@@ -353,13 +362,16 @@ def run(config: Config) -> dict:
             weights["CI"][t.name] = (scores, valid_scores, {"ci_scores": str(src), "valid_ci_scores": str(valid_src)})
 
     model, tokenizer = load_model(config.base_model, config.precision)
-    index_path = Path(config.index_path or output.parent / f"index.{_slug(config.base_model)}.safetensors")
+    grounding = grounding_of(config)
+    variant = "" if grounding == REFERENCE else f".{grounding.pooling}-{grounding.layer}-{grounding.text}"
+    index_path = Path(config.index_path or output.parent / f"index.{_slug(config.base_model)}{variant}.safetensors")
     items = ensure_index(config.base_model, catalog.path, index_path, config.precision, model=model,
-                         tokenizer=tokenizer, batch_size=config.batch_size)
+                         tokenizer=tokenizer, batch_size=config.batch_size, grounding=grounding)
     embed = Embedder(model, tokenizer, config.batch_size,
-                     known={title: items[ids[0]] for title, ids in catalog.ids_by_title.items()})
+                     known={title: items[ids[0]] for title, ids in catalog.ids_by_title.items()}, grounding=grounding)
     runs: dict[str, dict] = {}
-    details: dict = {"topk": list(TOPK), "index": str(index_path), "catalog": str(catalog.path),
+    details: dict = {"topk": list(TOPK), "index": str(index_path), "grounding": grounding.describe(),
+                     "catalog": str(catalog.path),
                      "num_items": n, "all_beams": config.all_beams, "files": {}}
     for test in tests:
         start, embedded = time.perf_counter(), embed.seconds

@@ -14,6 +14,7 @@ Qwen2-0.5B) see their training prompt. Its response is the quoted title followed
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 ALPACA_PREAMBLE = (
@@ -80,6 +81,26 @@ def normalize_title(title: object) -> str:
     while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return " ".join(text.split())
+
+
+# MovieLens (and other catalogues) move a leading article behind the title: "Shining, The (1980)".
+_TRAILING_ARTICLE = re.compile(
+    r"^(?P<body>.+?), (?P<article>The|A|An|L'|La|Le|Les|Il|Lo|Gli|I|Das|Der|Die|El|Los|Las|Det|Den)"
+    r"(?P<tail> \([^()]*\))?$")
+
+
+def natural_title(title: str) -> str:
+    """Put a trailing article back in front: "Shining, The (1980)" -> "The Shining (1980)".
+
+    Language models know titles in the order people write them, so generations come out as
+    "The Shining (1980)"; embedding both sides in that order lets one find the other.
+    Titles without a trailing article are returned unchanged.
+    """
+    match = _TRAILING_ARTICLE.match(title)
+    if not match:
+        return title
+    article = match["article"]
+    return f"{article}{'' if article.endswith(chr(39)) else ' '}{match['body']}{match['tail'] or ''}"
 
 
 def quote(title: str) -> str:

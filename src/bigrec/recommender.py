@@ -134,7 +134,7 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> Recommender:
         from bigrec.baselines.sasrec import SASRec
-        from bigrec.index import ensure_index
+        from bigrec.index import ensure_index, grounding_of
         from bigrec.models import load_model
 
         run_dir = Path(run_dir).resolve()
@@ -150,7 +150,7 @@ class Recommender:
         else:
             gen_model = embed_model
         items = ensure_index(base, catalog_path, manifest.path(run_dir, "index"), manifest.precision,
-                             model=embed_model, tokenizer=tokenizer)
+                             model=embed_model, tokenizer=tokenizer, grounding=grounding_of(manifest))
         sasrec = None
         sasrec_dir = manifest.path(run_dir, "sasrec")
         if sasrec_dir is not None:
@@ -227,9 +227,9 @@ class Recommender:
         return prompt_for_row(row, template=template, category=self.domain.plural)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        from bigrec.index import embed_texts
+        from bigrec.index import embed_texts, grounding_of
 
-        return embed_texts(self.embed_model, self.tokenizer, texts)
+        return embed_texts(self.embed_model, self.tokenizer, texts, grounding=grounding_of(self.manifest))
 
     def recommend(self, histories: list[list[str | int]], k: int = 10, use_ci: bool = False,
                   exclude_history: bool = False) -> list[Result]:

@@ -28,6 +28,9 @@ class RunManifest:
     domain: str = "movie"  # prompt wording (bigrec.prompts.DOMAINS)
     prompt_template: str = "alpaca"
     precision: str = "auto"
+    pooling: str = "last"  # how the index and the generations are embedded (bigrec.index.Grounding)
+    embed_layer: int = -1
+    title_text: str = "bare"
     num_beams: int = 4
     max_new_tokens: int = 64
     ci_gamma: float | None = None  # gamma for SASRec re-weighting, chosen on validation
