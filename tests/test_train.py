@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bigrec.config import ConfigError, parse
+from bigrec.labelled_logits import LabelledLogits
 from bigrec.models import load_tokenizer
 from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
 from bigrec.sft_data import IGNORE_INDEX, Collator, SFTDataset, encode_row, load_rows
@@ -107,6 +108,43 @@ def test_config_flags_and_yaml(tmp_path):
         parse(Config, ["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ConfigError, match="train_data_path"):
         parse(Config, [])
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture, train_on_inputs):
+    """Logits only at labelled positions: the same loss and LoRA gradients as full logits."""
+    model_dir = request.getfixturevalue(fixture)
+    tok = load_tokenizer(model_dir, padding_side="right")
+    data = SFTDataset(make_rows(3), tok, 256, train_on_inputs, "train")
+    batch = Collator(tok.pad_token_id)([data[i] for i in range(3)])
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config(Config(
+        train_data_path=["x"], lora_target_modules=["q_proj", "v_proj"])))
+    model.train(False)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full, full_grads = loss_and_grads(lambda: model(**batch).loss)
+    labelled = LabelledLogits(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def sparse():
+        with labelled.positions(batch["labels"]):
+            outputs = model(**inputs)
+        assert outputs.logits.shape[0] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # [K, vocab]
+        return labelled.loss(outputs, batch["labels"])
+
+    part, part_grads = loss_and_grads(sparse)
+    torch.testing.assert_close(part, full)
+    for a, b in zip(part_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    labelled.remove()
+    assert model(**inputs).logits.shape[:2] == batch["input_ids"].shape  # the hook is gone
 
 
 def test_lora_training_changes_adapter_only(tiny_model_dir, tmp_path):

@@ -59,6 +59,8 @@ class Config:
     lora_target_modules: list[str] = option(help="modules that get LoRA", factory=lambda: ["q_proj", "v_proj"])
     train_on_inputs: bool = option(True, "loss on the prompt too (reference default); false = response only")
     group_by_length: bool = option(False, "batch examples of similar length together")
+    sparse_logits: bool = option(True, "compute LM-head logits only where the loss needs them (same loss, "
+                                       "less time and memory); false = the model's own loss on full logits")
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
@@ -192,6 +194,25 @@ def _callbacks():
     return JsonlLog, KeepBest, QuietProgress
 
 
+def _trainer_class():
+    """``Trainer`` that, given a :class:`bigrec.labelled_logits.LabelledLogits`, selects the LM
+    head's rows for each batch (defined lazily: importing transformers is slow)."""
+    from transformers import Trainer
+
+    class BigrecTrainer(Trainer):
+        def __init__(self, *args, labelled=None, **kwargs):
+            super().__init__(*args, compute_loss_func=labelled.loss if labelled else None, **kwargs)
+            self.labelled = labelled
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.labelled is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with self.labelled.positions(inputs["labels"]):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return BigrecTrainer
+
+
 def _save_atomically(model, target: Path, meta: dict[str, Any]) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -230,7 +251,9 @@ def build_model(config: Config, base: str, adapter: str | None):
 
 
 def run(config: Config) -> dict[str, Any]:
-    from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
+    from transformers import ProgressCallback, TrainingArguments, set_seed
+
+    from bigrec.labelled_logits import LabelledLogits
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
@@ -279,16 +302,22 @@ def run(config: Config) -> dict[str, Any]:
     JsonlLog, KeepBest, QuietProgress = _callbacks()
     best_dir = out / BEST_DIR
     keep_best = KeepBest(str(best_dir), config.early_stopping_patience)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}), keep_best])
+    labelled = LabelledLogits(model) if config.sparse_logits else None
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                               data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                               callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}), keep_best],
+                               labelled=labelled)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     if checkpoint is None and best_dir.exists() and trainer.is_world_process_zero():
         shutil.rmtree(best_dir)  # a fresh run must not inherit an old run's best
     if trainer.is_world_process_zero():
         write_yaml(out / "config.yaml", {**resolved, "status": "training"})
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if labelled is not None:
+            labelled.remove()
     state = trainer.state
     summary = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": result.training_loss,
                "best_eval_loss": _best_loss(best_dir), "best_step": _best_step(best_dir)}
