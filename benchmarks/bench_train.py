@@ -10,6 +10,8 @@ that recipe's alone:
 * ``ours_demo``: ``bigrec.train.run`` with the demo's settings (batch 16, micro-batch 8, lr 5e-4,
   loss on the response only, precision auto = bf16 autocast on a CPU with native bf16, the
   demo's warm-up ``min(20, max(1, sample // 16 // 4))``).
+* ``ours_demo_dense`` (not run by default): ``ours_demo`` with ``sparse_logits`` false, i.e.
+  logits at every position: what computing them only where the loss needs them is worth.
 * ``ours_ref``: ``bigrec.train.run`` with the reference's settings (batch 128, micro-batch 4,
   lr 1e-4, 20 warm-up steps, loss on prompt and response) at precision auto.
 * ``reference``: the reference BIGRec recipe restated here: plain ``transformers.Trainer`` +
@@ -40,7 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = ("ours_demo", "ours_ref", "reference")
+RECIPES = ("ours_demo", "ours_ref", "reference", "ours_demo_dense")
+DEFAULT_RECIPES = RECIPES[:3]
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 REF = {"batch_size": 128, "micro_batch_size": 4, "learning_rate": 1e-4, "warmup_steps": 20}
 DEMO = {"batch_size": 16, "micro_batch_size": 8, "learning_rate": 5e-4}
@@ -50,7 +53,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train_ours(args, out: Path, demo: bool) -> dict:
+def train_ours(args, out: Path, demo: bool, sparse_logits: bool = True) -> dict:
     import yaml
 
     from bigrec.train import LOG_NAME, Config, run
@@ -61,7 +64,8 @@ def train_ours(args, out: Path, demo: bool) -> dict:
                     output_dir=str(out), sample=args.sample, seed=args.seed, num_epochs=1,
                     cutoff_len=args.cutoff_len, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=list(LORA["targets"]),
-                    precision=args.precision, resume_from_checkpoint="false", **settings)
+                    precision=args.precision, resume_from_checkpoint="false", sparse_logits=sparse_logits,
+                    **settings)
     started = time.perf_counter()
     summary = run(config)
     wall = time.perf_counter() - started
@@ -137,7 +141,8 @@ def child(args) -> None:
     if args.child == "reference":
         result = train_reference(args, out)
     else:
-        result = train_ours(args, out, demo=args.child == "ours_demo")
+        result = train_ours(args, out, demo=args.child.startswith("ours_demo"),
+                            sparse_logits=args.child != "ours_demo_dense")
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -181,7 +186,7 @@ def main() -> None:
     parser.add_argument("--val_rows", type=int, default=64, help="validation rows for the loss after training")
     parser.add_argument("--data", default="/tmp/prep/ml-100k", help="prepared ml-100k (prepared here if absent)")
     parser.add_argument("--base_model", default="smollm2-135m")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {RECIPES}")
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated subset of {RECIPES}")
     parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
     parser.add_argument("--cutoff_len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
@@ -252,7 +257,7 @@ def main() -> None:
         r["val_loss"] = validation_loss(base, r["adapter"], val_rows, args.cutoff_len, args.eval_batch)
 
     print(f"\nbase model (no adapter): validation loss {base_loss:.4f} per response token\n")
-    head = (f"{'recipe':<10} {'compute':<9} {'batch/micro':>11} {'lr':>7} {'loss on':>9} {'steps':>5} "
+    head = (f"{'recipe':<15} {'compute':<9} {'batch/micro':>11} {'lr':>7} {'loss on':>9} {'steps':>5} "
             f"{'tokens':>7} {'train s':>8} {'tokens/s':>8} {'vs ref':>6} {'peak RSS':>9} {'val loss':>8}")
     print(head)
     print("-" * len(head))
@@ -261,7 +266,7 @@ def main() -> None:
     for name, r in results.items():
         s = r["settings"]
         speed = r["tokens"] / r["train_runtime"]
-        print(f"{name:<10} {r['compute']:<9} {s['batch_size']:>5}/{s['micro_batch_size']:<5} "
+        print(f"{name:<15} {r['compute']:<9} {s['batch_size']:>5}/{s['micro_batch_size']:<5} "
               f"{s['learning_rate']:>7.0e} {'all' if s['train_on_inputs'] else 'response':>9} {r['steps']:>5} "
               f"{r['tokens']:>7} {r['train_runtime']:>8.1f} {speed:>8.1f} {speed / ref_speed:>5.2f}x "
               f"{r['peak_rss_mb'] / 1024:>7.2f}GB {r['val_loss']:>8.4f}")
