@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from bigrec import __version__
 from bigrec.config import ConfigError, add_dataclass_arguments, from_args
@@ -27,6 +30,33 @@ STAGES: dict[str, tuple[str, str]] = {
     "recommend": ("bigrec.recommend", "recommend items for a history with a finished run"),
     "serve": ("bigrec.serve", "HTTP recommendation service for a finished run"),
 }
+
+
+# Stages that handle SIGTERM themselves (uvicorn shuts the service down gracefully).
+OWN_SIGNAL_HANDLING = {"serve"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that ``finally`` blocks remove temporary and staging files."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds(stage: str):
+    """While a stage runs, SIGTERM (a scheduler or ``kill``) unwinds like Ctrl-C instead of
+    killing the process where it stands, which would leave half-written ``.tmp`` and ``.staging-*``
+    files behind. Only the main thread may set signal handlers."""
+    if stage in OWN_SIGNAL_HANDLING or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = from_args(module.Config, args)
-        result = module.run(config)
+        with _sigterm_unwinds(args.stage):
+            result = module.run(config)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"bigrec {args.stage}: error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"bigrec {args.stage}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"bigrec {args.stage}: {how}; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return int(result) if isinstance(result, int) else 0
