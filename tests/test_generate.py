@@ -81,6 +81,53 @@ def test_beams_stop_at_closing_quote(taught_dir):
     assert all(len(p) == 4 and all(text.count('"') <= 2 and "\n" not in text for text in p) for p in predicts)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixture):
+    """The prompt encoded once (SharedPromptLayer: in-place writes, reorders of the generated part
+    only) returns exactly what transformers returns when it encodes the prompt once per beam."""
+    from transformers import StoppingCriteriaList
+
+    from bigrec.decoding import SharedPromptLayer, prompt_cache
+    from bigrec.generate import TitleEndCriteria
+
+    model, tok = load_model(request.getfixturevalue(fixture), "fp32")
+    prompts = [prompt_for_row(r) for r in case_rows()]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert all(isinstance(layer, SharedPromptLayer) for layer in prompt_cache(model, enc, 4, 12).layers)
+    ours = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12)
+    prompt_len = enc["input_ids"].shape[1]
+    with torch.inference_mode():
+        plain = model.generate(**enc, num_beams=4, num_return_sequences=4, do_sample=False, max_new_tokens=12,
+                               pad_token_id=tok.pad_token_id,
+                               stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tok, prompt_len)]))
+    assert torch.equal(ours, plain[:, prompt_len:])
+
+
+def test_shared_prompt_layer_matches_a_dynamic_layer_through_beam_reorders():
+    from transformers.cache_utils import DynamicLayer
+
+    from bigrec.decoding import SharedPromptLayer
+
+    torch.manual_seed(0)
+    rows, beams, heads, prompt, dim = 3, 4, 2, 5, 8
+    keys, values = torch.randn(rows, heads, prompt, dim), torch.randn(rows, heads, prompt, dim)
+    shared = SharedPromptLayer(keys, values, beams, room=2)  # room for 2: the third step must grow
+    plain = DynamicLayer()
+    plain.update(keys.repeat_interleave(beams, 0), values.repeat_interleave(beams, 0))
+    for step in range(3):
+        new_k, new_v = torch.randn(rows * beams, heads, 1, dim), torch.randn(rows * beams, heads, 1, dim)
+        for layer in (shared, plain):
+            out_k, out_v = layer.update(new_k, new_v)
+        assert torch.equal(out_k, plain.keys) and torch.equal(shared.values, plain.values)
+        within = torch.cat([torch.randperm(beams) + r * beams for r in range(rows)])  # beam search's reorder
+        across = torch.randperm(rows * beams)  # not beam search's: every position moves
+        order = within if step < 2 else across
+        shared.reorder_cache(order)
+        plain.reorder_cache(order)
+        assert torch.equal(shared.keys, plain.keys) and torch.equal(shared.values, plain.values), step
+        assert shared.get_seq_length() == plain.get_seq_length() == prompt + step + 1
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text(json.dumps(rows), encoding="utf-8")
     return path

@@ -27,6 +27,7 @@ divided by ``length ** length_penalty`` as transformers does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
 from bigrec.trie import Trie
 
@@ -185,7 +187,7 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             proc = TrieLogitsProcessor(trie, prompt_len, beams, cf_values, cf_weight)
             start = time.perf_counter()
             with torch.inference_mode():
-                extra = {"cache": prompt_cache(model, enc, beams)} if share_prompt_cache and prompt_len > 1 else {}
+                extra = {"cache": prompt_cache(model, enc, beams, max_new)} if share_prompt_cache and prompt_len > 1 else {}
                 out = model.generate(
                     **enc, **extra, num_beams=beams, num_return_sequences=beams, do_sample=False,
                     max_new_tokens=max_new, length_penalty=length_penalty, eos_token_id=trie.eos_token_id,
@@ -204,18 +206,88 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
     return results
 
 
-def prompt_cache(model, enc, num_beams: int):
-    """KV cache of the prompts without their last token, encoded once and repeated ``num_beams`` times.
+def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64):
+    """KV cache of the prompts without their last token, encoded once and shared by ``num_beams`` beams.
 
     Position ids follow the left padding exactly as ``generate`` derives them from the mask, so
     ``generate(..., cache=...)`` continues with the last prompt token as if it had encoded all.
+    Full-attention layers become :class:`SharedPromptLayer`s (room for ``max_new_tokens``);
+    other kinds (sliding windows) are repeated per beam as transformers does.
     """
     ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # Only the cache is wanted: logits for one position, not [B, T, vocab] (a fifth of the prefill's work).
+    fewer = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **fewer)
     cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(num_beams)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        cache.batch_repeat_interleave(num_beams)
+        return cache
+    cache.layers = [SharedPromptLayer(layer.keys, layer.values, num_beams, max_new_tokens + 1) for layer in layers]
     return cache
+
+
+class SharedPromptLayer(DynamicLayer):
+    """One attention layer's cache for beam search over prompts that every beam of a row shares.
+
+    transformers' dynamic cache grows by concatenation (a copy of the whole cache per token)
+    and beam search reorders it with ``index_select`` (another copy), so on a CPU a 200-token
+    prompt makes these copies cost more than the model. Here keys and values live in one
+    buffer with room for the generated tokens, written in place; and since beam search only
+    moves beams within their row, whose prompt part is identical, a reorder copies only the
+    generated part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, beams: int, room: int):
+        super().__init__()
+        rows, heads, prompt, dim = keys.shape
+        self.beams, self.prompt_len, self.length = beams, prompt, prompt
+        self._k = keys.new_empty(rows * beams, heads, prompt + room, dim)
+        self._v = values.new_empty(rows * beams, values.shape[1], prompt + room, values.shape[-1])
+        self._k[:, :, :prompt] = keys.repeat_interleave(beams, dim=0)
+        self._v[:, :, :prompt] = values.repeat_interleave(beams, dim=0)
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:  # more tokens than planned: grow (never in bigrec's own calls)
+            grow = end - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], 2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], 2)
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        idx = beam_idx.to(self._k.device)
+        rows = torch.arange(idx.numel(), device=idx.device) // self.beams
+        start = self.prompt_len if bool((idx // self.beams == rows).all()) else 0  # within rows: prompts equal
+        if self.length > start:
+            self._k[:, :, start:self.length] = self._k[idx, :, start:self.length]
+            self._v[:, :, start:self.length] = self._v[idx, :, start:self.length]
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes the number of tokens to remove as a negative integer")
+        self.length = max(self.prompt_len, self.length + tokens_to_remove)
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a SharedPromptLayer is already repeated for its beams")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a SharedPromptLayer keeps every beam of its rows")
 
 
 def _row_beams(tokenizer, trie: Trie, seqs: torch.Tensor, node_lp: torch.Tensor, cf_values: torch.Tensor | None,

@@ -125,10 +125,14 @@ def cut_title(text: str) -> str:
 
 
 class TitleEndCriteria(StoppingCriteria):
-    """Per sequence: has the generated part (after ``prompt_len`` tokens) finished its title?
+    """Per sequence: did the generated part (after ``prompt_len`` tokens) finish its title one
+    token ago?
 
     Beam search asks this of every candidate, so a beam that closed its title becomes a
-    finished hypothesis and its slot goes to another candidate.
+    finished hypothesis and its slot goes to another candidate. A tuned model follows the
+    closing quote with EOS, which ends the beam by itself, scored as the reference scores it
+    (EOS's log-probability and length included); this criterion only stops the beams that drift
+    on past the title, one token later, rather than letting them run to ``max_new_tokens``.
     """
 
     def __init__(self, tokenizer, prompt_len: int):
@@ -136,7 +140,7 @@ class TitleEndCriteria(StoppingCriteria):
         self.prompt_len = prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:-1], skip_special_tokens=True)
         return torch.tensor([title_end(t) is not None for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
@@ -152,7 +156,7 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
     with torch.inference_mode():
-        extra = {"cache": prompt_cache(model, enc, num_beams)} if prompt_len > 1 else {}
+        extra = {"cache": prompt_cache(model, enc, num_beams, max_new_tokens)} if prompt_len > 1 else {}
         out = model.generate(
             **enc, **extra, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
             max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=tokenizer.pad_token_id,
