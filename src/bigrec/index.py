@@ -51,7 +51,7 @@ class Grounding:
 
     Measured on the demo's generations (``benchmarks/bench_grounding.py``): the reference's
     last-token state mostly encodes the last tokens (the year), so near-miss generations land on
-    unrelated items; a middle layer's mean state and natural titles ground them far better.
+    unrelated items; the mean over tokens of natural titles grounds them far better.
     """
 
     pooling: str = "last"
