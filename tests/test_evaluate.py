@@ -52,6 +52,19 @@ def args(data, model_dir, *extra):
             *extra]
 
 
+def write_reweighting_inputs(folder, train_items, test, valid):
+    """``folder/train.csv`` (user i watched ``train_items[i]``) and a perfect CI model's score
+    files (one-hot on each row's target) for the test and valid cases; returns the scores folder."""
+    (folder / "train.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in enumerate(train_items)))
+    scores = folder / "scores"
+    for split, cases in (("test", test), ("valid", valid)):
+        onehot = torch.zeros(len(cases), len(TITLES))
+        onehot[torch.arange(len(cases)), torch.tensor([t for t, _ in cases])] = 1
+        save_scores(scores / f"{split}.safetensors", onehot, range(len(cases)), [t for t, _ in cases],
+                    [100 + i for i in range(len(cases))], split)
+    return scores
+
+
 def reference_style_metrics(model_dir, index_path, cases, scores=None, gammas=None):
     """The reference evaluate's logic: per-row argsort ranks and per-K loops.
 
@@ -148,14 +161,7 @@ def test_index_of_another_model_is_refused(data, tiny_model_dir, tiny_qwen_dir, 
 
 def test_reweighting_with_popularity_and_ci(data, tiny_model_dir):
     (data / "results" / "reference.json").unlink()
-    (data / "train.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in
-                                                                   enumerate([1, 1, 1, 2, 3, 5, 5])))
-    scores = data / "scores"
-    for split, cases in (("test", TEST), ("valid", VALID)):  # a perfect CI model: one-hot on the target
-        onehot = torch.zeros(len(cases), len(TITLES))
-        onehot[torch.arange(len(cases)), torch.tensor([t for t, _ in cases])] = 1
-        save_scores(scores / f"{split}.safetensors", onehot, range(len(cases)), [t for t, _ in cases],
-                    [100 + i for i in range(len(cases))], split)
+    scores = write_reweighting_inputs(data, [1, 1, 1, 2, 3, 5, 5], TEST, VALID)
     metrics = run(Config(base_model=tiny_model_dir, catalog=str(data / "id2name.txt"),
                          input_dir=str(data / "results"), valid_input_dir=str(data / "valid"),
                          popularity=str(data / "train.csv"), ci_scores=str(scores),
@@ -296,14 +302,7 @@ def test_constrained_results_rank_their_beams_first(cdata, tiny_model_dir):
 
 
 def test_constrained_results_with_reweighting(cdata, tiny_model_dir):
-    (cdata / "train.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in
-                                                                    enumerate([1, 1, 1, 2, 3, 5, 5, 0])))
-    scores = cdata / "scores"
-    for split, cases in (("test", CTEST), ("valid", CVALID)):  # a perfect CI model: one-hot on the target
-        onehot = torch.zeros(len(cases), len(TITLES))
-        onehot[torch.arange(len(cases)), torch.tensor([t for t, _ in cases])] = 1
-        save_scores(scores / f"{split}.safetensors", onehot, range(len(cases)), [t for t, _ in cases],
-                    [100 + i for i in range(len(cases))], split)
+    scores = write_reweighting_inputs(cdata, [1, 1, 1, 2, 3, 5, 5, 0], CTEST, CVALID)
     metrics = run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"),
                          input_dir=str(cdata / "cresults"), valid_input_dir=str(cdata / "cvalid"),
                          popularity=str(cdata / "train.csv"), ci_scores=str(scores),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bigrec import io
 from bigrec.config import option, to_dict
-from bigrec.index import POOLINGS, TITLE_TEXTS
+from bigrec.index import layer_option, pooling_option, title_text_option
 from bigrec.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,9 @@ class Config:
                             choices=["auto", "fp32", "bf16", "fp16"])
     # Grounding: chosen on the validation generations of a demo run (benchmarks/bench_grounding.py);
     # the report also shows the reference's (last layer, last token, bare titles) on the same generations.
-    pooling: str = option("mean", "grounding: mean over the title's tokens, or the last token (reference)",
-                          choices=POOLINGS)
-    embed_layer: int = option(-1, "grounding: hidden state after this many layers (-1 = last, as the reference)")
-    title_text: str = option("natural", "grounding: natural ('The Shining (1980)') or bare ('Shining, The "
-                                        "(1980)', the reference) titles", choices=TITLE_TEXTS)
+    pooling: str = pooling_option("mean")
+    embed_layer: int = layer_option()
+    title_text: str = title_text_option("natural")
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
 
@@ -122,7 +120,7 @@ def run(cfg: Config) -> int:
     from bigrec import index as index_stage
     from bigrec.baselines import run as baseline_run
     from bigrec.catalog import read_catalog, row_target
-    from bigrec.index import REFERENCE, grounding_of
+    from bigrec.index import REFERENCE, grounding_of, grounding_options
     from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
     from bigrec.report import format_table, metrics_json, plot_metrics
     from bigrec.run_manifest import RunManifest
@@ -170,7 +168,7 @@ def run(cfg: Config) -> int:
             stages.run(f"generate_{split}_{decoding}", to_dict(gen_cfg), [results / decoding / f"{split}.json"],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 
-    grounding = {"pooling": cfg.pooling, "embed_layer": cfg.embed_layer, "title_text": cfg.title_text}
+    grounding = grounding_options(grounding_of(cfg))
     idx_cfg = index_stage.Config(catalog=str(data / "id2name.txt"), output=str(index_path),
                                  base_model=cfg.base_model, precision=cfg.precision, overwrite=True, **grounding)
     stages.run("index", to_dict(idx_cfg), [index_path], lambda: index_stage.run(idx_cfg), after=("prepare",))

@@ -36,7 +36,16 @@ from bigrec import io
 from bigrec.catalog import Catalog, UnknownTargetError, read_catalog, row_target
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.ground import GAMMA_GRID, apply_gamma, l2_distances, popularity_counts, search_gamma
-from bigrec.index import layer_option, pooling_option, title_text_option
+from bigrec.index import (
+    REFERENCE,
+    Grounding,
+    embed_texts,
+    ensure_index,
+    grounding_of,
+    layer_option,
+    pooling_option,
+    title_text_option,
+)
 from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
 from bigrec.models import DEFAULT_MODEL
 from bigrec.prompts import normalize_title
@@ -167,18 +176,14 @@ class Embedder:
     """
 
     def __init__(self, model, tokenizer, batch_size: int, known: dict[str, torch.Tensor] | None = None,
-                 grounding=None):
-        from bigrec.index import REFERENCE
-
+                 grounding: Grounding = REFERENCE):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.grounding = grounding or REFERENCE
+        self.grounding = grounding
         self.cache: dict[str, torch.Tensor] = dict(known or {})
         self.seconds = 0.0  # spent embedding, for the timing log
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), D]; empty texts get zero rows (the caller makes them misses)."""
-        from bigrec.index import embed_texts
-
         new = sorted({t for t in texts if t and t not in self.cache})
         if new:
             start = time.perf_counter()
@@ -335,7 +340,6 @@ def ground_results(results: Results, items: torch.Tensor,
 
 
 def run(config: Config) -> dict:
-    from bigrec.index import REFERENCE, ensure_index, grounding_of
     from bigrec.models import load_model
     from bigrec.report import format_table, metrics_json, plot_metrics
 
