@@ -100,7 +100,8 @@ def natural_title(title: str) -> str:
     if not match:
         return title
     article = match["article"]
-    return f"{article}{'' if article.endswith(chr(39)) else ' '}{match['body']}{match['tail'] or ''}"
+    space = "" if article.endswith("'") else " "  # L'Enfer, not L' Enfer
+    return f"{article}{space}{match['body']}{match['tail'] or ''}"
 
 
 def quote(title: str) -> str:
