@@ -200,11 +200,13 @@ def _pick_pad_token(tokenizer) -> str | None:
 
 
 def load_model(base_model: str, precision: str = "auto", lora_weights: str | None = None,
-               device: str | None = None, for_training: bool = False) -> tuple[Any, Any]:
+               device: str | None = None, for_training: bool = False,
+               attn_implementation: str | None = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a folder, hub id or bundled name (resolved here).
 
     Inference (default): eval mode, LoRA merged into the weights, left padding. Training:
     train mode, right padding, no adapter applied (the trainer adds or resumes one).
+    ``attn_implementation``: a transformers attention kernel name; None = the model's default.
     """
     from transformers import AutoModelForCausalLM
 
@@ -215,7 +217,8 @@ def load_model(base_model: str, precision: str = "auto", lora_weights: str | Non
         dtype = torch.float32
     tokenizer = load_tokenizer(path, padding_side="right" if for_training else "left")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load base model {base_model!r} ({path}): {exc}") from exc
     model.config.pad_token_id = tokenizer.pad_token_id

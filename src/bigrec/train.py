@@ -26,6 +26,7 @@ import torch
 
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import staged_dir, write_yaml
+from bigrec.lora_dropout import use_bits_dropout
 from bigrec.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_base_model, resolve_dtype
 from bigrec.sft_data import Collator, SFTDataset, load_rows
 
@@ -63,6 +64,9 @@ class Config:
                                        "less time and memory); false = the model's own loss on full logits")
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
+    attention: str = option("auto", "attention kernel: auto = eager on a CPU (its backward beat SDPA's by ~10% "
+                                    "per step on these short prompts), the model's default on a GPU",
+                            choices=["auto", "eager", "sdpa", "flash_attention_2"])
     early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
     eval_steps: int | None = option(None, "evaluate every N steps (default: once per epoch)")
     save_steps: int = option(10, "write a resumable checkpoint every N optimizer steps")
@@ -233,20 +237,27 @@ def use_cuda() -> bool:
 
 
 def build_model(config: Config, base: str, adapter: str | None):
-    """The model to train: base (+ a new or given LoRA adapter), fp32 master weights on a CPU."""
+    """The model to train: base (+ a new or given LoRA adapter) -> (model, tokenizer, compute dtype).
+
+    With LoRA the frozen base sits in the compute dtype (on this CPU, bf16 weights took 0.9 GB
+    less peak memory than fp32 ones under bf16 autocast, at the same speed and loss); the
+    trained weights, adapter or full model, stay fp32 and autocast does the rest.
+    """
     on_cuda = use_cuda()
     compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", training=True)
-    # A frozen base may sit in the compute dtype on a GPU; trained weights stay fp32 (autocast).
-    weights = compute if (config.lora and on_cuda) else torch.float32
+    weights = compute if config.lora else torch.float32
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weights]
+    attention = config.attention if config.attention != "auto" else (None if on_cuda else "eager")
     model, tokenizer = load_model(base, precision=precision, device="cpu", for_training=True,
-                                  lora_weights=adapter if config.lora else None)
+                                  lora_weights=adapter if config.lora else None, attn_implementation=attention)
     if config.lora and adapter is None:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(config))
     elif not config.lora and adapter is not None:
         raise ConfigError("--resume_from_checkpoint names an adapter but --lora is false")
+    if config.lora and not on_cuda:
+        use_bits_dropout(model)
     return model, tokenizer, compute
 
 
