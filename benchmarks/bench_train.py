@@ -65,7 +65,7 @@ def train_ours(args, out: Path, demo: bool, sparse_logits: bool = True) -> dict:
                     cutoff_len=args.cutoff_len, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=list(LORA["targets"]),
                     precision=args.precision, resume_from_checkpoint="false", sparse_logits=sparse_logits,
-                    **settings)
+                    attention=args.attention, **settings)
     started = time.perf_counter()
     summary = run(config)
     wall = time.perf_counter() - started
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--base_model", default="smollm2-135m")
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated subset of {RECIPES}")
     parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
+    parser.add_argument("--attention", default="auto", help="ours' attention kernel (bigrec train --attention)")
     parser.add_argument("--cutoff_len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval_batch", type=int, default=8)
@@ -233,7 +234,7 @@ def main() -> None:
         result_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", recipe, "--result", str(result_file), "--sample",
                str(args.sample), "--data", str(data), "--base_model", base, "--precision", args.precision,
-               "--cutoff_len", str(args.cutoff_len), "--seed", str(args.seed), "--workdir", str(workdir),
+               "--cutoff_len", str(args.cutoff_len), "--attention", args.attention, "--seed", str(args.seed), "--workdir", str(workdir),
                "--threads", str(args.threads)]
         print(f"[{recipe}] training in a subprocess (log: {log_file}) ...", flush=True)
         started = time.perf_counter()

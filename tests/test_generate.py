@@ -83,8 +83,9 @@ def test_beams_stop_at_closing_quote(taught_dir):
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
 def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixture):
-    """The prompt encoded once (SharedPromptLayer: in-place writes, reorders of the generated part
-    only) returns exactly what transformers returns when it encodes the prompt once per beam."""
+    """The prompt encoded once (its shared prefix once per batch; SharedPromptLayer: in-place writes,
+    reorders of the generated part only) returns exactly what transformers returns when it encodes
+    the prompt once per beam."""
     from transformers import StoppingCriteriaList
 
     from bigrec.decoding import SharedPromptLayer, prompt_cache
@@ -101,6 +102,36 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
                                pad_token_id=tok.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tok, prompt_len)]))
     assert torch.equal(ours, plain[:, prompt_len:])
+
+
+def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):
+    from bigrec.decoding import common_prefix
+
+    _, tok = load_model(tiny_model_dir, "fp32")
+    prompts = [prompt_for_row(r) for r in case_rows()]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out, prefix = common_prefix(enc, tok.pad_token_id)
+    rows = [tok(p)["input_ids"] for p in prompts]
+    assert prefix > 20 and all(r[:prefix] == rows[0][:prefix] for r in rows)
+    assert any(r[prefix] != rows[0][prefix] for r in rows)  # the longest shared run, no more
+    width = enc["input_ids"].shape[1]
+    assert out["input_ids"].shape == (3, width)
+    for i, r in enumerate(rows):
+        kept = out["attention_mask"][i].bool()
+        assert out["input_ids"][i][kept].tolist() == r  # each prompt's tokens, in order
+        assert kept[:prefix].all() and kept[width - (len(r) - prefix):].all()
+        assert (out["input_ids"][i][~kept] == tok.pad_token_id).all()
+        assert int(kept.sum()) == len(r)
+    # Nothing to share: one row, rows that differ at once, or right padding.
+    assert common_prefix(tok(prompts[:1], return_tensors="pt"), tok.pad_token_id)[1] == 0
+    assert common_prefix(tok(["alpha beta", "gamma beta"], return_tensors="pt", padding=True),
+                         tok.pad_token_id)[1] <= int(tok("x")["input_ids"][0] == tok.bos_token_id)
+    tok.padding_side = "right"
+    assert common_prefix(tok(prompts, return_tensors="pt", padding=True), tok.pad_token_id)[1] == 0
+    # Identical prompts: all but the last token is shared.
+    tok.padding_side = "left"
+    same, n = common_prefix(tok(prompts[:1] * 2, return_tensors="pt", padding=True), tok.pad_token_id)
+    assert n == len(rows[0]) - 1 and torch.equal(same["attention_mask"], torch.ones_like(same["attention_mask"]))
 
 
 def test_shared_prompt_layer_matches_a_dynamic_layer_through_beam_reorders():

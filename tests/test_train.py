@@ -275,14 +275,15 @@ def test_start_from_adapter(tiny_model_dir, tmp_path):
 
 
 def test_bf16_lora_keeps_a_bf16_base_and_fp32_adapter(tiny_model_dir, tmp_path):
-    """precision bf16 with LoRA: frozen base in bf16, adapter trained and saved in fp32, eager attention and
-    the cheaper dropout on a CPU."""
+    """precision bf16 with LoRA: frozen base in bf16, adapter trained and saved in fp32, the cheaper dropout
+    on a CPU; --attention picks the kernel."""
     from bigrec.lora_dropout import BitsDropout
     from bigrec.train import build_model
 
     data = write_rows(tmp_path / "d.json", make_rows(1) * 8)
     config = tiny_config(tiny_model_dir, tmp_path / "bf16", [data], precision="bf16", num_epochs=6,
-                         train_on_inputs=False, lora_target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+                         train_on_inputs=False, lora_target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                         attention="eager")
     model, _, compute = build_model(config, tiny_model_dir, None)
     assert compute == torch.bfloat16 and model.config._attn_implementation == "eager"
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}

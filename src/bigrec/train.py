@@ -64,8 +64,8 @@ class Config:
                                        "less time and memory); false = the model's own loss on full logits")
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
-    attention: str = option("auto", "attention kernel: auto = eager on a CPU (its backward beat SDPA's by ~10% "
-                                    "per step on these short prompts), the model's default on a GPU",
+    attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); on a CPU eager "
+                                    "trained 7.5% faster here but took 0.9 GB more peak memory",
                             choices=["auto", "eager", "sdpa", "flash_attention_2"])
     early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
     eval_steps: int | None = option(None, "evaluate every N steps (default: once per epoch)")
@@ -247,7 +247,7 @@ def build_model(config: Config, base: str, adapter: str | None):
     compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", training=True)
     weights = compute if config.lora else torch.float32
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weights]
-    attention = config.attention if config.attention != "auto" else (None if on_cuda else "eager")
+    attention = None if config.attention == "auto" else config.attention
     model, tokenizer = load_model(base, precision=precision, device="cpu", for_training=True,
                                   lora_weights=adapter if config.lora else None, attn_implementation=attention)
     if config.lora and adapter is None:
