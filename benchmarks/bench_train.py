@@ -270,7 +270,7 @@ def main() -> None:
         print(f"{name:<15} {r['compute']:<9} {s['batch_size']:>5}/{s['micro_batch_size']:<5} "
               f"{s['learning_rate']:>7.0e} {'all' if s['train_on_inputs'] else 'response':>9} {r['steps']:>5} "
               f"{r['tokens']:>7} {r['train_runtime']:>8.1f} {speed:>8.1f} {speed / ref_speed:>5.2f}x "
-              f"{r['peak_rss_mb'] / 1024:>7.2f}GB {r['val_loss']:>8.4f}")
+              f"{r['peak_rss_mb'] / 1024:>6.2f}GiB {r['val_loss']:>8.4f}")
     print("\ntokens/s: un-padded tokens of one epoch / Trainer train_runtime; peak RSS: the recipe's process "
           "(getrusage ru_maxrss at the end of training); val loss: mean per response token, fp32, same rows "
           "and code for all.")
