@@ -285,3 +285,41 @@ def test_real_d3_industrial(tmp_path):
     assert len(catalog(out)) == 3686
     assert json.loads((out / "stats.json").read_text())["examples"]["test"] == 4533
 
+
+
+def test_official_archive_downloaded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The online path, over a real HTTP server on loopback: the GroupLens zip is downloaded into
+    the cache, read in place, and reused when the server is gone; an unreachable URL falls back."""
+    import http.server
+    import threading
+    import zipfile
+
+    from bigrec.data import movielens, sources
+
+    folder = write_ml100k_official(tmp_path / "raw")
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "ml-100k.zip", "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"ml-100k/{f.name}")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("BIGREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(movielens.ARCHIVES, "ml-100k", f"{url}/ml-100k.zip")
+    try:
+        assert sources.download(f"{url}/missing.zip") is None  # a 404 is "not reachable", not a crash
+        first = movielens.read_movielens("ml-100k")
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = tmp_path / "cache" / "downloads" / "ml-100k.zip"
+    assert cached.read_bytes() == (site / "ml-100k.zip").read_bytes()
+    assert not list(cached.parent.glob("*.tmp*"))
+    again = movielens.read_movielens("ml-100k")  # the server is gone: the cached archive serves
+    for got in (first, again):
+        assert sorted(got.titles.values()) == sorted(["Toy Story (1995)", "GoldenEye (1995)",
+                                                       "Usual Suspects, The (1995)", "Misérables, Les (1995)",
+                                                       "Heat (1995)"])
+        assert len(got.table) == 10 and got.source.endswith("ml-100k.zip")
