@@ -136,6 +136,43 @@ def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
         load_model(tiny_model_dir, lora_weights=str(tmp_path), device="cpu")
 
 
+def _random_adapter(model_dir: str, out: Path, **lora) -> Path:
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **lora))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)  # a non-zero update (and biases, where trained)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_merged_adapter_shares_the_untouched_weights_with_the_base(tiny_model_dir, tmp_path, bias):
+    from bigrec.models import with_merged_adapter
+
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"],
+                              bias=bias)
+    base, _ = load_model(tiny_model_dir, precision="fp32", device="cpu")
+    merged_alone, _ = load_model(tiny_model_dir, precision="fp32", lora_weights=str(adapter), device="cpu")
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        before = base(ids).logits
+        gen = with_merged_adapter(base, adapter)
+        assert torch.equal(gen(ids).logits, merged_alone(ids).logits)  # what load_model's merged copy gives
+        assert torch.equal(base(ids).logits, before)  # the base is untouched
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    adapted = {n for n, _ in gen.named_parameters() if ("q_proj" in n or "v_proj" in n) and n.endswith("weight")}
+    for name, param in gen.named_parameters():
+        if name in adapted or bias != "none":
+            assert param.data_ptr() not in base_ptrs, name  # its own copy
+        else:
+            assert param.data_ptr() in base_ptrs, name  # shared, not copied
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        with_merged_adapter(base, tmp_path)
+
+
 def test_load_model_for_training_right_pads(tiny_model_dir):
     model, tok = load_model(tiny_model_dir, precision="fp32", device="cpu", for_training=True)
     assert model.training and tok.padding_side == "right"

@@ -237,6 +237,39 @@ def load_model(base_model: str, precision: str = "auto", lora_weights: str | Non
     return model, tokenizer
 
 
+def with_merged_adapter(base, lora_weights: str | Path):
+    """``base`` with a LoRA adapter merged, sharing every tensor the merge leaves alone with ``base``.
+
+    A service needs the base model for embeddings (the item index was made with it) and the
+    merged model for generation; two full copies double the memory (for a 7B model, 13 GB of
+    it). Here only the weights of the adapted layers (q_proj and v_proj by default: 53 MB of
+    SmolLM2-135M's 540) are copied before the merge. Generation runs at merged speed (an
+    unmerged adapter was 7% slower here) and ``base`` is left unchanged. Adapters that also
+    train biases or other modules are loaded onto a full copy instead.
+    """
+    import copy
+
+    from peft import PeftConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not Path(lora_weights, "adapter_config.json").is_file():
+        raise FileNotFoundError(f"LoRA adapter not found: {lora_weights} has no adapter_config.json")
+    config = PeftConfig.from_pretrained(str(lora_weights))
+    if getattr(config, "peft_type", None) != "LORA" or getattr(config, "bias", "none") != "none" \
+            or getattr(config, "modules_to_save", None):
+        shared = {}  # nothing shared: the merge may touch tensors outside the LoRA layers
+    else:
+        shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    model = PeftModel.from_pretrained(copy.deepcopy(base, memo=shared), str(lora_weights))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
 def model_fingerprint(base_model: str) -> dict[str, Any]:
     """Identity of a base model: where it came from, its architecture, a hash of its files.
 

@@ -1,8 +1,9 @@
 """A finished run folder loaded once, recommending for batches of histories.
 
 ``bigrec recommend`` and ``bigrec serve`` share this core. :meth:`Recommender.from_run` reads
-``run.yaml`` (:class:`bigrec.run_manifest.RunManifest`) and loads, once: the base model with
-the adapter merged (generation), the base model alone (embeddings, as the item index was made),
+``run.yaml`` (:class:`bigrec.run_manifest.RunManifest`) and loads, once: the base model alone
+(embeddings, as the item index was made) and with the adapter merged (generation; the two
+share every weight the adapter does not change, :func:`bigrec.models.with_merged_adapter`),
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
 the precision by :func:`bigrec.index.ensure_index`) and SASRec where the run has one.
 
@@ -135,7 +136,7 @@ class Recommender:
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> Recommender:
         from bigrec.baselines.sasrec import SASRec
         from bigrec.index import ensure_index, grounding_of
-        from bigrec.models import load_model
+        from bigrec.models import load_model, with_merged_adapter
 
         run_dir = Path(run_dir).resolve()
         manifest = RunManifest.load(run_dir)
@@ -146,7 +147,7 @@ class Recommender:
         embed_model, tokenizer = load_model(base, manifest.precision, device=device)
         adapter = manifest.path(run_dir, "adapter")
         if adapter is not None:
-            gen_model, _ = load_model(base, manifest.precision, lora_weights=str(adapter), device=device)
+            gen_model = with_merged_adapter(embed_model, adapter)
         else:
             gen_model = embed_model
         items = ensure_index(base, catalog_path, manifest.path(run_dir, "index"), manifest.precision,
