@@ -1,5 +1,8 @@
 """Free vs catalogue-constrained decoding on a finished demo run: NDCG@10, HR@10, diversity, speed.
 
+Every variant is grounded the way the run's report grounds (its ``run.yaml``: pooling, layer,
+title text) against the run's item index.
+
 Variants, all on the same first ``--rows`` test rows with the run's adapter:
 free beam search + L2 grounding; constrained; constrained + D3 length correction;
 constrained + CF guidance (the run's SASRec scores, weight chosen on validation NDCG@10).
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from bigrec import evaluate, generate, io
+from bigrec.index import grounding_of, grounding_options
 from bigrec.run_manifest import RunManifest
 
 
@@ -37,8 +41,10 @@ def generated(run: Path, name: str, split: str, rows: int, **options) -> tuple[P
 def scored(run: Path, result: Path, name: str) -> dict:
     """NDCG@10, HR@10 and diagnostics of one result file (plain metrics, no re-weighting)."""
     out = run / "bench_decoding" / "metrics" / f"{name}.json"
+    manifest = RunManifest.load(run)  # the run's own grounding and item index, as its report uses
     cfg = evaluate.Config(catalog=str(run / "data" / "id2name.txt"), input_dir=str(result), output=str(out),
-                          base_model=RunManifest.load(run).base_model, index_path=str(run / "index.safetensors"))
+                          base_model=manifest.base_model, index_path=str(manifest.path(run, "index")),
+                          **grounding_options(grounding_of(manifest)))
     evaluate.run(cfg)
     metrics, details = io.read_json(out), io.read_json(out.with_name(out.stem + ".details.json"))
     k10 = metrics["topk"].index(10)
