@@ -190,8 +190,7 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             with torch.inference_mode():
                 extra = {}
                 if share_prompt_cache and prompt_len > 1:
-                    enc, prefix = common_prefix(enc, tokenizer.pad_token_id)
-                    extra["cache"] = prompt_cache(model, enc, beams, max_new, prefix)
+                    enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new)
                 out = model.generate(
                     **enc, **extra, num_beams=beams, num_return_sequences=beams, do_sample=False,
                     max_new_tokens=max_new, length_penalty=length_penalty, eos_token_id=trie.eos_token_id,
@@ -238,6 +237,14 @@ def common_prefix(enc, pad_token_id: int) -> tuple[dict, int]:
     out["input_ids"][gap] = pad_token_id
     out["attention_mask"] = (~gap).to(mask.dtype)
     return out, prefix
+
+
+def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens: int):
+    """(encoding to pass to ``generate``, its prompt cache): :func:`common_prefix`, then
+    :func:`prompt_cache` on the re-laid prompts. ``generate`` must get the re-laid encoding,
+    since the cache was made for its layout."""
+    enc, prefix = common_prefix(enc, pad_token_id)
+    return enc, prompt_cache(model, enc, num_beams, max_new_tokens, prefix)
 
 
 def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_len: int = 0):

@@ -152,15 +152,14 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
     would copy each prompt ``num_beams`` times before the prefill, which dominates on a CPU);
     the prefix every prompt shares (the template's preamble) is encoded once for the batch.
     """
-    from bigrec.decoding import common_prefix, prompt_cache
+    from bigrec.decoding import shared_prompt
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
     with torch.inference_mode():
         extra = {}
         if prompt_len > 1:
-            enc, prefix = common_prefix(enc, tokenizer.pad_token_id)
-            extra["cache"] = prompt_cache(model, enc, num_beams, max_new_tokens, prefix)
+            enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, num_beams, max_new_tokens)
         out = model.generate(
             **enc, **extra, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
             max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=tokenizer.pad_token_id,
