@@ -113,16 +113,21 @@ def test_load_model_for_inference(tiny_qwen_dir):
     assert next(model_bf16.parameters()).dtype == torch.bfloat16
 
 
-def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM"))
+def _random_adapter(model_dir: str, out: Path, **lora):
+    """A LoRA model over ``model_dir`` with random (non-zero) adapter weights, saved to ``out``."""
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **lora))
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # a non-zero update, unlike a fresh adapter
-    peft_model.save_pretrained(tmp_path / "adapter")
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)  # a non-zero update (and biases, where trained)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
+    peft_model = _random_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     with torch.no_grad():
         expected = peft_model.eval()(ids).logits
@@ -136,24 +141,12 @@ def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
         load_model(tiny_model_dir, lora_weights=str(tmp_path), device="cpu")
 
 
-def _random_adapter(model_dir: str, out: Path, **lora) -> Path:
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **lora))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)  # a non-zero update (and biases, where trained)
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_merged_adapter_shares_the_untouched_weights_with_the_base(tiny_model_dir, tmp_path, bias):
     from bigrec.models import with_merged_adapter
 
-    adapter = _random_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"],
-                              bias=bias)
+    adapter = tmp_path / "adapter"
+    _random_adapter(tiny_model_dir, adapter, target_modules=["q_proj", "v_proj"], bias=bias)
     base, _ = load_model(tiny_model_dir, precision="fp32", device="cpu")
     merged_alone, _ = load_model(tiny_model_dir, precision="fp32", lora_weights=str(adapter), device="cpu")
     ids = torch.tensor([[1, 20, 30, 40, 50]])
