@@ -180,3 +180,39 @@ def test_sasrec_beats_popularity_on_ml100k(tmp_path):
     sas = run(Config(data=str(folder), output_dir=str(tmp_path / "sas"), epochs=8, export_scores=False))
     ndcg10 = metrics.TOPK.index(10)
     assert sas["NDCG"][ndcg10] > 2 * pop["NDCG"][ndcg10]
+
+
+def test_few_shot_sample_is_the_rows_bigrec_train_draws(pattern, tmp_path):
+    """`baseline --sample N --seed S` trains on the train.csv rows that `bigrec train --sample N
+    --seed S` draws from train.json (prepare writes both in the same order), and on nothing else."""
+    from bigrec.sft_data import load_rows
+
+    train = pd.read_csv(pattern / "train.csv")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("id2name.txt", "train.csv", "valid.csv", "test.csv", "valid_5000.json", "test_5000.json"):
+        (folder / name).write_bytes((pattern / name).read_bytes())
+    (folder / "train.json").write_text(json.dumps(
+        [{"instruction": "i", "input": "x", "output": f'"{r.item_title}"', "user_id": r.user_id,
+          "item_id": r.item_id, "row": i} for i, r in enumerate(train.itertuples())]))
+    drawn, _ = load_rows([str(folder / "train.json")], sample=50, seed=7)
+    rows = [r["row"] for r in drawn]
+    out = tmp_path / "pop"
+    assert cli.main(["baseline", "--model", "popularity", "--data", str(folder), "--output_dir", str(out),
+                     "--sample", "50", "--seed", "7"]) == 0
+    assert read_json(out / "train_rows.json") == rows
+    expected = Counter(train["item_id"].iloc[rows].tolist())
+    assert Popularity.from_dir(out).counts.tolist() == [expected[i] for i in range(20)]
+
+    data = load_prepared(folder, rows)
+    _, targets = training_windows(data, 10)
+    assert sorted(targets[targets != PAD].tolist()) == sorted(train["item_id"].iloc[rows].tolist())
+    assert len(data.splits["test"]) == len(pd.read_csv(folder / "test.csv"))
+    # the test contexts are still each row's full prepared history
+    test = pd.read_csv(folder / "test.csv")
+    ctx = data.contexts("test", 10)
+    for i in range(len(test)):
+        hist = json.loads(test["history_item_id"][i])
+        assert [x for x in ctx[i].tolist() if x != PAD] == hist[-10:]
+    with pytest.raises(ValueError, match="sample must be -1"):
+        Config(data=str(folder), output_dir=str(out), sample=0).validate()

@@ -339,3 +339,56 @@ def test_bad_predict_ids(cdata, tiny_model_dir, capsys, ids, message):
     write(cdata / "cresults" / "cresults.json", rows)
     assert main(args(cdata, tiny_model_dir, "--input_dir", str(cdata / "cresults"))) == 1
     assert re.search(rf"cresults.json, row 1: .*{message}", capsys.readouterr().err)
+
+
+def test_seen_items_content_baseline_intervals_and_paired_comparison(data, tiny_model_dir, capsys):
+    """--exclude_history, --last_title and --compare on known rows, checked against brute force."""
+    (data / "results" / "reference.json").unlink()
+    histories = [[0, 3], [1], [4], [4, 7], [0], [7, 3]]  # row 1 holds Heat (id 1), its target's title
+    rows = rows_for(TEST)
+    for row, history in zip(rows, histories, strict=True):
+        row["history_item_id"] = history
+    write(data / "results" / "test.json", rows)
+    scores = write_reweighting_inputs(data, [1, 2], TEST, VALID)  # a perfect model: every target first
+    out = data / "out"
+    for name, extra in (("plain", ()), ("unseen", ("--exclude_history",))):
+        assert main(args(data, tiny_model_dir, "--output", str(out / f"{name}.json"), "--last_title",
+                         "--compare", str(scores / "test.safetensors"), *extra)) == 0
+    printed = capsys.readouterr().out
+    assert "HR@10 [95% CI]" in printed and "minus test.safetensors" in printed
+    plain = json.loads((out / "plain.details.json").read_text())["files"]["test.json"]
+    unseen = json.loads((out / "unseen.details.json").read_text())["files"]["test.json"]
+    assert plain["diagnostics"]["history_copy_top1_share"] == pytest.approx(1 / 6)  # "Heat (1995)" in row 1
+    assert plain["rows"] == list(range(6))
+
+    model, tok = load_model(tiny_model_dir, "fp32")
+    items = load_index(next(out.glob("index.*.safetensors")))[0]
+    for r, ((target, predict), history) in enumerate(zip(TEST, histories, strict=True)):
+        same = [i for i, t in enumerate(TITLES) if t == TITLES[target]]
+        queries = {"test.json last history title": items[history[-1]]}
+        if predict[0] != '""':
+            queries["test.json"] = embed_texts(model, tok, [predict[0].strip('"')])[0]
+        for name, query in queries.items():
+            dist = torch.linalg.norm(items - query, dim=1)
+            best = dist[same].min()
+            seen = [i for i in history if i not in same]
+            assert plain["ranks"][name][r] == int((dist < best).sum())
+            assert unseen["ranks"][name][r] == int((dist < best).sum()) - sum(bool(dist[i] < best) for i in seen)
+        if predict[0] == '""':
+            assert plain["ranks"]["test.json"][r] >= len(TITLES)  # an empty generation is a miss
+    assert unseen["ranks"]["test.json last history title"] != plain["ranks"]["test.json last history title"]
+
+    metrics = json.loads((out / "plain.json").read_text())
+    for name, iv in plain["intervals"].items():
+        for key in ("NDCG", "HR"):
+            for value, (lo, hi) in zip(metrics[name][key], iv["ci"][key], strict=True):
+                assert lo - 1e-12 <= value <= hi + 1e-12
+            # against a model that ranks every target first: the difference is the metric minus 1
+            assert iv["paired"][key]["diff"] == pytest.approx([v - 1 for v in metrics[name][key]])
+    assert plain["compare"]["ci"]["HR"][0] == [1.0, 1.0]
+
+
+def test_history_options_need_history_ids(data, tiny_model_dir, capsys):
+    assert main(args(data, tiny_model_dir, "--exclude_history")) == 1  # reference.json rows carry none
+    assert "reference.json: --exclude_history needs 'history_item_id'" in capsys.readouterr().err
+    assert not (data / "out" / "metrics.json").exists()

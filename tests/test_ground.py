@@ -17,7 +17,7 @@ from bigrec.ground import (
     reweight,
     search_gamma,
 )
-from bigrec.metrics import target_ranks
+from bigrec.metrics import seen_mask, target_ranks
 
 # Row A: target 2 (d=0.6) is more popular than item 1 (d=0.5): it overtakes it for gamma > log2(1.2).
 # Row B: target 1 (d=0.2) is less popular than items 2, 3: it falls behind for gamma > log2(2.5), log2(5).
@@ -92,10 +92,17 @@ def test_grid_ranks_equal_brute_force(kind):
     ids = torch.randint(0, items, (rows,), generator=gen)
     multi = [[int(t), (int(t) + 3) % items] if r % 3 else [int(t)] for r, t in enumerate(ids)]
     gammas = [0.01, 0.07, 0.3, 1.0, 4.0, 99.0]
+    histories = [torch.randint(0, items, (10,), generator=gen).tolist() for _ in range(rows)]
     for targets in (ids, multi):
         fast = grid_ranks(dist, scores, targets, gammas)
+        exclude = seen_mask(histories, targets, items)
+        unseen = grid_ranks(dist, scores, targets, gammas, exclude=exclude)
         for g, gamma in enumerate(gammas):
-            assert torch.equal(fast[g], target_ranks(reweight(dist, scores.double(), gamma), targets))
+            weighted = reweight(dist, scores.double(), gamma)
+            assert torch.equal(fast[g], target_ranks(weighted, targets))
+            # seen items left out: the brute force with them pushed to the very end
+            assert torch.equal(unseen[g], target_ranks(weighted.masked_fill(exclude, float("inf")), targets))
+        assert (unseen <= fast).all() and (unseen < fast).any()
 
 
 def test_search_gamma_by_hand():

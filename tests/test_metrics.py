@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bigrec.metrics import TOPK, ndcg_hr, ndcg_hr_many, target_id_lists, target_ranks, title_groups
+from bigrec.metrics import TOPK, ndcg_hr, ndcg_hr_many, seen_mask, target_id_lists, target_ranks, title_groups
 
 
 def reference_metrics(dist: torch.Tensor, target_lists: list[list[int]], topk=TOPK) -> dict[str, list[float]]:
@@ -112,3 +112,19 @@ def test_full_size_runs():
     assert int(ranks[0]) == int((dist[0] < dist[0, targets[0]]).sum())
     m = ndcg_hr(ranks)
     assert 0 < m["HR"][-1] < 0.02 and m["NDCG"] == sorted(m["NDCG"])
+
+
+def test_seen_items_are_left_out_of_the_ranking():
+    dist = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.4, 0.3, 0.2, 0.1]])
+    targets = [[3], [0, 4]]
+    mask = seen_mask([[0, 1], [1, 4, 2]], targets, 5)
+    # row 1's history holds one of its target ids (a repeat): it stays ranked
+    assert mask.tolist() == [[True, True, False, False, False], [False, True, True, False, False]]
+    assert target_ranks(dist, targets).tolist() == [3, 0]
+    assert target_ranks(dist, targets, exclude=mask).tolist() == [1, 0]
+    scores = -dist
+    assert target_ranks(scores, targets, higher_is_better=True, exclude=mask).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="outside the catalogue"):
+        seen_mask([[7]], [[0]], 5)
+    with pytest.raises(ValueError, match="does not match"):
+        target_ranks(dist, targets, exclude=mask[:1])

@@ -18,6 +18,13 @@ keys), ``OUTPUT.details.json`` (gammas, validation metrics, diagnostics, counts)
 A row whose top generation is empty counts as a miss (and is counted in the details); the
 re-weighted metrics are computed on the other rows and scaled by their share, which is the
 same as counting the empty rows as misses.
+
+Every ranking (plain, single-gamma re-weighting, ``--last_title``) also gets a 95% bootstrap
+interval per metric@K, and with ``--compare`` a paired difference against another model's
+scores on the same rows (:mod:`bigrec.intervals`); the details keep each row's rank so that
+any two results on the same rows can be compared later. ``--exclude_history`` leaves each
+row's history items out of every ranking (:func:`bigrec.metrics.seen_mask`); the default is
+the reference protocol, which ranks them.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ from bigrec.index import (
     pooling_option,
     title_text_option,
 )
-from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
+from bigrec.intervals import bootstrap_ci, paired_difference
+from bigrec.metrics import TOPK, ndcg_hr, seen_mask, target_id_lists, target_ranks
 from bigrec.models import DEFAULT_MODEL
-from bigrec.prompts import normalize_title
+from bigrec.prompts import natural_title, normalize_title
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,12 @@ class Config:
     pooling: str = pooling_option()
     embed_layer: int = layer_option()
     title_text: str = title_text_option()
+    exclude_history: bool = option(False, "leave each row's history items out of the ranking (the reference "
+                                          "ranks them); needs rows with history_item_id")
+    last_title: bool = option(False, "also rank by the user's last history title, grounded the same way: a "
+                                     "content baseline with no generation")
+    compare: str | None = option(None, "another model's score matrix for the test rows (or bigrec baseline's "
+                                       "scores/ folder): paired differences against it with intervals")
 
     def validate(self) -> None:
         if (self.popularity or self.ci_scores) and not self.valid_input_dir:
@@ -92,6 +106,7 @@ class Results:
     first: list[list[int]] | None = None  # per row, its beams' item ids in beam order ([] without predict_ids)
     has_ids: list[bool] | None = None  # per row: did it carry predict_ids
     unknown_targets: list[str] | None = None  # skipped rows whose target title is not in the catalogue
+    histories: list[list[int]] | None = None  # per row, its history's item ids (None: a row lacks them)
 
     @property
     def decoding(self) -> str:
@@ -128,7 +143,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
         raise ValueError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
     if not rows:
         raise ValueError(f"{path}: no result rows")
-    targets, beams, first, has_ids, kept, unknown = [], [], [], [], [], []
+    targets, beams, first, has_ids, kept, unknown, histories = [], [], [], [], [], [], []
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
@@ -144,6 +159,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
             unknown.append(str(exc))
             continue
         kept.append(row)
+        histories.append(_history_ids(row.get("history_item_id"), len(catalog), where))
         beams.append([normalize_title(p) for p in predict])
         ids = row.get("predict_ids")
         has_ids.append(ids is not None)
@@ -153,7 +169,26 @@ def read_results(path: Path, catalog: Catalog) -> Results:
                     "metrics; first: %s", path, len(unknown), len(rows), unknown[0])
     if not kept:
         raise ValueError(f"{path}: no row has a target in {catalog.path} ({unknown[0]})")
-    return Results(path, kept, target_id_lists(targets, catalog.titles), beams, first, has_ids, unknown)
+    return Results(path, kept, target_id_lists(targets, catalog.titles), beams, first, has_ids, unknown,
+                   None if any(h is None for h in histories) else histories)
+
+
+def _history_ids(ids: object, num_items: int, where: str) -> list[int] | None:
+    """A row's ``history_item_id`` (None when the row has none, as reference-format files)."""
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_items
+                                            for i in ids):
+        raise ValueError(f"{where}: field 'history_item_id' must be a list of catalogue ids (0..{num_items - 1}), "
+                         f"got {ids!r}")
+    return ids
+
+
+def need_histories(results: Results, why: str) -> list[list[int]]:
+    if results.histories is None:
+        raise ValueError(f"{results.path}: {why} needs 'history_item_id' on every row (rows of bigrec prepare "
+                         "carry it)")
+    return results.histories
 
 
 def _beam_ids(ids: object, beams: int, num_items: int, where: str) -> list[int]:
@@ -195,14 +230,15 @@ class Embedder:
         return torch.stack([self.cache[t] if t else torch.zeros(dim) for t in texts])
 
 
-def ground(texts: list[str], targets: list[list[int]], items: torch.Tensor,
-           embed: Embedder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ground(texts: list[str], targets: list[list[int]], items: torch.Tensor, embed: Embedder,
+           exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L2 distances [R, N] of each text to every item, the targets' ranks [R] and the empty mask [R].
 
-    An empty text is a miss: its rank is beyond the catalogue and every K.
+    An empty text is a miss: its rank is beyond the catalogue and every K. ``exclude`` [R, N]:
+    items left out of the ranking.
     """
     dist = l2_distances(embed(texts), items)
-    ranks = target_ranks(dist, targets)
+    ranks = target_ranks(dist, targets, exclude=exclude)
     empty = torch.tensor([not t for t in texts])
     ranks[empty] = max(items.shape[0], *TOPK)
     return dist, ranks, empty
@@ -216,12 +252,26 @@ def _scaled(metrics: dict[str, list[float]], factor: float) -> dict[str, list[fl
     return {key: [v * factor for v in values] for key, values in metrics.items()}
 
 
+def history_copy_share(results: Results, catalog: Catalog) -> float | None:
+    """Share of rows whose top generation is a title from the row's own history (as written in the
+    catalogue or with its article in front). A model can look useful by echoing the history and
+    letting grounding find titles near it; this says how often it does. None without histories."""
+    if results.histories is None:
+        return None
+    copies = 0
+    for top, history in zip(results.top1, results.histories, strict=True):
+        titles = {catalog.titles[i] for i in history}
+        copies += bool(top) and (top in titles or top in {natural_title(t) for t in titles})
+    return copies / len(results.top1)
+
+
 def diagnostics(results: Results, catalog: Catalog) -> dict:
     """How varied and how grounded the top generations are (homogeneity shows here first)."""
     top = results.top1
     counts = Counter(top)
     n = len(top)
     return {"rows": n, "decoding": results.decoding, "empty_top1": sum(1 for t in top if not t),
+            "history_copy_top1_share": history_copy_share(results, catalog),
             "unknown_targets_skipped": len(results.unknown_targets or []),
             "distinct_top1_share": len([t for t in counts if t]) / n,
             "exact_title_top1_share": sum(c for t, c in counts.items() if t and catalog.is_title(t)) / n,
@@ -296,20 +346,30 @@ def _rows(x: list, keep: torch.Tensor) -> list:
 def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, targets: list[list[int]],
                valid_dist: torch.Tensor, valid_empty: torch.Tensor, valid_scores: torch.Tensor,
                valid_targets: list[list[int]], first: list[list[int]] | None = None,
-               valid_first: list[list[int]] | None = None) -> dict:
+               valid_first: list[list[int]] | None = None, exclude: torch.Tensor | None = None,
+               valid_exclude: torch.Tensor | None = None) -> dict:
     """Gamma searched on validation, applied to test; empty generations stay misses.
 
     ``first`` / ``valid_first``: per row, constrained beams' items, ranked ahead of the rest at
-    every gamma. Returns :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics.
+    every gamma; ``exclude`` / ``valid_exclude`` [R, N]: items left out of the ranking. Returns
+    :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics; ``single_ranks`` [R]
+    covers every test row (empty rows as misses).
     """
     keep, valid_keep = ~empty, ~valid_empty
+
+    def kept(x: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+        return None if x is None else x[k]
+
     if not valid_keep.any():
         raise ValueError("every top generation of the validation results is empty; cannot choose gamma")
     search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
-                          TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep))
+                          TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep),
+                          exclude=kept(valid_exclude, valid_keep))
+    single_ranks = torch.full((len(keep),), max(dist.shape[1], *TOPK), dtype=torch.long)
     if keep.any():
         out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search,
-                          first=None if first is None else _rows(first, keep))
+                          first=None if first is None else _rows(first, keep), exclude=kept(exclude, keep))
+        single_ranks[keep] = out["single_ranks"]
     else:
         zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
         out = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
@@ -317,31 +377,63 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
                                                            "single": search.single_gamma}}
     share, valid_share = int(keep.sum()) / len(keep), int(valid_keep.sum()) / len(valid_keep)
     return {"tuned": _scaled(out["tuned"], share), "single": _scaled(out["single"], share),
-            "gammas": out["gammas"], "single_k": search.single_k,
+            "single_ranks": single_ranks, "gammas": out["gammas"], "single_k": search.single_k,
             "valid_tuned": _scaled(search.valid_tuned, valid_share),
             "valid_single": _scaled(search.valid_single, valid_share)}
 
 
-def ground_results(results: Results, items: torch.Tensor,
-                   embed: Embedder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
+def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclude: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
     """:func:`ground` of the top generations; rows with ``predict_ids`` rank their beams' items first.
 
     Returns distances [R, N], ranks [R], the empty mask [R] (a row with beam ids is never
-    empty) and the beam items per row (None when no row has any).
+    empty) and the beam items per row (None when no row has any; excluded items dropped).
     """
     from bigrec.decoding import rank_with_beams
 
-    dist, ranks, empty = ground(results.top1, results.targets, items, embed)
+    dist, ranks, empty = ground(results.top1, results.targets, items, embed, exclude)
     if not any(results.has_ids or []):
         return dist, ranks, empty, None
+    first = results.first if exclude is None else [
+        [i for i in ids if not exclude[r, i]] for r, ids in enumerate(results.first)]
     has = torch.tensor(results.has_ids)
-    ranks = torch.where(has, target_ranks(rank_with_beams(results.first, dist), results.targets), ranks)
-    return dist, ranks, empty & ~has, results.first
+    ranks = torch.where(has, target_ranks(rank_with_beams(first, dist), results.targets, exclude=exclude), ranks)
+    return dist, ranks, empty & ~has, first
+
+
+def excluded(results: Results, config: Config, num_items: int) -> torch.Tensor | None:
+    """The seen-items mask [R, N] of ``results`` under ``--exclude_history``, else None."""
+    if not config.exclude_history:
+        return None
+    return seen_mask(need_histories(results, "--exclude_history"), results.targets, num_items)
+
+
+def last_title_ranks(results: Results, items: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Ranks [R] of the content baseline: every item by L2 distance to the row's last history title.
+
+    The index row of that item is the title embedded exactly as a generation of it would be.
+    A row with no history is a miss.
+    """
+    histories = need_histories(results, "--last_title")
+    last = torch.tensor([h[-1] if h else 0 for h in histories])
+    ranks = target_ranks(l2_distances(items[last], items), results.targets, exclude=exclude)
+    ranks[torch.tensor([not h for h in histories])] = max(items.shape[0], *TOPK)
+    return ranks
+
+
+def intervals(ranks: dict[str, torch.Tensor], other: torch.Tensor | None) -> dict[str, dict]:
+    """Per run: its bootstrap interval and, with ``other`` ranks, the paired difference against them."""
+    out = {}
+    for run, r in ranks.items():
+        out[run] = {"ci": bootstrap_ci(r, TOPK)}
+        if other is not None:
+            out[run]["paired"] = paired_difference(r, other, TOPK)
+    return out
 
 
 def run(config: Config) -> dict:
     from bigrec.models import load_model
-    from bigrec.report import format_table, metrics_json, plot_metrics
+    from bigrec.report import format_intervals, format_table, metrics_json, plot_metrics
 
     output = Path(config.output)
     details_path = output.with_name(output.stem + ".details.json")
@@ -364,6 +456,13 @@ def run(config: Config) -> dict:
             (scores, src), (valid_scores, valid_src) = ci_matrix(spec, t, "test", n), ci_matrix(
                 valid_spec, pairs[t.name], "valid", n)
             weights["CI"][t.name] = (scores, valid_scores, {"ci_scores": str(src), "valid_ci_scores": str(valid_src)})
+    others: dict[str, tuple[torch.Tensor, str]] = {}  # test file -> ranks of the --compare model, its file
+    for t in tests if config.compare else ():
+        scores, src = ci_matrix(Path(config.compare), t, "test", n)
+        others[t.name] = (target_ranks(scores, t.targets, higher_is_better=True, exclude=excluded(t, config, n)),
+                          str(src))
+    for t in tests if config.exclude_history or config.last_title else ():
+        need_histories(t, "--exclude_history" if config.exclude_history else "--last_title")
 
     model, tokenizer = load_model(config.base_model, config.precision)
     grounding = grounding_of(config)
@@ -376,32 +475,48 @@ def run(config: Config) -> dict:
     runs: dict[str, dict] = {}
     details: dict = {"topk": list(TOPK), "index": str(index_path), "grounding": grounding.describe(),
                      "catalog": str(catalog.path),
-                     "num_items": n, "all_beams": config.all_beams, "files": {}}
+                     "num_items": n, "all_beams": config.all_beams, "exclude_history": config.exclude_history,
+                     "files": {}}
     for test in tests:
         start, embedded = time.perf_counter(), embed.seconds
-        dist, ranks, empty, first = ground_results(test, items, embed)  # [R, N], [R], [R]
+        exclude = excluded(test, config, n)
+        dist, ranks, empty, first = ground_results(test, items, embed, exclude)  # [R, N], [R], [R]
         if config.all_beams:
             has = torch.tensor(test.has_ids)  # constrained rows already rank every beam's items
             for k in range(1, max(len(b) for b in test.beams)):
                 texts = [b[min(k, len(b) - 1)] for b in test.beams]
-                ranks = torch.where(has, ranks, torch.minimum(ranks, ground(texts, test.targets, items, embed)[1]))
+                ranks = torch.where(has, ranks, torch.minimum(ranks, ground(texts, test.targets, items, embed,
+                                                                            exclude)[1]))
         runs[test.name] = ndcg_hr(ranks, TOPK)
+        row_ranks = {test.name: ranks}  # run -> per-row ranks of every single ranking
+        if config.last_title:
+            row_ranks[f"{test.name} last history title"] = last_title_ranks(test, items, exclude)
+            runs[f"{test.name} last history title"] = ndcg_hr(row_ranks[f"{test.name} last history title"], TOPK)
         info: dict = {"diagnostics": diagnostics(test, catalog)}
         log.info("%s: %d rows grounded in %.1fs (%.1fs embedding generations that are not titles)", test.name,
                  len(test.rows), time.perf_counter() - start, embed.seconds - embedded)
         if weights:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
-            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed)
+            valid_exclude = excluded(valid, config, n)
+            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude)
         for kind, per_file in weights.items():
             start = time.perf_counter()
             scores, valid_scores, sources = per_file[test.name]
             out = reweighted(dist, empty, scores, test.targets, valid_dist, valid_empty, valid_scores, valid.targets,
-                             first, valid_first)
+                             first, valid_first, exclude, valid_exclude)
+            single = f"{test.name} +{kind} (gamma by NDCG@{out['single_k']})"
             runs[f"{test.name} +{kind} (gamma per metric@K)"] = out.pop("tuned")
-            runs[f"{test.name} +{kind} (gamma by NDCG@{out['single_k']})"] = out.pop("single")
+            runs[single] = out.pop("single")
+            row_ranks[single] = out.pop("single_ranks")
             info[kind] = {**sources, **out}
             log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
+        other, other_src = others.get(test.name, (None, None))
+        info["intervals"] = intervals(row_ranks, other)
+        if other is not None:
+            info["compare"] = {"scores": other_src, "ci": bootstrap_ci(other, TOPK)}
+        info["rows"] = [r.get("row") for r in test.rows]
+        info["ranks"] = {run: r.tolist() for run, r in row_ranks.items()}
         details["files"][test.name] = info
 
     metrics = metrics_json(runs, TOPK)
@@ -411,9 +526,14 @@ def run(config: Config) -> dict:
     plot_metrics(metrics, output.with_suffix(".png"), TOPK)
     io.write_yaml(output.with_name(output.stem + ".config.yaml"), to_dict(config))
     sys.stdout.write(table + "\n")
+    for info in details["files"].values():
+        against = Path(info["compare"]["scores"]).name if "compare" in info else None
+        sys.stdout.write("\n" + format_intervals(metrics, info["intervals"], TOPK, (10,), against) + "\n")
     for name, info in details["files"].items():
         d = info["diagnostics"]
-        log.info("%s (%s decoding): distinct top-1 %.1f%%, exact catalogue titles %.1f%%, empty %d; "
-                 "most frequent: %s", name, d["decoding"], 100 * d["distinct_top1_share"], 100 * d["exact_title_top1_share"], d["empty_top1"],
+        copies = d["history_copy_top1_share"]
+        log.info("%s (%s decoding): distinct top-1 %.1f%%, exact catalogue titles %.1f%%, copies of a history title "
+                 "%s, empty %d; most frequent: %s", name, d["decoding"], 100 * d["distinct_top1_share"],
+                 100 * d["exact_title_top1_share"], "n/a" if copies is None else f"{100 * copies:.1f}%", d["empty_top1"],
                  ", ".join(f"{t!r} x{c}" for t, c in d["most_frequent_top1"][:3]))
     return metrics

@@ -101,13 +101,15 @@ def _first_items(first: Sequence[Sequence[int]], idx: torch.Tensor, mask: torch.
 
 
 def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gammas: Sequence[float],
-               first: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+               first: Sequence[Sequence[int]] | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
 
     ``first`` (per row, item ids in order; constrained beams) ranks those items ahead of all
     others, as :func:`bigrec.decoding.rank_with_beams` does on the re-weighted distances: a
     target among them has its place there at every gamma; otherwise its rank is their count
-    plus the re-weighted count over the other items.
+    plus the re-weighted count over the other items. ``exclude`` [R, N]
+    (:func:`bigrec.metrics.seen_mask`): items left out of the ranking (still part of the
+    min-max normalisation, which the paper defines over the whole catalogue).
 
     With a = log minmax(d) and b = log(1 + minmax(s)), item j beats target t exactly for g in
     an open interval (see :func:`_thresholds`); with several target ids it must beat all of
@@ -120,6 +122,8 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     if torch.isnan(dist).any() or torch.isnan(scores).any():
         raise ValueError("distances or scores contain NaN")
     rows, num_items = dist.shape
+    if exclude is not None and exclude.shape != dist.shape:
+        raise ValueError(f"exclude mask {tuple(exclude.shape)} does not match {tuple(dist.shape)}")
     idx, mask = target_index(targets, rows, num_items)  # padding repeats an id: harmless here
     ahead = lead = place = None
     if first is not None:
@@ -135,6 +139,8 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
         b = log_w.expand_as(a) if log_w is not None else minmax_rows(scores[lo : lo + step].double()).log1p_()
         cols = idx[lo : lo + step]
         counted = torch.ones_like(a, dtype=torch.long) if ahead is None else (~ahead[lo : lo + step]).long()
+        if exclude is not None:
+            counted = counted * (~exclude[lo : lo + step]).long()
         diff = torch.zeros(a.shape[0], n_grid + 1, dtype=torch.long)  # last column absorbs "never"
         if cols.shape[1] == 1:  # one id: each item has a single bound, one search
             thr, up = _thresholds(a, b, cols)
@@ -186,7 +192,8 @@ def _argmax_first(values: list[float]) -> int:
 
 def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_valid: Targets,
                  topk: Sequence[int] = TOPK, grid: Sequence[float] = GAMMA_GRID, *,
-                 single_k: int = 10, first: Sequence[Sequence[int]] | None = None) -> GammaSearch:
+                 single_k: int = 10, first: Sequence[Sequence[int]] | None = None,
+                 exclude: torch.Tensor | None = None) -> GammaSearch:
     """Pick gamma per metric@K, and one gamma by NDCG@single_k, on the validation rows.
 
     ``first``: per row, items ranked ahead of the rest (constrained beams; see :func:`grid_ranks`).
@@ -194,7 +201,7 @@ def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_v
     topk, grid = tuple(int(k) for k in topk), tuple(sorted(float(g) for g in set(grid)))
     if single_k not in topk:
         raise ValueError(f"single_k={single_k} is not in topk {list(topk)}")
-    ndcg, hr = ndcg_hr_many(grid_ranks(dist_valid, scores_valid, targets_valid, grid, first), topk)
+    ndcg, hr = ndcg_hr_many(grid_ranks(dist_valid, scores_valid, targets_valid, grid, first, exclude), topk)
     ndcg_best = [_argmax_first([row[j] for row in ndcg]) for j in range(len(topk))]
     hr_best = [_argmax_first([row[j] for row in hr]) for j in range(len(topk))]
     single = _argmax_first([row[topk.index(single_k)] for row in ndcg])
@@ -211,17 +218,20 @@ def search_gamma(dist_valid: torch.Tensor, scores_valid: torch.Tensor, targets_v
 
 
 def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test: Targets,
-                search: GammaSearch, first: Sequence[Sequence[int]] | None = None) -> dict:
+                search: GammaSearch, first: Sequence[Sequence[int]] | None = None,
+                exclude: torch.Tensor | None = None) -> dict:
     """Test metrics with each metric@K at its own tuned gamma, and with the single gamma.
 
     ``first``: per row, items ranked ahead of the rest (constrained beams; see :func:`grid_ranks`).
 
     Returns ``{"topk", "tuned": {"NDCG", "HR"}, "single": {"NDCG", "HR"}, "gammas": {"NDCG": [...],
-    "HR": [...], "single": g}}``, plain lists and floats.
+    "HR": [...], "single": g}, "single_ranks": [R] tensor}``: plain lists and floats, and the
+    per-row ranks at the single gamma (for confidence intervals).
     """
     topk = search.topk
     gammas = sorted({*search.ndcg_gamma.values(), *search.hr_gamma.values(), search.single_gamma})
-    ndcg, hr = ndcg_hr_many(grid_ranks(dist_test, scores_test, targets_test, gammas, first), topk)
+    ranks = grid_ranks(dist_test, scores_test, targets_test, gammas, first, exclude)  # [G, R]
+    ndcg, hr = ndcg_hr_many(ranks, topk)
 
     def at(g: float) -> int:
         return bisect.bisect_left(gammas, g)
@@ -233,4 +243,5 @@ def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test
         "single": {"NDCG": ndcg[at(search.single_gamma)], "HR": hr[at(search.single_gamma)]},
         "gammas": {"NDCG": [search.ndcg_gamma[k] for k in topk], "HR": [search.hr_gamma[k] for k in topk],
                    "single": search.single_gamma},
+        "single_ranks": ranks[at(search.single_gamma)],
     }

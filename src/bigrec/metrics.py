@@ -72,12 +72,34 @@ def target_index(targets: Targets, rows: int, num_items: int) -> tuple[torch.Ten
     return idx, mask
 
 
-def target_ranks(dist: torch.Tensor, targets: Targets, *, higher_is_better: bool = False) -> torch.Tensor:
+def seen_mask(histories: Sequence[Sequence[int]], targets: Targets, num_items: int) -> torch.Tensor:
+    """[R, N] bool: the items of each row's history, left out of its ranking (never a target id).
+
+    For all-rank evaluation on data where a user meets an item once (MovieLens ratings), an
+    item already in the history cannot be the next one; ranking it only pushes real candidates
+    down. A history item that is also the row's target (repeat consumption) stays ranked.
+    """
+    rows = len(histories)
+    idx, mask = target_index(targets, rows, num_items)
+    out = torch.zeros(rows, num_items, dtype=torch.bool)
+    for r, items in enumerate(histories):  # building the mask: ~10 ids per row
+        ids = [int(i) for i in items]
+        if ids and not 0 <= min(ids) <= max(ids) < num_items:
+            raise ValueError(f"row {r}: history item ids outside the catalogue (0..{num_items - 1})")
+        out[r, ids] = True
+    row_of = torch.arange(rows).unsqueeze(1).expand_as(idx)
+    out[row_of[mask], idx[mask]] = False  # a target id is never left out
+    return out
+
+
+def target_ranks(dist: torch.Tensor, targets: Targets, *, higher_is_better: bool = False,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each row's target: how many items are strictly better than its best id.
 
     dist: [R, N] distances (or scores with ``higher_is_better``). Ties count in the target's
     favour. The best rank among several ids is the count of items better than the best of
-    them, so one comparison pass per row suffices.
+    them, so one comparison pass per row suffices. ``exclude`` [R, N] (:func:`seen_mask`):
+    items that are not ranked at all, so they are never counted as better.
     """
     if dist.dim() != 2:
         raise ValueError(f"dist must be [rows, items], got shape {tuple(dist.shape)}")
@@ -88,9 +110,14 @@ def target_ranks(dist: torch.Tensor, targets: Targets, *, higher_is_better: bool
     best = best.amax(1) if higher_is_better else best.amin(1)  # [R]
     ranks = torch.empty(rows, dtype=torch.long)
     step = max(1, _BLOCK // max(num_items, 1))
+    if exclude is not None and exclude.shape != dist.shape:
+        raise ValueError(f"exclude mask {tuple(exclude.shape)} does not match {tuple(dist.shape)}")
     for lo in range(0, rows, step):  # row chunks bound memory; each chunk is one vector op
         block, ref = dist[lo : lo + step], best[lo : lo + step, None]
-        ranks[lo : lo + step] = (block > ref if higher_is_better else block < ref).sum(1)
+        better = block > ref if higher_is_better else block < ref
+        if exclude is not None:
+            better &= ~exclude[lo : lo + step]
+        ranks[lo : lo + step] = better.sum(1)
     return ranks
 
 

@@ -57,6 +57,35 @@ def format_table(metrics: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
     return "\n".join([line(header), line(["-" * width0] + ["-" * w for w in widths]), *map(line, body)])
 
 
+def format_intervals(metrics: Mapping[str, Mapping], intervals: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
+                     ks: Sequence[int] = (10,), against: str | None = None) -> str:
+    """A table of each run that has an interval: metric@K with its 95% interval and, where the run
+    has a ``"paired"`` entry, the difference against ``against`` with its paired interval.
+
+    ``intervals``: ``{run: {"ci": {"NDCG": [[lo, hi] per K], ...}, "paired": {"NDCG": {"diff", "ci"}, ...}}}``
+    (:mod:`bigrec.intervals`); runs without an entry are left out.
+    """
+    runs = _runs(metrics, topk)
+    idx = [list(topk).index(k) for k in ks]
+    header = ["run"] + [f"{key}@{k} [95% CI]" for key in METRICS for k in ks]
+    paired = against is not None and any("paired" in iv for iv in intervals.values())
+    if paired:
+        header += [f"{key}@{k} minus {against} [paired 95% CI]" for key in METRICS for k in ks]
+    body = []
+    for name, iv in intervals.items():
+        if name not in runs:
+            continue
+        cells = [name] + [f"{runs[name][key][j]:.4f} [{iv['ci'][key][j][0]:.4f}, {iv['ci'][key][j][1]:.4f}]"
+                          for key in METRICS for j in idx]
+        if paired:
+            cells += [f"{iv['paired'][key]['diff'][j]:+.4f} [{iv['paired'][key]['ci'][j][0]:+.4f}, "
+                      f"{iv['paired'][key]['ci'][j][1]:+.4f}]" if "paired" in iv else "-" for key in METRICS for j in idx]
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in [header, ["-" * w for w in widths], *body])
+
+
 def plot_metrics(metrics: Mapping[str, Mapping], path: str | Path, topk: Sequence[int] = TOPK) -> Path:
     """Write a PNG with NDCG@K and HR@K against K, one line per run (Agg canvas, atomic write)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

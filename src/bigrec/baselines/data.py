@@ -60,6 +60,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def subset(self, rows: list[int]) -> Split:
+        """Only ``rows`` (sorted row numbers), before timelines are built."""
+        return Split(name=self.name, user_ids=[self.user_ids[i] for i in rows],
+                     histories=[self.histories[i] for i in rows], targets=self.targets[torch.tensor(rows, dtype=torch.long)])
+
 
 @dataclass
 class Prepared:
@@ -112,11 +117,17 @@ def _overlap(timeline: list[int], history: list[int]) -> int:
     return 0
 
 
-def load_prepared(data_dir: str | Path) -> Prepared:
-    """Read the catalogue and the three splits, and rebuild the users' timelines."""
+def load_prepared(data_dir: str | Path, train_rows: list[int] | None = None) -> Prepared:
+    """Read the catalogue and the three splits, and rebuild the users' timelines.
+
+    ``train_rows``: keep only these rows of train.csv (the few-shot setting); the timelines are
+    then built from those rows' own histories, so nothing of the unsampled rows leaks in.
+    """
     catalog = read_catalog(Path(data_dir) / "id2name.txt")
     titles = catalog.titles
     splits = {name: read_split(data_dir, name) for name in SPLITS}
+    if train_rows is not None:
+        splits["train"] = splits["train"].subset(train_rows)
     for part in splits.values():
         bad = (part.targets < 0) | (part.targets >= len(titles))
         if len(part) and bool(bad.any()):

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from bigrec import metrics
-from bigrec.baselines.data import Prepared, load_prepared, training_windows
+from bigrec.baselines.data import Prepared, load_prepared, read_split, training_windows
 from bigrec.baselines.popularity import Popularity, item_counts
 from bigrec.baselines.sasrec import SASRec, SASRecConfig, fit
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import read_json, staged_dir, write_json, write_yaml
 from bigrec.scores import save_scores
+from bigrec.sft_data import sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class Config:
     loss: str = option("ce", "SASRec: full-softmax cross-entropy or BCE with sampled negatives",
                        choices=["ce", "bce"])
     negatives: int = option(1, "SASRec: sampled negatives per target with --loss bce")
-    seed: int = option(42, "random seed (same seed, same metrics)")
+    seed: int = option(42, "random seed (same seed, same metrics) and the seed of --sample")
+    sample: int = option(-1, "train on this many train.csv rows drawn with --seed, the very rows `bigrec train "
+                             "--sample N --seed S` draws from train.json (the paper's few-shot comparison); -1 = all")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     threads: int = option(0, "CPU threads for torch; 0 = every core this process may use")
     eval_batch_size: int = option(1024, "rows scored at once during evaluation")
@@ -68,6 +71,8 @@ class Config:
                      "negatives", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"option {name!r} must be at least 1, got {getattr(self, name)}")
+        if self.sample == 0 or self.sample < -1:
+            raise ConfigError(f"sample must be -1 (all rows) or at least 1, got {self.sample}")
         if self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0 <= self.dropout < 1:
@@ -153,7 +158,11 @@ def run(config: Config) -> dict:
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     device = resolve_device(config.device)
     start = time.perf_counter()
-    data = load_prepared(data_dir)
+    train_rows = None
+    if config.sample >= 0:
+        train_rows = sample_indices(len(read_split(data_dir, "train")), config.sample, config.seed)
+        log.info("few-shot: %d train rows drawn with seed %d", len(train_rows), config.seed)
+    data = load_prepared(data_dir, train_rows)
     if not len(data.splits["valid"]) or not len(data.splits["test"]):
         raise ValueError(f"{data_dir}: valid.csv and test.csv need at least one row each")
     log.info("read %s: %d items, %d/%d/%d rows (%.1fs)", data_dir, data.num_items,
@@ -187,6 +196,8 @@ def run(config: Config) -> dict:
         write_json(stage / "metrics.json", {"topk": topk, config.model: results["test"]})
         write_json(stage / "valid_metrics.json", {"topk": topk, config.model: results["valid"]})
         write_yaml(stage / "config.yaml", to_dict(config))
+        if train_rows is not None:
+            write_json(stage / "train_rows.json", train_rows)
     at = {k: results["test"]["NDCG"][topk.index(k)] for k in (1, 10)}
     log.info("%s test NDCG@1 %.4f NDCG@10 %.4f; %s (%.0fs in all)", config.model, at[1], at[10], out_dir,
              time.perf_counter() - start)
