@@ -51,12 +51,16 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     bigrec = [f"BIGRec ({d}){extra}" for d in ("free", "constrained") for extra in ("", " + popularity",
                                                                                   " + CI (SASRec)")]
     reference = "BIGRec (free), reference grounding"  # the same generations, grounded the paper's way
-    assert list(table) == ["topk", *bigrec[:3], reference, *bigrec[3:], "SASRec", "Popularity", "Random"]
+    assert list(table) == ["topk", *bigrec[:3], reference, *bigrec[3:], "SASRec", "SASRec (same 32 examples)",
+                           "Popularity", "Last history title (content)", "Random"]
     for name in table.keys() - {"topk"}:
         assert len(table[name]["NDCG"]) == 6 and all(0 <= v <= 1 for v in table[name]["HR"])
     # 25 items: HR@50 of any complete ranking is 1.
     assert all(table[name]["HR"][-1] == 1.0 for name in ("SASRec", "BIGRec (free)", "BIGRec (constrained)"))
     report = (run_dir / "report.md").read_text()
+    assert "95% intervals and paired differences, each user's seen items left out" in report
+    assert "BIGRec (free) minus SASRec (same 32 examples): NDCG@10" in report
+    assert "copy a title from the user's own history" in report
     assert "Where BIGRec stands" in report and "random ranking" in report and "distinct" in report
     assert "## Decoding: free" in report and "## Decoding: constrained" in report
     assert "last layer, mean over tokens, natural titles" in report and "grounded the reference way" in report
@@ -69,6 +73,32 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
         assert manifest.path(run_dir, field).exists(), field
     assert (manifest.pooling, manifest.embed_layer, manifest.title_text) == ("mean", -1, "natural")
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 12
+
+
+def test_demo_comparison_holds_both_protocols_with_intervals(finished_demo):
+    """comparison.json: per protocol, metrics equal to the side-by-side table (reference) or no worse
+    for every ranked method (seen items left out), an interval around every value, the paired
+    differences the paper's claims rest on."""
+    run_dir, _ = finished_demo
+    table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
+    comparison = json.loads((run_dir / "metrics" / "comparison.json").read_text())
+    assert comparison["rows"] == 12 and set(comparison["protocols"]) == {"reference", "unseen"}
+    reference, unseen = (comparison["protocols"][p] for p in ("reference", "unseen"))
+    assert {k: v for k, v in table.items() if k != "topk"} == reference["metrics"]
+    for part in (reference, unseen):
+        for name, iv in part["intervals"].items():
+            for key in ("NDCG", "HR"):
+                for value, (lo, hi) in zip(part["metrics"][name][key], iv["ci"][key], strict=True):
+                    assert lo - 1e-12 <= value <= hi + 1e-12
+        pair = part["paired"]["BIGRec (free) minus SASRec (same 32 examples)"]
+        expected = [a - b for a, b in zip(part["metrics"]["BIGRec (free)"]["NDCG"],
+                                          part["metrics"]["SASRec (same 32 examples)"]["NDCG"], strict=True)]
+        assert pair["NDCG"]["diff"] == pytest.approx(expected)
+    for name in ("SASRec", "Popularity", "Last history title (content)", "BIGRec (free)", "Random"):
+        assert all(u >= r - 1e-12 for u, r in zip(unseen["metrics"][name]["HR"], reference["metrics"][name]["HR"],
+                                                  strict=True)), name
+    # the content baseline ranks the last history item first: never the target in this data, left out when unseen
+    assert reference["metrics"]["Last history title (content)"]["HR"][0] == 0.0
 
 
 def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
@@ -84,7 +114,8 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
     caplog.set_level("INFO", logger="bigrec.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate_constrained", "evaluate_free", "evaluate_free_reference_grounding",
+    assert ran == ["evaluate_constrained", "evaluate_constrained_unseen", "evaluate_free",
+                   "evaluate_free_reference_grounding", "evaluate_free_unseen",
                    "generate_test_constrained", "generate_test_free", "generate_valid_constrained",
                    "generate_valid_free", "inputs"]
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 8
@@ -115,7 +146,8 @@ def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, 
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free", pooling="last",
                           title_text="bare")) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate_free", "index"]  # the reference grounding needs no second row
+    assert ran == ["evaluate_free", "evaluate_free_unseen", "index"]  # the reference grounding needs no second row
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert "BIGRec (free), reference grounding" not in table
     assert RunManifest.load(run_dir).pooling == "last"
+

@@ -2,9 +2,12 @@
 
 prepare ml-100k -> LoRA-tune SmolLM2-135M on 1,024 sampled examples -> generate for test (and
 validation) rows, with free and with catalogue-constrained beam search (``--decoding``) ->
-index the catalogue -> SASRec and popularity -> evaluate BIGRec, BIGRec + popularity and
-BIGRec + CI for each decoding, SASRec and popularity on the same rows -> report.md, metrics,
-plot. Each decoding has its own stages (``generate_test_free``, ``evaluate_constrained``, ...)
+index the catalogue -> SASRec (on all training rows and on the same sampled rows BIGRec is
+tuned on: the paper's few-shot comparison) and popularity -> evaluate BIGRec, BIGRec +
+popularity and BIGRec + CI for each decoding, the baselines and a content baseline (the last
+history title, grounded the same way) on the same rows, with 95% bootstrap intervals and paired
+differences, under the reference protocol and with each user's seen items left out ->
+report.md, metrics (``metrics/comparison.json`` holds both protocols), plot. Each decoding has its own stages (``generate_test_free``, ``evaluate_constrained``, ...)
 and its own folders (``results/<decoding>/``, ``metrics/bigrec_<decoding>.json``).
 
 Every stage records the settings it ran with (``stages/<name>.json``); a rerun skips a stage
@@ -103,28 +106,92 @@ class Stages:
         return True
 
 
+FEW_SHOT = "sasrec_fewshot"  # the SASRec trained on the rows BIGRec is tuned on
+PROTOCOLS = {"reference": "", "unseen": "_unseen"}  # ranking protocol -> metrics file suffix
+CONTENT = "Last history title (content)"
+
+
+def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, Path], sample: int,
+                 reference_path: Path | None) -> dict:
+    """Every method's per-row ranks on the demo's test rows under one protocol (the evaluate
+    outputs say which): metrics, intervals, the paired differences the paper's claims rest on,
+    and the evaluation details per decoding (``infos``)."""
+    import torch
+
+    from bigrec.catalog import read_catalog, row_target
+    from bigrec.comparison import Comparison
+    from bigrec.metrics import TOPK, seen_mask, target_id_lists, target_ranks
+    from bigrec.scores import load_scores
+
+    catalog = read_catalog(run_dir / "data" / "id2name.txt")
+    targets = target_id_lists([row_target(r, catalog, "test") for r in test_rows], catalog.titles)
+    row_ids = [r.get("row") for r in test_rows]
+    cmp = Comparison(len(test_rows))
+    infos: dict[str, dict] = {}
+    exclude = None
+    few_shot = f"SASRec (same {sample} examples)"
+    for decoding, metrics_path in metrics_paths.items():
+        details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
+        if details.get("exclude_history"):
+            exclude = seen_mask([r["history_item_id"] for r in test_rows], targets, len(catalog))
+        test_name = next(iter(details["files"]))  # the result file's name, "test.json"
+        info = infos[decoding] = details["files"][test_name]
+        if info["rows"] != row_ids:
+            raise ValueError(f"{metrics_path}: evaluated rows differ from {run_dir / 'inputs' / 'test.json'} "
+                             "(targets missing from the catalogue?)")
+        label = f"BIGRec ({decoding})"
+        names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
+                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)"}
+        for key, name in names.items():
+            if key in info["ranks"]:
+                cmp.add(name, info["ranks"][key])
+        if decoding == "free" and reference_path is not None:
+            ref = io.read_json(reference_path.with_name(reference_path.stem + ".details.json"))
+            cmp.add("BIGRec (free), reference grounding", ref["files"][test_name]["ranks"][test_name])
+    content = next((info["ranks"][k] for info in infos.values() for k in info["ranks"] if k.endswith(
+        "last history title")), None)
+    for model, label in (("sasrec", "SASRec"), (FEW_SHOT, few_shot), ("popularity", "Popularity")):
+        scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)
+        cmp.add(label, target_ranks(scores, targets, higher_is_better=True, exclude=exclude))
+    if content is not None:
+        cmp.add(CONTENT, content)
+    unranked = torch.zeros(len(test_rows)) if exclude is None else exclude.sum(1).float()  # [R]
+    cmp.expected["Random"] = random_ndcg_hr(len(catalog) - unranked, TOPK)
+    lead = next(name for name in ("BIGRec (free)", "BIGRec (constrained)") if name in cmp.ranks)
+    pairs = [(lead, few_shot), (lead, CONTENT), (lead, "Popularity"), (lead, "SASRec"),
+             (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI (SASRec)", few_shot)]
+    return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
+
+
 def first_rows(src: Path, dst: Path, n: int) -> None:
     """The first ``n`` rows of an instruction file (the seeded 5,000-row sample keeps its order)."""
     rows = io.read_json(src)
     io.write_json_rows(dst, rows[:n])
 
 
-def random_ndcg_hr(num_items: int, topk: tuple[int, ...]) -> dict[str, list[float]]:
-    """Expected metrics of a uniformly random ranking with one relevant item."""
-    return {"NDCG": [sum(1 / math.log2(r + 2) for r in range(min(k, num_items))) / num_items for k in topk],
-            "HR": [min(k, num_items) / num_items for k in topk]}
+def random_ndcg_hr(num_items, topk: tuple[int, ...]) -> dict[str, list[float]]:
+    """Expected metrics of a uniformly random ranking with one relevant item among ``num_items``
+    (an int, or a tensor of per-row counts whose expectations are averaged)."""
+    import torch
+
+    counts = torch.as_tensor(num_items, dtype=torch.float64).reshape(-1)
+    gains = torch.tensor([1 / math.log2(r + 2) for r in range(max(topk))], dtype=torch.float64).cumsum(0)
+    ndcg, hr = [], []
+    for k in topk:
+        upto = torch.clamp(counts, max=k).long()  # ranks that can fall within the first k
+        ndcg.append(float((gains[upto - 1] / counts).mean()))
+        hr.append(float((upto / counts).mean()))
+    return {"NDCG": ndcg, "HR": hr}
 
 
 def run(cfg: Config) -> int:
     from bigrec import evaluate, generate, prepare, train
     from bigrec import index as index_stage
     from bigrec.baselines import run as baseline_run
-    from bigrec.catalog import read_catalog, row_target
     from bigrec.index import REFERENCE, grounding_of, grounding_options
-    from bigrec.metrics import TOPK, ndcg_hr, target_id_lists, target_ranks
+    from bigrec.metrics import TOPK
     from bigrec.report import format_table, metrics_json, plot_metrics
     from bigrec.run_manifest import RunManifest
-    from bigrec.scores import load_scores
 
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
@@ -175,26 +242,28 @@ def run(cfg: Config) -> int:
     # The paper's grounding beside ours, on the same generations: what the choice of embedding is worth.
     compare_reference = grounding_of(cfg) != REFERENCE and "free" in decodings
 
-    base_cfgs = {}
-    for model in ("popularity", "sasrec"):
-        b_cfg = baseline_run.Config(data=str(data), output_dir=str(run_dir / model), model=model, seed=cfg.seed,
-                                    epochs=cfg.sasrec_epochs)
-        base_cfgs[model] = b_cfg
+    for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, cfg.sample)):
+        b_cfg = baseline_run.Config(data=str(data), output_dir=str(run_dir / model), model=model.split("_")[0],
+                                    seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
         stages.run(model, to_dict(b_cfg), [run_dir / model / "scores" / "test_5000.safetensors"],
                    lambda c=b_cfg: baseline_run.run(c), after=("prepare",))
 
-    metrics_paths = {}
+    metrics_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
     for decoding in decodings:
-        metrics_paths[decoding] = metrics_path = run_dir / "metrics" / f"bigrec_{decoding}.json"
-        eval_cfg = evaluate.Config(
-            catalog=str(data / "id2name.txt"), input_dir=str(results / decoding / "test.json"),
-            output=str(metrics_path), base_model=cfg.base_model,
-            valid_input_dir=str(results / decoding / "valid.json"), popularity=str(data / "train.csv"),
-            ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
-            valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
-            index_path=str(index_path), precision=cfg.precision, **grounding)
-        stages.run(f"evaluate_{decoding}", to_dict(eval_cfg), [metrics_path], lambda c=eval_cfg: evaluate.run(c),
-                   after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity", "sasrec"))
+        for protocol, suffix in PROTOCOLS.items():
+            metrics_paths[protocol][decoding] = metrics_path = run_dir / "metrics" / f"bigrec_{decoding}{suffix}.json"
+            eval_cfg = evaluate.Config(
+                catalog=str(data / "id2name.txt"), input_dir=str(results / decoding / "test.json"),
+                output=str(metrics_path), base_model=cfg.base_model,
+                valid_input_dir=str(results / decoding / "valid.json"), popularity=str(data / "train.csv"),
+                ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
+                valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
+                index_path=str(index_path), precision=cfg.precision, last_title=True,
+                exclude_history=protocol == "unseen", **grounding)
+            stages.run(f"evaluate_{decoding}{suffix}", to_dict(eval_cfg), [metrics_path],
+                       lambda c=eval_cfg: evaluate.run(c),
+                       after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity",
+                              "sasrec"))
     if compare_reference:
         reference_path = run_dir / "metrics" / "bigrec_free_reference_grounding.json"
         ref_cfg = evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results / "free" / "test.json"),
@@ -204,34 +273,20 @@ def run(cfg: Config) -> int:
                    lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
 
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
-    catalog = read_catalog(data / "id2name.txt")
     test_rows = io.read_json(run_dir / "inputs" / "test.json")
-    targets = target_id_lists([row_target(r, catalog, "test") for r in test_rows], catalog.titles)
-    runs: dict[str, dict] = {}
-    infos: dict[str, dict] = {}  # decoding -> the evaluation details of its test file
-    for decoding, metrics_path in metrics_paths.items():
-        bigrec_metrics = io.read_json(metrics_path)
-        details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
-        test_name = next(iter(details["files"]))  # the result file's name, "test.json"
-        infos[decoding] = details["files"][test_name]
-        label = f"BIGRec ({decoding})"
-        names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
-                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)"}
-        for key, name in names.items():
-            if key in bigrec_metrics:
-                runs[name] = bigrec_metrics[key]
-        if decoding == "free" and compare_reference:
-            runs["BIGRec (free), reference grounding"] = io.read_json(reference_path)[test_name]
-    for model, label in (("sasrec", "SASRec"), ("popularity", "Popularity")):
-        scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)
-        runs[label] = ndcg_hr(target_ranks(scores, targets, higher_is_better=True), TOPK)
-    runs["Random"] = random_ndcg_hr(len(catalog), TOPK)
-    table = metrics_json(runs, TOPK)
+    compared = {protocol: side_by_side(run_dir, test_rows, paths, cfg.sample,
+                                       reference_path if compare_reference and protocol == "reference" else None)
+                for protocol, paths in metrics_paths.items()}
+    infos = compared["reference"].pop("infos")  # decoding -> the evaluation details of its test file
+    compared["unseen"].pop("infos")
+    table = metrics_json(compared["reference"]["metrics"], TOPK)
     io.write_json(run_dir / "metrics" / "side_by_side.json", table)
+    io.write_json(run_dir / "metrics" / "comparison.json", {"rows": len(test_rows), "topk": list(TOPK),
+                                                            "protocols": compared})
     plot_metrics(table, run_dir / "metrics" / "side_by_side.png", TOPK)
     elapsed = time.perf_counter() - started
     report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK),
-                           grounding_of(cfg).describe())
+                           grounding_of(cfg).describe(), compared)
     io.write_text(run_dir / "report.md", report)
     # recommend/serve decode freely: their gammas come from the free run when there is one
     gammas_from = infos.get("free") or infos["constrained"]
@@ -249,8 +304,13 @@ def run(cfg: Config) -> int:
 
 
 def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dict, elapsed: float,
-                  text_table: str, grounding: str) -> str:
-    """report.md: the table, where each decoding stands, its decoding diagnostics and gammas, stage times."""
+                  text_table: str, grounding: str, compared: dict) -> str:
+    """report.md: the table, intervals and paired differences under both ranking protocols, where
+    each decoding stands, its decoding diagnostics and gammas, stage times."""
+    from bigrec.comparison import describe_pairs
+    from bigrec.metrics import TOPK
+    from bigrec.report import format_intervals
+
     k10 = table["topk"].index(10)
     ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}
     rand = ndcg10["Random"]
@@ -266,8 +326,16 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
         f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
         f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.", "",
         "```", text_table, "```", "",
-        "## Where BIGRec stands", "",
     ]
+    for protocol, title in (("reference", "the reference protocol (every item ranked)"),
+                            ("unseen", "each user's seen items left out of the ranking")):
+        part = compared[protocol]
+        lines += [f"## 95% intervals and paired differences, {title}", "",
+                  f"Bootstrap over the {cfg.test_rows} test rows (1,000 resamples, seed 0); a paired difference "
+                  "uses the same resamples for both results.", "",
+                  "```", format_intervals(part["metrics"], part["intervals"], TOPK, (10,)), "```", ""]
+        lines += [f"- {line}" for line in describe_pairs(part["paired"])] + [""]
+    lines += ["## Where BIGRec stands", ""]
     for decoding in infos:
         plain = ndcg10.get(f"BIGRec ({decoding})", 0.0)
         verdict = ("above" if plain > rand * 1.5 else "not clearly above") + " a random ranking"
@@ -282,7 +350,9 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
         lines += [
             f"## Decoding: {decoding}", "",
             f"- {diag['distinct_top1_share']:.1%} of top-1 generations are distinct, "
-            f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles, {diag['empty_top1']} are empty.",
+            f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles, {diag['empty_top1']} are empty"
+            + ("." if diag.get("history_copy_top1_share") is None else
+               f"; {diag['history_copy_top1_share']:.1%} copy a title from the user's own history."),
             "- Most frequent top-1 generations: "
             + "; ".join(f"\"{t}\" x{c}" for t, c in diag["most_frequent_top1"][:10]),
             "- Re-weighting gammas (chosen on validation):" if any(k in info for k in ("popularity", "CI")) else "",
