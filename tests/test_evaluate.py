@@ -392,3 +392,33 @@ def test_history_options_need_history_ids(data, tiny_model_dir, capsys):
     assert main(args(data, tiny_model_dir, "--exclude_history")) == 1  # reference.json rows carry none
     assert "reference.json: --exclude_history needs 'history_item_id'" in capsys.readouterr().err
     assert not (data / "out" / "metrics.json").exists()
+
+
+def test_ground_beams_ranks_by_the_nearest_beam(data, tiny_model_dir):
+    """Every row's second beam is its target's exact title, or its first already is: grounding the
+    nearest of two beams puts each target first, ahead of items near the first beam."""
+    (data / "results" / "reference.json").unlink()
+    out = data / "out"
+    assert main(args(data, tiny_model_dir, "--ground_beams", "2")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["test.json"]
+    assert metrics["HR"][0] == 1.0  # the empty top-1 row too: its second beam is "Jumanji (1995)"
+    details = json.loads((out / "metrics.details.json").read_text())
+    assert details["ground_beams"] == 2 and details["files"]["test.json"]["diagnostics"]["empty_top1"] == 1
+    assert main(args(data, tiny_model_dir, "--output", str(out / "one.json"))) == 0
+    assert json.loads((out / "one.json").read_text())["test.json"]["HR"][0] == pytest.approx(3 / 6)
+
+
+def test_nearest_beam_distances_by_hand():
+    from bigrec.evaluate import nearest_beam_distances
+
+    items = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    vectors = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([3.0, 0.0]), "c": torch.tensor([0.0, 3.0])}
+
+    def embed(texts):
+        return torch.stack([vectors[t] if t else torch.zeros(2) for t in texts])
+
+    dist, empty = nearest_beam_distances([["a", "b"], ["c", ""], ["", ""]], items, embed, 2)
+    assert empty.tolist() == [False, False, True]
+    assert dist[0].tolist() == pytest.approx([0.0, 1e-6 * 5.0, 4.0], abs=1e-9)  # item 1 is beam b's title
+    assert dist[0, 0] < dist[0, 1]  # two exact titles rank in beam order
+    assert dist[1].tolist() == pytest.approx([3.0, math.sqrt(18), 1.0])  # the empty second beam is ignored

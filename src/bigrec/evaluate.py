@@ -74,7 +74,9 @@ class Config:
                                          "or .npy), or a folder of them (bigrec baseline's scores/)")
     valid_ci_scores: str | None = option(None, "score matrix for the validation rows (default: searched "
                                                "beside --ci_scores)")
-    all_beams: bool = option(False, "ground every beam and keep each row's best rank (plain metrics)")
+    all_beams: bool = option(False, "ground every beam and keep each row's best rank (an oracle: plain metrics)")
+    ground_beams: int = option(1, "free decoding: rank every item by its distance to the nearest of the first N "
+                                  "beams (ties in beam order); 1 = the paper's top generation only")
     index_path: str | None = option(None, "item index to reuse or build (default: beside --output)")
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     batch_size: int = option(64, "texts per embedding forward pass")
@@ -93,6 +95,8 @@ class Config:
             raise ConfigError("--popularity and --ci_scores need --valid_input_dir: gamma is chosen on validation")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.ground_beams < 1:
+            raise ConfigError(f"--ground_beams must be at least 1, got {self.ground_beams}")
 
 
 @dataclass
@@ -382,16 +386,43 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
             "valid_single": _scaled(search.valid_single, valid_share)}
 
 
+def nearest_beam_distances(beams: list[list[str]], items: torch.Tensor, embed: Embedder,
+                           count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances [R, N] of each item to the nearest of a row's first ``count`` non-empty beams, and
+    the mask [R] of rows with none.
+
+    Beam b's distances are offset by b * 1e-6 of the row's distance scale, so an item that is
+    exactly a beam's title ranks in beam order, ahead of everything that is no beam at all.
+    """
+    rows = len(beams)
+    best = torch.full((rows, items.shape[0]), float("inf"))
+    for b in range(count):
+        texts = [row[b] if b < len(row) else "" for row in beams]
+        dist = l2_distances(embed(texts), items)
+        dist += b * 1e-6 * dist.amax(1, keepdim=True)
+        dist[torch.tensor([not t for t in texts])] = float("inf")
+        best = torch.minimum(best, dist)
+    empty = torch.isinf(best).all(1)
+    best[empty] = 0.0  # misses whatever their distances; finite for the re-weighting's min-max
+    return best, empty
+
+
 def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclude: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
-    """:func:`ground` of the top generations; rows with ``predict_ids`` rank their beams' items first.
+                   beams: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
+    """:func:`ground` of the top generations (with ``beams`` > 1, of the nearest of the first
+    ``beams``); rows with ``predict_ids`` rank their beams' items first.
 
     Returns distances [R, N], ranks [R], the empty mask [R] (a row with beam ids is never
     empty) and the beam items per row (None when no row has any; excluded items dropped).
     """
     from bigrec.decoding import rank_with_beams
 
-    dist, ranks, empty = ground(results.top1, results.targets, items, embed, exclude)
+    if beams > 1:
+        dist, empty = nearest_beam_distances(results.beams, items, embed, beams)
+        ranks = target_ranks(dist, results.targets, exclude=exclude)
+        ranks[empty] = max(items.shape[0], *TOPK)
+    else:
+        dist, ranks, empty = ground(results.top1, results.targets, items, embed, exclude)
     if not any(results.has_ids or []):
         return dist, ranks, empty, None
     first = results.first if exclude is None else [
@@ -475,12 +506,13 @@ def run(config: Config) -> dict:
     runs: dict[str, dict] = {}
     details: dict = {"topk": list(TOPK), "index": str(index_path), "grounding": grounding.describe(),
                      "catalog": str(catalog.path),
-                     "num_items": n, "all_beams": config.all_beams, "exclude_history": config.exclude_history,
+                     "num_items": n, "all_beams": config.all_beams, "ground_beams": config.ground_beams,
+                     "exclude_history": config.exclude_history,
                      "files": {}}
     for test in tests:
         start, embedded = time.perf_counter(), embed.seconds
         exclude = excluded(test, config, n)
-        dist, ranks, empty, first = ground_results(test, items, embed, exclude)  # [R, N], [R], [R]
+        dist, ranks, empty, first = ground_results(test, items, embed, exclude, config.ground_beams)  # [R, N], [R], [R]
         if config.all_beams:
             has = torch.tensor(test.has_ids)  # constrained rows already rank every beam's items
             for k in range(1, max(len(b) for b in test.beams)):
@@ -499,7 +531,8 @@ def run(config: Config) -> dict:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
             valid_exclude = excluded(valid, config, n)
-            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude)
+            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude,
+                                                                     config.ground_beams)
         for kind, per_file in weights.items():
             start = time.perf_counter()
             scores, valid_scores, sources = per_file[test.name]
