@@ -51,7 +51,8 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     bigrec = [f"BIGRec ({d}){extra}" for d in ("free", "constrained") for extra in ("", " + popularity",
                                                                                   " + CI (SASRec)")]
     reference = "BIGRec (free), reference grounding"  # the same generations, grounded the paper's way
-    assert list(table) == ["topk", *bigrec[:3], reference, *bigrec[3:], "SASRec", "SASRec (same 32 examples)",
+    blend = "BIGRec (free) + CI blend (SASRec)"  # the weighted-sum variant; constrained rows have none
+    assert list(table) == ["topk", *bigrec[:3], blend, reference, *bigrec[3:], "SASRec", "SASRec (same 32 examples)",
                            "Popularity", "Last history title (content)", "Random"]
     for name in table.keys() - {"topk"}:
         assert len(table[name]["NDCG"]) == 6 and all(0 <= v <= 1 for v in table[name]["HR"])
@@ -72,6 +73,8 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     for field in ("catalog", "index", "adapter", "sasrec", "data"):
         assert manifest.path(run_dir, field).exists(), field
     assert (manifest.pooling, manifest.embed_layer, manifest.title_text) == ("mean", -1, "natural")
+    assert "chosen on validation NDCG@10" in manifest.ranking_note  # recommend/serve's default ranking
+    assert manifest.use_ci == manifest.ranking_note.startswith("BIGRec + CI")
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 12
 
 

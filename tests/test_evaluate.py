@@ -171,6 +171,11 @@ def test_reweighting_with_popularity_and_ci(data, tiny_model_dir):
     assert tuned["HR"][TOPK.index(3)] == pytest.approx(5 / 6)
     assert all(t >= p - 1e-12 for t, p in zip(tuned["HR"], plain["HR"], strict=True))
     details = json.loads((data / "out" / "metrics.details.json").read_text())["files"]["test.json"]
+    # the weighted-sum variant lets the perfect CI model outrank the nearest item: every non-empty row a hit
+    blend = metrics["test.json +CI blend (weight by NDCG@10)"]
+    assert blend["HR"][0] == pytest.approx(5 / 6) and details["CI"]["blend"]["weight"] > 0
+    assert tuned["HR"][0] < 5 / 6  # the paper's formula keeps the nearest item first
+    assert len(details["valid_plain"]["NDCG"]) == len(TOPK)
     assert details["CI"]["ci_scores"].endswith("test.safetensors")
     assert details["CI"]["valid_ci_scores"].endswith("valid.safetensors")
     index = next((data / "out").glob("index.*.safetensors"))

@@ -10,6 +10,7 @@ import torch
 from bigrec.ground import (
     GAMMA_GRID,
     apply_gamma,
+    blend_ranks,
     grid_ranks,
     l2_distances,
     minmax_rows,
@@ -161,3 +162,17 @@ def test_grid_ranks_with_leading_items_match_rank_with_beams_brute_force():
         grid_ranks(DIST, SCORES, TARGETS, [0.1], [[4], []])
     with pytest.raises(ValueError, match="1 rows of leading items"):
         grid_ranks(DIST, SCORES, TARGETS, [0.1], [[1]])
+
+
+def test_blend_ranks_weights_the_other_model_in():
+    """w = 0 is the distance alone; a higher weight lets a high score beat the nearest item, which
+    the paper's formula never lets happen."""
+    targets = torch.tensor([2, 1])
+    plain = blend_ranks(DIST, SCORES, targets, [0.0])[0]
+    assert torch.equal(plain, target_ranks(DIST, targets))
+    ranks = blend_ranks(DIST, SCORES, targets, [0.0, 0.5, 0.95])
+    assert ranks[:, 0].tolist() == [2, 0, 0]  # row A: the popular target overtakes the two nearer items
+    assert ranks[:, 1].tolist() == [1, 3, 3]  # row B: the less popular target falls behind items 2 and 3
+    nearest = torch.tensor([0, 0])
+    assert grid_ranks(DIST, SCORES, nearest, [99.0])[0].tolist() == [0, 0]  # the paper's formula: always first
+    assert blend_ranks(DIST, SCORES, nearest, [0.95])[0].tolist() == [2, 2]  # the blend: overtaken

@@ -209,3 +209,23 @@ def test_cli_errors(run_dir, capsys):
     assert "give either --history" in capsys.readouterr().err
     assert main(["recommend", "--run", str(run_dir.parent / "nowhere"), "--history", "x"]) == 1
     assert "not a finished run folder" in capsys.readouterr().err
+
+
+def test_run_default_ranking_is_the_one_chosen_on_validation(run_dir, tmp_path, capsys):
+    """run.yaml use_ci: true makes CI the default for recommend and serve alike, the answer says so,
+    and an explicit use_ci false still gives the plain ranking."""
+    note = "BIGRec + CI chosen on validation NDCG@10 (0.0500 with CI, 0.0100 without)"
+    chosen = sibling_run(run_dir, tmp_path, use_ci=True, ranking_note=note)
+    other = Recommender.from_run(chosen, device="cpu")
+    assert other.default_ci and other.describe()["ranking_note"] == note
+    default, plain, asked = other.recommend_queries([Query([0, 5, 7], k=5), Query([0, 5, 7], k=5, use_ci=False),
+                                                     Query([0, 5, 7], k=5, use_ci=True)])
+    assert default.use_ci and not plain.use_ci
+    assert [i.id for i in default.items] == [i.id for i in asked.items] != [i.id for i in plain.items]
+    assert default.ranking.startswith("BIGRec + CI") and note in default.ranking
+    assert plain.ranking == "BIGRec (L2 distance to the generated title), as asked"
+    (fixture_default,) = Recommender.from_run(run_dir, device="cpu").recommend([[0, 5, 7]], k=5)
+    assert not fixture_default.use_ci and "the run's default" in fixture_default.ranking  # run.yaml: use_ci unset
+    assert main(["recommend", "--run", str(chosen), "--history", "0", "--history", "5", "-k", "3"]) == 0
+    assert f"ranking: BIGRec + CI (distances re-weighted by SASRec's scores), the run's default: {note}" in \
+        capsys.readouterr().out

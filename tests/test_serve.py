@@ -101,6 +101,7 @@ def test_recommend_options(client):
     body = client.post("/recommend", json={"history": ["heet (1995)", "Heat (1995)"], "k": 15,
                                            "use_ci": True, "exclude_history": True}).json()
     assert body["use_ci"] is True and len(body["items"]) == 15
+    assert body["ranking"] == "BIGRec + CI (distances re-weighted by SASRec's scores), as asked"
     assert body["history"][0]["how"] == "nearest" and body["history"][0]["distance"] > 0
     excluded = {HEAT, HEAT_TWIN, body["history"][0]["id"]}
     assert not excluded & {i["id"] for i in body["items"]}

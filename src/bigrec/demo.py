@@ -63,11 +63,13 @@ class Config:
     pooling: str = pooling_option("mean")
     embed_layer: int = layer_option()
     title_text: str = title_text_option("natural")
+    ground_beams: int = option(1, "free decoding: rank items by the nearest of the first N beams (1 = the paper's "
+                                  "top generation only)")
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
 
     def validate(self) -> None:
-        for name in ("num_beams", "constrained_beams", "gen_batch_size", "test_rows", "valid_rows"):
+        for name in ("num_beams", "constrained_beams", "gen_batch_size", "test_rows", "valid_rows", "ground_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
@@ -141,7 +143,8 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
                              "(targets missing from the catalogue?)")
         label = f"BIGRec ({decoding})"
         names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
-                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)"}
+                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)",
+                 f"{test_name} +CI blend (weight by NDCG@10)": f"{label} + CI blend (SASRec)"}
         for key, name in names.items():
             if key in info["ranks"]:
                 cmp.add(name, info["ranks"][key])
@@ -159,8 +162,22 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     cmp.expected["Random"] = random_ndcg_hr(len(catalog) - unranked, TOPK)
     lead = next(name for name in ("BIGRec (free)", "BIGRec (constrained)") if name in cmp.ranks)
     pairs = [(lead, few_shot), (lead, CONTENT), (lead, "Popularity"), (lead, "SASRec"),
-             (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI (SASRec)", few_shot)]
+             (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI blend (SASRec)", "SASRec"),
+             (f"{lead} + CI (SASRec)", few_shot)]
     return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
+
+
+def default_ranking(info: dict) -> tuple[bool, str | None]:
+    """What recommend/serve rank by: BIGRec + CI where it beat plain BIGRec on validation NDCG@10
+    (the validation rows chose its gamma too; the test rows never enter), and why."""
+    if "CI" not in info or "valid_plain" not in info:
+        return False, None
+    from bigrec.metrics import TOPK
+
+    j = TOPK.index(10)
+    ci, plain = info["CI"]["valid_single"]["NDCG"][j], info["valid_plain"]["NDCG"][j]
+    choice = "BIGRec + CI" if ci > plain else "plain BIGRec"
+    return ci > plain, f"{choice} chosen on validation NDCG@10 ({ci:.4f} with CI, {plain:.4f} without)"
 
 
 def first_rows(src: Path, dst: Path, n: int) -> None:
@@ -259,6 +276,7 @@ def run(cfg: Config) -> int:
                 ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
                 valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
                 index_path=str(index_path), precision=cfg.precision, last_title=True,
+                ground_beams=cfg.ground_beams,
                 exclude_history=protocol == "unseen", **grounding)
             stages.run(f"evaluate_{decoding}{suffix}", to_dict(eval_cfg), [metrics_path],
                        lambda c=eval_cfg: evaluate.run(c),
@@ -291,12 +309,13 @@ def run(cfg: Config) -> int:
     # recommend/serve decode freely: their gammas come from the free run when there is one
     gammas_from = infos.get("free") or infos["constrained"]
 
+    use_ci, note = default_ranking(gammas_from)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
                 precision=cfg.precision, num_beams=cfg.num_beams, **grounding,
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
-                ).save(run_dir)
+                use_ci=use_ci, ranking_note=note).save(run_dir)
     print(format_table(table, TOPK))
     print(f"\nreport: {run_dir / 'report.md'}   plot: {run_dir / 'metrics' / 'side_by_side.png'}   "
           f"wall time {elapsed / 60:.1f} min")

@@ -19,7 +19,10 @@ A row whose top generation is empty counts as a miss (and is counted in the deta
 re-weighted metrics are computed on the other rows and scaled by their share, which is the
 same as counting the empty rows as misses.
 
-Every ranking (plain, single-gamma re-weighting, ``--last_title``) also gets a 95% bootstrap
+Beside the paper's re-weighting, each kind also gets a weighted-sum variant, reported under its
+own name (``+CI blend``, :func:`bigrec.ground.blend_ranks`, weight chosen on validation).
+
+Every ranking (plain, single-gamma re-weighting, blend, ``--last_title``) also gets a 95% bootstrap
 interval per metric@K, and with ``--compare`` a paired difference against another model's
 scores on the same rows (:mod:`bigrec.intervals`); the details keep each row's rank so that
 any two results on the same rows can be compared later. ``--exclude_history`` leaves each
@@ -42,7 +45,15 @@ import torch
 from bigrec import io
 from bigrec.catalog import Catalog, UnknownTargetError, read_catalog, row_target
 from bigrec.config import ConfigError, option, to_dict
-from bigrec.ground import GAMMA_GRID, apply_gamma, l2_distances, popularity_counts, search_gamma
+from bigrec.ground import (
+    BLEND_GRID,
+    GAMMA_GRID,
+    apply_gamma,
+    blend_ranks,
+    l2_distances,
+    popularity_counts,
+    search_gamma,
+)
 from bigrec.index import (
     REFERENCE,
     Grounding,
@@ -54,7 +65,7 @@ from bigrec.index import (
     title_text_option,
 )
 from bigrec.intervals import bootstrap_ci, paired_difference
-from bigrec.metrics import TOPK, ndcg_hr, seen_mask, target_id_lists, target_ranks
+from bigrec.metrics import TOPK, ndcg_hr, ndcg_hr_many, seen_mask, target_id_lists, target_ranks
 from bigrec.models import DEFAULT_MODEL
 from bigrec.prompts import natural_title, normalize_title
 
@@ -380,8 +391,19 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
                                                            "HR": [search.hr_gamma[k] for k in TOPK],
                                                            "single": search.single_gamma}}
     share, valid_share = int(keep.sum()) / len(keep), int(valid_keep.sum()) / len(valid_keep)
+    blend = None
+    if first is None and valid_first is None:  # constrained rows rank their beams first: no blend
+        valid_ndcg = ndcg_hr_many(blend_ranks(valid_dist[valid_keep], _keep(valid_scores, valid_keep),
+                                              _rows(valid_targets, valid_keep), BLEND_GRID,
+                                              kept(valid_exclude, valid_keep)), (10,))[0]
+        best = max(range(len(BLEND_GRID)), key=lambda i: (valid_ndcg[i][0], -i))
+        blend = {"weight": BLEND_GRID[best], "valid_ndcg10": valid_ndcg[best][0] * valid_share,
+                 "ranks": single_ranks.clone()}
+        if keep.any():
+            blend["ranks"][keep] = blend_ranks(dist[keep], _keep(scores, keep), _rows(targets, keep),
+                                               [BLEND_GRID[best]], kept(exclude, keep))[0]
     return {"tuned": _scaled(out["tuned"], share), "single": _scaled(out["single"], share),
-            "single_ranks": single_ranks, "gammas": out["gammas"], "single_k": search.single_k,
+            "single_ranks": single_ranks, "blend": blend, "gammas": out["gammas"], "single_k": search.single_k,
             "valid_tuned": _scaled(search.valid_tuned, valid_share),
             "valid_single": _scaled(search.valid_single, valid_share)}
 
@@ -531,8 +553,9 @@ def run(config: Config) -> dict:
             valid = pairs[test.name]
             info["valid_file"] = str(valid.path)
             valid_exclude = excluded(valid, config, n)
-            valid_dist, _, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude,
-                                                                     config.ground_beams)
+            valid_dist, valid_ranks, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude,
+                                                                               config.ground_beams)
+            info["valid_plain"] = ndcg_hr(valid_ranks, TOPK)  # to compare with the re-weightings' validation
         for kind, per_file in weights.items():
             start = time.perf_counter()
             scores, valid_scores, sources = per_file[test.name]
@@ -542,6 +565,12 @@ def run(config: Config) -> dict:
             runs[f"{test.name} +{kind} (gamma per metric@K)"] = out.pop("tuned")
             runs[single] = out.pop("single")
             row_ranks[single] = out.pop("single_ranks")
+            blend = out.pop("blend")
+            if blend is not None:
+                name = f"{test.name} +{kind} blend (weight by NDCG@10)"
+                row_ranks[name] = blend.pop("ranks")
+                runs[name] = ndcg_hr(row_ranks[name], TOPK)
+                out["blend"] = blend
             info[kind] = {**sources, **out}
             log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
         other, other_src = others.get(test.name, (None, None))

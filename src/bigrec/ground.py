@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bigrec.metrics import TOPK, Targets, ndcg_hr_many, target_index
+from bigrec.metrics import TOPK, Targets, ndcg_hr_many, target_index, target_ranks
+
+# Weight of the other model in :func:`blend_ranks`: 0 (distance alone) to 0.95, never the other model alone.
+BLEND_GRID: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(20))
 
 # 0.01..1.00 step 0.01, then 2..99: the paper's grid.
 GAMMA_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(1, 101)) + tuple(
@@ -245,3 +248,17 @@ def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test
                    "single": search.single_gamma},
         "single_ranks": ranks[at(search.single_gamma)],
     }
+
+
+def blend_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, weights: Sequence[float],
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Target ranks [W, R] under ``(1 - w) * minmax(d) - w * minmax(s)`` for every w in ``weights``.
+
+    A variant of the paper's re-weighting, reported beside it, never in its place. The paper's
+    ``minmax(d) * (1 + minmax(s)) ** (-gamma)`` gives the item nearest to the generation 0, so
+    it stays first at every gamma; a weighted sum lets the other model's score outrank it too.
+    With w below 1 the grounding always keeps a say.
+    """
+    _check_scores(dist, scores)
+    d, s = minmax_rows(dist.double()), minmax_rows(scores.double())
+    return torch.stack([target_ranks((1 - w) * d - w * s, targets, exclude=exclude) for w in weights])

@@ -32,7 +32,8 @@ class Config:
     include_target: bool = option(True, "with --user: end the history with the latest row's target (false: "
                                         "use the row's history and show its target as the held-out answer)")
     k: int = option(10, "how many items to recommend", aliases=("-k",))
-    use_ci: bool = option(False, "re-weight the distances by the run's SASRec scores (needs ci_gamma in run.yaml)")
+    use_ci: bool | None = option(None, "re-weight the distances by the run's SASRec scores (needs ci_gamma in "
+                                       "run.yaml); default: the ranking the run chose on validation (run.yaml use_ci)")
     exclude_history: bool = option(False, "leave the history's items out of the recommendations")
     json: bool = option(False, "print the result as JSON")
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -90,6 +91,7 @@ def format_result(result, catalog, held_out: int | None = None) -> str:
     for n, text in enumerate(result.generated[1:], start=2):
         lines.append(f"  beam {n}: {text}")
     label = "score (re-weighted by SASRec)" if result.use_ci else "distance"
+    lines.append(f"ranking: {result.ranking}")
     lines.append(f"top {len(result.items)} ({label}):")
     width = len(str(len(catalog) - 1))
     for n, item in enumerate(result.items, start=1):

@@ -77,7 +77,7 @@ class Item:
 class Query:
     history: list[str | int]  # oldest first; catalogue ids (int) or titles (str)
     k: int = 10
-    use_ci: bool = False
+    use_ci: bool | None = None  # None: the run's default (run.yaml use_ci, chosen on validation)
     exclude_history: bool = False  # drop history items (and ids sharing their titles) from the ranking
 
 
@@ -88,6 +88,7 @@ class Result:
     grounded: str  # the text whose embedding ranked the items (the top beam, normalised)
     items: list[Item]
     use_ci: bool = False
+    ranking: str = ""  # which ranking this is, and why (the run's validated default or the caller's choice)
     timing: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,7 +233,7 @@ class Recommender:
 
         return embed_texts(self.embed_model, self.tokenizer, texts, grounding=grounding_of(self.manifest))
 
-    def recommend(self, histories: list[list[str | int]], k: int = 10, use_ci: bool = False,
+    def recommend(self, histories: list[list[str | int]], k: int = 10, use_ci: bool | None = None,
                   exclude_history: bool = False) -> list[Result]:
         """Top-``k`` catalogue items for each history (oldest item first)."""
         return self.recommend_queries([Query(list(h), k, use_ci, exclude_history) for h in histories])
@@ -246,6 +247,7 @@ class Recommender:
                 raise ValueError(f"k must be at least 1, got {q.k}")
         if any(q.use_ci for q in queries):
             self._check_ci()
+        use_ci = [self.default_ci if q.use_ci is None else q.use_ci for q in queries]
         from bigrec.generate import generate_batch
 
         t0 = time.perf_counter()
@@ -258,7 +260,7 @@ class Recommender:
         grounded = [_grounding_text(b, row) for b, row in zip(beams, matches, strict=True)]
         dist = l2_distances(self._embed(grounded), self.items)  # [B, N]
         score = dist.clone()
-        ci_rows = [r for r, q in enumerate(queries) if q.use_ci]
+        ci_rows = [r for r, use in enumerate(use_ci) if use]
         if ci_rows:
             sasrec_scores = self.sasrec.score([[m.id for m in matches[r]] for r in ci_rows]).float().cpu()
             score[ci_rows] = reweight(dist[ci_rows], sasrec_scores, float(self.manifest.ci_gamma))
@@ -272,7 +274,8 @@ class Recommender:
             order = torch.argsort(row, stable=True)[: q.k].tolist()  # ties: lower id first
             items = [Item(i, self.catalog.titles[i], float(row[i]), float(dist[r, i])) for i in order
                      if row[i] != float("inf")]
-            results.append(Result(matches[r], beams[r], grounded[r], items, q.use_ci))
+            results.append(Result(matches[r], beams[r], grounded[r], items, use_ci[r],
+                                  self.ranking_label(use_ci[r], q.use_ci is None)))
         t3 = time.perf_counter()
         timing = {"match_s": t1 - t0, "generate_s": t2 - t1, "rank_s": t3 - t2, "batch": len(queries)}
         for result in results:
@@ -291,11 +294,24 @@ class Recommender:
     def has_ci(self) -> bool:
         return self.sasrec is not None and self.manifest.ci_gamma is not None
 
+    @property
+    def default_ci(self) -> bool:
+        """Re-weight by SASRec unless asked otherwise: where the run chose it on validation and can."""
+        return bool(self.manifest.use_ci) and self.has_ci
+
+    def ranking_label(self, use_ci: bool, by_default: bool) -> str:
+        name = ("BIGRec + CI (distances re-weighted by SASRec's scores)" if use_ci
+                else "BIGRec (L2 distance to the generated title)")
+        if not by_default:
+            return f"{name}, as asked"
+        return f"{name}, the run's default" + (f": {self.manifest.ranking_note}" if self.manifest.ranking_note else "")
+
     def describe(self) -> dict[str, Any]:
         m = self.manifest
         return {"run": str(self.run_dir), "base_model": m.base_model, "adapter": m.adapter, "items": len(self.catalog),
                 "domain": m.domain, "num_beams": m.num_beams, "max_new_tokens": m.max_new_tokens,
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
+                "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,
                 "device": str(self.gen_model.device), "dtype": str(self.gen_model.dtype).removeprefix("torch.")}
 
 

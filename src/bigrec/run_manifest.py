@@ -34,6 +34,8 @@ class RunManifest:
     num_beams: int = 4
     max_new_tokens: int = 64
     ci_gamma: float | None = None  # gamma for SASRec re-weighting, chosen on validation
+    use_ci: bool = False  # the ranking recommend/serve give by default: the better on validation NDCG@10
+    ranking_note: str | None = None  # how that choice was made, shown with every recommendation
     popularity_gamma: float | None = None
 
     @classmethod

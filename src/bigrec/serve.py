@@ -2,7 +2,8 @@
 
 Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
-- ``POST /recommend`` ``{"history": [titles or ids], "k": 10, "use_ci": false, "exclude_history": false}``
+- ``POST /recommend`` ``{"history": [titles or ids], "k": 10, "use_ci": null, "exclude_history": false}``
+  (``use_ci`` null or absent: the ranking the run chose on validation; the answer's ``ranking`` says which)
   -> the generated text, the history matches and the top-k items (id, title, score, distance);
 - ``GET /items?q=...&limit=20``: catalogue titles containing ``q`` (ignoring case);
 - ``GET /health``: the run's description and batching statistics.
@@ -199,7 +200,8 @@ def create_app(rec, config: Config | None = None):
             description=f"oldest first: catalogue ids or titles (at most {config.max_history}; the prompt uses "
                         f"the latest {rec.max_history}). A title not in the catalogue is matched to the nearest.")
         k: int = Field(10, ge=1, le=config.max_k, description="how many items to return")
-        use_ci: bool = Field(False, description="re-weight distances by the run's SASRec scores")
+        use_ci: bool | None = Field(None, description="re-weight distances by the run's SASRec scores; null: the "
+                                                      "ranking the run chose on validation")
         exclude_history: bool = Field(False, description="leave the history's items out")
 
     class MatchOut(BaseModel):
@@ -222,6 +224,7 @@ def create_app(rec, config: Config | None = None):
         history: list[MatchOut]
         items: list[ItemOut]
         use_ci: bool
+        ranking: str = Field(description="which ranking this is and why")
         batch_size: int = Field(description="requests that shared this generation call")
 
     class CatalogItem(BaseModel):
@@ -292,7 +295,7 @@ def create_app(rec, config: Config | None = None):
         out = result.to_dict()
         return {"generated": result.generated[0] if result.generated else "", "beams": result.generated,
                 "grounded": result.grounded, "history": out["history"], "items": out["items"],
-                "use_ci": result.use_ci, "batch_size": int(result.timing.get("batch", 1))}
+                "use_ci": result.use_ci, "ranking": result.ranking, "batch_size": int(result.timing.get("batch", 1))}
 
     return app
 
