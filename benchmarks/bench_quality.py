@@ -1,0 +1,120 @@
+"""BIGRec recipes against the paper's baselines on the same test rows, with 95% intervals.
+
+For each recipe (a set of ``bigrec demo`` options) this trains, generates, grounds and
+evaluates with ``bigrec demo`` (free decoding; a rerun reuses every finished stage), then
+prints one table per ranking protocol (the reference one, and each user's seen items left
+out): NDCG@10 and HR@10 with bootstrap intervals for BIGRec, BIGRec + CI (the paper's
+formula and the weighted-sum variant), SASRec on all training rows, SASRec on the same
+sampled rows BIGRec is tuned on, popularity and the last-history-title content baseline;
+then the paired differences the paper's claims rest on (T1: BIGRec minus few-shot SASRec and
+minus the content baseline; T2: BIGRec minus popularity; T3: BIGRec + CI minus full SASRec).
+Evaluation-only variants (``--variants``, e.g. grounding the nearest of four beams) are
+evaluated on each recipe's generations with the gamma or weight chosen on validation.
+
+    python benchmarks/bench_quality.py                                   # ml-100k, 2,000 test rows
+    python benchmarks/bench_quality.py --dataset d3 --source ../shared/data/amazon-industrial
+
+Asserts nothing; every knob is chosen on the validation rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from bigrec import demo, evaluate, io
+from bigrec.comparison import describe_pairs
+from bigrec.config import to_dict
+from bigrec.metrics import TOPK
+
+RECIPES = {
+    "demo": {},  # the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, response-only loss
+    "demo-4096": {"sample": 4096},  # four times the examples, the same schedule otherwise
+    "demo-2ep": {"num_epochs": 2},
+}
+VARIANTS = {"nearest of 4 beams": {"ground_beams": 4}}
+K10 = list(TOPK).index(10)
+
+
+def run_recipe(name: str, args, over: dict) -> Path:
+    run_dir = Path(args.run_dir.format(dataset=args.dataset, recipe=name))
+    cfg = demo.Config(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
+                      test_rows=args.test_rows, valid_rows=args.valid_rows, **over)
+    started = time.perf_counter()
+    demo.run(cfg)
+    print(f"[{name}] {run_dir} ready in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return run_dir
+
+
+def variant_comparison(run_dir: Path, name: str, options: dict, sample: int) -> dict:
+    """The recipe's evaluation rerun with ``options``, compared like the demo compares (both protocols)."""
+    test_rows = io.read_json(run_dir / "inputs" / "test.json")
+    out = {}
+    for protocol, suffix in demo.PROTOCOLS.items():
+        settings = json.loads((run_dir / "stages" / f"evaluate_free{suffix}.json").read_text())["settings"]
+        path = run_dir / "metrics" / "variants" / f"{name.replace(' ', '_')}{suffix}.json"
+        cfg = evaluate.Config(**{**settings, **options, "output": str(path)})
+        written = path.with_name(path.stem + ".config.yaml")  # evaluate writes its config beside its output
+        if not (path.is_file() and written.is_file() and yaml.safe_load(written.read_text()) == to_dict(cfg)):
+            evaluate.run(cfg)
+        out[protocol] = demo.side_by_side(run_dir, test_rows, {"free": path}, sample, None)
+        out[protocol].pop("infos")
+    return out
+
+
+def row(label: str, metrics: dict, iv: dict | None) -> str:
+    cells = []
+    for key in ("NDCG", "HR"):
+        value = metrics[key][K10]
+        cells.append(f"{value:.4f}" + (f" [{iv['ci'][key][K10][0]:.4f}, {iv['ci'][key][K10][1]:.4f}]" if iv else ""))
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="ml-100k", help="bigrec prepare --dataset (d3 for Amazon Industrial)")
+    parser.add_argument("--source", default=None, help="bigrec prepare --source")
+    parser.add_argument("--recipes", default="demo", help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="evaluation-only variants, comma-separated "
+                                                                       "('' for none)")
+    parser.add_argument("--test_rows", type=int, default=2000, help="test rows (at least 2,000 for a claim)")
+    parser.add_argument("--valid_rows", type=int, default=500, help="validation rows for gamma and the weights")
+    parser.add_argument("--run_dir", default="runs/quality/{dataset}/{recipe}", help="run folder pattern")
+    args = parser.parse_args()
+    recipes = [r for r in args.recipes.split(",") if r]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [r for r in recipes if r not in RECIPES] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown recipe or variant: {', '.join(unknown)}")
+
+    results: dict[str, dict] = {}  # "recipe" or "recipe, variant" -> comparison per protocol
+    for name in recipes:
+        run_dir = run_recipe(name, args, RECIPES[name])
+        sample = demo.Config(**RECIPES[name]).sample
+        results[name] = json.loads((run_dir / "metrics" / "comparison.json").read_text())["protocols"]
+        for variant in variants:
+            results[f"{name}, {variant}"] = variant_comparison(run_dir, variant, VARIANTS[variant], sample)
+
+    print(f"\n{args.dataset}: {args.test_rows} test rows, free decoding; NDCG@10 / HR@10 with 95% bootstrap "
+          "intervals (1,000 resamples)")
+    for protocol, title in (("reference", "reference protocol"), ("unseen", "seen items left out")):
+        print(f"\n### {title}\n\n| run | NDCG@10 | HR@10 |\n|---|---|---|")
+        base = results[recipes[0]][protocol]
+        for label in [n for n in base["metrics"] if not n.startswith("BIGRec")]:
+            print(row(label, base["metrics"][label], base["intervals"].get(label)))
+        for recipe, parts in results.items():
+            part = parts[protocol]
+            for label in [n for n in part["metrics"] if n.startswith("BIGRec")]:
+                print(row(f"{recipe}: {label}", part["metrics"][label], part["intervals"].get(label)))
+        print()
+        for recipe, parts in results.items():
+            for line in describe_pairs(parts[protocol]["paired"]):
+                print(f"- {recipe}: {line}")
+
+
+if __name__ == "__main__":
+    main()
