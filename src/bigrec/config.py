@@ -22,13 +22,15 @@ T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices=None,
-           aliases: tuple[str, ...] = (), split: bool = True):
+           aliases: tuple[str, ...] = (), split: bool = True, minimum: float | None = None):
     """A dataclass field with help text for the command line.
 
-    ``aliases`` adds flags such as ``-k``; ``split=False`` makes a list option take each
-    flag's value whole (titles contain commas), so only repeating the flag adds items.
+    ``choices`` and ``minimum`` are checked in one place, :func:`build`, for flags and YAML
+    values alike (None, where the field allows it, is never checked). ``aliases`` adds flags
+    such as ``-k``; ``split=False`` makes a list option take each flag's value whole (titles
+    contain commas), so only repeating the flag adds items.
     """
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split}
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split, "minimum": minimum}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -167,10 +169,24 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     if missing:
         raise ConfigError(f"{source}: missing required option(s) {', '.join('--' + m for m in missing)}")
     obj = cls(**converted)
+    check_bounds(obj, source)
     post = getattr(obj, "validate", None)
     if callable(post):
         post()
     return obj
+
+
+def check_bounds(obj: Any, source: str = "config") -> None:
+    """Every field's declared ``choices`` and ``minimum`` (see :func:`option`)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: --{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{source}: --{f.name} must be at least {minimum}, got {value}")
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

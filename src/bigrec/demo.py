@@ -48,14 +48,14 @@ class Config:
     learning_rate: float = option(5e-4, "peak learning rate (LoRA on a 135M model learns slowly at 1e-4)")
     train_on_inputs: bool = option(False, "loss on the prompt too; false teaches titles, not copying the history")
     val_rows: int = option(128, "validation rows for the early-stopping loss")
-    test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)")
-    valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma")
-    num_beams: int = option(4, "beams per row (free decoding)")
+    test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
+    valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
+    num_beams: int = option(4, "beams per row (free decoding)", minimum=1)
     decoding: str = option("both", "free beam search, catalogue-constrained beam search, or both side by side",
                            choices=["free", "constrained", "both"])
-    constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)")
+    constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
-    gen_batch_size: int = option(8, "rows per generate call")
+    gen_batch_size: int = option(8, "rows per generate call", minimum=1)
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     # Grounding: chosen on the validation generations of a demo run (benchmarks/bench_grounding.py);
@@ -64,14 +64,9 @@ class Config:
     embed_layer: int = layer_option()
     title_text: str = title_text_option("natural")
     ground_beams: int = option(1, "free decoding: rank items by the nearest of the first N beams (1 = the paper's "
-                                  "top generation only)")
+                                  "top generation only)", minimum=1)
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
-
-    def validate(self) -> None:
-        for name in ("num_beams", "constrained_beams", "gen_batch_size", "test_rows", "valid_rows", "ground_beams"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
 class Stages:

@@ -87,10 +87,10 @@ class Config:
                                                "beside --ci_scores)")
     all_beams: bool = option(False, "ground every beam and keep each row's best rank (an oracle: plain metrics)")
     ground_beams: int = option(1, "free decoding: rank every item by its distance to the nearest of the first N "
-                                  "beams (ties in beam order); 1 = the paper's top generation only")
+                                  "beams (ties in beam order); 1 = the paper's top generation only", minimum=1)
     index_path: str | None = option(None, "item index to reuse or build (default: beside --output)")
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
-    batch_size: int = option(64, "texts per embedding forward pass")
+    batch_size: int = option(64, "texts per embedding forward pass", minimum=1)
     pooling: str = pooling_option()
     embed_layer: int = layer_option()
     title_text: str = title_text_option()
@@ -104,10 +104,6 @@ class Config:
     def validate(self) -> None:
         if (self.popularity or self.ci_scores) and not self.valid_input_dir:
             raise ConfigError("--popularity and --ci_scores need --valid_input_dir: gamma is chosen on validation")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
-        if self.ground_beams < 1:
-            raise ConfigError(f"--ground_beams must be at least 1, got {self.ground_beams}")
 
 
 @dataclass

@@ -48,10 +48,10 @@ class Config:
     result_json_data: str = option(help="where to write the rows with 'predict' added (JSON)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or bundled name")
     lora_weights: str | None = option(None, "LoRA adapter folder (merged into the base model)")
-    batch_size: int = option(8, "rows per generate call (each row runs num_beams beams)")
-    num_beams: int = option(4, "beams per row; all of them are returned")
-    max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end")
-    limit: int | None = option(None, "only the first N rows")
+    batch_size: int = option(8, "rows per generate call (each row runs num_beams beams)", minimum=1)
+    num_beams: int = option(4, "beams per row; all of them are returned", minimum=1)
+    max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end", minimum=1)
+    limit: int | None = option(None, "only the first N rows", minimum=1)
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     decoding: str = option("free", "free beam search (the paper's), or constrained to catalogue titles",
                            choices=list(DECODINGS))
@@ -71,15 +71,6 @@ class Config:
     cf_weight: float = option(0.0, "constrained: weight of the CF log-scores added to the beam scores")
 
     def validate(self) -> None:
-        for name in ("batch_size", "num_beams", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {self.limit}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"--decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
-        if self.prompt_template not in TEMPLATES:
-            raise ValueError(f"--prompt_template must be one of {', '.join(TEMPLATES)}, got {self.prompt_template!r}")
         if not 0 < self.ghost_threshold <= 1:
             raise ValueError(f"--ghost_threshold must lie in (0, 1], got {self.ghost_threshold}")
         if self.cf_weight and not self.cf_scores:

@@ -50,13 +50,11 @@ class Config:
     end: str | None = option(None, "amazon: last month kept, YYYY-MM")
     kcore: int = option(5, "amazon: iterative K-core on users and items (0 disables)")
     seed: int = option(42, "seed of the item-id shuffle (amazon) and of the 5,000-row samples")
-    sample_rows: int = option(5000, "rows in valid_5000.json / test_5000.json")
+    sample_rows: int = option(5000, "rows in valid_5000.json / test_5000.json", minimum=1)
 
     def validate(self) -> None:
         if self.domain is not None and self.domain not in DOMAINS:
             raise ValueError(f"--domain: unknown {self.domain!r}; choose one of {', '.join(DOMAINS)}")
-        if self.sample_rows < 1:
-            raise ValueError("--sample_rows must be positive")
 
 
 def read_source(cfg: Config) -> SplitExamples:

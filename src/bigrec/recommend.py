@@ -31,7 +31,7 @@ class Config:
     user: str | None = option(None, "take this user's latest history from the run's prepared data instead")
     include_target: bool = option(True, "with --user: end the history with the latest row's target (false: "
                                         "use the row's history and show its target as the held-out answer)")
-    k: int = option(10, "how many items to recommend", aliases=("-k",))
+    k: int = option(10, "how many items to recommend", aliases=("-k",), minimum=1)
     use_ci: bool | None = option(None, "re-weight the distances by the run's SASRec scores (needs ci_gamma in "
                                        "run.yaml); default: the ranking the run chose on validation (run.yaml use_ci)")
     exclude_history: bool = option(False, "leave the history's items out of the recommendations")
@@ -39,8 +39,6 @@ class Config:
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"--k must be at least 1, got {self.k}")
         if bool(self.history) == (self.user is not None):
             raise ConfigError("give either --history (one or more) or --user")
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from bigrec.config import ConfigError, option
+from bigrec.config import option
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,16 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 class Config:
     run: str = option(help="finished run folder (holds run.yaml; written by bigrec demo)")
     host: str = option("127.0.0.1", "address to bind; loopback by default (the service has no authentication)")
-    port: int = option(8000, "TCP port")
+    port: int = option(8000, "TCP port", minimum=0)
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
-    max_batch: int = option(16, "most requests in one generation call")
-    batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch")
-    max_queue: int = option(1024, "requests waiting beyond this are refused with 503")
-    max_history: int = option(50, "most items in a request's history (the prompt uses the latest of them)")
-    max_k: int = option(100, "largest k a request may ask for")
-    max_title_length: int = option(300, "longest title (characters) in a history or a search")
+    max_batch: int = option(16, "most requests in one generation call", minimum=1)
+    batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch", minimum=0)
+    max_queue: int = option(1024, "requests waiting beyond this are refused with 503", minimum=1)
+    max_history: int = option(50, "most items in a request's history (the prompt uses the latest of them)", minimum=1)
+    max_k: int = option(100, "largest k a request may ask for", minimum=1)
+    max_title_length: int = option(300, "longest title (characters) in a history or a search", minimum=1)
     threads: int = option(0, "torch CPU threads; 0 = torch's default")
     log_level: str = option("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
-
-    def validate(self) -> None:
-        for name in ("port", "max_batch", "max_queue", "max_history", "max_k", "max_title_length"):
-            if getattr(self, name) < (0 if name == "port" else 1):
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.batch_window_ms < 0:
-            raise ConfigError(f"--batch_window_ms must not be negative, got {self.batch_window_ms}")
 
 
 # --- batching -------------------------------------------------------------------------------

@@ -46,31 +46,27 @@ class Config:
     output_dir: str = option(help="folder for metrics, model and score matrices")
     model: str = option("sasrec", "baseline to train", choices=["popularity", "sasrec"])
     max_len: int = option(10, "SASRec: history length (items before the target; longer than the "
-                              "prepared 10 is rebuilt from the user's earlier rows)")
-    hidden: int = option(64, "SASRec: embedding and attention width")
-    layers: int = option(2, "SASRec: self-attention blocks")
-    heads: int = option(1, "SASRec: attention heads")
+                              "prepared 10 is rebuilt from the user's earlier rows)", minimum=1)
+    hidden: int = option(64, "SASRec: embedding and attention width", minimum=1)
+    layers: int = option(2, "SASRec: self-attention blocks", minimum=1)
+    heads: int = option(1, "SASRec: attention heads", minimum=1)
     dropout: float = option(0.2, "SASRec: dropout rate")
     lr: float = option(1e-3, "SASRec: Adam learning rate")
-    batch_size: int = option(256, "SASRec: training windows per step")
-    epochs: int = option(200, "SASRec: maximum epochs")
-    patience: int = option(10, "SASRec: stop after this many epochs without a better validation NDCG@10")
+    batch_size: int = option(256, "SASRec: training windows per step", minimum=1)
+    epochs: int = option(200, "SASRec: maximum epochs", minimum=1)
+    patience: int = option(10, "SASRec: stop after this many epochs without a better validation NDCG@10", minimum=1)
     loss: str = option("ce", "SASRec: full-softmax cross-entropy or BCE with sampled negatives",
                        choices=["ce", "bce"])
-    negatives: int = option(1, "SASRec: sampled negatives per target with --loss bce")
+    negatives: int = option(1, "SASRec: sampled negatives per target with --loss bce", minimum=1)
     seed: int = option(42, "random seed (same seed, same metrics) and the seed of --sample")
     sample: int = option(-1, "train on this many train.csv rows drawn with --seed, the very rows `bigrec train "
                              "--sample N --seed S` draws from train.json (the paper's few-shot comparison); -1 = all")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     threads: int = option(0, "CPU threads for torch; 0 = every core this process may use")
-    eval_batch_size: int = option(1024, "rows scored at once during evaluation")
+    eval_batch_size: int = option(1024, "rows scored at once during evaluation", minimum=1)
     export_scores: bool = option(True, "write per-row score matrices under scores/")
 
     def validate(self) -> None:
-        for name in ("max_len", "hidden", "layers", "heads", "batch_size", "epochs", "patience",
-                     "negatives", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option {name!r} must be at least 1, got {getattr(self, name)}")
         if self.sample == 0 or self.sample < -1:
             raise ConfigError(f"sample must be -1 (all rows) or at least 1, got {self.sample}")
         if self.hidden % self.heads:
