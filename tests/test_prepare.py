@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 
 from bigrec.cli import main
-from bigrec.prompts import alpaca_prompt, natural_title, normalize_title, prompt_for_row
+from bigrec.prompts import (
+    AMAZON_CATEGORY_DOMAINS,
+    D3_CATEGORIES,
+    alpaca_prompt,
+    domain_for_category,
+    natural_title,
+    normalize_title,
+    prompt_for_row,
+)
 from data_fixtures import (
     write_amazon,
     write_d3,
@@ -323,3 +331,17 @@ def test_official_archive_downloaded_once_then_read_from_the_cache(tmp_path, mon
                                                        "Usual Suspects, The (1995)", "Misérables, Les (1995)",
                                                        "Heat (1995)"])
         assert len(got.table) == 10 and got.source.endswith("ml-100k.zip")
+
+
+@pytest.mark.parametrize("category", sorted({*D3_CATEGORIES, *AMAZON_CATEGORY_DOMAINS, "Industrial_and_Scientific",
+                                             "Product", "Beauty_Products", "All_Beauty", ""}))
+def test_category_wording_never_doubles_a_word(category):
+    """Every category D3's table or ours knows reads as plain English in the prompt."""
+    domain = domain_for_category(category)
+    for text in (domain.instruction, domain.history_prefix):
+        words = text.lower().replace(",", "").replace(".", "").replace(":", " ").split()
+        assert all(a != b for a, b in zip(words, words[1:], strict=False)), text
+        assert "products products" not in text and "product product" not in text
+    assert domain_for_category("Office_Products").history_prefix == \
+        "The user has bought the following office products before:"
+    assert domain_for_category("Industrial_and_Scientific").singular == "industrial and scientific product"

@@ -71,8 +71,11 @@ def domain_for_category(category: str) -> Domain:
     key = AMAZON_CATEGORY_DOMAINS.get(category)
     if key:
         return DOMAINS[key]
-    noun = category.replace("_and_", " and ").replace("_", " ").strip().lower() or "product"
-    return Domain(f"{noun} products", f"{noun} product", "bought") if noun != "product" else DOMAINS["product"]
+    words = category.replace("_and_", " and ").replace("_", " ").lower().split()
+    if words and words[-1] in ("product", "products"):  # Office_Products: "office products", not "... products products"
+        words = words[:-1]
+    noun = " ".join(words)
+    return Domain(f"{noun} products", f"{noun} product", "bought") if noun else DOMAINS["product"]
 
 
 def normalize_title(title: object) -> str:
