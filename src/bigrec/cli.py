@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(module.Config, args)
         with _sigterm_unwinds(args.stage):
             result = module.run(config)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (ConfigError, OSError, ValueError, KeyError) as exc:  # OSError: unwritable folder, full disk, ...
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"bigrec {args.stage}: error: {message}", file=sys.stderr)
         return 1

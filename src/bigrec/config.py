@@ -189,6 +189,12 @@ def check_bounds(obj: Any, source: str = "config") -> None:
             raise ConfigError(f"{source}: --{f.name} must be at least {minimum}, got {value}")
 
 
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """An output folder option must not name a file (checked before any slow work starts)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"--{flag}: {path} exists and is not a folder")
+
+
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Merge ``--config`` YAML values under the flags given on the command line."""
     values: dict[str, Any] = {}

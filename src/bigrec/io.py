@@ -70,21 +70,62 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove ``folder/<prefix><pid>-*`` folders left by processes that no longer run (a SIGKILL
+    skips every ``finally``); folders of a live process are left alone. Returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
-def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+def staged_dir(out_dir: str | Path, whole: bool = False) -> Iterator[Path]:
     """Write a stage's files into a hidden staging folder, then move them into ``out_dir``.
 
-    If the body raises, ``out_dir`` is left exactly as it was.
+    If the body raises, ``out_dir`` is left exactly as it was. ``whole``: the staging folder
+    replaces ``out_dir`` as a whole (nothing of an earlier run stays beside the new files);
+    otherwise its files replace their namesakes and the folder's other files stay (training
+    keeps its checkpoints there). Staging folders of killed runs are removed on the next run.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: exists and is not a folder")
+    parent = out_dir.parent if whole else out_dir
+    prefix = f".{out_dir.name}.staging-" if whole else ".staging-"
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(parent, prefix)
+    if whole:
+        remove_stale(parent, f".{out_dir.name}.old-")
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     try:
         yield stage
-        for item in sorted(stage.iterdir()):
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        if whole:
+            old = parent / f".{out_dir.name}.old-{os.getpid()}-{stage.name[-8:]}"
+            if out_dir.exists():
+                os.replace(out_dir, old)
+            os.replace(stage, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            for item in sorted(stage.iterdir()):
+                target = out_dir / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

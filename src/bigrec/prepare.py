@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bigrec.config import option, to_dict
+from bigrec.config import check_output_dir, option, to_dict
 from bigrec.data.amazon import read_amazon
 from bigrec.data.d3 import read_d3
 from bigrec.data.interactions import SplitExamples
@@ -53,6 +53,7 @@ class Config:
     sample_rows: int = option(5000, "rows in valid_5000.json / test_5000.json", minimum=1)
 
     def validate(self) -> None:
+        check_output_dir(self.out, "out")
         if self.domain is not None and self.domain not in DOMAINS:
             raise ValueError(f"--domain: unknown {self.domain!r}; choose one of {', '.join(DOMAINS)}")
 
@@ -170,7 +171,7 @@ def run(cfg: Config) -> dict:
                          f"({sum(len(f) for f in examples.splits.values())} examples in all)")
     domain = pick_domain(cfg, examples)
     tables = split_tables(examples, domain)
-    with staged_dir(cfg.out) as stage:
+    with staged_dir(cfg.out, whole=True) as stage:
         write_text(stage / "id2name.txt", "".join(f"{title}\t{i}\n" for i, (_, title) in enumerate(examples.catalog)))
         for split, (csv, rows) in tables.items():
             csv.to_csv(stage / f"{split}.csv", index=False)

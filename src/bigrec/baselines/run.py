@@ -29,7 +29,7 @@ from bigrec import metrics
 from bigrec.baselines.data import Prepared, load_prepared, read_split, training_windows
 from bigrec.baselines.popularity import Popularity, item_counts
 from bigrec.baselines.sasrec import SASRec, SASRecConfig, fit
-from bigrec.config import ConfigError, option, to_dict
+from bigrec.config import ConfigError, check_output_dir, option, to_dict
 from bigrec.io import read_json, staged_dir, write_json, write_yaml
 from bigrec.scores import save_scores
 from bigrec.sft_data import sample_indices
@@ -67,6 +67,7 @@ class Config:
     export_scores: bool = option(True, "write per-row score matrices under scores/")
 
     def validate(self) -> None:
+        check_output_dir(self.output_dir, "output_dir")
         if self.sample == 0 or self.sample < -1:
             raise ConfigError(f"sample must be -1 (all rows) or at least 1, got {self.sample}")
         if self.hidden % self.heads:
@@ -163,7 +164,7 @@ def run(config: Config) -> dict:
         raise ValueError(f"{data_dir}: valid.csv and test.csv need at least one row each")
     log.info("read %s: %d items, %d/%d/%d rows (%.1fs)", data_dir, data.num_items,
              *(len(data.splits[s]) for s in ("train", "valid", "test")), time.perf_counter() - start)
-    with staged_dir(out_dir) as stage:
+    with staged_dir(out_dir, whole=True) as stage:
         extra = {"catalog_digest": data.catalog_digest, "data": str(data_dir)}
         if config.model == "popularity":
             model, scorer = popularity_scorer(data)
