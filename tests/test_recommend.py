@@ -229,3 +229,10 @@ def test_run_default_ranking_is_the_one_chosen_on_validation(run_dir, tmp_path, 
     assert main(["recommend", "--run", str(chosen), "--history", "0", "--history", "5", "-k", "3"]) == 0
     assert f"ranking: BIGRec + CI (distances re-weighted by SASRec's scores), the run's default: {note}" in \
         capsys.readouterr().out
+
+
+def test_history_bytes_that_are_not_utf8_are_a_one_line_error(run_dir, capsys):
+    # how Python hands over argv bytes that are not UTF-8 ($'\xff\xfe Toy' in a shell)
+    assert main(["recommend", "--run", str(run_dir), "--history", "\udcff\udcfe Toy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "history[0]: title is not valid Unicode text" in err

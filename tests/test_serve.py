@@ -216,3 +216,69 @@ def test_cli_serve_subprocess(tmp_path_factory):
     # uvicorn shuts down cleanly, then re-raises the signal it caught: exit status -SIGTERM.
     assert proc.returncode in (0, -15), out
     assert "Traceback" not in out and "ERROR" not in out, out
+
+
+def test_a_bad_request_fails_alone(url, rec):
+    """A title with a lone surrogate sent among eight valid concurrent requests: it gets a 422
+    naming the item, every valid request its answer (before, the whole batch got 500)."""
+    bad = b'{"history": ["\\ud800 Toy"], "k": 3}'
+    history, answer = TAUGHT[0]
+
+    def good(_):
+        return httpx.post(f"{url}/recommend", json={"history": history, "k": 3}, timeout=120)
+
+    def post_bad(_):
+        return httpx.post(f"{url}/recommend", content=bad, headers={"content-type": "application/json"}, timeout=120)
+
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(post_bad if i == 4 else good, i) for i in range(9)]
+        responses = [f.result() for f in futures]
+    assert responses[4].status_code == 422 and responses[4].json()["message"].startswith("history[0]: title is not")
+    assert [r.status_code for i, r in enumerate(responses) if i != 4] == [200] * 8
+    assert all(r.json()["items"][0]["id"] == TITLES.index(answer) for i, r in enumerate(responses) if i != 4)
+
+
+def test_a_batch_that_fails_answers_its_requests_one_by_one():
+    import asyncio
+
+    from bigrec.serve import Batcher
+
+    def work(queries):
+        if "bad" in queries:
+            raise ValueError("bad query")
+        return [q.upper() for q in queries]
+
+    async def main():
+        batcher = Batcher(work, max_batch=8, window_s=0.05, max_queue=16)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(q) for q in ["a", "bad", "c"]), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    a, bad, c = asyncio.run(main())
+    assert (a, c) == ("A", "C") and isinstance(bad, ValueError)
+
+
+def test_request_body_over_the_cap_is_413_before_it_is_read(rec):
+    with serving(rec, max_body_bytes=2048, **LIMITS) as base:
+        big = httpx.post(f"{base}/recommend", content=b'{"history": ["' + b"x" * 5000 + b'"]}',
+                         headers={"content-type": "application/json"}, timeout=30)
+        assert big.status_code == 413 and "larger than 2048 bytes" in big.json()["message"]
+        # a declared 50 MB body is refused at once, though only 1 KB of it is ever sent
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 50000000\r\n\r\n" + b"x" * 1024)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+
+        def chunks():
+            yield b'{"history": ["'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"]}'
+
+        chunked = httpx.post(f"{base}/recommend", content=chunks(), headers={"content-type": "application/json"},
+                             timeout=30)  # no declared length: counted as it arrives
+        assert chunked.status_code == 413
+        small = httpx.post(f"{base}/recommend", json={"history": [0], "k": 2}, timeout=60)
+        assert small.status_code == 200

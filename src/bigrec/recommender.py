@@ -177,6 +177,12 @@ class Recommender:
                 raise HistoryError(f"item id {item} is not in the catalogue (ids 0..{n - 1})", where)
             if isinstance(item, str) and not normalize_title(item):
                 raise HistoryError("empty title", where)
+            if isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate: JSON "\ud800", or argv bytes that are not UTF-8
+                    raise HistoryError("title is not valid Unicode text (a lone surrogate; bytes that are not "
+                                       "UTF-8?)", where) from None
 
     def match(self, histories: list[list[str | int]]) -> list[list[Match]]:
         """Catalogue items for the history items of every history; unknown titles by embedding."""

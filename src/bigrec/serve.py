@@ -22,11 +22,14 @@ has no authentication.
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
+
+from starlette.exceptions import HTTPException
 
 from bigrec.config import option
 
@@ -47,11 +50,55 @@ class Config:
     max_history: int = option(50, "most items in a request's history (the prompt uses the latest of them)", minimum=1)
     max_k: int = option(100, "largest k a request may ask for", minimum=1)
     max_title_length: int = option(300, "longest title (characters) in a history or a search", minimum=1)
+    max_body_bytes: int = option(65536, "largest request body; a larger one is refused with 413 before it is "
+                                        "read (the longest valid history is far smaller)", minimum=1)
     threads: int = option(0, "torch CPU threads; 0 = torch's default")
     log_level: str = option("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
 
 # --- batching -------------------------------------------------------------------------------
+
+class TooLarge(HTTPException):
+    """A request body past the size cap, raised while it is being received (an HTTPException, so
+    that the framework's body parsing passes it on instead of answering 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413)
+
+
+class BodyLimit:
+    """ASGI wrapper: a body declared larger than ``max_bytes`` is answered 413 before any of it
+    is read; a body without a declared length is counted as it arrives and refused at the cap."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self.reject(send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise TooLarge
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def reject(self, send) -> None:
+        body = json.dumps({"message": f"request body larger than {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
 
 class Busy(RuntimeError):
     """The request queue is full."""
@@ -130,20 +177,29 @@ class Batcher:
             batch = [(q, f) for q, f in batch if not f.done()]  # drop requests whose client went away
             if not batch:
                 continue
-            start = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, self.work, [q for q, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                log.exception("batch of %d failed", len(batch))
-                self.stats.add(len(batch), time.perf_counter() - start, ok=False)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.stats.add(len(batch), time.perf_counter() - start, ok=True)
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            await self._run(loop, batch)
+
+    async def _run(self, loop, batch: list) -> None:
+        """One call for the batch; if it fails, each request again on its own, so that a request
+        the checks before batching let through fails alone, never its neighbours."""
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.work, [q for q, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting request(s)
+            self.stats.add(len(batch), time.perf_counter() - start, ok=False)
+            if len(batch) > 1:
+                log.warning("batch of %d failed (%s); answering its requests one by one", len(batch), exc)
+                for one in batch:
+                    await self._run(loop, [one])
+                return
+            log.exception("request failed")
+            if not batch[0][1].done():
+                batch[0][1].set_exception(exc)
+            return
+        self.stats.add(len(batch), time.perf_counter() - start, ok=True)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 # --- the application ------------------------------------------------------------------------
@@ -243,9 +299,15 @@ def create_app(rec, config: Config | None = None):
                               f"{rec.run_dir.name}: {len(rec.catalog)} items.")
     app.state.batcher = batcher
     app.state.recommender = rec
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     def unprocessable(errors: list[dict]) -> JSONResponse:
         return JSONResponse(status_code=422, content={"message": _message(errors), "detail": errors})
+
+    @app.exception_handler(TooLarge)
+    async def on_too_large(request: Request, exc: TooLarge) -> JSONResponse:
+        return JSONResponse(status_code=413, content={"message": f"request body larger than {config.max_body_bytes} "
+                                                                 "bytes"}, headers={"connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
