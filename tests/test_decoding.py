@@ -120,6 +120,25 @@ def test_beam_logprob_is_the_models_logprob_of_the_title(loaded):
         assert b.length == len(resp)
 
 
+def test_processors_of_the_models_generation_config_do_not_touch_the_scores(loaded):
+    """A model whose generation config asks for a repetition penalty and a temperature: the beams
+    and their recorded log-probabilities are those of the plain model."""
+    _, model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    prompts = [prompt_for_row(r) for r in rows()[:2]]
+    plain = constrained_generate(model, tok, prompts, trie, num_beams=3, batch_size=2)
+    own = model.generation_config
+    saved = (own.repetition_penalty, own.temperature, own.no_repeat_ngram_size)
+    own.repetition_penalty, own.temperature, own.no_repeat_ngram_size = 5.0, 0.3, 2
+    try:
+        penalised = constrained_generate(model, tok, prompts, trie, num_beams=3, batch_size=2)
+    finally:
+        own.repetition_penalty, own.temperature, own.no_repeat_ngram_size = saved
+    for a, b in zip(plain, penalised, strict=True):
+        assert [x.title for x in a] == [x.title for x in b]
+        assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-5)
+
+
 def test_shared_prompt_cache_gives_the_same_beams_as_a_prefill_per_beam(loaded):
     _, model, tok = loaded
     trie = Trie.build(tok, TITLES)

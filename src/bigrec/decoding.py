@@ -27,11 +27,12 @@ divided by ``length ** length_penalty`` as transformers does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,27 @@ def cf_log_scores(cf_scores: torch.Tensor, floor: float = -1e4) -> torch.Tensor:
     return torch.log_softmax(cf_scores.float(), dim=-1).clamp(min=floor)
 
 
+@contextlib.contextmanager
+def beam_search_only(model) -> Iterator[None]:
+    """Within the block the model's generation config asks for no logits processor.
+
+    ``generate`` runs the processors the model's own config asks for (repetition penalty,
+    temperature, top-k, ...) before the ones passed in, and fills a passed config's unset
+    fields from the model's; the trie processor records the scores it sees as the model's
+    log-probabilities, so nothing may change them first. The block's config keeps only the
+    special token ids.
+    """
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in (
+        "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")})
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, num_beams: int = 10,
                          batch_size: int = 4, length_penalty: float = 1.0, length_correction: bool = False,
                          cf_scores: torch.Tensor | None = None, cf_weight: float = 0.0,
@@ -191,10 +213,11 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
                 extra = {}
                 if share_prompt_cache and prompt_len > 1:
                     enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new)
-                out = model.generate(
-                    **enc, **extra, num_beams=beams, num_return_sequences=beams, do_sample=False,
-                    max_new_tokens=max_new, length_penalty=length_penalty, eos_token_id=trie.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([proc]))
+                with beam_search_only(model):
+                    out = model.generate(
+                        **enc, **extra, num_beams=beams, num_return_sequences=beams, do_sample=False,
+                        max_new_tokens=max_new, length_penalty=length_penalty, eos_token_id=trie.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([proc]))
             stats["generate_seconds"] += time.perf_counter() - start
             stats["processor_seconds"] += proc.seconds
             gen = out[:, prompt_len:].cpu()
