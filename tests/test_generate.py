@@ -230,7 +230,9 @@ def test_limit_and_reference_rows(taught_dir, tmp_path):
     (None, "file not found"),
     ("{}", "expected a JSON list"),
     ("[]", "no rows"),
-    ('[{"instruction": "x"}, {"input": "y"}]', r"row 1: expected an object with an 'instruction'"),
+    ('[{"instruction": "x", "input": "h"}, {"input": "y"}]', r"row 1: expected an object with an 'instruction'"),
+    ('[{"instruction": "x", "input": "h"}, {"instruction": "x"}]', r"row 1: no 'input' string with the user's history"),
+    ('[{"instruction": "x", "input": " \\n "}]', r"row 0: no 'input' string"),
     ("[{", "not valid JSON"),
 ])
 def test_bad_rows(tmp_path, content, message):

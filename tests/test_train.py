@@ -17,6 +17,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from bigrec.cli import main
 from bigrec.config import ConfigError, parse
 from bigrec.labelled_logits import LabelledLogits
 from bigrec.models import load_tokenizer
@@ -296,3 +297,30 @@ def test_bf16_lora_keeps_a_bf16_base_and_fp32_adapter(tiny_model_dir, tmp_path):
     saved = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
     assert saved and {v.dtype for v in saved.values()} == {torch.float32}
     assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["run"]["compute_dtype"] == "bfloat16"
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp_path, capsys):
+    data = write_rows(tmp_path / "d.json", make_rows(16))
+    other = write_rows(tmp_path / "other.json", make_rows(16, offset=3))
+    out = tmp_path / "run"
+    args = ["train", "--base_model", tiny_model_dir, "--train_data_path", data, "--output_dir", str(out),
+            "--batch_size", "4", "--micro_batch_size", "4", "--max_steps", "2", "--precision", "fp32",
+            "--save_steps", "2", "--warmup_steps", "0"]
+    assert main(args) == 0 and (out / "checkpoint-2" / "trainer_state.json").is_file()
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    assert main([*args, "--lora_r", "4", "--learning_rate", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint-2 of a run with other settings" in err and "learning_rate: 0.0001 -> 0.5" in err
+    assert "lora_r: 8 -> 4" in err and "--resume_from_checkpoint false" in err
+    assert main([*args, "--train_data_path", other]) == 1 and "train_data_path" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing was overwritten
+    assert main([*args, "--max_steps", "3"]) == 0  # training longer is a resume
+    assert main([*args, "--lora_r", "4", "--resume_from_checkpoint", "false"]) == 0  # starting over
+
+
+def test_bad_data_fails_before_the_model_loads_and_leaves_no_folder(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x"}]')
+    out = tmp_path / "run"
+    assert main(["train", "--base_model", tiny_model_dir, "--train_data_path", str(bad), "--output_dir", str(out)]) == 1
+    assert "row 0 lacks 'instruction' or 'output'" in capsys.readouterr().err and not out.exists()

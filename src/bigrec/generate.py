@@ -169,7 +169,8 @@ def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new
 # --- rows and resumable progress ----------------------------------------------------------
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Instruction rows from a JSON list; each needs an ``instruction`` string."""
+    """Instruction rows from a JSON list; each needs an ``instruction`` string and an ``input``
+    string holding the user's history (a prompt without one asks for no recommendation)."""
     rows = io.read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of instruction rows, got {type(rows).__name__}")
@@ -178,6 +179,8 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
             raise ValueError(f"{path}, row {i}: expected an object with an 'instruction' string")
+        if not isinstance(row.get("input"), str) or not row["input"].strip():
+            raise ValueError(f"{path}, row {i}: no 'input' string with the user's history to recommend from")
     return rows[:limit] if limit else rows
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import staged_dir, write_yaml
@@ -125,6 +126,30 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
         return found, None
     raise FileNotFoundError(f"--resume_from_checkpoint {value}: neither a Trainer checkpoint "
                             "(trainer_state.json), a run folder with one, nor an adapter (adapter_config.json)")
+
+
+# Settings a resumed run may change: where it stops, how often it saves or evaluates.
+RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
+                               "eval_steps", "early_stopping_patience"})
+
+
+def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict) -> None:
+    """Refuse to resume a checkpoint of ``out`` that was trained with other settings or another
+    base model (it would crash on a shape mismatch, or silently continue another run), naming the
+    differences. A checkpoint given by path, or a run folder without a recorded config, resumes."""
+    record = out / "config.yaml"
+    if Path(checkpoint).parent.resolve() != out.resolve() or not record.is_file():
+        return
+    before = yaml.safe_load(record.read_text()) or {}
+    old, new = before.get("config") or {}, to_dict(config)
+    diffs = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+             if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)]
+    if before.get("base_model") and before["base_model"] != fingerprint:
+        diffs.append("base_model: another model (fingerprint differs)")
+    if diffs:
+        raise ConfigError(f"{out} holds {Path(checkpoint).name} of a run with other settings ({'; '.join(diffs)}); "
+                          "rerun with the same settings to resume it, or with --resume_from_checkpoint false to "
+                          "start over")
 
 
 def _callbacks():
@@ -268,12 +293,17 @@ def run(config: Config) -> dict[str, Any]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the data first: a bad file is an error before the model loads and before any folder is made
+    train_rows, selection = load_rows(config.train_data_path, config.sample, config.seed)
+    val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
     set_seed(config.seed)
     base = resolve_base_model(config.base_model)
+    fingerprint = model_fingerprint(base)
     checkpoint, adapter = resolve_resume(config)
     if checkpoint:
+        check_resumable(out, checkpoint, config, fingerprint)
         log.info("resuming from %s", checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, compute = build_model(config, base, adapter)
     if compute == torch.float16 and not use_cuda():
         raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
@@ -281,8 +311,6 @@ def run(config: Config) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters of %d", trainable, sum(p.numel() for p in model.parameters()))
 
-    train_rows, selection = load_rows(config.train_data_path, config.sample, config.seed)
-    val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
     train_set = SFTDataset(train_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "train")
     val_set = SFTDataset(val_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "validation") \
         if val_rows else None
@@ -303,7 +331,6 @@ def run(config: Config) -> dict[str, Any]:
         remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         restore_callback_states_from_checkpoint=True, disable_tqdm=False)
-    fingerprint = model_fingerprint(base)
     resolved = {"stage": "train", "config": to_dict(config), "base_model": fingerprint,
                 "run": {"world_size": args.world_size, "gradient_accumulation_steps": grad_acc,
                         "compute_dtype": str(compute).removeprefix("torch."),
