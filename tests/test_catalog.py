@@ -61,3 +61,11 @@ def test_row_target_by_id_or_title(tmp_path):
         row_target({"output": '"A"', "item_id": 1}, cat, "f.json row 5")
     with pytest.raises(CatalogError, match="no 'item_id' and no 'output'"):
         row_target({"instruction": "x"}, cat, "f.json row 6")
+
+
+def test_catalogue_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "id2name.txt"
+    path.write_bytes(b"A\t0\nCaf\xe9\t1\n")  # Latin-1
+    with pytest.raises(CatalogError, match=r"id2name.txt, line 2: not UTF-8 text") as info:
+        read_catalog(path)
+    assert str(path) in str(info.value)

@@ -427,3 +427,13 @@ def test_nearest_beam_distances_by_hand():
     assert dist[0].tolist() == pytest.approx([0.0, 1e-6 * 5.0, 4.0], abs=1e-9)  # item 1 is beam b's title
     assert dist[0, 0] < dist[0, 1]  # two exact titles rank in beam order
     assert dist[1].tolist() == pytest.approx([3.0, math.sqrt(18), 1.0])  # the empty second beam is ignored
+
+
+def test_a_runaway_generation_is_cut_before_it_is_embedded(data, tiny_model_dir, caplog):
+    (data / "results" / "reference.json").unlink()
+    rows = rows_for(TEST)
+    rows[5]["predict"] = ['"' + "Heat " * 40_000 + '"', '"Heat"']  # 200,000 characters
+    write(data / "results" / "test.json", rows)
+    caplog.set_level("WARNING", logger="bigrec.evaluate")
+    assert main(args(data, tiny_model_dir)) == 0
+    assert "1 rows hold a generation longer than 1000 characters" in caplog.text

@@ -71,3 +71,14 @@ def test_pickled_npy_and_foreign_files_are_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not a bigrec score file"):
         load_scores(other)
+
+
+def test_damaged_safetensors_file_is_a_value_error_naming_it(tmp_path):
+    path = tmp_path / "test.safetensors"
+    save_scores(path, torch.zeros(2, 3), [0, 1], [0, 1], ["u", "v"], "test")
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as a full disk or a killed copy leaves it
+    with pytest.raises(ValueError, match=r"test.safetensors: not a readable safetensors score file"):
+        load_scores(path)
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable safetensors score file"):
+        load_scores(path)

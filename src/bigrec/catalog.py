@@ -54,25 +54,29 @@ def read_catalog(path: str | Path) -> Catalog:
     if not path.is_file():
         raise FileNotFoundError(f"catalogue not found: {path}")
     by_id: dict[int, tuple[str, int]] = {}  # id -> (title, line number)
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise CatalogError(f"{path}, line {lineno}: expected 'title<TAB>id', found no tab")
-            raw_title, raw_id = line.rsplit("\t", 1)
-            try:
-                item_id = int(raw_id.strip())
-            except ValueError:
-                raise CatalogError(f"{path}, line {lineno}: item id {raw_id!r} is not an integer") from None
-            title = normalize_title(raw_title)
-            if not title:
-                raise CatalogError(f"{path}, line {lineno}: empty title for item {item_id}")
-            if item_id in by_id:
-                raise CatalogError(f"{path}, line {lineno}: item id {item_id} already given on line "
-                                   f"{by_id[item_id][1]}")
-            by_id[item_id] = (title, lineno)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise CatalogError(f"{path}, line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise CatalogError(f"{path}, line {lineno}: expected 'title<TAB>id', found no tab")
+        raw_title, raw_id = line.rsplit("\t", 1)
+        try:
+            item_id = int(raw_id.strip())
+        except ValueError:
+            raise CatalogError(f"{path}, line {lineno}: item id {raw_id!r} is not an integer") from None
+        title = normalize_title(raw_title)
+        if not title:
+            raise CatalogError(f"{path}, line {lineno}: empty title for item {item_id}")
+        if item_id in by_id:
+            raise CatalogError(f"{path}, line {lineno}: item id {item_id} already given on line "
+                               f"{by_id[item_id][1]}")
+        by_id[item_id] = (title, lineno)
     if not by_id:
         raise CatalogError(f"{path}: the catalogue is empty")
     n = len(by_id)

@@ -71,6 +71,8 @@ from bigrec.prompts import natural_title, normalize_title
 
 log = logging.getLogger(__name__)
 
+MAX_PREDICTION_CHARS = 1000  # a generation is embedded up to here; longer ones ran on past any title
+
 
 @dataclass
 class Config:
@@ -155,6 +157,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
     if not rows:
         raise ValueError(f"{path}: no result rows")
     targets, beams, first, has_ids, kept, unknown, histories = [], [], [], [], [], [], []
+    cut = 0
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
@@ -171,10 +174,14 @@ def read_results(path: Path, catalog: Catalog) -> Results:
             continue
         kept.append(row)
         histories.append(_history_ids(row.get("history_item_id"), len(catalog), where))
-        beams.append([normalize_title(p) for p in predict])
+        beams.append([normalize_title(p[:MAX_PREDICTION_CHARS * 2])[:MAX_PREDICTION_CHARS] for p in predict])
+        cut += any(len(p) > MAX_PREDICTION_CHARS for p in predict)
         ids = row.get("predict_ids")
         has_ids.append(ids is not None)
         first.append([] if ids is None else _beam_ids(ids, len(predict), len(catalog), where))
+    if cut:
+        log.warning("%s: %d rows hold a generation longer than %d characters; cut there (no title is that long)",
+                    path, cut, MAX_PREDICTION_CHARS)
     if unknown:
         log.warning("%s: %d of %d rows have a target that is not in the catalogue and are left out of the "
                     "metrics; first: %s", path, len(unknown), len(rows), unknown[0])

@@ -112,11 +112,16 @@ def load_scores(path: str | Path) -> ScoreMatrix:
         if array.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D [rows, items] matrix, got shape {array.shape}")
         return ScoreMatrix(scores=torch.from_numpy(np.ascontiguousarray(array)), source=str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a bigrec score file (format {meta.get('format')!r})")
-        tensors = {key: handle.get_tensor(key) for key in ("scores", "row", "item_id")}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a bigrec score file (format {meta.get('format')!r})")
+            tensors = {key: handle.get_tensor(key) for key in ("scores", "row", "item_id")}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors score file ({type(exc).__name__}: {exc})") from None
     users = json.loads(meta["user_ids"])
     if not (tensors["scores"].shape[0] == len(tensors["row"]) == len(tensors["item_id"]) == len(users)):
         raise ValueError(f"{path}: scores, row, item_id and user_ids disagree in length")
