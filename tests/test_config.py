@@ -36,3 +36,12 @@ def test_flags_are_checked_the_same_way():
     assert parse(GenerateConfig, ["--test_data_path", "t", "--result_json_data", "r"]).limit is None  # None passes
     assert parse(BaselineConfig, ["--data", "d", "--output_dir", "o", "--epochs", "1"]).epochs == 1
     assert parse(PrepareConfig, ["--dataset", "ml-100k", "--out", "o"]).sample_rows == 5000
+
+
+def test_options_that_leave_outputs_alone_are_no_part_of_stage_settings():
+    from bigrec.config import stage_settings, to_dict
+    from bigrec.train import Config as TrainConfig
+
+    cfg = TrainConfig(train_data_path=["t.json"], output_dir="o", report_to=["tensorboard"])
+    assert to_dict(cfg)["report_to"] == ["tensorboard"] and "report_to" not in stage_settings(cfg)
+    assert stage_settings(cfg) == {k: v for k, v in to_dict(cfg).items() if k != "report_to"}

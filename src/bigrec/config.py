@@ -22,15 +22,19 @@ T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices=None,
-           aliases: tuple[str, ...] = (), split: bool = True, minimum: float | None = None):
+           aliases: tuple[str, ...] = (), split: bool = True, minimum: float | None = None,
+           changes_output: bool = True):
     """A dataclass field with help text for the command line.
 
     ``choices`` and ``minimum`` are checked in one place, :func:`build`, for flags and YAML
     values alike (None, where the field allows it, is never checked). ``aliases`` adds flags
     such as ``-k``; ``split=False`` makes a list option take each flag's value whole (titles
-    contain commas), so only repeating the flag adds items.
+    contain commas), so only repeating the flag adds items. ``changes_output=False`` marks an
+    option that leaves the stage's outputs as they are (where progress is logged): it is no part
+    of the settings that decide whether a finished stage must rerun (:func:`stage_settings`).
     """
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split, "minimum": minimum}
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split, "minimum": minimum,
+            "changes_output": changes_output}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -214,3 +218,9 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None) 
 
 def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def stage_settings(config: Any) -> dict[str, Any]:
+    """The settings that decide a stage's outputs: :func:`to_dict` less ``changes_output=False`` options."""
+    quiet = {f.name for f in dataclasses.fields(config) if not f.metadata.get("changes_output", True)}
+    return {k: v for k, v in to_dict(config).items() if k not in quiet}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigrec import io
-from bigrec.config import option, to_dict
+from bigrec.config import option, stage_settings
 from bigrec.index import layer_option, pooling_option, title_text_option
 from bigrec.models import DEFAULT_MODEL
 
@@ -215,7 +215,7 @@ def run(cfg: Config) -> int:
     index_path = run_dir / "index.safetensors"
 
     prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed)
-    stages.run("prepare", to_dict(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
+    stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
 
     def make_inputs() -> None:
@@ -231,7 +231,7 @@ def run(cfg: Config) -> int:
         sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
         precision=cfg.precision, warmup_steps=min(20, max(1, cfg.sample // cfg.batch_size // 4)))
-    stages.run("train", to_dict(train_cfg), [adapter / "adapter_config.json"], lambda: train.run(train_cfg),
+    stages.run("train", stage_settings(train_cfg), [adapter / "adapter_config.json"], lambda: train.run(train_cfg),
                after=("prepare",))
 
     decodings = ["free", "constrained"] if cfg.decoding == "both" else [cfg.decoding]
@@ -244,20 +244,20 @@ def run(cfg: Config) -> int:
                 precision=cfg.precision, decoding=decoding,
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
                 catalog=str(data / "id2name.txt") if decoding == "constrained" else None)
-            stages.run(f"generate_{split}_{decoding}", to_dict(gen_cfg), [results / decoding / f"{split}.json"],
+            stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [results / decoding / f"{split}.json"],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 
     grounding = grounding_options(grounding_of(cfg))
     idx_cfg = index_stage.Config(catalog=str(data / "id2name.txt"), output=str(index_path),
                                  base_model=cfg.base_model, precision=cfg.precision, overwrite=True, **grounding)
-    stages.run("index", to_dict(idx_cfg), [index_path], lambda: index_stage.run(idx_cfg), after=("prepare",))
+    stages.run("index", stage_settings(idx_cfg), [index_path], lambda: index_stage.run(idx_cfg), after=("prepare",))
     # The paper's grounding beside ours, on the same generations: what the choice of embedding is worth.
     compare_reference = grounding_of(cfg) != REFERENCE and "free" in decodings
 
     for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, cfg.sample)):
         b_cfg = baseline_run.Config(data=str(data), output_dir=str(run_dir / model), model=model.split("_")[0],
                                     seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
-        stages.run(model, to_dict(b_cfg), [run_dir / model / "scores" / "test_5000.safetensors"],
+        stages.run(model, stage_settings(b_cfg), [run_dir / model / "scores" / "test_5000.safetensors"],
                    lambda c=b_cfg: baseline_run.run(c), after=("prepare",))
 
     metrics_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
@@ -273,7 +273,7 @@ def run(cfg: Config) -> int:
                 index_path=str(index_path), precision=cfg.precision, last_title=True,
                 ground_beams=cfg.ground_beams,
                 exclude_history=protocol == "unseen", **grounding)
-            stages.run(f"evaluate_{decoding}{suffix}", to_dict(eval_cfg), [metrics_path],
+            stages.run(f"evaluate_{decoding}{suffix}", stage_settings(eval_cfg), [metrics_path],
                        lambda c=eval_cfg: evaluate.run(c),
                        after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity",
                               "sasrec"))
@@ -282,7 +282,7 @@ def run(cfg: Config) -> int:
         ref_cfg = evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results / "free" / "test.json"),
                                   output=str(reference_path), base_model=cfg.base_model,
                                   index_path=str(run_dir / "index.reference.safetensors"), precision=cfg.precision)
-        stages.run("evaluate_free_reference_grounding", to_dict(ref_cfg), [reference_path],
+        stages.run("evaluate_free_reference_grounding", stage_settings(ref_cfg), [reference_path],
                    lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
 
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.

@@ -68,6 +68,9 @@ class Config:
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); on a CPU eager "
                                     "trained 7.5% faster here but took 0.9 GB more peak memory",
                             choices=["auto", "eager", "sdpa", "flash_attention_2"])
+    report_to: list[str] = option(help="where the Trainer also logs: none, or tensorboard, wandb, mlflow, ... as "
+                                       "transformers names them (each needs its package)",
+                                  factory=lambda: ["none"], changes_output=False)
     early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
     eval_steps: int | None = option(None, "evaluate every N steps (default: once per epoch)")
     save_steps: int = option(10, "write a resumable checkpoint every N optimizer steps")
@@ -130,7 +133,7 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
 
 # Settings a resumed run may change: where it stops, how often it saves or evaluates.
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
-                               "eval_steps", "early_stopping_patience"})
+                               "eval_steps", "early_stopping_patience", "report_to"})
 
 
 def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict) -> None:
@@ -327,7 +330,7 @@ def run(config: Config) -> dict[str, Any]:
         logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not use_cuda(),
-        seed=config.seed, data_seed=config.seed, report_to="none", prediction_loss_only=True,
+        seed=config.seed, data_seed=config.seed, report_to=config.report_to, prediction_loss_only=True,
         remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         restore_callback_states_from_checkpoint=True, disable_tqdm=False)
