@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from bigrec.recommender import Recommender
@@ -74,7 +75,37 @@ def test_health_and_docs(client, rec):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     schema = client.get("/openapi.json").json()
     assert {"/recommend", "/items", "/health"} <= set(schema["paths"])
-    assert client.get("/", follow_redirects=False).headers["location"] == "/docs"
+    assert health["run"]["sasrec_available"] is True and health["run"]["popularity_available"] is True
+    assert health["run"]["dataset"] == "ml-100k"
+
+
+def test_page_is_served_and_calls_the_api_it_documents(client):
+    """The page at / is one offline file (no external script, style or font) whose JavaScript calls
+    /health, /items?q= and POST /recommend with baselines; the browser test drives it for real."""
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    for element in ('id="search"', 'id="suggestions"', 'id="history"', 'id="go"', 'id="results"', 'id="error"',
+                    'id="run-info"', 'id="ci"', 'id="k"'):
+        assert element in html, element
+    assert 'fetch(path' in html and '"/health"' in html and '"/items?"' in html and '"/recommend"' in html
+    assert "baselines: true" in html and "http://" not in html and "https://" not in html  # nothing fetched from afar
+
+
+def test_recommend_with_baselines_gives_sasrec_and_popularity_for_the_same_history(client, rec):
+    history = [0, 5, 7]
+    body = client.post("/recommend", json={"history": history, "k": 4, "baselines": True,
+                                           "exclude_history": True}).json()
+    sasrec, popularity = body["baselines"]["sasrec"], body["baselines"]["popularity"]
+    assert len(sasrec) == len(popularity) == 4
+    expected = rec.sasrec.score([history])[0].float()
+    seen = {i for h in history for i in rec.catalog.ids_for(TITLES[h])}
+    order = [i for i in torch.argsort(-expected, stable=True).tolist() if i not in seen][:4]
+    assert [i["id"] for i in sasrec] == order and all(i["title"] == TITLES[i["id"]] for i in sasrec)
+    counts = rec.popularity
+    assert [i["score"] for i in popularity] == sorted((float(counts[i]) for i in range(len(TITLES)) if i not in seen),
+                                                      reverse=True)[:4]
+    assert client.post("/recommend", json={"history": history, "k": 4}).json()["baselines"] is None
 
 
 def test_recommend_answers(client, rec):

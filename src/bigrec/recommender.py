@@ -36,6 +36,7 @@ import yaml
 
 from bigrec.catalog import Catalog, read_catalog
 from bigrec.ground import l2_distances, reweight
+from bigrec.io import read_json
 from bigrec.prompts import DOMAINS, Domain, instruction_row, normalize_title, prompt_for_row
 from bigrec.run_manifest import RunManifest
 
@@ -73,12 +74,22 @@ class Item:
     distance: float  # L2 distance between the grounded text's and the title's embeddings
 
 
+@dataclass(frozen=True)
+class Scored:
+    """An item of a conventional model's ranking: higher scores are better."""
+
+    id: int
+    title: str
+    score: float
+
+
 @dataclass
 class Query:
     history: list[str | int]  # oldest first; catalogue ids (int) or titles (str)
     k: int = 10
     use_ci: bool | None = None  # None: the run's default (run.yaml use_ci, chosen on validation)
     exclude_history: bool = False  # drop history items (and ids sharing their titles) from the ranking
+    baselines: bool = False  # also SASRec's and popularity's top k for the same history
 
 
 @dataclass
@@ -89,6 +100,7 @@ class Result:
     items: list[Item]
     use_ci: bool = False
     ranking: str = ""  # which ranking this is, and why (the run's validated default or the caller's choice)
+    baselines: dict[str, list[Scored]] | None = None  # "sasrec", "popularity" -> top k (with Query.baselines)
     timing: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +144,7 @@ class Recommender:
         for item_id, title in enumerate(catalog.titles):
             self._casefold.setdefault(title.casefold(), item_id)
         self._search_keys = [title.casefold() for title in catalog.titles]
+        self._popularity: torch.Tensor | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> Recommender:
@@ -282,11 +295,45 @@ class Recommender:
                      if row[i] != float("inf")]
             results.append(Result(matches[r], beams[r], grounded[r], items, use_ci[r],
                                   self.ranking_label(use_ci[r], q.use_ci is None)))
+        wanted = [r for r, q in enumerate(queries) if q.baselines]
+        if wanted:
+            lists = self.baseline_lists([[m.id for m in matches[r]] for r in wanted], [queries[r] for r in wanted])
+            for r, found in zip(wanted, lists, strict=True):
+                results[r].baselines = found
         t3 = time.perf_counter()
         timing = {"match_s": t1 - t0, "generate_s": t2 - t1, "rank_s": t3 - t2, "batch": len(queries)}
         for result in results:
             result.timing = dict(timing)
         return results
+
+    @property
+    def popularity(self) -> torch.Tensor | None:
+        """Training counts [N] from the run's prepared data (None without it), read once."""
+        data = self.manifest.path(self.run_dir, "data")
+        if self._popularity is None and data is not None and (data / "train.csv").is_file():
+            from bigrec.baselines.popularity import train_counts
+
+            self._popularity = train_counts(data, len(self.catalog)).float()
+        return self._popularity
+
+    def baseline_lists(self, histories: list[list[int]], queries: list[Query]) -> list[dict[str, list[Scored]]]:
+        """SASRec's and popularity's top k for each history (ids), as the run's baselines rank them."""
+        sasrec = self.sasrec.score(histories).float().cpu() if self.sasrec is not None else None
+        pop = self.popularity
+        out = []
+        for r, (history, q) in enumerate(zip(histories, queries, strict=True)):
+            found: dict[str, list[Scored]] = {}
+            for name, scores in (("sasrec", None if sasrec is None else sasrec[r]), ("popularity", pop)):
+                if scores is None:
+                    continue
+                scores = scores.clone()
+                if q.exclude_history:
+                    scores[[i for m in history for i in self.catalog.ids_for(self.catalog.titles[m])]] = float("-inf")
+                top = torch.argsort(-scores, stable=True)[: q.k].tolist()
+                found[name] = [Scored(i, self.catalog.titles[i], float(scores[i])) for i in top
+                               if scores[i] != float("-inf")]
+            out.append(found)
+        return out
 
     def _check_ci(self) -> None:
         if self.sasrec is None:
@@ -314,7 +361,12 @@ class Recommender:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
+        stats = self.manifest.path(self.run_dir, "data")
+        stats = stats / "stats.json" if stats is not None else None
+        dataset = read_json(stats).get("dataset") if stats is not None and stats.is_file() else None
         return {"run": str(self.run_dir), "base_model": m.base_model, "adapter": m.adapter, "items": len(self.catalog),
+                "dataset": dataset, "sasrec_available": self.sasrec is not None,
+                "popularity_available": self.popularity is not None,
                 "domain": m.domain, "num_beams": m.num_beams, "max_new_tokens": m.max_new_tokens,
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
                 "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,

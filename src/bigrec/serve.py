@@ -27,6 +27,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 from typing import Annotated, Any
 
 from starlette.exceptions import HTTPException
@@ -223,7 +224,7 @@ def create_app(rec, config: Config | None = None):
     """The FastAPI application serving ``rec`` (a :class:`bigrec.recommender.Recommender`)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, RedirectResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
     from bigrec.recommender import HistoryError
@@ -252,6 +253,7 @@ def create_app(rec, config: Config | None = None):
         use_ci: bool | None = Field(None, description="re-weight distances by the run's SASRec scores; null: the "
                                                       "ranking the run chose on validation")
         exclude_history: bool = Field(False, description="leave the history's items out")
+        baselines: bool = Field(False, description="also SASRec's and popularity's top k for the same history")
 
     class MatchOut(BaseModel):
         given: int | str
@@ -266,6 +268,11 @@ def create_app(rec, config: Config | None = None):
         score: float = Field(description="ranking score, lower is better (distance, or re-weighted with use_ci)")
         distance: float = Field(description="L2 distance to the generated text's embedding")
 
+    class ScoredOut(BaseModel):
+        id: int
+        title: str
+        score: float = Field(description="the model's score, higher is better")
+
     class RecommendResponse(BaseModel):
         generated: str = Field(description="the top beam, cut at the end of its title")
         beams: list[str]
@@ -274,6 +281,8 @@ def create_app(rec, config: Config | None = None):
         items: list[ItemOut]
         use_ci: bool
         ranking: str = Field(description="which ranking this is and why")
+        baselines: dict[str, list[ScoredOut]] | None = Field(None, description="with baselines: sasrec and "
+                                                                               "popularity top k, where the run has them")
         batch_size: int = Field(description="requests that shared this generation call")
 
     class CatalogItem(BaseModel):
@@ -315,9 +324,12 @@ def create_app(rec, config: Config | None = None):
                   for e in exc.errors()]
         return unprocessable(errors)
 
+    page = (resources.files("bigrec") / "web" / "index.html").read_text(encoding="utf-8")
+
     @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    async def root() -> HTMLResponse:
+        """The page: search the catalogue, build a history, see BIGRec beside SASRec and popularity."""
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -344,13 +356,15 @@ def create_app(rec, config: Config | None = None):
             return unprocessable([{"loc": ["body", "use_ci"], "type": "value_error",
                                    "msg": "this run has no SASRec model (or no ci_gamma) to re-weight with"}])
         try:
-            result = await batcher.submit(RecQuery(list(body.history), body.k, body.use_ci, body.exclude_history))
+            result = await batcher.submit(RecQuery(list(body.history), body.k, body.use_ci, body.exclude_history,
+                                                   body.baselines))
         except Busy as exc:
             return JSONResponse(status_code=503, content={"message": str(exc)})
         out = result.to_dict()
         return {"generated": result.generated[0] if result.generated else "", "beams": result.generated,
                 "grounded": result.grounded, "history": out["history"], "items": out["items"],
-                "use_ci": result.use_ci, "ranking": result.ranking, "batch_size": int(result.timing.get("batch", 1))}
+                "use_ci": result.use_ci, "ranking": result.ranking, "baselines": out["baselines"],
+                "batch_size": int(result.timing.get("batch", 1))}
 
     return app
 
