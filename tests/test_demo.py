@@ -62,6 +62,9 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     assert "95% intervals and paired differences, each user's seen items left out" in report
     assert "BIGRec (free) minus SASRec (same 32 examples): NDCG@10" in report
     assert "copy a title from the user's own history" in report
+    page = (run_dir / "report.html").read_text()  # one file: the plot is inside, nothing is fetched
+    assert "data:image/png;base64," in page and "SASRec (same 32 examples)" in page and "Stage times" in page
+    assert "<script" not in page and 'src="http' not in page
     assert "Where BIGRec stands" in report and "random ranking" in report and "distinct" in report
     assert "## Decoding: free" in report and "## Decoding: constrained" in report
     assert "last layer, mean over tokens, natural titles" in report and "grounded the reference way" in report

@@ -361,6 +361,9 @@ def test_seen_items_content_baseline_intervals_and_paired_comparison(data, tiny_
                          "--compare", str(scores / "test.safetensors"), *extra)) == 0
     printed = capsys.readouterr().out
     assert "HR@10 [95% CI]" in printed and "minus test.safetensors" in printed
+    assert main(args(data, tiny_model_dir, "--output", str(out / "page.json"), "--last_title", "--report")) == 0
+    page = (out / "page.html").read_text()
+    assert "test.json last history title" in page and "data:image/png;base64," in page and "history_copy" in page
     plain = json.loads((out / "plain.details.json").read_text())["files"]["test.json"]
     unseen = json.loads((out / "unseen.details.json").read_text())["files"]["test.json"]
     assert plain["diagnostics"]["history_copy_top1_share"] == pytest.approx(1 / 6)  # "Heat (1995)" in row 1

@@ -301,6 +301,7 @@ def run(cfg: Config) -> int:
     report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK),
                            grounding_of(cfg).describe(), compared)
     io.write_text(run_dir / "report.md", report)
+    write_report_html(run_dir, cfg, infos, stages.timings, elapsed, compared, grounding_of(cfg).describe())
     # recommend/serve decode freely: their gammas come from the free run when there is one
     gammas_from = infos.get("free") or infos["constrained"]
 
@@ -317,6 +318,58 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: float) -> str:
+    """The report's first paragraph: data, model, training, rows, decodings, grounding, wall time."""
+    beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding"
+                     + (f" (nearest of the first {cfg.ground_beams} beams)" if cfg.ground_beams > 1 else ""),
+             "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
+                            "first, then the rest by L2 distance to the top beam"}
+    return (f"Dataset {cfg.dataset}, base model {cfg.base_model}, LoRA on {cfg.sample} sampled examples, "
+            f"{cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, lr {cfg.learning_rate}, "
+            f"loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}; "
+            f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
+            f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.")
+
+
+def write_report_html(run_dir: Path, cfg: Config, infos: dict[str, dict], timings: dict, elapsed: float,
+                      compared: dict, grounding: str) -> Path:
+    """report.html: the report in one file that opens from disk (the plot embedded)."""
+    from html import escape
+
+    from bigrec.comparison import describe_pairs
+    from bigrec.config import to_dict
+    from bigrec.report import html_table, metrics_rows, write_html
+
+    body = [f"<p>{escape(run_summary(cfg, infos, grounding, elapsed))}</p>"]
+    for protocol, title in (("reference", "Every item ranked (the reference protocol)"),
+                            ("unseen", "Each user's seen items left out of the ranking")):
+        part = compared[protocol]
+        body += [f"<h2>{title}</h2>", '<p class="note">95% bootstrap intervals over the test rows (1,000 '
+                 "resamples); paired differences use the same resamples for both results.</p>",
+                 html_table(*metrics_rows(part["metrics"], part["intervals"])),
+                 "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in describe_pairs(part["paired"])) + "</ul>"]
+    for decoding, info in infos.items():
+        diag = info["diagnostics"]
+        copies = diag.get("history_copy_top1_share")
+        facts = [f"{diag['distinct_top1_share']:.1%} of top-1 generations are distinct",
+                 f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles", f"{diag['empty_top1']} are empty"]
+        if copies is not None:
+            facts.append(f"{copies:.1%} copy a title from the user's own history")
+        facts.append("most frequent: " + "; ".join(f"“{t}” ×{c}" for t, c in diag["most_frequent_top1"][:10]))
+        for kind in ("popularity", "CI"):
+            if kind in info:
+                facts.append(f"{kind} re-weighting: gamma {info[kind]['gammas']['single']} (chosen on validation "
+                             f"NDCG@10)" + (f", blend weight {info[kind]['blend']['weight']}" if "blend" in info[kind]
+                                            else ""))
+        body += [f"<h2>Decoding: {escape(decoding)}</h2>", "<ul>" + "".join(f"<li>{escape(f)}</li>" for f in facts)
+                 + "</ul>"]
+    body += ["<h2>Settings</h2>", html_table(["setting", "value"], sorted(to_dict(cfg).items()), numeric_from=2),
+             "<h2>Stage times</h2>", html_table(["stage", "seconds (0 = reused)"],
+                                                [[k, f"{v:.0f}"] for k, v in timings.items()])]
+    return write_html(run_dir / "report.html", "bigrec demo report", body,
+                      {"NDCG@K and HR@K, every item ranked": run_dir / "metrics" / "side_by_side.png"})
+
+
 def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dict, elapsed: float,
                   text_table: str, grounding: str, compared: dict) -> str:
     """report.md: the table, intervals and paired differences under both ranking protocols, where
@@ -328,19 +381,8 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
     k10 = table["topk"].index(10)
     ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}
     rand = ndcg10["Random"]
-    beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding",
-             "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
-                            "first, then the rest by L2 distance to the top beam"}
     reference_row = ndcg10.get("BIGRec (free), reference grounding")
-    lines = [
-        "# bigrec demo report", "",
-        f"Dataset {cfg.dataset}, base model {cfg.base_model}, LoRA on {cfg.sample} sampled examples, "
-        f"{cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, lr {cfg.learning_rate}, "
-        f"loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}; "
-        f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
-        f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.", "",
-        "```", text_table, "```", "",
-    ]
+    lines = ["# bigrec demo report", "", run_summary(cfg, infos, grounding, elapsed), "", "```", text_table, "```", ""]
     for protocol, title in (("reference", "the reference protocol (every item ranked)"),
                             ("unseen", "each user's seen items left out of the ranking")):
         part = compared[protocol]

@@ -100,6 +100,8 @@ class Config:
                                           "ranks them); needs rows with history_item_id")
     last_title: bool = option(False, "also rank by the user's last history title, grounded the same way: a "
                                      "content baseline with no generation")
+    report: bool = option(False, "also write OUTPUT.html: the tables with intervals, diagnostics and the plot in "
+                                 "one file that opens from disk", changes_output=False)
     compare: str | None = option(None, "another model's score matrix for the test rows (or bigrec baseline's "
                                        "scores/ folder): paired differences against it with intervals")
 
@@ -487,6 +489,28 @@ def intervals(ranks: dict[str, torch.Tensor], other: torch.Tensor | None) -> dic
     return out
 
 
+def write_report(output: Path, metrics: dict, details: dict) -> Path:
+    """OUTPUT.html: per result file, its runs with 95% intervals, the paired differences, diagnostics."""
+    from html import escape
+
+    from bigrec.report import html_table, metrics_rows, write_html
+
+    body = [f"<p>Grounding: {escape(details['grounding'])}; {details['num_items']} items; "
+            f"{'seen items left out' if details['exclude_history'] else 'every item ranked'}.</p>"]
+    for name, info in details["files"].items():
+        runs = {run: m for run, m in metrics.items() if run != "topk" and run.startswith(name)}
+        body += [f"<h2>{escape(name)}</h2>", html_table(*metrics_rows(runs, info["intervals"]))]
+        if "compare" in info:
+            body.append("<ul>" + "".join(
+                f"<li>{escape(run)} minus {escape(Path(info['compare']['scores']).name)}: NDCG@10 "
+                f"{iv['paired']['NDCG']['diff'][TOPK.index(10)]:+.4f} [{iv['paired']['NDCG']['ci'][TOPK.index(10)][0]:+.4f}, "
+                f"{iv['paired']['NDCG']['ci'][TOPK.index(10)][1]:+.4f}]</li>"
+                for run, iv in info["intervals"].items()) + "</ul>")
+        body.append(html_table(["diagnostic", "value"], [[k, v] for k, v in info["diagnostics"].items()], 2))
+    return write_html(output.with_suffix(".html"), f"bigrec evaluate: {output.name}", body,
+                      {"NDCG@K and HR@K": output.with_suffix(".png")})
+
+
 def run(config: Config) -> dict:
     from bigrec.models import load_model
     from bigrec.report import format_intervals, format_table, metrics_json, plot_metrics
@@ -590,6 +614,8 @@ def run(config: Config) -> dict:
     io.write_json(details_path, details)
     plot_metrics(metrics, output.with_suffix(".png"), TOPK)
     io.write_yaml(output.with_name(output.stem + ".config.yaml"), to_dict(config))
+    if config.report:
+        write_report(output, metrics, details)
     sys.stdout.write(table + "\n")
     for info in details["files"].values():
         against = Path(info["compare"]["scores"]).name if "compare" in info else None

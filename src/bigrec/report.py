@@ -110,3 +110,55 @@ def plot_metrics(metrics: Mapping[str, Mapping], path: str | Path, topk: Sequenc
         fig.savefig(tmp, format="png")
     logger.info("wrote plot %s", path)
     return path
+
+
+# --- one self-contained HTML file -------------------------------------------------------------
+
+HTML_STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;max-width:1100px;margin:24px auto;padding:0 20px}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}table{border-collapse:collapse;margin:8px 0;font-size:13.5px}
+th,td{border-bottom:1px solid #d9dee6;padding:4px 8px;text-align:left}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #d9dee6}p.note{color:#5b6575;font-size:13px}
+"""
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[object]], numeric_from: int = 1) -> str:
+    """An HTML table; columns from ``numeric_from`` on are right-aligned."""
+    from html import escape
+
+    def cells(values: Sequence[object], tag: str) -> str:
+        return "".join(f'<{tag}{" class=n" if i >= numeric_from else ""}>{escape(str(v))}</{tag}>'
+                       for i, v in enumerate(values))
+
+    return ("<table><tr>" + cells(headers, "th") + "</tr>"
+            + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>")
+
+
+def metrics_rows(metrics: Mapping[str, Mapping], intervals: Mapping[str, Mapping] | None,
+                 topk: Sequence[int] = TOPK, ks: Sequence[int] = (10, 20)) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a metrics table: NDCG@K and HR@K, with the 95% interval where known."""
+    runs = _runs(metrics, topk)
+    idx = [(key, k, list(topk).index(k)) for key in METRICS for k in ks]
+    rows = []
+    for name, run in runs.items():
+        iv = (intervals or {}).get(name)
+        rows.append([name] + [f"{run[key][j]:.4f}" + (f" [{iv['ci'][key][j][0]:.4f}, {iv['ci'][key][j][1]:.4f}]"
+                                                       if iv else "") for key, _, j in idx])
+    return ["run"] + [f"{key}@{k}" for key, k, _ in idx], rows
+
+
+def write_html(path: str | Path, title: str, body: Sequence[str], images: Mapping[str, Path] | None = None) -> Path:
+    """One HTML file that opens from disk: ``body`` parts (already HTML) and PNGs embedded as data URIs."""
+    import base64
+    from html import escape
+
+    parts = [f"<h1>{escape(title)}</h1>", *body]
+    for caption, png in (images or {}).items():
+        data = base64.b64encode(Path(png).read_bytes()).decode()
+        parts.append(f'<h2>{escape(caption)}</h2><img alt="{escape(caption)}" src="data:image/png;base64,{data}">')
+    html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f"<style>{HTML_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return path
