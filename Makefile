@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup test test-slow bench demo lint clean
+.PHONY: setup test test-slow test-browser bench demo lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# Debian's headless Chromium and its driver (apt), Selenium (the browser extra); nothing fetched at test time.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+	$(BIN)/pip install -q -e ".[dev,browser]"
+	$(BIN)/python -m pytest -m browser
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

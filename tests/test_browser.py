@@ -1,0 +1,116 @@
+"""The page and the report in a real browser: headless Chromium driven by Selenium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and the ``browser`` extra (``make
+test-browser`` installs all three); nothing is downloaded at run time. Screenshots go to
+``$BIGREC_SCREENSHOTS`` (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="the browser extra is not installed (make test-browser)")
+if not (shutil.which("chromium") and shutil.which("chromedriver")):
+    pytest.skip("Debian's chromium and chromium-driver are not installed (make test-browser)", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from bigrec.recommender import Recommender  # noqa: E402
+from run_fixture import TAUGHT, TITLES, tiny_run  # noqa: E402
+from test_serve import serving  # noqa: E402
+
+
+def start_browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+
+
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("BIGREC_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = start_browser()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    rec = Recommender.from_run(tiny_run(tmp_path_factory), device="cpu")
+    with serving(rec, batch_window_ms=5) as base:
+        yield base
+
+
+def pick(browser, wait, typed: str, title: str) -> None:
+    box = browser.find_element(By.ID, "search")
+    box.clear()
+    box.send_keys(typed)
+    wait.until(lambda d: any(li.text == title for li in d.find_elements(By.CSS_SELECTOR, "#suggestions li")))
+    next(li for li in browser.find_elements(By.CSS_SELECTOR, "#suggestions li") if li.text == title).click()
+
+
+def test_a_person_builds_a_history_and_gets_recommendations(browser, url, tmp_path):
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: "ml-100k" in d.find_element(By.ID, "run-info").text)
+    assert "items" in browser.find_element(By.ID, "run-info").text
+    history, answer = TAUGHT[0]
+    pick(browser, wait, "toy st", history[0])
+    pick(browser, wait, "hea", history[1])
+    assert [li.text.removesuffix(" remove") for li in browser.find_elements(By.CSS_SELECTOR, "#history li")] == history
+    k = browser.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("5")
+    browser.find_element(By.ID, "ci").send_keys("off")
+    browser.find_element(By.ID, "go").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#results table")))
+    columns = browser.find_elements(By.CSS_SELECTOR, "#results .column")
+    assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == ["BIGRec", "SASRec", "Popularity"]
+    for column in columns:
+        rows = column.find_elements(By.CSS_SELECTOR, "tr")[1:]
+        assert len(rows) == 5 and all(r.find_elements(By.TAG_NAME, "td")[1].text in TITLES for r in rows)
+    first = columns[0].find_elements(By.CSS_SELECTOR, "tr")[1].find_elements(By.TAG_NAME, "td")[1].text
+    assert first == answer  # the adapter was taught this answer for this history
+    assert answer in columns[0].find_element(By.CSS_SELECTOR, ".gen").text
+    browser.save_screenshot(str(shots(tmp_path) / "page.png"))
+
+    # a bad input: the API's message appears on the page, the results stay
+    k.clear()
+    k.send_keys("0")
+    browser.find_element(By.ID, "go").click()
+    error = wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    assert error.text.startswith("Recommendation failed: k:")
+    assert browser.find_elements(By.CSS_SELECTOR, "#results table")
+    browser.save_screenshot(str(shots(tmp_path) / "page_error.png"))
+
+
+def test_the_demo_report_renders_from_disk(browser, tmp_path_factory, tiny_model_dir, tmp_path):
+    from bigrec.cli import main
+    from test_demo import demo_args, write_small_movielens
+
+    root = tmp_path_factory.mktemp("report")
+    run_dir = root / "run"
+    assert main(demo_args(run_dir, tiny_model_dir, write_small_movielens(root), decoding="free")) == 0
+    browser.get((run_dir / "report.html").resolve().as_uri())
+    tables = browser.find_elements(By.TAG_NAME, "table")
+    assert len(tables) >= 4 and "SASRec (same 32 examples)" in tables[0].text
+    image = browser.find_element(By.TAG_NAME, "img")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) >= 500
+    browser.save_screenshot(str(shots(tmp_path) / "report.png"))
