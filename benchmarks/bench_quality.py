@@ -35,6 +35,7 @@ RECIPES = {
     "demo": {},  # the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, response-only loss
     "demo-4096": {"sample": 4096},  # four times the examples, the same schedule otherwise
     "demo-2ep": {"num_epochs": 2},
+    "demo-natural": {"prompt_titles": "natural"},  # prompts and answers with the article in front
 }
 VARIANTS = {"nearest of 4 beams": {"ground_beams": 4}}
 K10 = list(TOPK).index(10)

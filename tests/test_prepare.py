@@ -106,6 +106,28 @@ def test_prompt_text_matches_reference_template(tmp_path):
     assert alpaca_prompt("Do it.").endswith("### Instruction:\nDo it.\n\n### Response:\n")
 
 
+def test_natural_prompt_titles_put_the_article_in_front_in_prompts_only(tmp_path):
+    from bigrec.catalog import read_catalog, row_target
+    from bigrec.config import stage_settings
+
+    out = prepare(tmp_path, "--dataset", "ml-100k", "--source", str(write_ml100k_official(tmp_path)),
+                  "--prompt_titles", "natural")
+    csv, rows = load_split(out, "train")[0], [r for s in SPLITS for r in load_split(out, s)[1]]
+    row = next(r for r in rows if r["user_id"] == "1" and r["item_id"] == 2)
+    assert row["output"] == '"The Usual Suspects (1995)"'
+    assert "Usual Suspects, The (1995)" in (out / "id2name.txt").read_text()  # the catalogue keeps its titles
+    assert not any("Usual Suspects, The" in json.dumps(r) and "history_item_title" not in r for r in rows)
+    catalog = read_catalog(out / "id2name.txt")
+    assert row_target(row, catalog, "row") == 2  # the natural answer is the catalogue's item
+    assert "item_title" in csv.columns
+    from bigrec.prepare import Config as PrepareConfig
+
+    default = PrepareConfig(dataset="ml-100k", out="o")
+    assert "prompt_titles" not in stage_settings(default)  # at its default: no stage key changes
+    assert stage_settings(PrepareConfig(dataset="ml-100k", out="o", prompt_titles="natural"))["prompt_titles"] == \
+        "natural"
+
+
 def test_min_and_max_history(tmp_path):
     src = write_ml100k_official(tmp_path)
     out = prepare(tmp_path, "--dataset", "ml-100k", "--source", str(src), "--min_history", "2", "--max_history", "2",

@@ -236,3 +236,11 @@ def test_history_bytes_that_are_not_utf8_are_a_one_line_error(run_dir, capsys):
     assert main(["recommend", "--run", str(run_dir), "--history", "\udcff\udcfe Toy"]) == 1
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "history[0]: title is not valid Unicode text" in err.splitlines()[-1]
+
+
+def test_prompt_titles_follow_the_run(run_dir, tmp_path):
+    """A run prepared with natural prompt titles gets its prompts written the same way."""
+    natural = Recommender.from_run(sibling_run(run_dir, tmp_path, prompt_titles="natural"), device="cpu")
+    assert '"The Usual Suspects (1995)"' in natural.prompt(["Usual Suspects, The (1995)"])
+    plain = Recommender.from_run(run_dir, device="cpu")
+    assert '"Usual Suspects, The (1995)"' in plain.prompt(["Usual Suspects, The (1995)"])

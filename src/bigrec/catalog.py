@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bigrec.prompts import normalize_title
+from bigrec.prompts import natural_title, normalize_title
 
 
 class UnknownTargetError(ValueError):
@@ -105,7 +105,8 @@ def row_target(row: dict, catalog: Catalog, where: str) -> int:
         if isinstance(item_id, bool) or not isinstance(item_id, int) or not 0 <= item_id < len(catalog):
             raise CatalogError(f"{where}: field 'item_id' = {item_id!r} is not an id of {catalog.path} "
                                f"(0..{len(catalog) - 1})")
-        if isinstance(output, str) and normalize_title(output) != catalog.titles[item_id]:
+        if isinstance(output, str) and normalize_title(output) not in (catalog.titles[item_id],
+                                                                      natural_title(catalog.titles[item_id])):
             raise CatalogError(f"{where}: 'item_id' {item_id} is {catalog.titles[item_id]!r} in {catalog.path} "
                                f"but 'output' is {output!r}; is this the catalogue the data was prepared with?")
         return item_id

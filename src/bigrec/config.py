@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices=None,
            aliases: tuple[str, ...] = (), split: bool = True, minimum: float | None = None,
-           changes_output: bool = True):
+           changes_output: bool = True, keyed_at_default: bool = True):
     """A dataclass field with help text for the command line.
 
     ``choices`` and ``minimum`` are checked in one place, :func:`build`, for flags and YAML
@@ -31,10 +31,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     such as ``-k``; ``split=False`` makes a list option take each flag's value whole (titles
     contain commas), so only repeating the flag adds items. ``changes_output=False`` marks an
     option that leaves the stage's outputs as they are (where progress is logged): it is no part
-    of the settings that decide whether a finished stage must rerun (:func:`stage_settings`).
+    of the settings that decide whether a finished stage must rerun (:func:`stage_settings`);
+    ``keyed_at_default=False`` leaves an option out of them while it holds its default, which
+    must be the behaviour from before the option existed (so adding it reruns nothing).
     """
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split, "minimum": minimum,
-            "changes_output": changes_output}
+            "changes_output": changes_output, "keyed_at_default": keyed_at_default}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -222,5 +224,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def stage_settings(config: Any) -> dict[str, Any]:
     """The settings that decide a stage's outputs: :func:`to_dict` less ``changes_output=False`` options."""
-    quiet = {f.name for f in dataclasses.fields(config) if not f.metadata.get("changes_output", True)}
+    quiet = {f.name for f in dataclasses.fields(config) if not f.metadata.get("changes_output", True)
+             or (not f.metadata.get("keyed_at_default", True) and getattr(config, f.name) == f.default)}
     return {k: v for k, v in to_dict(config).items() if k not in quiet}

@@ -42,6 +42,9 @@ class Config:
     source: str | None = option(None, "local copy of the dataset (see `bigrec prepare --source`)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or the bundled 'smollm2-135m'")
     sample: int = option(1024, "training examples drawn from train.json (the paper's few-shot setting)")
+    prompt_titles: str = option("catalogue", "titles in prompts and answers: as the catalogue writes them (the "
+                                             "reference) or natural ('The Shining (1980)')",
+                                choices=["catalogue", "natural"])
     num_epochs: int = option(1, "training epochs (64 steps each at batch 16; early stopping may end sooner)")
     batch_size: int = option(16, "examples per optimizer step (the reference's 128 gives 8 steps on 1,024)")
     micro_batch_size: int = option(8, "examples per forward pass")
@@ -214,7 +217,8 @@ def run(cfg: Config) -> int:
     results = run_dir / "results"
     index_path = run_dir / "index.safetensors"
 
-    prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed)
+    prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed,
+                              prompt_titles=cfg.prompt_titles)
     stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
 
@@ -308,7 +312,7 @@ def run(cfg: Config) -> int:
     use_ci, note = default_ranking(gammas_from)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
-                precision=cfg.precision, num_beams=cfg.num_beams, **grounding,
+                precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles, **grounding,
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 use_ci=use_ci, ranking_note=note).save(run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
 from bigrec.data.windows import SPLITS, window_and_split
 from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
-from bigrec.prompts import DOMAINS, Domain, domain_for_category, instruction_row
+from bigrec.prompts import DOMAINS, Domain, domain_for_category, instruction_row, natural_title
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class Config:
     kcore: int = option(5, "amazon: iterative K-core on users and items (0 disables)")
     seed: int = option(42, "seed of the item-id shuffle (amazon) and of the 5,000-row samples")
     sample_rows: int = option(5000, "rows in valid_5000.json / test_5000.json", minimum=1)
+    prompt_titles: str = option("catalogue", "titles in the instruction rows (prompts and answers) as the catalogue "
+                                             "writes them ('Shining, The (1980)', the reference) or natural ('The "
+                                             "Shining (1980)', the order a language model knows)",
+                                choices=["catalogue", "natural"], keyed_at_default=False)
 
     def validate(self) -> None:
         check_output_dir(self.out, "out")
@@ -91,8 +96,10 @@ def _ids(keys: list[str], key_to_id: dict[str, int]) -> list[int]:
     return [key_to_id[k] for k in keys]
 
 
-def split_tables(examples: SplitExamples, domain: Domain) -> dict[str, tuple[pd.DataFrame, list[dict]]]:
-    """Per split: the D3 CSV frame and the instruction rows (with ids for row alignment)."""
+def split_tables(examples: SplitExamples, domain: Domain,
+                 written: Callable[[str], str] = str) -> dict[str, tuple[pd.DataFrame, list[dict]]]:
+    """Per split: the D3 CSV frame and the instruction rows (with ids for row alignment); the
+    rows' titles pass through ``written`` (the CSVs keep the catalogue's)."""
     key_to_id = {key: i for i, (key, _) in enumerate(examples.catalog)}
     titles = [title for _, title in examples.catalog]
     out = {}
@@ -113,7 +120,7 @@ def split_tables(examples: SplitExamples, domain: Domain) -> dict[str, tuple[pd.
         rows = []
         for r, (user, hist, item, htitles) in enumerate(zip(csv["user_id"], hist_ids, item_ids,
                                                             csv["history_item_title"], strict=True)):
-            row = instruction_row(domain, htitles, titles[item])
+            row = instruction_row(domain, [written(t) for t in htitles], written(titles[item]))
             row.update(user_id=user, item_id=item, history_item_id=hist, row=r)
             rows.append(row)
         out[split] = (csv, rows)
@@ -170,7 +177,7 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
                          f"({sum(len(f) for f in examples.splits.values())} examples in all)")
     domain = pick_domain(cfg, examples)
-    tables = split_tables(examples, domain)
+    tables = split_tables(examples, domain, natural_title if cfg.prompt_titles == "natural" else str)
     with staged_dir(cfg.out, whole=True) as stage:
         write_text(stage / "id2name.txt", "".join(f"{title}\t{i}\n" for i, (_, title) in enumerate(examples.catalog)))
         for split, (csv, rows) in tables.items():

@@ -37,7 +37,7 @@ import yaml
 from bigrec.catalog import Catalog, read_catalog
 from bigrec.ground import l2_distances, reweight
 from bigrec.io import read_json
-from bigrec.prompts import DOMAINS, Domain, instruction_row, normalize_title, prompt_for_row
+from bigrec.prompts import DOMAINS, Domain, instruction_row, natural_title, normalize_title, prompt_for_row
 from bigrec.run_manifest import RunManifest
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,8 @@ class Recommender:
     # --- the two steps -----------------------------------------------------------------------
 
     def prompt(self, titles: list[str]) -> str:
+        if self.manifest.prompt_titles == "natural":  # as the model was trained (bigrec prepare --prompt_titles)
+            titles = [natural_title(t) for t in titles]
         row = instruction_row(self.domain, titles[-self.max_history:], "")
         template = self.manifest.prompt_template
         if template == "alpaca":

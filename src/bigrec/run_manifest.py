@@ -27,6 +27,7 @@ class RunManifest:
     sasrec: str | None = "sasrec"  # SASRec model folder (bigrec.baselines), for use_ci
     domain: str = "movie"  # prompt wording (bigrec.prompts.DOMAINS)
     prompt_template: str = "alpaca"
+    prompt_titles: str = "catalogue"  # titles in prompts as the catalogue writes them, or "natural" (bigrec prepare)
     precision: str = "auto"
     pooling: str = "last"  # how the index and the generations are embedded (bigrec.index.Grounding)
     embed_layer: int = -1
