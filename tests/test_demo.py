@@ -52,8 +52,10 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
                                                                                   " + CI (SASRec)")]
     reference = "BIGRec (free), reference grounding"  # the same generations, grounded the paper's way
     blend = "BIGRec (free) + CI blend (SASRec)"  # the weighted-sum variant; constrained rows have none
-    assert list(table) == ["topk", *bigrec[:3], blend, reference, *bigrec[3:], "SASRec", "SASRec (same 32 examples)",
-                           "Popularity", "Last history title (content)", "Random"]
+    few = ["BIGRec (free) + CI (SASRec, same 32 examples)", "BIGRec (free) + CI blend (SASRec, same 32 examples)"]
+    assert list(table) == ["topk", *bigrec[:3], blend, *few, reference, *bigrec[3:],
+                           "BIGRec (constrained) + CI (SASRec, same 32 examples)", "SASRec",
+                           "SASRec (same 32 examples)", "Popularity", "Last history title (content)", "Random"]
     for name in table.keys() - {"topk"}:
         assert len(table[name]["NDCG"]) == 6 and all(0 <= v <= 1 for v in table[name]["HR"])
     # 25 items: HR@50 of any complete ranking is 1.
@@ -120,8 +122,9 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
     caplog.set_level("INFO", logger="bigrec.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate_constrained", "evaluate_constrained_unseen", "evaluate_free",
-                   "evaluate_free_reference_grounding", "evaluate_free_unseen",
+    assert ran == ["evaluate_constrained", "evaluate_constrained_fewshot_ci", "evaluate_constrained_fewshot_ci_unseen",
+                   "evaluate_constrained_unseen", "evaluate_free", "evaluate_free_fewshot_ci",
+                   "evaluate_free_fewshot_ci_unseen", "evaluate_free_reference_grounding", "evaluate_free_unseen",
                    "generate_test_constrained", "generate_test_free", "generate_valid_constrained",
                    "generate_valid_free", "inputs"]
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 8
@@ -152,7 +155,8 @@ def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, 
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free", pooling="last",
                           title_text="bare")) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
-    assert ran == ["evaluate_free", "evaluate_free_unseen", "index"]  # the reference grounding needs no second row
+    assert ran == ["evaluate_free", "evaluate_free_fewshot_ci", "evaluate_free_fewshot_ci_unseen",
+                   "evaluate_free_unseen", "index"]  # the reference grounding needs no second row
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert "BIGRec (free), reference grounding" not in table
     assert RunManifest.load(run_dir).pooling == "last"

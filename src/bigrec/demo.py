@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigrec import io
-from bigrec.config import option, stage_settings
+from bigrec.config import option, stage_settings, to_dict
 from bigrec.index import layer_option, pooling_option, title_text_option
 from bigrec.models import DEFAULT_MODEL
 
@@ -112,10 +112,11 @@ CONTENT = "Last history title (content)"
 
 
 def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, Path], sample: int,
-                 reference_path: Path | None) -> dict:
+                 reference_path: Path | None, fewshot_paths: dict[str, Path] | None = None) -> dict:
     """Every method's per-row ranks on the demo's test rows under one protocol (the evaluate
     outputs say which): metrics, intervals, the paired differences the paper's claims rest on,
-    and the evaluation details per decoding (``infos``)."""
+    and the evaluation details per decoding (``infos``). ``fewshot_paths``: per decoding, the
+    evaluation re-weighted by the few-shot SASRec's scores."""
     import torch
 
     from bigrec.catalog import read_catalog, row_target
@@ -146,6 +147,14 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
         for key, name in names.items():
             if key in info["ranks"]:
                 cmp.add(name, info["ranks"][key])
+        if fewshot_paths and decoding in fewshot_paths:
+            few = io.read_json(fewshot_paths[decoding].with_name(fewshot_paths[decoding].stem + ".details.json"))
+            few_ranks = few["files"][test_name]["ranks"]
+            for key, name in ((f"{test_name} +CI (gamma by NDCG@10)", f"{label} + CI (SASRec, same {sample} examples)"),
+                              (f"{test_name} +CI blend (weight by NDCG@10)",
+                               f"{label} + CI blend (SASRec, same {sample} examples)")):
+                if key in few_ranks:
+                    cmp.add(name, few_ranks[key])
         if decoding == "free" and reference_path is not None:
             ref = io.read_json(reference_path.with_name(reference_path.stem + ".details.json"))
             cmp.add("BIGRec (free), reference grounding", ref["files"][test_name]["ranks"][test_name])
@@ -161,7 +170,8 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     lead = next(name for name in ("BIGRec (free)", "BIGRec (constrained)") if name in cmp.ranks)
     pairs = [(lead, few_shot), (lead, CONTENT), (lead, "Popularity"), (lead, "SASRec"),
              (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI blend (SASRec)", "SASRec"),
-             (f"{lead} + CI (SASRec)", few_shot)]
+             (f"{lead} + CI (SASRec)", few_shot), (f"{lead} + CI (SASRec, same {sample} examples)", few_shot),
+             (f"{lead} + CI blend (SASRec, same {sample} examples)", few_shot)]
     return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
 
 
@@ -265,6 +275,7 @@ def run(cfg: Config) -> int:
                    lambda c=b_cfg: baseline_run.run(c), after=("prepare",))
 
     metrics_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
+    fewshot_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
     for decoding in decodings:
         for protocol, suffix in PROTOCOLS.items():
             metrics_paths[protocol][decoding] = metrics_path = run_dir / "metrics" / f"bigrec_{decoding}{suffix}.json"
@@ -281,6 +292,16 @@ def run(cfg: Config) -> int:
                        lambda c=eval_cfg: evaluate.run(c),
                        after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity",
                               "sasrec"))
+            # CI from the SASRec trained on BIGRec's own sampled rows: claim 2 on the same few samples
+            few_path = fewshot_paths[protocol][decoding] = metrics_path.with_name(
+                f"bigrec_{decoding}_fewshot_ci{suffix}.json")
+            few_cfg = evaluate.Config(**{**to_dict(eval_cfg), "output": str(few_path), "popularity": None,
+                                         "last_title": False,
+                                         "ci_scores": str(run_dir / FEW_SHOT / "scores" / "test_5000.safetensors"),
+                                         "valid_ci_scores": str(run_dir / FEW_SHOT / "scores" / "valid_5000.safetensors")})
+            stages.run(f"evaluate_{decoding}_fewshot_ci{suffix}", stage_settings(few_cfg), [few_path],
+                       lambda c=few_cfg: evaluate.run(c),
+                       after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", FEW_SHOT))
     if compare_reference:
         reference_path = run_dir / "metrics" / "bigrec_free_reference_grounding.json"
         ref_cfg = evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results / "free" / "test.json"),
@@ -292,7 +313,8 @@ def run(cfg: Config) -> int:
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
     test_rows = io.read_json(run_dir / "inputs" / "test.json")
     compared = {protocol: side_by_side(run_dir, test_rows, paths, cfg.sample,
-                                       reference_path if compare_reference and protocol == "reference" else None)
+                                       reference_path if compare_reference and protocol == "reference" else None,
+                                       fewshot_paths[protocol])
                 for protocol, paths in metrics_paths.items()}
     infos = compared["reference"].pop("infos")  # decoding -> the evaluation details of its test file
     compared["unseen"].pop("infos")
