@@ -80,6 +80,7 @@ def test_demo_writes_report_table_and_run_folder(finished_demo):
     assert (manifest.pooling, manifest.embed_layer, manifest.title_text) == ("mean", -1, "natural")
     assert "chosen on validation NDCG@10" in manifest.ranking_note  # recommend/serve's default ranking
     assert manifest.use_ci == manifest.ranking_note.startswith("BIGRec + CI")
+    assert (manifest.ci_blend_weight is not None) == manifest.ranking_note.startswith("BIGRec + CI (blend")
     assert len(json.loads((run_dir / "results" / "free" / "test.json").read_text())) == 12
 
 

@@ -238,6 +238,20 @@ def test_history_bytes_that_are_not_utf8_are_a_one_line_error(run_dir, capsys):
     assert "Traceback" not in err and "history[0]: title is not valid Unicode text" in err.splitlines()[-1]
 
 
+def test_ci_blend_when_the_run_chose_it(run_dir, tmp_path, rec):
+    from bigrec.baselines.sasrec import SASRec
+    from bigrec.ground import minmax_rows
+
+    blended = Recommender.from_run(sibling_run(run_dir, tmp_path, use_ci=True, ci_blend_weight=0.5), device="cpu")
+    history = [0, 5, 7]
+    (result,) = blended.recommend([history], k=len(TITLES))
+    assert result.use_ci and "blended with SASRec's scores, weight 0.5" in result.ranking
+    dist = torch.tensor([next(i.distance for i in result.items if i.id == j) for j in range(len(TITLES))])
+    sasrec = SASRec.from_dir(run_dir / "sasrec").score([history]).float()
+    expected = (0.5 * minmax_rows(dist[None]) - 0.5 * minmax_rows(sasrec))[0]
+    assert [i.id for i in result.items] == torch.argsort(expected, stable=True).tolist()
+
+
 def test_prompt_titles_follow_the_run(run_dir, tmp_path):
     """A run prepared with natural prompt titles gets its prompts written the same way."""
     natural = Recommender.from_run(sibling_run(run_dir, tmp_path, prompt_titles="natural"), device="cpu")

@@ -175,17 +175,23 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
 
 
-def default_ranking(info: dict) -> tuple[bool, str | None]:
-    """What recommend/serve rank by: BIGRec + CI where it beat plain BIGRec on validation NDCG@10
-    (the validation rows chose its gamma too; the test rows never enter), and why."""
+def default_ranking(info: dict) -> tuple[bool, float | None, str | None]:
+    """What recommend/serve rank by: plain BIGRec, BIGRec + CI by the paper's formula or by the
+    blend, whichever has the best validation NDCG@10 (the validation rows chose gamma and the
+    weight too; the test rows never enter). Returns (use CI, blend weight or None, why)."""
     if "CI" not in info or "valid_plain" not in info:
-        return False, None
+        return False, None, None
     from bigrec.metrics import TOPK
 
     j = TOPK.index(10)
-    ci, plain = info["CI"]["valid_single"]["NDCG"][j], info["valid_plain"]["NDCG"][j]
-    choice = "BIGRec + CI" if ci > plain else "plain BIGRec"
-    return ci > plain, f"{choice} chosen on validation NDCG@10 ({ci:.4f} with CI, {plain:.4f} without)"
+    found = {"plain BIGRec": (info["valid_plain"]["NDCG"][j], False, None),
+             "BIGRec + CI (the paper's formula)": (info["CI"]["valid_single"]["NDCG"][j], True, None)}
+    if "blend" in info["CI"]:
+        weight = info["CI"]["blend"]["weight"]
+        found[f"BIGRec + CI (blend, weight {weight})"] = (info["CI"]["blend"]["valid_ndcg10"], True, weight)
+    best = max(found, key=lambda name: found[name][0])
+    why = ", ".join(f"{name} {value:.4f}" for name, (value, _, _) in found.items())
+    return found[best][1], found[best][2], f"{best} chosen on validation NDCG@10 ({why})"
 
 
 def first_rows(src: Path, dst: Path, n: int) -> None:
@@ -331,13 +337,13 @@ def run(cfg: Config) -> int:
     # recommend/serve decode freely: their gammas come from the free run when there is one
     gammas_from = infos.get("free") or infos["constrained"]
 
-    use_ci, note = default_ranking(gammas_from)
+    use_ci, weight, note = default_ranking(gammas_from)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
                 precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles, **grounding,
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
-                use_ci=use_ci, ranking_note=note).save(run_dir)
+                use_ci=use_ci, ci_blend_weight=weight, ranking_note=note).save(run_dir)
     print(format_table(table, TOPK))
     print(f"\nreport: {run_dir / 'report.md'}   plot: {run_dir / 'metrics' / 'side_by_side.png'}   "
           f"wall time {elapsed / 60:.1f} min")

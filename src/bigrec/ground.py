@@ -250,6 +250,12 @@ def apply_gamma(dist_test: torch.Tensor, scores_test: torch.Tensor, targets_test
     }
 
 
+def blend(dist: torch.Tensor, scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - w) * minmax(d) - w * minmax(s)``, lower is better (see :func:`blend_ranks`)."""
+    _check_scores(dist, scores)
+    return (1 - weight) * minmax_rows(dist) - weight * minmax_rows(scores)
+
+
 def blend_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, weights: Sequence[float],
                 exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Target ranks [W, R] under ``(1 - w) * minmax(d) - w * minmax(s)`` for every w in ``weights``.

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from bigrec.catalog import Catalog, read_catalog
-from bigrec.ground import l2_distances, reweight
+from bigrec.ground import blend, l2_distances, reweight
 from bigrec.io import read_json
 from bigrec.prompts import DOMAINS, Domain, instruction_row, natural_title, normalize_title, prompt_for_row
 from bigrec.run_manifest import RunManifest
@@ -284,7 +284,9 @@ class Recommender:
         ci_rows = [r for r, use in enumerate(use_ci) if use]
         if ci_rows:
             sasrec_scores = self.sasrec.score([[m.id for m in matches[r]] for r in ci_rows]).float().cpu()
-            score[ci_rows] = reweight(dist[ci_rows], sasrec_scores, float(self.manifest.ci_gamma))
+            weight = self.manifest.ci_blend_weight
+            score[ci_rows] = (reweight(dist[ci_rows], sasrec_scores, float(self.manifest.ci_gamma)) if weight is None
+                              else blend(dist[ci_rows], sasrec_scores, float(weight)))
         results = []
         for r, q in enumerate(queries):
             row = score[r]
@@ -355,8 +357,9 @@ class Recommender:
         return bool(self.manifest.use_ci) and self.has_ci
 
     def ranking_label(self, use_ci: bool, by_default: bool) -> str:
-        name = ("BIGRec + CI (distances re-weighted by SASRec's scores)" if use_ci
-                else "BIGRec (L2 distance to the generated title)")
+        how = ("re-weighted by SASRec's scores" if self.manifest.ci_blend_weight is None
+               else f"blended with SASRec's scores, weight {self.manifest.ci_blend_weight}")
+        name = f"BIGRec + CI (distances {how})" if use_ci else "BIGRec (L2 distance to the generated title)"
         if not by_default:
             return f"{name}, as asked"
         return f"{name}, the run's default" + (f": {self.manifest.ranking_note}" if self.manifest.ranking_note else "")

@@ -36,6 +36,7 @@ class RunManifest:
     max_new_tokens: int = 64
     ci_gamma: float | None = None  # gamma for SASRec re-weighting, chosen on validation
     use_ci: bool = False  # the ranking recommend/serve give by default: the better on validation NDCG@10
+    ci_blend_weight: float | None = None  # set: CI re-weights as the blend (1-w) minmax(d) - w minmax(s), not the paper's
     ranking_note: str | None = None  # how that choice was made, shown with every recommendation
     popularity_gamma: float | None = None
 
