@@ -42,7 +42,8 @@ K10 = list(TOPK).index(10)
 
 
 def run_recipe(name: str, args, over: dict) -> Path:
-    run_dir = Path(args.run_dir.format(dataset=args.dataset, recipe=name))
+    given = dict(item.split("=", 1) for item in args.recipe_dir)
+    run_dir = Path(given.get(name) or args.run_dir.format(dataset=args.dataset, recipe=name))
     cfg = demo.Config(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
                       test_rows=args.test_rows, valid_rows=args.valid_rows, **over)
     started = time.perf_counter()
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--test_rows", type=int, default=2000, help="test rows (at least 2,000 for a claim)")
     parser.add_argument("--valid_rows", type=int, default=500, help="validation rows for gamma and the weights")
     parser.add_argument("--run_dir", default="runs/quality/{dataset}/{recipe}", help="run folder pattern")
+    parser.add_argument("--recipe_dir", action="append", default=[], metavar="RECIPE=DIR",
+                        help="this recipe's run folder instead of the pattern's (repeatable)")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
     variants = [v for v in args.variants.split(",") if v]
