@@ -226,6 +226,22 @@ def test_limit_and_reference_rows(taught_dir, tmp_path):
     assert all(len(r["predict"]) == 2 for r in out)
 
 
+def test_stale_progress_is_discarded_when_asked(taught_dir, tmp_path, caplog):
+    rows = case_rows()
+    write_rows(tmp_path / "test.json", rows)
+    cfg = config(tmp_path, taught_dir, discard_stale_progress=True)
+    stale = Path(f"{cfg.result_json_data}.progress.0.jsonl")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"settings": {"num_beams": 9}}\n{"pos": 0, "predict": ["\\"Old\\""]}\n')
+    with pytest.raises(ValueError, match="other settings"):
+        generate.run(config(tmp_path, taught_dir))  # without the flag: refused, as before
+    caplog.set_level("WARNING", logger="bigrec.generate")
+    generate.run(cfg)
+    out = json.loads(Path(cfg.result_json_data).read_text())
+    assert len(out) == len(rows) and all(r["predict"][0] != '"Old"' for r in out)
+    assert "left by a run with other settings; deleted" in caplog.text
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "file not found"),
     ("{}", "expected a JSON list"),

@@ -263,7 +263,8 @@ def run(cfg: Config) -> int:
                 lora_weights=str(adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                 precision=cfg.precision, decoding=decoding,
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
-                catalog=str(data / "id2name.txt") if decoding == "constrained" else None)
+                catalog=str(data / "id2name.txt") if decoding == "constrained" else None,
+                discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [results / decoding / f"{split}.json"],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 

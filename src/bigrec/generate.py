@@ -69,6 +69,9 @@ class Config:
     cf_scores: str | None = option(None, "constrained: a `bigrec baseline` score file (scores/*.safetensors) for "
                                          "these rows, to guide the search (D3's text-free assistant)")
     cf_weight: float = option(0.0, "constrained: weight of the CF log-scores added to the beam scores")
+    discard_stale_progress: bool = option(False, "delete progress files left by a run with other settings instead "
+                                                 "of refusing them (the demo does: its stages rerun on new settings)",
+                                          changes_output=False)
 
     def validate(self) -> None:
         if not 0 < self.ghost_threshold <= 1:
@@ -214,27 +217,42 @@ def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
 _LEGACY_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0}
 
 
-def read_progress(result_path: str | Path, settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def read_progress(result_path: str | Path, settings: dict[str, Any],
+                  stale: list[Path] | None = None) -> dict[int, dict[str, Any]]:
     """Finished rows from every progress file, by row position: ``{"predict": [...], ...}`` each
-    (constrained rows also hold ``predict_ids`` and ``predict_scores``); other settings are an error."""
+    (constrained rows also hold ``predict_ids`` and ``predict_scores``). A file of other settings
+    is an error, or, given a ``stale`` list, is added to it and its rows are left out."""
     done: dict[int, dict[str, Any]] = {}
     for path in progress_files(result_path):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if lineno == len(lines):  # a write cut short by a kill: that row reruns
-                    break
-                raise ValueError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
-            if "settings" in record:
-                recorded = {**_LEGACY_SETTINGS, **record["settings"]}
-                if recorded != settings:
-                    changed = sorted(k for k in {*settings, *recorded} if recorded.get(k) != settings.get(k))
-                    raise ValueError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
-                                     "delete it to start afresh")
-                continue
-            done[int(record.pop("pos"))] = record
+        rows = _progress_rows(path, settings, stale is not None)
+        if rows is None:
+            stale.append(path)
+        else:
+            done.update(rows)
+    return done
+
+
+def _progress_rows(path: Path, settings: dict[str, Any], tolerate: bool) -> dict[int, dict[str, Any]] | None:
+    """One progress file's rows; None for a file of other settings when ``tolerate``."""
+    done: dict[int, dict[str, Any]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):  # a write cut short by a kill: that row reruns
+                break
+            raise ValueError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
+        if "settings" in record:
+            recorded = {**_LEGACY_SETTINGS, **record["settings"]}
+            if recorded != settings:
+                if tolerate:
+                    return None
+                changed = sorted(k for k in {*settings, *recorded} if recorded.get(k) != settings.get(k))
+                raise ValueError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
+                                 "delete it to start afresh")
+            continue
+        done[int(record.pop("pos"))] = record
     return done
 
 
@@ -311,12 +329,18 @@ def run(config: Config) -> Path:
     result_path = Path(config.result_json_data)
     rows = read_rows(data_path, config.limit)
     settings = run_settings(config, data_path)
-    done = read_progress(result_path, settings)
+    stale: list[Path] | None = [] if config.discard_stale_progress else None
+    done = read_progress(result_path, settings, stale)
     todo = [pos for pos in range(len(rows)) if pos not in done]
     if done and state.is_main_process:
         log.info("resuming: %d of %d rows already finished in %s", len(rows) - len(todo), len(rows),
                  ", ".join(str(p) for p in progress_files(result_path)))
     state.wait_for_everyone()  # every process has read the progress files before any appends
+    if stale and state.is_main_process:
+        for path in stale:
+            log.warning("%s: left by a run with other settings; deleted", path)
+            path.unlink(missing_ok=True)
+    state.wait_for_everyone()
     produced: list[tuple[int, dict[str, Any]]] = []
     if todo:
         prompts = {pos: prompt_for_row(rows[pos], template=config.prompt_template, category=config.category)
