@@ -430,10 +430,12 @@ def row(check: str, name: str, shape: str | None = None, unit: str | None = None
 
 
 def fail(r: dict, exc: BaseException, what: str | None = None) -> None:
+    """Mark the row failed; a row that already failed keeps its first error and gains this one."""
     traceback.print_exc()
-    r["status"] = "FAIL"
     message = one_line(exc)
-    r["error"] = f"{what}: {message}" if what else message
+    message = f"{what}: {message}" if what else message
+    r["error"] = f"{r['error']}; {message}" if r["status"] == "FAIL" else message
+    r["status"] = "FAIL"
 
 
 def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[dict, str | None]:
@@ -485,11 +487,7 @@ def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[d
                  reference_tokens_per_step=per_step, reference_steps=result["steps"],
                  reference_loss=result["train_loss"])
     except Exception as exc:
-        if r["status"] == "ok":
-            fail(r, exc, "reference")
-        else:
-            traceback.print_exc()
-            r["error"] += f"; reference: {one_line(exc)}"
+        fail(r, exc, "reference")
     free_memory()
     if r["bigrec"] and r["reference"]:
         r["ratio"] = r["bigrec"] / r["reference"]
@@ -592,11 +590,7 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
         d.update(reference_dtype=str(dtype).removeprefix("torch."), reference_new_tokens=sorted(steps),
                  reference_peak_gib=mem.gib)
     except Exception as exc:
-        if r["status"] == "ok":
-            fail(r, exc, "reference")
-        else:
-            traceback.print_exc()
-            r["error"] += f"; reference: {one_line(exc)}"
+        fail(r, exc, "reference")
     ref_model = None
     free_memory()
     if r["bigrec"] and r["reference"]:
