@@ -30,6 +30,7 @@ from bigrec import demo, evaluate, io
 from bigrec.comparison import describe_pairs
 from bigrec.config import to_dict
 from bigrec.metrics import TOPK
+from bigrec.report import with_interval
 
 RECIPES = {
     "demo": {},  # the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, response-only loss
@@ -72,7 +73,7 @@ def row(label: str, metrics: dict, iv: dict | None) -> str:
     cells = []
     for key in ("NDCG", "HR"):
         value = metrics[key][K10]
-        cells.append(f"{value:.4f}" + (f" [{iv['ci'][key][K10][0]:.4f}, {iv['ci'][key][K10][1]:.4f}]" if iv else ""))
+        cells.append(with_interval(value, iv["ci"][key][K10] if iv else None))
     return f"| {label} | " + " | ".join(cells) + " |"
 
 

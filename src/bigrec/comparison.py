@@ -15,6 +15,7 @@ import torch
 
 from bigrec.intervals import bootstrap_ci, paired_difference
 from bigrec.metrics import TOPK, ndcg_hr
+from bigrec.report import with_interval
 
 
 @dataclass
@@ -54,6 +55,6 @@ def describe_pairs(paired: dict[str, dict], k: int = 10) -> list[str]:
         nd, hr = diff["NDCG"], diff["HR"]
         lo, hi = nd["ci"][j]
         verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference at this confidence"
-        lines.append(f"{name}: NDCG@{k} {nd['diff'][j]:+.4f} [{lo:+.4f}, {hi:+.4f}], HR@{k} {hr['diff'][j]:+.4f} "
-                     f"[{hr['ci'][j][0]:+.4f}, {hr['ci'][j][1]:+.4f}] ({verdict})")
+        lines.append(f"{name}: NDCG@{k} {with_interval(nd['diff'][j], nd['ci'][j], signed=True)}, "
+                     f"HR@{k} {with_interval(hr['diff'][j], hr['ci'][j], signed=True)} ({verdict})")
     return lines

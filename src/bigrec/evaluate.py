@@ -493,7 +493,9 @@ def write_report(output: Path, metrics: dict, details: dict) -> Path:
     """OUTPUT.html: per result file, its runs with 95% intervals, the paired differences, diagnostics."""
     from html import escape
 
-    from bigrec.report import html_table, metrics_rows, write_html
+    from bigrec.report import html_table, metrics_rows, with_interval, write_html
+
+    k10 = TOPK.index(10)
 
     body = [f"<p>Grounding: {escape(details['grounding'])}; {details['num_items']} items; "
             f"{'seen items left out' if details['exclude_history'] else 'every item ranked'}.</p>"]
@@ -503,8 +505,7 @@ def write_report(output: Path, metrics: dict, details: dict) -> Path:
         if "compare" in info:
             body.append("<ul>" + "".join(
                 f"<li>{escape(run)} minus {escape(Path(info['compare']['scores']).name)}: NDCG@10 "
-                f"{iv['paired']['NDCG']['diff'][TOPK.index(10)]:+.4f} [{iv['paired']['NDCG']['ci'][TOPK.index(10)][0]:+.4f}, "
-                f"{iv['paired']['NDCG']['ci'][TOPK.index(10)][1]:+.4f}]</li>"
+                f"{with_interval(iv['paired']['NDCG']['diff'][k10], iv['paired']['NDCG']['ci'][k10], signed=True)}</li>"
                 for run, iv in info["intervals"].items()) + "</ul>")
         body.append(html_table(["diagnostic", "value"], [[k, v] for k, v in info["diagnostics"].items()], 2))
     return write_html(output.with_suffix(".html"), f"bigrec evaluate: {output.name}", body,

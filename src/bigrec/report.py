@@ -57,6 +57,13 @@ def format_table(metrics: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
     return "\n".join([line(header), line(["-" * width0] + ["-" * w for w in widths]), *map(line, body)])
 
 
+def with_interval(value: float, bounds: Sequence[float] | None = None, signed: bool = False) -> str:
+    """``0.0123 [0.0100, 0.0150]``, signed (``+0.0012 [-0.0005, +0.0031]``) for differences; the
+    bare value without bounds."""
+    fmt = "{:+.4f}" if signed else "{:.4f}"
+    return fmt.format(value) + (f" [{fmt.format(bounds[0])}, {fmt.format(bounds[1])}]" if bounds is not None else "")
+
+
 def format_intervals(metrics: Mapping[str, Mapping], intervals: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
                      ks: Sequence[int] = (10,), against: str | None = None) -> str:
     """A table of each run that has an interval: metric@K with its 95% interval and, where the run
@@ -66,21 +73,16 @@ def format_intervals(metrics: Mapping[str, Mapping], intervals: Mapping[str, Map
     (:mod:`bigrec.intervals`); runs without an entry are left out.
     """
     runs = _runs(metrics, topk)
+    names = [name for name in intervals if name in runs]
+    _, body = metrics_rows({name: runs[name] for name in names}, intervals, topk, ks)
     idx = [list(topk).index(k) for k in ks]
     header = ["run"] + [f"{key}@{k} [95% CI]" for key in METRICS for k in ks]
-    paired = against is not None and any("paired" in iv for iv in intervals.values())
-    if paired:
+    if against is not None and any("paired" in iv for iv in intervals.values()):
         header += [f"{key}@{k} minus {against} [paired 95% CI]" for key in METRICS for k in ks]
-    body = []
-    for name, iv in intervals.items():
-        if name not in runs:
-            continue
-        cells = [name] + [f"{runs[name][key][j]:.4f} [{iv['ci'][key][j][0]:.4f}, {iv['ci'][key][j][1]:.4f}]"
-                          for key in METRICS for j in idx]
-        if paired:
-            cells += [f"{iv['paired'][key]['diff'][j]:+.4f} [{iv['paired'][key]['ci'][j][0]:+.4f}, "
-                      f"{iv['paired'][key]['ci'][j][1]:+.4f}]" if "paired" in iv else "-" for key in METRICS for j in idx]
-        body.append(cells)
+        for cells, name in zip(body, names, strict=True):
+            pair = intervals[name].get("paired")
+            cells += [with_interval(pair[key]["diff"][j], pair[key]["ci"][j], signed=True) if pair else "-"
+                      for key in METRICS for j in idx]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                      for r in [header, ["-" * w for w in widths], *body])
@@ -142,8 +144,7 @@ def metrics_rows(metrics: Mapping[str, Mapping], intervals: Mapping[str, Mapping
     rows = []
     for name, run in runs.items():
         iv = (intervals or {}).get(name)
-        rows.append([name] + [f"{run[key][j]:.4f}" + (f" [{iv['ci'][key][j][0]:.4f}, {iv['ci'][key][j][1]:.4f}]"
-                                                       if iv else "") for key, _, j in idx])
+        rows.append([name] + [with_interval(run[key][j], iv["ci"][key][j] if iv else None) for key, _, j in idx])
     return ["run"] + [f"{key}@{k}" for key, k, _ in idx], rows
 
 
