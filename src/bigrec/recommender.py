@@ -292,8 +292,7 @@ class Recommender:
             row = score[r]
             if q.exclude_history:
                 row = row.clone()
-                seen = {i for m in matches[r] for i in self.catalog.ids_for(m.title)}
-                row[list(seen)] = float("inf")
+                row[self.seen_ids([m.id for m in matches[r]])] = float("inf")
             order = torch.argsort(row, stable=True)[: q.k].tolist()  # ties: lower id first
             items = [Item(i, self.catalog.titles[i], float(row[i]), float(dist[r, i])) for i in order
                      if row[i] != float("inf")]
@@ -309,6 +308,10 @@ class Recommender:
         for result in results:
             result.timing = dict(timing)
         return results
+
+    def seen_ids(self, history: list[int]) -> list[int]:
+        """Every catalogue id sharing a title with a history item (what exclude_history leaves out)."""
+        return sorted({i for m in history for i in self.catalog.ids_for(self.catalog.titles[m])})
 
     @property
     def popularity(self) -> torch.Tensor | None:
@@ -332,7 +335,7 @@ class Recommender:
                     continue
                 scores = scores.clone()
                 if q.exclude_history:
-                    scores[[i for m in history for i in self.catalog.ids_for(self.catalog.titles[m])]] = float("-inf")
+                    scores[self.seen_ids(history)] = float("-inf")
                 top = torch.argsort(-scores, stable=True)[: q.k].tolist()
                 found[name] = [Scored(i, self.catalog.titles[i], float(scores[i])) for i in top
                                if scores[i] != float("-inf")]
