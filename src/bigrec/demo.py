@@ -18,6 +18,7 @@ are themselves resumable, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -302,10 +303,10 @@ def run(cfg: Config) -> int:
             # CI from the SASRec trained on BIGRec's own sampled rows: claim 2 on the same few samples
             few_path = fewshot_paths[protocol][decoding] = metrics_path.with_name(
                 f"bigrec_{decoding}_fewshot_ci{suffix}.json")
-            few_cfg = evaluate.Config(**{**to_dict(eval_cfg), "output": str(few_path), "popularity": None,
-                                         "last_title": False,
-                                         "ci_scores": str(run_dir / FEW_SHOT / "scores" / "test_5000.safetensors"),
-                                         "valid_ci_scores": str(run_dir / FEW_SHOT / "scores" / "valid_5000.safetensors")})
+            few_cfg = dataclasses.replace(
+                eval_cfg, output=str(few_path), popularity=None, last_title=False,
+                ci_scores=str(run_dir / FEW_SHOT / "scores" / "test_5000.safetensors"),
+                valid_ci_scores=str(run_dir / FEW_SHOT / "scores" / "valid_5000.safetensors"))
             stages.run(f"evaluate_{decoding}_fewshot_ci{suffix}", stage_settings(few_cfg), [few_path],
                        lambda c=few_cfg: evaluate.run(c),
                        after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", FEW_SHOT))
@@ -370,7 +371,6 @@ def write_report_html(run_dir: Path, cfg: Config, infos: dict[str, dict], timing
     from html import escape
 
     from bigrec.comparison import describe_pairs
-    from bigrec.config import to_dict
     from bigrec.report import html_table, metrics_rows, write_html
 
     body = [f"<p>{escape(run_summary(cfg, infos, grounding, elapsed))}</p>"]
