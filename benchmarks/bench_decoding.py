@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from bigrec.catalog import read_catalog
 from bigrec.cli import main as cli
-from bigrec.decoding import constrained_generate
-from bigrec.models import load_model, resolve_base_model
-from bigrec.prompts import prompt_for_row
-from bigrec.trie import Trie, response_ids
+from bigrec.data.catalog import read_catalog
+from bigrec.data.prompts import prompt_for_row
+from bigrec.llm.decoding import constrained_generate
+from bigrec.llm.models import load_model, resolve_base_model
+from bigrec.llm.trie import Trie, response_ids
 
 
 def boundary_check(tok, rows: list[dict], titles: list[str]) -> int:

@@ -19,9 +19,10 @@ import json
 import time
 from pathlib import Path
 
-from bigrec import evaluate, generate, io
-from bigrec.index import grounding_of, grounding_options
-from bigrec.run_manifest import RunManifest
+from bigrec import io
+from bigrec.app.run_manifest import RunManifest
+from bigrec.stages import evaluate, generate
+from bigrec.stages.index import grounding_of, grounding_options
 
 
 def generated(run: Path, name: str, split: str, rows: int, **options) -> tuple[Path, float | None]:

@@ -6,20 +6,20 @@
 No generation is needed: each test row's "predict" list is made up, either from the row's own
 history (``history``, the default: the most recent watched titles, newest first), from the same
 titles in the order a language model writes them (``natural``: "Shining, The (1980)" becomes
-"The Shining (1980)", :func:`bigrec.prompts.natural_title`; 21% of ml-1m's titles change, so
+"The Shining (1980)", :func:`bigrec.data.prompts.natural_title`; 21% of ml-1m's titles change, so
 those rows are no longer catalogue titles and must be embedded) or from random catalogue titles
 (``random``), written quoted as a model writes them. Both sides read the same
 result file, embed with the same model object (base model, no adapter, precision auto = fp32 on
-a CPU) and rank against the same item embeddings (``bigrec.index.ensure_index``, timed on its
+a CPU) and rank against the same item embeddings (``bigrec.stages.index.ensure_index``, timed on its
 own because both need it):
 
 * reference (BIGRec ``data/movie/evaluate.py``, restated): top-1 text with quotes stripped, batches
   of 16 through the full causal LM with ``output_hidden_states`` (no ``no_grad``, as there),
   last layer at the last token, ``torch.cdist``, a full double argsort of the distances, then
   Python loops over K and rows looking each target's rank up (title -> id dict).
-* ours: :func:`bigrec.evaluate.read_results`, the ``Embedder`` (each distinct text once; a text
-  that is exactly a catalogue title takes its index row), :func:`bigrec.evaluate.ground`
-  (distances, target rank by counting closer items) and :func:`bigrec.metrics.ndcg_hr`. Also
+* ours: :func:`bigrec.stages.evaluate.read_results`, the ``Embedder`` (each distinct text once; a text
+  that is exactly a catalogue title takes its index row), :func:`bigrec.stages.evaluate.ground`
+  (distances, target rank by counting closer items) and :func:`bigrec.evaluation.metrics.ndcg_hr`. Also
   timed without the title shortcut (every distinct text embedded), for a like-for-like row.
 
 Checks: the reference ranking + loops run on our distance matrix must give our numbers (to
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bigrec.prompts import natural_title
+from bigrec.data.prompts import natural_title
 
 TOPK = (1, 3, 5, 10, 20, 50)
 
@@ -109,11 +109,11 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from bigrec.catalog import read_catalog
-    from bigrec.evaluate import Embedder, ground, read_results
-    from bigrec.index import ensure_index
-    from bigrec.metrics import ndcg_hr
-    from bigrec.models import load_model, resolve_base_model
+    from bigrec.data.catalog import read_catalog
+    from bigrec.evaluation.metrics import ndcg_hr
+    from bigrec.llm.models import load_model, resolve_base_model
+    from bigrec.stages.evaluate import Embedder, ground, read_results
+    from bigrec.stages.index import ensure_index
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

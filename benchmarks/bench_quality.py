@@ -26,11 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from bigrec import demo, evaluate, io
-from bigrec.comparison import describe_pairs
+from bigrec import io
 from bigrec.config import to_dict
-from bigrec.metrics import TOPK
-from bigrec.report import with_interval
+from bigrec.evaluation.comparison import describe_pairs
+from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.report import with_interval
+from bigrec.stages import demo, evaluate
 
 RECIPES = {
     "demo": {},  # the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, response-only loss

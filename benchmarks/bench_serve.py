@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def histories_for(run: Path, count: int, seed: int = 0) -> list[list[int]]:
-    from bigrec.run_manifest import RunManifest
+    from bigrec.app.run_manifest import RunManifest
 
     manifest = RunManifest.load(run)
     data = manifest.path(run, "data")

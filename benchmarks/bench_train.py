@@ -4,15 +4,15 @@
         [--base_model smollm2-135m] [--recipes ours_demo,ours_ref,reference] [--seed 42]
 
 Recipes, each trained for one epoch on the same ``--sample`` rows of ``train.json`` (drawn with
-``--seed`` by :func:`bigrec.sft_data.load_rows`), each in its own subprocess so that peak RSS is
+``--seed`` by :func:`bigrec.llm.sft_data.load_rows`), each in its own subprocess so that peak RSS is
 that recipe's alone:
 
-* ``ours_demo``: ``bigrec.train.run`` with the demo's settings (batch 16, micro-batch 8, lr 5e-4,
+* ``ours_demo``: ``bigrec.stages.train.run`` with the demo's settings (batch 16, micro-batch 8, lr 5e-4,
   loss on the response only, precision auto = bf16 autocast on a CPU with native bf16, the
   demo's warm-up ``min(20, max(1, sample // 16 // 4))``).
 * ``ours_demo_dense`` (not run by default): ``ours_demo`` with ``sparse_logits`` false, i.e.
   logits at every position: what computing them only where the loss needs them is worth.
-* ``ours_ref``: ``bigrec.train.run`` with the reference's settings (batch 128, micro-batch 4,
+* ``ours_ref``: ``bigrec.stages.train.run`` with the reference's settings (batch 128, micro-batch 4,
   lr 1e-4, 20 warm-up steps, loss on prompt and response) at precision auto.
 * ``reference``: the reference BIGRec recipe restated here: plain ``transformers.Trainer`` +
   ``peft`` in fp32, same LoRA (r 8, alpha 16, dropout 0.05, q_proj/v_proj), batch 128, micro-batch
@@ -56,7 +56,7 @@ def peak_rss_mb() -> float:
 def train_ours(args, out: Path, demo: bool, sparse_logits: bool = True) -> dict:
     import yaml
 
-    from bigrec.train import LOG_NAME, Config, run
+    from bigrec.stages.train import LOG_NAME, Config, run
 
     settings = dict(DEMO, warmup_steps=min(20, max(1, args.sample // DEMO["batch_size"] // 4)),
                     train_on_inputs=False) if demo else dict(REF, train_on_inputs=True)
@@ -91,9 +91,9 @@ def train_reference(args, out: Path) -> dict:
         set_seed,
     )
 
-    from bigrec.models import load_tokenizer, resolve_base_model
-    from bigrec.prompts import prompt_for_row
-    from bigrec.sft_data import load_rows
+    from bigrec.data.prompts import prompt_for_row
+    from bigrec.llm.models import load_tokenizer, resolve_base_model
+    from bigrec.llm.sft_data import load_rows
 
     started = time.perf_counter()
     set_seed(args.seed)
@@ -153,8 +153,8 @@ def validation_loss(base: str, adapter: str | None, rows: list[dict], cutoff_len
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from bigrec.models import load_tokenizer
-    from bigrec.sft_data import IGNORE_INDEX, Collator, encode_row
+    from bigrec.llm.models import load_tokenizer
+    from bigrec.llm.sft_data import IGNORE_INDEX, Collator, encode_row
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -216,7 +216,7 @@ def main() -> None:
         print(f"preparing ml-100k into {data} ...", flush=True)
         if cli(["prepare", "--dataset", "ml-100k", "--out", str(data)]):
             raise SystemExit("bigrec prepare failed")
-    from bigrec.models import cpu_has_bf16, resolve_base_model
+    from bigrec.llm.models import cpu_has_bf16, resolve_base_model
 
     base = resolve_base_model(args.base_model)  # converts the bundled model once, outside the timings
     workdir = Path(args.workdir)
@@ -249,7 +249,7 @@ def main() -> None:
         print(f"[{recipe}] {r['steps']} steps, {r['tokens']} tokens in {r['train_runtime']:.1f}s "
               f"(process {time.perf_counter() - started:.1f}s)", flush=True)
 
-    from bigrec.sft_data import load_rows
+    from bigrec.llm.sft_data import load_rows
 
     val_rows, _ = load_rows([str(data / "valid.json")], args.val_rows, args.seed)
     print(f"validation loss on {len(val_rows)} rows of {data / 'valid.json'} ...", flush=True)

@@ -41,14 +41,14 @@ Checks, in the order they run:
 
    * LoRA training, tokens/s and peak memory (``torch.cuda.max_memory_allocated``, model loading
      included; on a CPU this process's peak RSS sampled during the run, which includes whatever
-     earlier checks left behind). bigrec: ``bigrec.train.run`` (LoRA r 8 on q_proj,v_proj,
+     earlier checks left behind). bigrec: ``bigrec.stages.train.run`` (LoRA r 8 on q_proj,v_proj,
      precision auto = bf16 base and bf16 autocast on a GPU, loss on prompt and response as
      ``bigrec train``'s default, no checkpoint before the end). Reference:
      ``benchmarks/bench_train.py``'s ``train_reference`` (plain ``Trainer`` + ``peft``, fp32
      weights), run as it is except that on a GPU it runs on the GPU with bf16 autocast (the
      reference's own GPU recipe is fp16 autocast over 8-bit weights) and with these batch
      sizes. Both train on the same ``(--warmup + --steps) * --batch_size`` made-up rows (one
-     epoch, 10-title histories, ``bigrec.prompts.instruction_row``); defaults: 2 untimed then 10
+     epoch, 10-title histories, ``bigrec.data.prompts.instruction_row``); defaults: 2 untimed then 10
      timed optimizer steps, batch 8, micro-batch 8 (no accumulation). tokens/s = each recipe's own un-padded tokens per optimizer step
      (its epoch's tokens / steps) x the ``--steps`` timed steps / the time from the end of
      the ``--warmup``-th optimizer step to the end of the last (a Trainer callback, after
@@ -58,7 +58,7 @@ Checks, in the order they run:
      sides (``min_new_tokens`` keeps EOS away, and bigrec's title-end criterion still runs but
      never stops a beam), after one warm-up call each. bigrec: the model as ``bigrec generate``
      loads it (the adapter trained above merged in, precision auto = bf16 on a GPU, fp32 on a
-     CPU), rows sorted by prompt length, ``bigrec.generate.generate_ids``. Reference:
+     CPU), rows sorted by prompt length, ``bigrec.stages.generate.generate_ids``. Reference:
      ``benchmarks/bench_generate.py``'s ``reference_generate`` on base + unmerged
      ``PeftModel`` in the same dtype (the reference generates in half precision on a GPU),
      rows in file order, inputs moved to the model's device as ``device_map="auto"`` does
@@ -68,7 +68,7 @@ Checks, in the order they run:
    * Embedding, rows/s: ``--embed_rows`` (default 1024) made-up generations (catalogue titles
      in natural order, some without their year) against a catalogue of ``--catalog_size``
      (default 2048) titles, base model as ``bigrec index`` loads it. bigrec:
-     ``bigrec.index.embed_texts`` (batch 64); reference: ``benchmarks/bench_evaluate.py``'s
+     ``bigrec.stages.index.embed_texts`` (batch 64); reference: ``benchmarks/bench_evaluate.py``'s
      ``reference_embed`` (batch 16, full LM forward, no ``no_grad``), same model object.
      Agreement: the share of rows whose nearest catalogue item (L2, the catalogue embedded by
      ``embed_texts`` for both) is the same.
@@ -189,7 +189,7 @@ def make_titles(n: int, seed: int = 0) -> list[str]:
 
 def make_rows(n: int, titles: list[str], seed: int) -> list[dict]:
     """``n`` instruction rows with ``HISTORY``-title histories, as ``bigrec prepare`` writes them."""
-    from bigrec.prompts import DOMAINS, instruction_row
+    from bigrec.data.prompts import DOMAINS, instruction_row
 
     rng = random.Random(seed)
     rows = []
@@ -210,7 +210,7 @@ def build_model(folder: Path, arch: str, dims: dict, tokenizer_vocab: int, devic
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from bigrec.prompts import alpaca_prompt
+    from bigrec.data.prompts import alpaca_prompt
     from tiny import build_tokenizer
 
     titles = make_titles(400, seed=seed + 1)
@@ -442,7 +442,7 @@ def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[d
     """Row for LoRA training speed and memory; returns it and bigrec's adapter folder (None if it failed)."""
     import yaml
 
-    from bigrec.train import Config, run
+    from bigrec.stages.train import Config, run
 
     r = row("train", f"{shape}: LoRA training", shape, "tokens/s")
     started = time.perf_counter()
@@ -501,7 +501,7 @@ def title_end_never_stops():
     """bigrec's TitleEndCriteria still decodes every beam at every step but stops none (fixed length)."""
     import torch
 
-    from bigrec import generate as gen
+    from bigrec.stages import generate as gen
 
     original = gen.TitleEndCriteria.__call__
 
@@ -520,9 +520,9 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bigrec.generate import cut_title, generate_ids
-    from bigrec.models import load_model, load_tokenizer, resolve_dtype
-    from bigrec.prompts import normalize_title, prompt_for_row
+    from bigrec.data.prompts import normalize_title, prompt_for_row
+    from bigrec.llm.models import load_model, load_tokenizer, resolve_dtype
+    from bigrec.stages.generate import cut_title, generate_ids
 
     r = row("generate", f"{shape}: beam search", shape, "rows/s")
     started = time.perf_counter()
@@ -610,9 +610,9 @@ def embed_check(shape: str, base: str, sizes: dict, args) -> dict:
     import torch
     from bench_evaluate import reference_embed
 
-    from bigrec.index import embed_texts
-    from bigrec.models import load_model
-    from bigrec.prompts import natural_title
+    from bigrec.data.prompts import natural_title
+    from bigrec.llm.models import load_model
+    from bigrec.stages.index import embed_texts
 
     r = row("embed", f"{shape}: embedding", shape, "rows/s")
     started = time.perf_counter()

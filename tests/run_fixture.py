@@ -6,7 +6,7 @@ Layout (``run.yaml`` points at each part, paths relative to the folder):
 - ``data/``: ``bigrec prepare`` output of a small ml-100k-format dataset (20 movies, 12 users);
 - ``adapter/``: a LoRA adapter taught two answers (see :data:`TAUGHT`), so that generation,
   grounding and ranking can be checked against known titles;
-- ``index.safetensors``: the item index (``bigrec.index.ensure_index``) of the base model;
+- ``index.safetensors``: the item index (``bigrec.stages.index.ensure_index``) of the base model;
 - ``sasrec/``: a small SASRec trained by ``bigrec baseline``.
 """
 
@@ -51,8 +51,8 @@ def teach_adapter(base: str, out: Path, steps: int = 60) -> None:
     """A LoRA adapter trained (full batch, response-only loss) to answer :data:`TAUGHT`."""
     from peft import LoraConfig, get_peft_model
 
-    from bigrec.models import load_model
-    from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
+    from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+    from bigrec.llm.models import load_model
 
     model, tok = load_model(base, "fp32", device="cpu", for_training=True)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,9 +76,9 @@ def teach_adapter(base: str, out: Path, steps: int = 60) -> None:
 
 def build_run(root: Path, with_sasrec: bool = True) -> Path:
     """Build the run folder under ``root`` and return it."""
+    from bigrec.app.run_manifest import RunManifest
     from bigrec.cli import main
-    from bigrec.index import ensure_index
-    from bigrec.run_manifest import RunManifest
+    from bigrec.stages.index import ensure_index
 
     run = root / "run"
     run.mkdir(parents=True)

@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bigrec import cli, metrics
+from bigrec import cli
 from bigrec.baselines.data import PAD, load_prepared, training_windows
 from bigrec.baselines.popularity import Popularity, train_counts
-from bigrec.baselines.run import Config, run
 from bigrec.baselines.sasrec import SASRec, pad_histories
+from bigrec.evaluation import metrics
+from bigrec.evaluation.scores import load_scores
 from bigrec.io import read_json
-from bigrec.scores import load_scores
+from bigrec.stages.baseline import Config, run
 
 
 def write_prepared(root: Path, sequences: dict[int, list[int]], titles: list[str], max_history: int = 10,
@@ -185,7 +186,7 @@ def test_sasrec_beats_popularity_on_ml100k(tmp_path):
 def test_few_shot_sample_is_the_rows_bigrec_train_draws(pattern, tmp_path):
     """`baseline --sample N --seed S` trains on the train.csv rows that `bigrec train --sample N
     --seed S` draws from train.json (prepare writes both in the same order), and on nothing else."""
-    from bigrec.sft_data import load_rows
+    from bigrec.llm.sft_data import load_rows
 
     train = pd.read_csv(pattern / "train.csv")
     folder = tmp_path / "data"

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from bigrec.recommender import Recommender  # noqa: E402
+from bigrec.app.recommender import Recommender  # noqa: E402
 from run_fixture import TAUGHT, TITLES, tiny_run  # noqa: E402
 from test_serve import serving  # noqa: E402
 

@@ -1,6 +1,6 @@
 import pytest
 
-from bigrec.catalog import CatalogError, UnknownTargetError, read_catalog, row_target
+from bigrec.data.catalog import CatalogError, UnknownTargetError, read_catalog, row_target
 
 
 def write(tmp_path, text, name="id2name.txt"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from bigrec import cli
-from bigrec.baselines.run import Config as BaselineConfig
 from bigrec.config import ConfigError, parse
-from bigrec.demo import Config as DemoConfig
-from bigrec.generate import Config as GenerateConfig
-from bigrec.prepare import Config as PrepareConfig
+from bigrec.stages.baseline import Config as BaselineConfig
+from bigrec.stages.demo import Config as DemoConfig
+from bigrec.stages.generate import Config as GenerateConfig
+from bigrec.stages.prepare import Config as PrepareConfig
 
 
 @pytest.mark.parametrize("stage, yaml_text, message", [
@@ -40,7 +40,7 @@ def test_flags_are_checked_the_same_way():
 
 def test_options_that_leave_outputs_alone_are_no_part_of_stage_settings():
     from bigrec.config import stage_settings, to_dict
-    from bigrec.train import Config as TrainConfig
+    from bigrec.stages.train import Config as TrainConfig
 
     cfg = TrainConfig(train_data_path=["t.json"], output_dir="o", report_to=["tensorboard"])
     assert to_dict(cfg)["report_to"] == ["tensorboard"] and "report_to" not in stage_settings(cfg)

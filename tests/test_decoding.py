@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigrec.decoding import beam_item_lists, constrained_generate, rank_with_beams
-from bigrec.models import load_model
-from bigrec.prompts import (
+from bigrec.data.prompts import (
     DOMAINS,
     d3_category,
     instruction_row,
@@ -15,7 +13,9 @@ from bigrec.prompts import (
     quote,
     response_text,
 )
-from bigrec.trie import Trie, response_ids
+from bigrec.llm.decoding import beam_item_lists, constrained_generate, rank_with_beams
+from bigrec.llm.models import load_model
+from bigrec.llm.trie import Trie, response_ids
 
 # ids 2 and 5 share a title; "Heat" is a text prefix of three others, and its whole response
 # ('"Heat"') is a token prefix of the response of 'Heat" 2'.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bigrec.app.run_manifest import RunManifest
 from bigrec.cli import main
-from bigrec.run_manifest import RunManifest
 
 
 def write_small_movielens(root: Path, users: int = 40, items: int = 25, per_user: int = 14) -> Path:
@@ -112,7 +112,7 @@ def test_demo_comparison_holds_both_protocols_with_intervals(finished_demo):
 
 def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.demo")
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source)) == 0
     ran = [r.message for r in caplog.records if r.message.endswith("] running")]
     assert ran == []
@@ -120,7 +120,7 @@ def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
 
 def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.demo")
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
     assert ran == ["evaluate_constrained", "evaluate_constrained_fewshot_ci", "evaluate_constrained_fewshot_ci_unseen",
@@ -133,7 +133,7 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
 
 def test_demo_constrained_setting_reruns_only_constrained_stages(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.demo")
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, constrained_beams=2)) == 0
     ran = {r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running")}
     assert {"generate_test_constrained", "generate_valid_constrained", "evaluate_constrained"} <= ran
@@ -142,7 +142,7 @@ def test_demo_constrained_setting_reruns_only_constrained_stages(finished_demo, 
 
 def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.demo")
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free")) == 0
     assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
@@ -152,7 +152,7 @@ def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo,
 
 def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.demo")
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free", pooling="last",
                           title_text="bare")) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))

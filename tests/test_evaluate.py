@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from bigrec.cli import main
-from bigrec.evaluate import Config, run
-from bigrec.ground import GAMMA_GRID
-from bigrec.index import Grounding, embed_texts, load_index
-from bigrec.metrics import TOPK
-from bigrec.models import load_model
-from bigrec.scores import load_scores, save_scores
+from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.scores import load_scores, save_scores
+from bigrec.grounding.reweighting import GAMMA_GRID
+from bigrec.llm.models import load_model
+from bigrec.stages.evaluate import Config, run
+from bigrec.stages.index import Grounding, embed_texts, load_index
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)",
           "Sabrina (1995)", "Heat (1995)", "Mortal Kombat (1995)", "Usual Suspects, The (1995)"]
@@ -268,9 +268,9 @@ def cdata(data):
 
 def expected_constrained_ranks(index_path, cases, scores=None, gamma=None):
     """Brute force: distances to the top beam's title (its index row), re-weighted, beams first."""
-    from bigrec.decoding import rank_with_beams
-    from bigrec.ground import l2_distances, reweight
-    from bigrec.metrics import target_id_lists, target_ranks
+    from bigrec.evaluation.metrics import target_id_lists, target_ranks
+    from bigrec.grounding.reweighting import l2_distances, reweight
+    from bigrec.llm.decoding import rank_with_beams
 
     items = load_index(index_path)[0]
     dist = l2_distances(items[[beams[0][0] for _, beams in cases]], items)
@@ -290,7 +290,7 @@ def test_constrained_results_rank_their_beams_first(cdata, tiny_model_dir):
     # By hand: row 0 ranks Heat's two ids, then its target (beam 2); row 1's target is beam 1; row 3's is beam 2.
     assert ranks[[0, 1, 3]].tolist() == [2, 0, 1]
     assert ranks[2] >= 2  # two beam items ahead of a target no beam named
-    from bigrec.metrics import ndcg_hr
+    from bigrec.evaluation.metrics import ndcg_hr
 
     expected = ndcg_hr(ranks, TOPK)
     for key in ("NDCG", "HR"):
@@ -312,7 +312,7 @@ def test_constrained_results_with_reweighting(cdata, tiny_model_dir):
                          input_dir=str(cdata / "cresults"), valid_input_dir=str(cdata / "cvalid"),
                          popularity=str(cdata / "train.csv"), ci_scores=str(scores),
                          output=str(cdata / "out" / "metrics.json"), precision="fp32"))
-    from bigrec.metrics import ndcg_hr
+    from bigrec.evaluation.metrics import ndcg_hr
 
     details = json.loads((cdata / "out" / "metrics.details.json").read_text())["files"]["cresults.json"]
     index = next((cdata / "out").glob("index.*.safetensors"))
@@ -417,7 +417,7 @@ def test_ground_beams_ranks_by_the_nearest_beam(data, tiny_model_dir):
 
 
 def test_nearest_beam_distances_by_hand():
-    from bigrec.evaluate import nearest_beam_distances
+    from bigrec.stages.evaluate import nearest_beam_distances
 
     items = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
     vectors = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([3.0, 0.0]), "c": torch.tensor([0.0, 3.0])}
@@ -437,6 +437,6 @@ def test_a_runaway_generation_is_cut_before_it_is_embedded(data, tiny_model_dir,
     rows = rows_for(TEST)
     rows[5]["predict"] = ['"' + "Heat " * 40_000 + '"', '"Heat"']  # 200,000 characters
     write(data / "results" / "test.json", rows)
-    caplog.set_level("WARNING", logger="bigrec.evaluate")
+    caplog.set_level("WARNING", logger="bigrec.stages.evaluate")
     assert main(args(data, tiny_model_dir)) == 0
     assert "1 rows hold a generation longer than 1000 characters" in caplog.text

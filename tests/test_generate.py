@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigrec import generate
 from bigrec.config import build
-from bigrec.generate import Config, cut_title, generate_batch, generate_ids, title_end
-from bigrec.models import load_model
-from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm.models import load_model
+from bigrec.stages import generate
+from bigrec.stages.generate import Config, cut_title, generate_batch, generate_ids, title_end
 
 # history -> target; histories of different lengths so that length sorting reorders rows
 CASES = [(["Heat (1995)"], "Casino (1995)"),
@@ -88,8 +88,8 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
     the prompt once per beam."""
     from transformers import StoppingCriteriaList
 
-    from bigrec.decoding import SharedPromptLayer, prompt_cache
-    from bigrec.generate import TitleEndCriteria
+    from bigrec.llm.decoding import SharedPromptLayer, prompt_cache
+    from bigrec.stages.generate import TitleEndCriteria
 
     model, tok = load_model(request.getfixturevalue(fixture), "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
@@ -105,7 +105,7 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
 
 
 def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):
-    from bigrec.decoding import common_prefix
+    from bigrec.llm.decoding import common_prefix
 
     _, tok = load_model(tiny_model_dir, "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
@@ -137,7 +137,7 @@ def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):
 def test_shared_prompt_layer_matches_a_dynamic_layer_through_beam_reorders():
     from transformers.cache_utils import DynamicLayer
 
-    from bigrec.decoding import SharedPromptLayer
+    from bigrec.llm.decoding import SharedPromptLayer
 
     torch.manual_seed(0)
     rows, beams, heads, prompt, dim = 3, 4, 2, 5, 8
@@ -235,7 +235,7 @@ def test_stale_progress_is_discarded_when_asked(taught_dir, tmp_path, caplog):
     stale.write_text('{"settings": {"num_beams": 9}}\n{"pos": 0, "predict": ["\\"Old\\""]}\n')
     with pytest.raises(ValueError, match="other settings"):
         generate.run(config(tmp_path, taught_dir))  # without the flag: refused, as before
-    caplog.set_level("WARNING", logger="bigrec.generate")
+    caplog.set_level("WARNING", logger="bigrec.stages.generate")
     generate.run(cfg)
     out = json.loads(Path(cfg.result_json_data).read_text())
     assert len(out) == len(rows) and all(r["predict"][0] != '"Old"' for r in out)
@@ -357,7 +357,7 @@ def test_constrained_run_writes_titles_and_ids_and_resumes(taught_dir, tmp_path,
 
 
 def test_constrained_run_with_cf_guidance(taught_dir, tmp_path):
-    from bigrec.scores import save_scores
+    from bigrec.evaluation.scores import save_scores
 
     rows = [{**r, "item_id": CATALOG.index(t)} for r, (_, t) in zip(case_rows(), CASES, strict=True)]
     write_rows(tmp_path / "test.json", rows)

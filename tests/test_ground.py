@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bigrec.ground import (
+from bigrec.evaluation.metrics import seen_mask, target_ranks
+from bigrec.grounding.reweighting import (
     GAMMA_GRID,
     apply_gamma,
     blend_ranks,
@@ -18,7 +19,6 @@ from bigrec.ground import (
     reweight,
     search_gamma,
 )
-from bigrec.metrics import seen_mask, target_ranks
 
 # Row A: target 2 (d=0.6) is more popular than item 1 (d=0.5): it overtakes it for gamma > log2(1.2).
 # Row B: target 1 (d=0.2) is less popular than items 2, 3: it falls behind for gamma > log2(2.5), log2(5).
@@ -140,7 +140,7 @@ def test_search_and_apply_agree_on_same_rows():
 
 def test_grid_ranks_with_leading_items_match_rank_with_beams_brute_force():
     """Constrained beams first in beam order, the rest re-weighted: the same ranks as the brute force."""
-    from bigrec.decoding import rank_with_beams
+    from bigrec.llm.decoding import rank_with_beams
 
     gen = torch.Generator().manual_seed(3)
     rows, items = 30, 25

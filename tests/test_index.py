@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-import bigrec.models
+import bigrec.llm.models
 from bigrec.cli import main
-from bigrec.index import Grounding, IndexMismatchError, embed_texts, ensure_index, load_index
-from bigrec.models import load_model
+from bigrec.llm.models import load_model
+from bigrec.stages.index import Grounding, IndexMismatchError, embed_texts, ensure_index, load_index
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Toy Story (1995)", "Usual Suspects, The (1995)"]
 
@@ -42,7 +42,7 @@ def test_index_is_built_then_reused(tiny_model_dir, catalog, tmp_path, monkeypat
     def no_load(*args, **kwargs):
         raise AssertionError("a matching index must be reused, not recomputed")
 
-    monkeypatch.setattr(bigrec.models, "load_model", no_load)
+    monkeypatch.setattr(bigrec.llm.models, "load_model", no_load)
     mtime = path.stat().st_mtime_ns
     again = ensure_index(tiny_model_dir, catalog, path, "fp32")
     assert torch.equal(first, again) and path.stat().st_mtime_ns == mtime

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from bigrec.intervals import bootstrap_ci, paired_difference, row_gains
-from bigrec.metrics import ndcg_hr
+from bigrec.evaluation.intervals import bootstrap_ci, paired_difference, row_gains
+from bigrec.evaluation.metrics import ndcg_hr
 
 
 def test_row_gains_average_to_the_metrics():

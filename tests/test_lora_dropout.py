@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from bigrec.lora_dropout import BitsDropout, use_bits_dropout
-from bigrec.train import Config, lora_config
+from bigrec.llm.lora_dropout import BitsDropout, use_bits_dropout
+from bigrec.stages.train import Config, lora_config
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

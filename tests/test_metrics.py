@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from bigrec.metrics import TOPK, ndcg_hr, ndcg_hr_many, seen_mask, target_id_lists, target_ranks, title_groups
+from bigrec.evaluation.metrics import (
+    TOPK,
+    ndcg_hr,
+    ndcg_hr_many,
+    seen_mask,
+    target_id_lists,
+    target_ranks,
+    title_groups,
+)
 
 
 def reference_metrics(dist: torch.Tensor, target_lists: list[list[int]], topk=TOPK) -> dict[str, list[float]]:

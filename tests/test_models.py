@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bigrec.models import (
+from bigrec.llm.models import (
     DEFAULT_MODEL,
     ModelNotFoundError,
     load_model,
@@ -143,7 +143,7 @@ def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_merged_adapter_shares_the_untouched_weights_with_the_base(tiny_model_dir, tmp_path, bias):
-    from bigrec.models import with_merged_adapter
+    from bigrec.llm.models import with_merged_adapter
 
     adapter = tmp_path / "adapter"
     _random_adapter(tiny_model_dir, adapter, target_modules=["q_proj", "v_proj"], bias=bias)

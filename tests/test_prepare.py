@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bigrec.cli import main
-from bigrec.prompts import (
+from bigrec.data.prompts import (
     AMAZON_CATEGORY_DOMAINS,
     D3_CATEGORIES,
     alpaca_prompt,
@@ -107,8 +107,8 @@ def test_prompt_text_matches_reference_template(tmp_path):
 
 
 def test_natural_prompt_titles_put_the_article_in_front_in_prompts_only(tmp_path):
-    from bigrec.catalog import read_catalog, row_target
     from bigrec.config import stage_settings
+    from bigrec.data.catalog import read_catalog, row_target
 
     out = prepare(tmp_path, "--dataset", "ml-100k", "--source", str(write_ml100k_official(tmp_path)),
                   "--prompt_titles", "natural")
@@ -120,7 +120,7 @@ def test_natural_prompt_titles_put_the_article_in_front_in_prompts_only(tmp_path
     catalog = read_catalog(out / "id2name.txt")
     assert row_target(row, catalog, "row") == 2  # the natural answer is the catalogue's item
     assert "item_title" in csv.columns
-    from bigrec.prepare import Config as PrepareConfig
+    from bigrec.stages.prepare import Config as PrepareConfig
 
     default = PrepareConfig(dataset="ml-100k", out="o")
     assert "prompt_titles" not in stage_settings(default)  # at its default: no stage key changes

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from bigrec.app.recommender import HistoryError, Query, Recommender
+from bigrec.app.run_manifest import RunManifest
 from bigrec.baselines.data import read_split
 from bigrec.cli import main
-from bigrec.ground import l2_distances, reweight
-from bigrec.index import IndexMismatchError, embed_texts, load_index
-from bigrec.models import load_model
-from bigrec.recommender import HistoryError, Query, Recommender
-from bigrec.run_manifest import RunManifest
+from bigrec.grounding.reweighting import l2_distances, reweight
+from bigrec.llm.models import load_model
+from bigrec.stages.index import IndexMismatchError, embed_texts, load_index
 from run_fixture import TAUGHT, TITLES, tiny_run
 
 CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19  # ids in the fixture catalogue (Heat is there twice)
@@ -164,7 +164,7 @@ def test_search(rec):
 
 def test_history_flag_keeps_commas_and_k_alias():
     from bigrec.config import parse
-    from bigrec.recommend import Config
+    from bigrec.stages.recommend import Config
 
     cfg = parse(Config, ["--run", "r", "--history", "Usual Suspects, The (1995)", "--history", "Heat (1995)",
                          "-k", "3"])
@@ -240,7 +240,7 @@ def test_history_bytes_that_are_not_utf8_are_a_one_line_error(run_dir, capsys):
 
 def test_ci_blend_when_the_run_chose_it(run_dir, tmp_path, rec):
     from bigrec.baselines.sasrec import SASRec
-    from bigrec.ground import minmax_rows
+    from bigrec.grounding.reweighting import minmax_rows
 
     blended = Recommender.from_run(sibling_run(run_dir, tmp_path, use_ci=True, ci_blend_weight=0.5), device="cpu")
     history = [0, 5, 7]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bigrec.report import format_table, metrics_json, plot_metrics
+from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
 
 RUNS = {
     "plain": {"NDCG": [0.1, 0.2, 0.25, 0.3, 0.32, 0.35], "HR": [0.1, 0.3, 0.4, 0.5, 0.6, 0.8]},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigrec.scores import load_scores, save_scores
+from bigrec.evaluation.scores import load_scores, save_scores
 
 
 @pytest.fixture

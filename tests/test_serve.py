@@ -17,8 +17,8 @@ import pytest
 import torch
 import uvicorn
 
-from bigrec.recommender import Recommender
-from bigrec.serve import Config, create_app
+from bigrec.app.recommender import Recommender
+from bigrec.stages.serve import Config, create_app
 from run_fixture import TAUGHT, TITLES, tiny_run
 
 CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19
@@ -272,7 +272,7 @@ def test_a_bad_request_fails_alone(url, rec):
 def test_a_batch_that_fails_answers_its_requests_one_by_one():
     import asyncio
 
-    from bigrec.serve import Batcher
+    from bigrec.stages.serve import Batcher
 
     def work(queries):
         if "bad" in queries:

@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM
 
 from bigrec.cli import main
 from bigrec.config import ConfigError, parse
-from bigrec.labelled_logits import LabelledLogits
-from bigrec.models import load_tokenizer
-from bigrec.prompts import DOMAINS, instruction_row, prompt_for_row
-from bigrec.sft_data import IGNORE_INDEX, Collator, SFTDataset, encode_row, load_rows
-from bigrec.train import Config, lora_config, run
+from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm.labelled_logits import LabelledLogits
+from bigrec.llm.models import load_tokenizer
+from bigrec.llm.sft_data import IGNORE_INDEX, Collator, SFTDataset, encode_row, load_rows
+from bigrec.stages.train import Config, lora_config, run
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)", "Sabrina (1995)"]
 
@@ -191,7 +191,7 @@ def test_full_finetune_changes_base_weights(tiny_qwen_dir, tmp_path):
 def test_keep_best_stops_and_saves(tiny_model_dir, tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from bigrec.train import _callbacks
+    from bigrec.stages.train import _callbacks
 
     _, KeepBest, _ = _callbacks()
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -278,8 +278,8 @@ def test_start_from_adapter(tiny_model_dir, tmp_path):
 def test_bf16_lora_keeps_a_bf16_base_and_fp32_adapter(tiny_model_dir, tmp_path):
     """precision bf16 with LoRA: frozen base in bf16, adapter trained and saved in fp32, the cheaper dropout
     on a CPU; --attention picks the kernel."""
-    from bigrec.lora_dropout import BitsDropout
-    from bigrec.train import build_model
+    from bigrec.llm.lora_dropout import BitsDropout
+    from bigrec.stages.train import build_model
 
     data = write_rows(tmp_path / "d.json", make_rows(1) * 8)
     config = tiny_config(tiny_model_dir, tmp_path / "bf16", [data], precision="bf16", num_epochs=6,

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from bigrec.prompts import DOMAINS, alpaca_prompt, instruction_row
+from bigrec.data.prompts import DOMAINS, alpaca_prompt, instruction_row
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3
 

@@ -20,15 +20,15 @@ from bigrec.config import ConfigError, add_dataclass_arguments, from_args
 
 # subcommand -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("bigrec.prepare", "prepare a public dataset: catalogue, time splits, instruction files"),
-    "train": ("bigrec.train", "LoRA (or full) instruction tuning of a causal LM"),
-    "generate": ("bigrec.generate", "batched beam-search generation for instruction rows"),
-    "index": ("bigrec.index", "embed every catalogue title with the base model"),
-    "evaluate": ("bigrec.evaluate", "ground generations to items and compute all-rank NDCG/HR"),
-    "baseline": ("bigrec.baselines.run", "train and evaluate popularity or SASRec on the prepared splits"),
-    "demo": ("bigrec.demo", "the whole pipeline on the bundled default (SmolLM2-135M, ml-100k)"),
-    "recommend": ("bigrec.recommend", "recommend items for a history with a finished run"),
-    "serve": ("bigrec.serve", "HTTP recommendation service for a finished run"),
+    "prepare": ("bigrec.stages.prepare", "prepare a public dataset: catalogue, time splits, instruction files"),
+    "train": ("bigrec.stages.train", "LoRA (or full) instruction tuning of a causal LM"),
+    "generate": ("bigrec.stages.generate", "batched beam-search generation for instruction rows"),
+    "index": ("bigrec.stages.index", "embed every catalogue title with the base model"),
+    "evaluate": ("bigrec.stages.evaluate", "ground generations to items and compute all-rank NDCG/HR"),
+    "baseline": ("bigrec.stages.baseline", "train and evaluate popularity or SASRec on the prepared splits"),
+    "demo": ("bigrec.stages.demo", "the whole pipeline on the bundled default (SmolLM2-135M, ml-100k)"),
+    "recommend": ("bigrec.stages.recommend", "recommend items for a history with a finished run"),
+    "serve": ("bigrec.stages.serve", "HTTP recommendation service for a finished run"),
 }
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bigrec.catalog import read_catalog
+from bigrec.data.catalog import read_catalog
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from bigrec.data.interactions import Interactions
+from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
-from bigrec.prompts import normalize_title
 
 HTML_TAG = re.compile(r"<\s*/?\s*[a-zA-Z][^>]*>")
 MAX_TITLE_WORDS = 20

@@ -15,8 +15,8 @@ import re
 import pandas as pd
 
 from bigrec.data.interactions import SplitExamples
+from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
-from bigrec.prompts import normalize_title
 
 SPLITS = ("train", "valid", "test")
 

@@ -11,9 +11,9 @@ import logging
 import pandas as pd
 
 from bigrec.data.interactions import Interactions
+from bigrec.data.prompts import normalize_title
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source, download, fetch_wheel
-from bigrec.prompts import normalize_title
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import io
 import pandas as pd
 
 from bigrec.data.interactions import Interactions
+from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
-from bigrec.prompts import normalize_title
 
 TITLE_FIELDS = ("title", "movie_title", "item_title", "name", "item_name")
 

@@ -1,6 +1,6 @@
 """``bigrec baseline``: train popularity or SASRec on the prepared splits, evaluate, export scores.
 
-Evaluation uses ``bigrec.metrics`` exactly as ``bigrec evaluate`` does: all-rank, one target
+Evaluation uses ``bigrec.evaluation.metrics`` exactly as ``bigrec evaluate`` does: all-rank, one target
 per row, the best rank among the ids sharing the target's title, no masking of history items.
 
 Outputs in ``--output_dir``:
@@ -9,7 +9,7 @@ Outputs in ``--output_dir``:
   ``valid_metrics.json``: the same for the validation split.
 - ``model.json`` + ``model.safetensors``: the model (``SASRec.from_dir`` / ``Popularity.from_dir``).
 - ``scores/{valid,test,valid_5000,test_5000}.safetensors``: per-row score matrices
-  (``bigrec.scores``); float16 for the full splits, float32 for the 5,000-row samples.
+  (``bigrec.evaluation.scores``); float16 for the full splits, float32 for the 5,000-row samples.
 - ``train_log.json`` (SASRec): loss and validation NDCG@10 per epoch; ``config.yaml``.
 """
 
@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrec import metrics
 from bigrec.baselines.data import Prepared, load_prepared, read_split, training_windows
 from bigrec.baselines.popularity import Popularity, item_counts
 from bigrec.baselines.sasrec import SASRec, SASRecConfig, fit
 from bigrec.config import ConfigError, check_output_dir, option, to_dict
+from bigrec.evaluation import metrics
+from bigrec.evaluation.scores import save_scores
 from bigrec.io import read_json, staged_dir, write_json, write_yaml
-from bigrec.scores import save_scores
-from bigrec.sft_data import sample_indices
+from bigrec.llm.sft_data import sample_indices
 
 log = logging.getLogger(__name__)
 

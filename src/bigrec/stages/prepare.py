@@ -23,11 +23,11 @@ from bigrec.data.amazon import read_amazon
 from bigrec.data.d3 import read_d3
 from bigrec.data.interactions import SplitExamples
 from bigrec.data.movielens import read_movielens
+from bigrec.data.prompts import DOMAINS, Domain, domain_for_category, instruction_row, natural_title
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
 from bigrec.data.windows import SPLITS, window_and_split
 from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
-from bigrec.prompts import DOMAINS, Domain, domain_for_category, instruction_row, natural_title
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from bigrec import io
-from bigrec.catalog import Catalog, read_catalog
 from bigrec.config import option, to_dict
-from bigrec.models import DEFAULT_MODEL
-from bigrec.prompts import natural_title
+from bigrec.data.catalog import Catalog, read_catalog
+from bigrec.data.prompts import natural_title
+from bigrec.llm.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Grounding:
     mean over the title's tokens. ``layer``: which hidden state, -1 = the last layer (after the
     final norm), 1..L = after that many transformer layers. ``text``: ``bare`` embeds the title
     as written, ``natural`` first puts a trailing article back in front (see
-    :func:`bigrec.prompts.natural_title`).
+    :func:`bigrec.data.prompts.natural_title`).
 
     Measured on the demo's generations (``benchmarks/bench_grounding.py``): the reference's
     last-token state mostly encodes the last tokens (the year), so near-miss generations land on
@@ -231,7 +231,7 @@ def ensure_index(base_model: str, catalog_path: str | Path, cache_path: str | Pa
 
     ``model``/``tokenizer`` may be passed when the caller has loaded the base model already.
     """
-    from bigrec.models import load_model, model_fingerprint, resolve_dtype
+    from bigrec.llm.models import load_model, model_fingerprint, resolve_dtype
 
     catalog = read_catalog(catalog_path)
     fingerprint = model_fingerprint(base_model)

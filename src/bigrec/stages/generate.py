@@ -7,7 +7,7 @@ decodings:
   that closes the opening one) rather than running to ``max_new_tokens``: small models
   otherwise drift on into a list of titles, which is slow and makes the text to ground worse.
 * ``constrained``: beam search restricted to a trie of the catalogue titles
-  (:mod:`bigrec.decoding`), so every beam is a real item; rows also get ``"predict_ids"``
+  (:mod:`bigrec.llm.decoding`), so every beam is a real item; rows also get ``"predict_ids"``
   (per beam, every catalogue id with that title) and ``"predict_scores"``, which
   ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
   ``bigrec baseline`` score file.
@@ -33,8 +33,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from bigrec import io
 from bigrec.config import option, to_dict
-from bigrec.models import DEFAULT_MODEL
-from bigrec.prompts import TEMPLATES, prompt_for_row
+from bigrec.data.prompts import TEMPLATES, prompt_for_row
+from bigrec.llm.models import DEFAULT_MODEL
 
 DECODINGS = ("free", "constrained")
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores")  # what generate adds to a row (replacing old ones)
@@ -146,7 +146,7 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
     would copy each prompt ``num_beams`` times before the prefill, which dominates on a CPU);
     the prefix every prompt shares (the template's preamble) is encoded once for the batch.
     """
-    from bigrec.decoding import shared_prompt
+    from bigrec.llm.decoding import shared_prompt
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
@@ -204,7 +204,7 @@ def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
                 "decoding": config.decoding, "prompt_template": config.prompt_template,
                 "category": config.category, "length_penalty": config.length_penalty}
     if config.decoding == "constrained":
-        from bigrec.catalog import read_catalog
+        from bigrec.data.catalog import read_catalog
 
         settings.update(catalog_sha256=read_catalog(config.catalog_path()).digest,
                         length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
@@ -286,9 +286,9 @@ class ConstrainedDecoder:
     """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
 
     def __init__(self, config: Config, model, tokenizer):
-        from bigrec.catalog import read_catalog
-        from bigrec.scores import load_scores
-        from bigrec.trie import Trie
+        from bigrec.data.catalog import read_catalog
+        from bigrec.evaluation.scores import load_scores
+        from bigrec.llm.trie import Trie
 
         self.config, self.model, self.tokenizer = config, model, tokenizer
         start = time.perf_counter()
@@ -304,7 +304,7 @@ class ConstrainedDecoder:
         self.stats: dict[str, float] = {}
 
     def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
-        from bigrec.decoding import constrained_generate
+        from bigrec.llm.decoding import constrained_generate
 
         cfg = self.config
         cf = self.cf.align(rows) if self.cf is not None else None
@@ -322,7 +322,7 @@ def run(config: Config) -> Path:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from bigrec.models import load_model
+    from bigrec.llm.models import load_model
 
     state = PartialState()
     data_path = Path(config.test_data_path)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bigrec.prompts import natural_title, normalize_title
+from bigrec.data.prompts import natural_title, normalize_title
 
 
 class UnknownTargetError(ValueError):

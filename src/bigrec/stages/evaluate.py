@@ -1,13 +1,13 @@
 """Grounding and all-rank evaluation (``bigrec evaluate``): step 2 of BIGRec.
 
 Each row's top generation is embedded by the base model like the catalogue titles (see
-:mod:`bigrec.index`), every item is ranked by L2 distance, and NDCG@K / HR@K are computed
+:mod:`bigrec.stages.index`), every item is ranked by L2 distance, and NDCG@K / HR@K are computed
 over the whole catalogue. With ``--popularity`` or ``--ci_scores`` the distances are also
 re-weighted by ``d * (1 + s) ** (-gamma)``, gamma chosen on the validation results.
 
 Rows of constrained decoding (``bigrec generate --decoding constrained``) carry
 ``predict_ids``: their beams' items are ranked first, in beam order, and the rest of the
-catalogue follows by the distance to the top beam (:func:`bigrec.decoding.rank_with_beams`);
+catalogue follows by the distance to the top beam (:func:`bigrec.llm.decoding.rank_with_beams`);
 re-weighting then orders only that rest. ``--all_beams`` leaves such rows as they are.
 
 Outputs, all written at the end (atomically, nothing half-written on an error):
@@ -20,13 +20,13 @@ re-weighted metrics are computed on the other rows and scaled by their share, wh
 same as counting the empty rows as misses.
 
 Beside the paper's re-weighting, each kind also gets a weighted-sum variant, reported under its
-own name (``+CI blend``, :func:`bigrec.ground.blend_ranks`, weight chosen on validation).
+own name (``+CI blend``, :func:`bigrec.grounding.reweighting.blend_ranks`, weight chosen on validation).
 
 Every ranking (plain, single-gamma re-weighting, blend, ``--last_title``) also gets a 95% bootstrap
 interval per metric@K, and with ``--compare`` a paired difference against another model's
-scores on the same rows (:mod:`bigrec.intervals`); the details keep each row's rank so that
+scores on the same rows (:mod:`bigrec.evaluation.intervals`); the details keep each row's rank so that
 any two results on the same rows can be compared later. ``--exclude_history`` leaves each
-row's history items out of every ranking (:func:`bigrec.metrics.seen_mask`); the default is
+row's history items out of every ranking (:func:`bigrec.evaluation.metrics.seen_mask`); the default is
 the reference protocol, which ranks them.
 """
 
@@ -43,9 +43,12 @@ from pathlib import Path
 import torch
 
 from bigrec import io
-from bigrec.catalog import Catalog, UnknownTargetError, read_catalog, row_target
 from bigrec.config import ConfigError, option, to_dict
-from bigrec.ground import (
+from bigrec.data.catalog import Catalog, UnknownTargetError, read_catalog, row_target
+from bigrec.data.prompts import natural_title, normalize_title
+from bigrec.evaluation.intervals import bootstrap_ci, paired_difference
+from bigrec.evaluation.metrics import TOPK, ndcg_hr, ndcg_hr_many, seen_mask, target_id_lists, target_ranks
+from bigrec.grounding.reweighting import (
     BLEND_GRID,
     GAMMA_GRID,
     apply_gamma,
@@ -54,7 +57,8 @@ from bigrec.ground import (
     popularity_counts,
     search_gamma,
 )
-from bigrec.index import (
+from bigrec.llm.models import DEFAULT_MODEL
+from bigrec.stages.index import (
     REFERENCE,
     Grounding,
     embed_texts,
@@ -64,10 +68,6 @@ from bigrec.index import (
     pooling_option,
     title_text_option,
 )
-from bigrec.intervals import bootstrap_ci, paired_difference
-from bigrec.metrics import TOPK, ndcg_hr, ndcg_hr_many, seen_mask, target_id_lists, target_ranks
-from bigrec.models import DEFAULT_MODEL
-from bigrec.prompts import natural_title, normalize_title
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def popularity_scores(spec: str | Path, num_items: int) -> torch.Tensor:
 def ci_matrix(spec: Path, results: Results, role: str, num_items: int) -> tuple[torch.Tensor, Path]:
     """The score matrix aligned to ``results``: ``spec`` itself, or the first file in folder ``spec``
     whose rows match (preferring the result file's stem, then names starting with ``role``)."""
-    from bigrec.scores import load_scores
+    from bigrec.evaluation.scores import load_scores
 
     if spec.is_file():
         candidates = [spec]
@@ -372,7 +372,7 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
 
     ``first`` / ``valid_first``: per row, constrained beams' items, ranked ahead of the rest at
     every gamma; ``exclude`` / ``valid_exclude`` [R, N]: items left out of the ranking. Returns
-    :func:`bigrec.ground.apply_gamma`'s dict plus the validation metrics; ``single_ranks`` [R]
+    :func:`bigrec.grounding.reweighting.apply_gamma`'s dict plus the validation metrics; ``single_ranks`` [R]
     covers every test row (empty rows as misses).
     """
     keep, valid_keep = ~empty, ~valid_empty
@@ -442,7 +442,7 @@ def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclu
     Returns distances [R, N], ranks [R], the empty mask [R] (a row with beam ids is never
     empty) and the beam items per row (None when no row has any; excluded items dropped).
     """
-    from bigrec.decoding import rank_with_beams
+    from bigrec.llm.decoding import rank_with_beams
 
     if beams > 1:
         dist, empty = nearest_beam_distances(results.beams, items, embed, beams)
@@ -493,7 +493,7 @@ def write_report(output: Path, metrics: dict, details: dict) -> Path:
     """OUTPUT.html: per result file, its runs with 95% intervals, the paired differences, diagnostics."""
     from html import escape
 
-    from bigrec.report import html_table, metrics_rows, with_interval, write_html
+    from bigrec.evaluation.report import html_table, metrics_rows, with_interval, write_html
 
     k10 = TOPK.index(10)
 
@@ -513,8 +513,8 @@ def write_report(output: Path, metrics: dict, details: dict) -> Path:
 
 
 def run(config: Config) -> dict:
-    from bigrec.models import load_model
-    from bigrec.report import format_intervals, format_table, metrics_json, plot_metrics
+    from bigrec.evaluation.report import format_intervals, format_table, metrics_json, plot_metrics
+    from bigrec.llm.models import load_model
 
     output = Path(config.output)
     details_path = output.with_name(output.stem + ".details.json")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bigrec.metrics import TOPK
+from bigrec.evaluation.metrics import TOPK
 
 RESAMPLES = 1000
 LEVEL = 0.95

@@ -1,7 +1,7 @@
 """Catalogue-constrained beam search, D3's length correction, CF guidance, ranking with beams.
 
 Free beam search lets a small model invent titles and collapse onto short generic strings.
-Here every beam follows a path of :class:`bigrec.trie.Trie`, so every returned sequence is a
+Here every beam follows a path of :class:`bigrec.llm.trie.Trie`, so every returned sequence is a
 catalogue title (and its item ids). Two remedies of D3 ("Decoding Matters", arXiv 2406.14900)
 are options:
 
@@ -39,7 +39,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
-from bigrec.trie import Trie
+from bigrec.llm.trie import Trie
 
 log = logging.getLogger(__name__)
 

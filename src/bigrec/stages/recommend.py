@@ -102,7 +102,7 @@ def format_result(result, catalog, held_out: int | None = None) -> str:
 
 
 def run(config: Config) -> int:
-    from bigrec.recommender import Recommender
+    from bigrec.app.recommender import Recommender
 
     rec = Recommender.from_run(config.run, device=config.device)
     held_out = None

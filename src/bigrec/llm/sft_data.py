@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigrec.data.prompts import prompt_for_row
 from bigrec.io import read_json
-from bigrec.prompts import prompt_for_row
 
 log = logging.getLogger(__name__)
 

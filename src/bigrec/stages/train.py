@@ -27,9 +27,9 @@ import yaml
 
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import staged_dir, write_yaml
-from bigrec.lora_dropout import use_bits_dropout
-from bigrec.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_base_model, resolve_dtype
-from bigrec.sft_data import Collator, SFTDataset, load_rows
+from bigrec.llm.lora_dropout import use_bits_dropout
+from bigrec.llm.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_base_model, resolve_dtype
+from bigrec.llm.sft_data import Collator, SFTDataset, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _callbacks():
 
 
 def _trainer_class():
-    """``Trainer`` that, given a :class:`bigrec.labelled_logits.LabelledLogits`, selects the LM
+    """``Trainer`` that, given a :class:`bigrec.llm.labelled_logits.LabelledLogits`, selects the LM
     head's rows for each batch (defined lazily: importing transformers is slow)."""
     from transformers import Trainer
 
@@ -292,7 +292,7 @@ def build_model(config: Config, base: str, adapter: str | None):
 def run(config: Config) -> dict[str, Any]:
     from transformers import ProgressCallback, TrainingArguments, set_seed
 
-    from bigrec.labelled_logits import LabelledLogits
+    from bigrec.llm.labelled_logits import LabelledLogits
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from bigrec import io
 from bigrec.config import option, stage_settings, to_dict
-from bigrec.index import layer_option, pooling_option, title_text_option
-from bigrec.models import DEFAULT_MODEL
+from bigrec.llm.models import DEFAULT_MODEL
+from bigrec.stages.index import layer_option, pooling_option, title_text_option
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,10 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     evaluation re-weighted by the few-shot SASRec's scores."""
     import torch
 
-    from bigrec.catalog import read_catalog, row_target
-    from bigrec.comparison import Comparison
-    from bigrec.metrics import TOPK, seen_mask, target_id_lists, target_ranks
-    from bigrec.scores import load_scores
+    from bigrec.data.catalog import read_catalog, row_target
+    from bigrec.evaluation.comparison import Comparison
+    from bigrec.evaluation.metrics import TOPK, seen_mask, target_id_lists, target_ranks
+    from bigrec.evaluation.scores import load_scores
 
     catalog = read_catalog(run_dir / "data" / "id2name.txt")
     targets = target_id_lists([row_target(r, catalog, "test") for r in test_rows], catalog.titles)
@@ -182,7 +182,7 @@ def default_ranking(info: dict) -> tuple[bool, float | None, str | None]:
     weight too; the test rows never enter). Returns (use CI, blend weight or None, why)."""
     if "CI" not in info or "valid_plain" not in info:
         return False, None, None
-    from bigrec.metrics import TOPK
+    from bigrec.evaluation.metrics import TOPK
 
     j = TOPK.index(10)
     found = {"plain BIGRec": (info["valid_plain"]["NDCG"][j], False, None),
@@ -217,13 +217,13 @@ def random_ndcg_hr(num_items, topk: tuple[int, ...]) -> dict[str, list[float]]:
 
 
 def run(cfg: Config) -> int:
-    from bigrec import evaluate, generate, prepare, train
-    from bigrec import index as index_stage
-    from bigrec.baselines import run as baseline_run
-    from bigrec.index import REFERENCE, grounding_of, grounding_options
-    from bigrec.metrics import TOPK
-    from bigrec.report import format_table, metrics_json, plot_metrics
-    from bigrec.run_manifest import RunManifest
+    from bigrec.app.run_manifest import RunManifest
+    from bigrec.evaluation.metrics import TOPK
+    from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
+    from bigrec.stages import baseline as baseline_run
+    from bigrec.stages import evaluate, generate, prepare, train
+    from bigrec.stages import index as index_stage
+    from bigrec.stages.index import REFERENCE, grounding_of, grounding_options
 
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
@@ -370,8 +370,8 @@ def write_report_html(run_dir: Path, cfg: Config, infos: dict[str, dict], timing
     """report.html: the report in one file that opens from disk (the plot embedded)."""
     from html import escape
 
-    from bigrec.comparison import describe_pairs
-    from bigrec.report import html_table, metrics_rows, write_html
+    from bigrec.evaluation.comparison import describe_pairs
+    from bigrec.evaluation.report import html_table, metrics_rows, write_html
 
     body = [f"<p>{escape(run_summary(cfg, infos, grounding, elapsed))}</p>"]
     for protocol, title in (("reference", "Every item ranked (the reference protocol)"),
@@ -407,9 +407,9 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
                   text_table: str, grounding: str, compared: dict) -> str:
     """report.md: the table, intervals and paired differences under both ranking protocols, where
     each decoding stands, its decoding diagnostics and gammas, stage times."""
-    from bigrec.comparison import describe_pairs
-    from bigrec.metrics import TOPK
-    from bigrec.report import format_intervals
+    from bigrec.evaluation.comparison import describe_pairs
+    from bigrec.evaluation.metrics import TOPK
+    from bigrec.evaluation.report import format_intervals
 
     k10 = table["topk"].index(10)
     ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}

@@ -21,15 +21,15 @@ MANIFEST = "run.yaml"
 class RunManifest:
     base_model: str  # as given to --base_model (folder, hub id or bundled name)
     catalog: str = "data/id2name.txt"  # the catalogue the index was built from
-    index: str = "index.safetensors"  # item embeddings (bigrec.index)
+    index: str = "index.safetensors"  # item embeddings (bigrec.stages.index)
     data: str | None = "data"  # prepared dataset folder, for --user lookups and popularity
     adapter: str | None = "adapter"  # LoRA adapter folder; None = the base model alone
     sasrec: str | None = "sasrec"  # SASRec model folder (bigrec.baselines), for use_ci
-    domain: str = "movie"  # prompt wording (bigrec.prompts.DOMAINS)
+    domain: str = "movie"  # prompt wording (bigrec.data.prompts.DOMAINS)
     prompt_template: str = "alpaca"
     prompt_titles: str = "catalogue"  # titles in prompts as the catalogue writes them, or "natural" (bigrec prepare)
     precision: str = "auto"
-    pooling: str = "last"  # how the index and the generations are embedded (bigrec.index.Grounding)
+    pooling: str = "last"  # how the index and the generations are embedded (bigrec.stages.index.Grounding)
     embed_layer: int = -1
     title_text: str = "bare"
     num_beams: int = 4

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bigrec.metrics import TOPK, Targets, ndcg_hr_many, target_index, target_ranks
+from bigrec.evaluation.metrics import TOPK, Targets, ndcg_hr_many, target_index, target_ranks
 
 # Weight of the other model in :func:`blend_ranks`: 0 (distance alone) to 0.95, never the other model alone.
 BLEND_GRID: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(20))
@@ -108,10 +108,10 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
 
     ``first`` (per row, item ids in order; constrained beams) ranks those items ahead of all
-    others, as :func:`bigrec.decoding.rank_with_beams` does on the re-weighted distances: a
+    others, as :func:`bigrec.llm.decoding.rank_with_beams` does on the re-weighted distances: a
     target among them has its place there at every gamma; otherwise its rank is their count
     plus the re-weighted count over the other items. ``exclude`` [R, N]
-    (:func:`bigrec.metrics.seen_mask`): items left out of the ranking (still part of the
+    (:func:`bigrec.evaluation.metrics.seen_mask`): items left out of the ranking (still part of the
     min-max normalisation, which the paper defines over the whole catalogue).
 
     With a = log minmax(d) and b = log(1 + minmax(s)), item j beats target t exactly for g in

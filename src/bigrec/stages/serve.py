@@ -8,7 +8,7 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 - ``GET /items?q=...&limit=20``: catalogue titles containing ``q`` (ignoring case);
 - ``GET /health``: the run's description and batching statistics.
 
-The run folder is loaded once (:class:`bigrec.recommender.Recommender`). Requests wait in an
+The run folder is loaded once (:class:`bigrec.app.recommender.Recommender`). Requests wait in an
 asyncio queue; one collector takes the first waiting request, waits ``batch_window_ms`` for
 company, and hands up to ``max_batch`` requests to a single worker thread as one generation
 call. While the worker is busy, new requests queue up and form the next batch, so under load
@@ -221,14 +221,14 @@ def _message(errors: list[dict]) -> str:
 
 
 def create_app(rec, config: Config | None = None):
-    """The FastAPI application serving ``rec`` (a :class:`bigrec.recommender.Recommender`)."""
+    """The FastAPI application serving ``rec`` (a :class:`bigrec.app.recommender.Recommender`)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
-    from bigrec.recommender import HistoryError
-    from bigrec.recommender import Query as RecQuery
+    from bigrec.app.recommender import HistoryError
+    from bigrec.app.recommender import Query as RecQuery
 
     config = config or Config(run=str(rec.run_dir))
     max_title = config.max_title_length
@@ -324,7 +324,7 @@ def create_app(rec, config: Config | None = None):
                   for e in exc.errors()]
         return unprocessable(errors)
 
-    page = (resources.files("bigrec") / "web" / "index.html").read_text(encoding="utf-8")
+    page = (resources.files("bigrec.app") / "web" / "index.html").read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
     async def root() -> HTMLResponse:
@@ -373,7 +373,7 @@ def run(config: Config) -> int:
     import torch
     import uvicorn
 
-    from bigrec.recommender import Recommender
+    from bigrec.app.recommender import Recommender
 
     if config.threads > 0:
         torch.set_num_threads(config.threads)

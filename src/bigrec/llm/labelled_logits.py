@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from bigrec.sft_data import IGNORE_INDEX
+from bigrec.llm.sft_data import IGNORE_INDEX
 
 
 class LabelledLogits:

@@ -1,11 +1,11 @@
 """A finished run folder loaded once, recommending for batches of histories.
 
 ``bigrec recommend`` and ``bigrec serve`` share this core. :meth:`Recommender.from_run` reads
-``run.yaml`` (:class:`bigrec.run_manifest.RunManifest`) and loads, once: the base model alone
+``run.yaml`` (:class:`bigrec.app.run_manifest.RunManifest`) and loads, once: the base model alone
 (embeddings, as the item index was made) and with the adapter merged (generation; the two
-share every weight the adapter does not change, :func:`bigrec.models.with_merged_adapter`),
+share every weight the adapter does not change, :func:`bigrec.llm.models.with_merged_adapter`),
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
-the precision by :func:`bigrec.index.ensure_index`) and SASRec where the run has one.
+the precision by :func:`bigrec.stages.index.ensure_index`) and SASRec where the run has one.
 
 One :meth:`Recommender.recommend_queries` call runs the two BIGRec steps for a whole batch:
 
@@ -13,12 +13,12 @@ One :meth:`Recommender.recommend_queries` call runs the two BIGRec steps for a w
    the catalogue, even ignoring case, is matched to the nearest catalogue title by L2 distance
    between base-model embeddings, the same measure that grounds generations; the match is
    reported with its distance;
-2. the instruction prompt (``bigrec.prompts``, the run's domain wording, the last
+2. the instruction prompt (``bigrec.data.prompts``, the run's domain wording, the last
    ``max_history`` items) goes through beam search with the run's ``num_beams``, in one
    ``generate`` call for the batch;
 3. the top generation (normalised like a catalogue title) is embedded and every item is ranked
    by L2 distance; with ``use_ci`` the distances are re-weighted by SASRec's scores for the
-   same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (``bigrec.ground.reweight``).
+   same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (``bigrec.grounding.reweighting.reweight``).
 
 A lower score is better in both cases.
 """
@@ -34,11 +34,18 @@ from typing import Any
 import torch
 import yaml
 
-from bigrec.catalog import Catalog, read_catalog
-from bigrec.ground import blend, l2_distances, reweight
+from bigrec.app.run_manifest import RunManifest
+from bigrec.data.catalog import Catalog, read_catalog
+from bigrec.data.prompts import (
+    DOMAINS,
+    Domain,
+    instruction_row,
+    natural_title,
+    normalize_title,
+    prompt_for_row,
+)
+from bigrec.grounding.reweighting import blend, l2_distances, reweight
 from bigrec.io import read_json
-from bigrec.prompts import DOMAINS, Domain, instruction_row, natural_title, normalize_title, prompt_for_row
-from bigrec.run_manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +156,8 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> Recommender:
         from bigrec.baselines.sasrec import SASRec
-        from bigrec.index import ensure_index, grounding_of
-        from bigrec.models import load_model, with_merged_adapter
+        from bigrec.llm.models import load_model, with_merged_adapter
+        from bigrec.stages.index import ensure_index, grounding_of
 
         run_dir = Path(run_dir).resolve()
         manifest = RunManifest.load(run_dir)
@@ -250,7 +257,7 @@ class Recommender:
         return prompt_for_row(row, template=template, category=self.domain.plural)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        from bigrec.index import embed_texts, grounding_of
+        from bigrec.stages.index import embed_texts, grounding_of
 
         return embed_texts(self.embed_model, self.tokenizer, texts, grounding=grounding_of(self.manifest))
 
@@ -269,7 +276,7 @@ class Recommender:
         if any(q.use_ci for q in queries):
             self._check_ci()
         use_ci = [self.default_ci if q.use_ci is None else q.use_ci for q in queries]
-        from bigrec.generate import generate_batch
+        from bigrec.stages.generate import generate_batch
 
         t0 = time.perf_counter()
         matches = self.match([q.history for q in queries])

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bigrec.evaluation.metrics import TOPK
 from bigrec.io import atomic_path
-from bigrec.metrics import TOPK
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def format_intervals(metrics: Mapping[str, Mapping], intervals: Mapping[str, Map
     has a ``"paired"`` entry, the difference against ``against`` with its paired interval.
 
     ``intervals``: ``{run: {"ci": {"NDCG": [[lo, hi] per K], ...}, "paired": {"NDCG": {"diff", "ci"}, ...}}}``
-    (:mod:`bigrec.intervals`); runs without an entry are left out.
+    (:mod:`bigrec.evaluation.intervals`); runs without an entry are left out.
     """
     runs = _runs(metrics, topk)
     names = [name for name in intervals if name in runs]

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bigrec.intervals import bootstrap_ci, paired_difference
-from bigrec.metrics import TOPK, ndcg_hr
-from bigrec.report import with_interval
+from bigrec.evaluation.intervals import bootstrap_ci, paired_difference
+from bigrec.evaluation.metrics import TOPK, ndcg_hr
+from bigrec.evaluation.report import with_interval
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Comparison:
         return {**{name: ndcg_hr(r, TOPK) for name, r in self.ranks.items()}, **self.expected}
 
     def intervals(self) -> dict[str, dict]:
-        """``{name: {"ci": ...}}`` for every ranked result (:func:`bigrec.intervals.bootstrap_ci`)."""
+        """``{name: {"ci": ...}}`` for every ranked result (:func:`bigrec.evaluation.intervals.bootstrap_ci`)."""
         return {name: {"ci": bootstrap_ci(r, TOPK)} for name, r in self.ranks.items()}
 
     def paired(self, pairs: Sequence[tuple[str, str]]) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """A prefix trie over the catalogue titles as the model writes them, for constrained decoding.
 
-Each title is tokenised exactly as training tokenises a response (``bigrec.sft_data``): the
+Each title is tokenised exactly as training tokenises a response (``bigrec.llm.sft_data``): the
 response text alone (the quoted title, plus a newline for the D3 template), without special
 tokens, followed by EOS. EOS is part of every path, so a title that is a prefix of another
 still ends in its own leaf. Each leaf holds the ids of every catalogue item with that title.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bigrec.catalog import Catalog
-from bigrec.prompts import quote, response_text
+from bigrec.data.catalog import Catalog
+from bigrec.data.prompts import quote, response_text
 
 STRIDE = 1 << 32  # edge key = parent * STRIDE + token; token ids stay below 2**32
 
@@ -27,7 +27,7 @@ STRIDE = 1 << 32  # edge key = parent * STRIDE + token; token ids stay below 2**
 def response_ids(tokenizer, title: str, template: str = "alpaca", context: str | None = None) -> list[int]:
     """Token ids of a title's response, then EOS.
 
-    By default the response text is tokenised alone, as ``bigrec.sft_data`` and D3's training
+    By default the response text is tokenised alone, as ``bigrec.llm.sft_data`` and D3's training
     code build it. With ``context`` (the end of the prompt, e.g. ``"### Response:\n"``) it is
     tokenised after that text and the context's tokens are cut off, as for a model trained on
     prompt and response tokenised as one string; if the response changes how the context
