@@ -20,7 +20,7 @@ import torch
 from bigrec.cli import main as cli
 from bigrec.data.catalog import read_catalog
 from bigrec.data.prompts import prompt_for_row
-from bigrec.llm.decoding import constrained_generate
+from bigrec.llm.constrained import constrained_generate
 from bigrec.llm.models import load_model, resolve_base_model
 from bigrec.llm.trie import Trie, response_ids
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bigrec import io
 from bigrec.app.run_manifest import RunManifest
+from bigrec.grounding.options import grounding_of, grounding_options
 from bigrec.stages import evaluate, generate
-from bigrec.stages.index import grounding_of, grounding_options
 
 
 def generated(run: Path, name: str, split: str, rows: int, **options) -> tuple[Path, float | None]:

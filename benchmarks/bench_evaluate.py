@@ -10,15 +10,15 @@ titles in the order a language model writes them (``natural``: "Shining, The (19
 those rows are no longer catalogue titles and must be embedded) or from random catalogue titles
 (``random``), written quoted as a model writes them. Both sides read the same
 result file, embed with the same model object (base model, no adapter, precision auto = fp32 on
-a CPU) and rank against the same item embeddings (``bigrec.stages.index.ensure_index``, timed on its
+a CPU) and rank against the same item embeddings (``bigrec.grounding.index.ensure_index``, timed on its
 own because both need it):
 
 * reference (BIGRec ``data/movie/evaluate.py``, restated): top-1 text with quotes stripped, batches
   of 16 through the full causal LM with ``output_hidden_states`` (no ``no_grad``, as there),
   last layer at the last token, ``torch.cdist``, a full double argsort of the distances, then
   Python loops over K and rows looking each target's rank up (title -> id dict).
-* ours: :func:`bigrec.stages.evaluate.read_results`, the ``Embedder`` (each distinct text once; a text
-  that is exactly a catalogue title takes its index row), :func:`bigrec.stages.evaluate.ground`
+* ours: :func:`bigrec.evaluation.results.read_results`, the ``Embedder`` (each distinct text once; a text
+  that is exactly a catalogue title takes its index row), :func:`bigrec.grounding.ranking.ground`
   (distances, target rank by counting closer items) and :func:`bigrec.evaluation.metrics.ndcg_hr`. Also
   timed without the title shortcut (every distinct text embedded), for a like-for-like row.
 
@@ -111,9 +111,11 @@ def main() -> None:
 
     from bigrec.data.catalog import read_catalog
     from bigrec.evaluation.metrics import ndcg_hr
+    from bigrec.evaluation.results import read_results
+    from bigrec.grounding.embedding import Embedder
+    from bigrec.grounding.index import ensure_index
+    from bigrec.grounding.ranking import ground
     from bigrec.llm.models import load_model, resolve_base_model
-    from bigrec.stages.evaluate import Embedder, ground, read_results
-    from bigrec.stages.index import ensure_index
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

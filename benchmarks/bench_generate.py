@@ -9,7 +9,7 @@ prompt by one space, which is not copied), with the same tokenizer (left padding
 
 * ours: the model as ``bigrec generate`` loads it (adapter merged, precision auto = fp32 for
   inference on a CPU), rows sorted by prompt length as ``generate.run`` does, then
-  :func:`bigrec.stages.generate.generate_batch`: the prompt's KV cache encoded once and shared by the
+  :func:`bigrec.llm.generation.generate_batch`: the prompt's KV cache encoded once and shared by the
   beams, every beam stopping at the end of its title, at most ``--max_new_tokens``.
 * reference (BIGRec ``inference.py``, restated): base model + ``PeftModel`` (not merged), fp32,
   rows in file order, batch 8, plain ``model.generate`` with 4 beams returning 4 sequences,
@@ -19,7 +19,7 @@ prompt by one space, which is not copied), with the same tokenizer (left padding
   out, and its ``num_return_sequences=1`` (which would mix rows up) is taken as 4.
 
 Top-1 agreement: the first returned sequence of each row, both cut at the end of the title
-(:func:`bigrec.stages.generate.cut_title`) and normalised, compared row by row.
+(:func:`bigrec.llm.generation.cut_title`) and normalised, compared row by row.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def default_test_data() -> str:
 
 def reference_generate(model, tok, prompts: list[str], num_beams: int, max_new_tokens: int) -> tuple[list[str], int]:
     """The reference recipe for one batch: top-1 texts (cut at the title's end) and the steps it ran."""
-    from bigrec.stages.generate import cut_title
+    from bigrec.llm.generation import cut_title
 
     enc = tok(prompts, return_tensors="pt", padding=True, truncation=True)
     prompt_len = enc["input_ids"].shape[1]
@@ -77,8 +77,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from bigrec.data.prompts import normalize_title, prompt_for_row
+    from bigrec.llm.generation import generate_batch
     from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model
-    from bigrec.stages.generate import generate_batch
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

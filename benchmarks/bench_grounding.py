@@ -1,7 +1,7 @@
 """How grounding's embedding changes BIGRec's metrics, on the generations of a finished demo run.
 
 The same free generations (``RUN/results/free/{valid,test}.json``) are grounded with several
-embeddings of the base model (:class:`bigrec.stages.index.Grounding`: which layer, last token or mean
+embeddings of the base model (:class:`bigrec.grounding.embedding.Grounding`: which layer, last token or mean
 over tokens, bare or natural titles) and L2 distance, as ``bigrec evaluate`` does. Prints
 NDCG@10 / HR@10 / HR@50 on validation and test per grounding, marks the one with the best
 validation NDCG@10 (choose there, read test), and where a few frequent generations land.
@@ -21,10 +21,10 @@ import torch
 from bigrec.app.run_manifest import RunManifest
 from bigrec.data.catalog import read_catalog
 from bigrec.evaluation.metrics import ndcg_hr, target_ranks
-from bigrec.grounding.reweighting import l2_distances
+from bigrec.evaluation.results import read_results
+from bigrec.grounding.embedding import Grounding, embed_texts
+from bigrec.grounding.ranking import l2_distances
 from bigrec.llm.models import load_model
-from bigrec.stages.evaluate import read_results
-from bigrec.stages.index import Grounding, embed_texts
 
 GRID = [Grounding("last", -1, "bare"), Grounding("last", -1, "natural"), Grounding("mean", -1, "bare"),
         Grounding("mean", -1, "natural"), Grounding("mean", 5, "natural"), Grounding("mean", 10, "natural"),

@@ -58,7 +58,7 @@ Checks, in the order they run:
      sides (``min_new_tokens`` keeps EOS away, and bigrec's title-end criterion still runs but
      never stops a beam), after one warm-up call each. bigrec: the model as ``bigrec generate``
      loads it (the adapter trained above merged in, precision auto = bf16 on a GPU, fp32 on a
-     CPU), rows sorted by prompt length, ``bigrec.stages.generate.generate_ids``. Reference:
+     CPU), rows sorted by prompt length, ``bigrec.llm.generation.generate_ids``. Reference:
      ``benchmarks/bench_generate.py``'s ``reference_generate`` on base + unmerged
      ``PeftModel`` in the same dtype (the reference generates in half precision on a GPU),
      rows in file order, inputs moved to the model's device as ``device_map="auto"`` does
@@ -68,7 +68,7 @@ Checks, in the order they run:
    * Embedding, rows/s: ``--embed_rows`` (default 1024) made-up generations (catalogue titles
      in natural order, some without their year) against a catalogue of ``--catalog_size``
      (default 2048) titles, base model as ``bigrec index`` loads it. bigrec:
-     ``bigrec.stages.index.embed_texts`` (batch 64); reference: ``benchmarks/bench_evaluate.py``'s
+     ``bigrec.grounding.embedding.embed_texts`` (batch 64); reference: ``benchmarks/bench_evaluate.py``'s
      ``reference_embed`` (batch 16, full LM forward, no ``no_grad``), same model object.
      Agreement: the share of rows whose nearest catalogue item (L2, the catalogue embedded by
      ``embed_texts`` for both) is the same.
@@ -501,7 +501,7 @@ def title_end_never_stops():
     """bigrec's TitleEndCriteria still decodes every beam at every step but stops none (fixed length)."""
     import torch
 
-    from bigrec.stages import generate as gen
+    from bigrec.llm import generation as gen
 
     original = gen.TitleEndCriteria.__call__
 
@@ -521,8 +521,8 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
     from transformers import AutoModelForCausalLM
 
     from bigrec.data.prompts import normalize_title, prompt_for_row
+    from bigrec.llm.generation import cut_title, generate_ids
     from bigrec.llm.models import load_model, load_tokenizer, resolve_dtype
-    from bigrec.stages.generate import cut_title, generate_ids
 
     r = row("generate", f"{shape}: beam search", shape, "rows/s")
     started = time.perf_counter()
@@ -611,8 +611,8 @@ def embed_check(shape: str, base: str, sizes: dict, args) -> dict:
     from bench_evaluate import reference_embed
 
     from bigrec.data.prompts import natural_title
+    from bigrec.grounding.embedding import embed_texts
     from bigrec.llm.models import load_model
-    from bigrec.stages.index import embed_texts
 
     r = row("embed", f"{shape}: embedding", shape, "rows/s")
     started = time.perf_counter()

@@ -6,7 +6,7 @@ Layout (``run.yaml`` points at each part, paths relative to the folder):
 - ``data/``: ``bigrec prepare`` output of a small ml-100k-format dataset (20 movies, 12 users);
 - ``adapter/``: a LoRA adapter taught two answers (see :data:`TAUGHT`), so that generation,
   grounding and ranking can be checked against known titles;
-- ``index.safetensors``: the item index (``bigrec.stages.index.ensure_index``) of the base model;
+- ``index.safetensors``: the item index (``bigrec.grounding.index.ensure_index``) of the base model;
 - ``sasrec/``: a small SASRec trained by ``bigrec baseline``.
 """
 
@@ -78,7 +78,7 @@ def build_run(root: Path, with_sasrec: bool = True) -> Path:
     """Build the run folder under ``root`` and return it."""
     from bigrec.app.run_manifest import RunManifest
     from bigrec.cli import main
-    from bigrec.stages.index import ensure_index
+    from bigrec.grounding.index import ensure_index
 
     run = root / "run"
     run.mkdir(parents=True)

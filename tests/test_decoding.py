@@ -13,7 +13,8 @@ from bigrec.data.prompts import (
     quote,
     response_text,
 )
-from bigrec.llm.decoding import beam_item_lists, constrained_generate, rank_with_beams
+from bigrec.grounding.ranking import rank_with_beams
+from bigrec.llm.constrained import beam_item_lists, constrained_generate
 from bigrec.llm.models import load_model
 from bigrec.llm.trie import Trie, response_ids
 

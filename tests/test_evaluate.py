@@ -9,10 +9,11 @@ import torch
 from bigrec.cli import main
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.scores import load_scores, save_scores
+from bigrec.grounding.embedding import Grounding, embed_texts
+from bigrec.grounding.index import load_index
 from bigrec.grounding.reweighting import GAMMA_GRID
 from bigrec.llm.models import load_model
 from bigrec.stages.evaluate import Config, run
-from bigrec.stages.index import Grounding, embed_texts, load_index
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)",
           "Sabrina (1995)", "Heat (1995)", "Mortal Kombat (1995)", "Usual Suspects, The (1995)"]
@@ -269,8 +270,8 @@ def cdata(data):
 def expected_constrained_ranks(index_path, cases, scores=None, gamma=None):
     """Brute force: distances to the top beam's title (its index row), re-weighted, beams first."""
     from bigrec.evaluation.metrics import target_id_lists, target_ranks
-    from bigrec.grounding.reweighting import l2_distances, reweight
-    from bigrec.llm.decoding import rank_with_beams
+    from bigrec.grounding.ranking import l2_distances, rank_with_beams
+    from bigrec.grounding.reweighting import reweight
 
     items = load_index(index_path)[0]
     dist = l2_distances(items[[beams[0][0] for _, beams in cases]], items)
@@ -417,7 +418,7 @@ def test_ground_beams_ranks_by_the_nearest_beam(data, tiny_model_dir):
 
 
 def test_nearest_beam_distances_by_hand():
-    from bigrec.stages.evaluate import nearest_beam_distances
+    from bigrec.grounding.ranking import nearest_beam_distances
 
     items = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
     vectors = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([3.0, 0.0]), "c": torch.tensor([0.0, 3.0])}

@@ -10,9 +10,10 @@ import torch
 
 from bigrec.config import build
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm.generation import cut_title, generate_batch, generate_ids, title_end
 from bigrec.llm.models import load_model
 from bigrec.stages import generate
-from bigrec.stages.generate import Config, cut_title, generate_batch, generate_ids, title_end
+from bigrec.stages.generate import Config
 
 # history -> target; histories of different lengths so that length sorting reorders rows
 CASES = [(["Heat (1995)"], "Casino (1995)"),
@@ -88,8 +89,8 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
     the prompt once per beam."""
     from transformers import StoppingCriteriaList
 
-    from bigrec.llm.decoding import SharedPromptLayer, prompt_cache
-    from bigrec.stages.generate import TitleEndCriteria
+    from bigrec.llm.generation import TitleEndCriteria
+    from bigrec.llm.kv_cache import SharedPromptLayer, prompt_cache
 
     model, tok = load_model(request.getfixturevalue(fixture), "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
@@ -105,7 +106,7 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
 
 
 def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):
-    from bigrec.llm.decoding import common_prefix
+    from bigrec.llm.kv_cache import common_prefix
 
     _, tok = load_model(tiny_model_dir, "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
@@ -137,7 +138,7 @@ def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):
 def test_shared_prompt_layer_matches_a_dynamic_layer_through_beam_reorders():
     from transformers.cache_utils import DynamicLayer
 
-    from bigrec.llm.decoding import SharedPromptLayer
+    from bigrec.llm.kv_cache import SharedPromptLayer
 
     torch.manual_seed(0)
     rows, beams, heads, prompt, dim = 3, 4, 2, 5, 8

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from bigrec.evaluation.metrics import seen_mask, target_ranks
+from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import (
     GAMMA_GRID,
     apply_gamma,
     blend_ranks,
     grid_ranks,
-    l2_distances,
     minmax_rows,
     popularity_counts,
     reweight,
@@ -140,7 +140,7 @@ def test_search_and_apply_agree_on_same_rows():
 
 def test_grid_ranks_with_leading_items_match_rank_with_beams_brute_force():
     """Constrained beams first in beam order, the rest re-weighted: the same ranks as the brute force."""
-    from bigrec.llm.decoding import rank_with_beams
+    from bigrec.grounding.ranking import rank_with_beams
 
     gen = torch.Generator().manual_seed(3)
     rows, items = 30, 25

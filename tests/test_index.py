@@ -5,8 +5,9 @@ import torch
 
 import bigrec.llm.models
 from bigrec.cli import main
+from bigrec.grounding.embedding import Grounding, embed_texts
+from bigrec.grounding.index import IndexMismatchError, ensure_index, load_index
 from bigrec.llm.models import load_model
-from bigrec.stages.index import Grounding, IndexMismatchError, embed_texts, ensure_index, load_index
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Toy Story (1995)", "Usual Suspects, The (1995)"]
 

@@ -11,9 +11,11 @@ from bigrec.app.recommender import HistoryError, Query, Recommender
 from bigrec.app.run_manifest import RunManifest
 from bigrec.baselines.data import read_split
 from bigrec.cli import main
-from bigrec.grounding.reweighting import l2_distances, reweight
+from bigrec.grounding.embedding import embed_texts
+from bigrec.grounding.index import IndexMismatchError, load_index
+from bigrec.grounding.ranking import l2_distances
+from bigrec.grounding.reweighting import reweight
 from bigrec.llm.models import load_model
-from bigrec.stages.index import IndexMismatchError, embed_texts, load_index
 from run_fixture import TAUGHT, TITLES, tiny_run
 
 CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19  # ids in the fixture catalogue (Heat is there twice)

@@ -5,7 +5,7 @@
 (embeddings, as the item index was made) and with the adapter merged (generation; the two
 share every weight the adapter does not change, :func:`bigrec.llm.models.with_merged_adapter`),
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
-the precision by :func:`bigrec.stages.index.ensure_index`) and SASRec where the run has one.
+the precision by :func:`bigrec.grounding.index.ensure_index`) and SASRec where the run has one.
 
 One :meth:`Recommender.recommend_queries` call runs the two BIGRec steps for a whole batch:
 
@@ -44,7 +44,8 @@ from bigrec.data.prompts import (
     normalize_title,
     prompt_for_row,
 )
-from bigrec.grounding.reweighting import blend, l2_distances, reweight
+from bigrec.grounding.ranking import l2_distances
+from bigrec.grounding.reweighting import blend, reweight
 from bigrec.io import read_json
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,9 @@ class Recommender:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> Recommender:
         from bigrec.baselines.sasrec import SASRec
+        from bigrec.grounding.index import ensure_index
+        from bigrec.grounding.options import grounding_of
         from bigrec.llm.models import load_model, with_merged_adapter
-        from bigrec.stages.index import ensure_index, grounding_of
 
         run_dir = Path(run_dir).resolve()
         manifest = RunManifest.load(run_dir)
@@ -257,7 +259,8 @@ class Recommender:
         return prompt_for_row(row, template=template, category=self.domain.plural)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        from bigrec.stages.index import embed_texts, grounding_of
+        from bigrec.grounding.embedding import embed_texts
+        from bigrec.grounding.options import grounding_of
 
         return embed_texts(self.embed_model, self.tokenizer, texts, grounding=grounding_of(self.manifest))
 
@@ -276,7 +279,7 @@ class Recommender:
         if any(q.use_ci for q in queries):
             self._check_ci()
         use_ci = [self.default_ci if q.use_ci is None else q.use_ci for q in queries]
-        from bigrec.stages.generate import generate_batch
+        from bigrec.llm.generation import generate_batch
 
         t0 = time.perf_counter()
         matches = self.match([q.history for q in queries])

@@ -29,7 +29,7 @@ class RunManifest:
     prompt_template: str = "alpaca"
     prompt_titles: str = "catalogue"  # titles in prompts as the catalogue writes them, or "natural" (bigrec prepare)
     precision: str = "auto"
-    pooling: str = "last"  # how the index and the generations are embedded (bigrec.stages.index.Grounding)
+    pooling: str = "last"  # how the index and the generations are embedded (bigrec.grounding.embedding.Grounding)
     embed_layer: int = -1
     title_text: str = "bare"
     num_beams: int = 4

@@ -83,3 +83,13 @@ def paired_difference(ranks: torch.Tensor, other: torch.Tensor, topk: Sequence[i
     mean = delta.mean(0).tolist()
     k = len(topk)
     return {"NDCG": {"diff": mean[:k], "ci": bounds[:k]}, "HR": {"diff": mean[k:], "ci": bounds[k:]}}
+
+
+def rank_intervals(ranks: dict[str, torch.Tensor], other: torch.Tensor | None) -> dict[str, dict]:
+    """Per run: its bootstrap interval and, with ``other`` ranks, the paired difference against them."""
+    out = {}
+    for run, r in ranks.items():
+        out[run] = {"ci": bootstrap_ci(r, TOPK)}
+        if other is not None:
+            out[run]["paired"] = paired_difference(r, other, TOPK)
+    return out

@@ -163,3 +163,24 @@ def write_html(path: str | Path, title: str, body: Sequence[str], images: Mappin
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return path
+
+
+def write_evaluation_report(output: Path, metrics: dict, details: dict) -> Path:
+    """OUTPUT.html: per result file, its runs with 95% intervals, the paired differences, diagnostics."""
+    from html import escape
+
+    k10 = TOPK.index(10)
+
+    body = [f"<p>Grounding: {escape(details['grounding'])}; {details['num_items']} items; "
+            f"{'seen items left out' if details['exclude_history'] else 'every item ranked'}.</p>"]
+    for name, info in details["files"].items():
+        runs = {run: m for run, m in metrics.items() if run != "topk" and run.startswith(name)}
+        body += [f"<h2>{escape(name)}</h2>", html_table(*metrics_rows(runs, info["intervals"]))]
+        if "compare" in info:
+            body.append("<ul>" + "".join(
+                f"<li>{escape(run)} minus {escape(Path(info['compare']['scores']).name)}: NDCG@10 "
+                f"{with_interval(iv['paired']['NDCG']['diff'][k10], iv['paired']['NDCG']['ci'][k10], signed=True)}</li>"
+                for run, iv in info["intervals"].items()) + "</ul>")
+        body.append(html_table(["diagnostic", "value"], [[k, v] for k, v in info["diagnostics"].items()], 2))
+    return write_html(output.with_suffix(".html"), f"bigrec evaluate: {output.name}", body,
+                      {"NDCG@K and HR@K": output.with_suffix(".png")})

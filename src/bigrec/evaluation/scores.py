@@ -31,6 +31,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bigrec.io import atomic_path
+
+if TYPE_CHECKING:
+    from bigrec.evaluation.results import Results
 
 FORMAT = "bigrec-scores/1"
 
@@ -127,3 +131,28 @@ def load_scores(path: str | Path) -> ScoreMatrix:
         raise ValueError(f"{path}: scores, row, item_id and user_ids disagree in length")
     return ScoreMatrix(scores=tensors["scores"], rows=tensors["row"], item_ids=tensors["item_id"],
                        user_ids=users, split=meta.get("split"), source=str(path))
+
+
+def ci_matrix(spec: Path, results: Results, role: str, num_items: int) -> tuple[torch.Tensor, Path]:
+    """The score matrix aligned to ``results``: ``spec`` itself, or the first file in folder ``spec``
+    whose rows match (preferring the result file's stem, then names starting with ``role``)."""
+    if spec.is_file():
+        candidates = [spec]
+    elif spec.is_dir():
+        stem = results.path.stem
+        candidates = sorted(spec.glob("*.safetensors"),
+                            key=lambda p: (p.stem != stem, not p.stem.startswith(role), p.name))
+    else:
+        raise FileNotFoundError(f"score matrix not found: {spec}")
+    problems = []
+    for path in candidates:
+        try:
+            scores = load_scores(path).align(results.rows)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if scores.shape[1] != num_items:
+            raise ValueError(f"{path}: {scores.shape[1]} item columns, but the catalogue has {num_items} items")
+        return scores, path
+    raise ValueError(f"no score matrix in {spec} matches the rows of {results.path}: "
+                     + ("; ".join(problems[:3]) or "no .safetensors files"))

@@ -1,4 +1,4 @@
-"""Step 2 maths: L2 grounding and re-weighting by statistical information, with the gamma search.
+"""Step 2 maths: re-weighting by statistical information (popularity, a conventional model), with the gamma search.
 
 The paper ranks items by ``d' = d * (1 + s) ** (-gamma)`` after per-row min-max normalisation
 of the distance d and of a score s (popularity, or a conventional model's score), with gamma
@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,17 +27,6 @@ GAMMA_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(1, 101)) 
     float(i) for i in range(2, 100))
 
 _BLOCK = 1 << 22  # elements of one [rows, items] block in the float64 search (~32 MB per temp)
-
-
-def l2_distances(queries: torch.Tensor, items: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """L2 distance of every query [R, D] to every item [N, D] -> [R, N] float32, in row chunks."""
-    if queries.dim() != 2 or items.dim() != 2 or queries.shape[1] != items.shape[1]:
-        raise ValueError(f"need [R, D] and [N, D], got {tuple(queries.shape)} and {tuple(items.shape)}")
-    items = items.float()
-    out = torch.empty(queries.shape[0], items.shape[0], dtype=torch.float32)
-    for lo in range(0, queries.shape[0], chunk_rows):
-        out[lo : lo + chunk_rows] = torch.cdist(queries[lo : lo + chunk_rows].float(), items, p=2)
-    return out
 
 
 def minmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +98,7 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
 
     ``first`` (per row, item ids in order; constrained beams) ranks those items ahead of all
-    others, as :func:`bigrec.llm.decoding.rank_with_beams` does on the re-weighted distances: a
+    others, as :func:`bigrec.grounding.ranking.rank_with_beams` does on the re-weighted distances: a
     target among them has its place there at every gamma; otherwise its rank is their count
     plus the re-weighted count over the other items. ``exclude`` [R, N]
     (:func:`bigrec.evaluation.metrics.seen_mask`): items left out of the ranking (still part of the
@@ -268,3 +258,89 @@ def blend_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, weig
     _check_scores(dist, scores)
     d, s = minmax_rows(dist.double()), minmax_rows(scores.double())
     return torch.stack([target_ranks((1 - w) * d - w * s, targets, exclude=exclude) for w in weights])
+
+
+def _keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x[keep] if x.dim() == 2 else x  # a popularity vector serves every row
+
+
+
+def _scaled(metrics: dict[str, list[float]], factor: float) -> dict[str, list[float]]:
+    return {key: [v * factor for v in values] for key, values in metrics.items()}
+
+
+
+def popularity_scores(spec: str | Path, num_items: int) -> torch.Tensor:
+    """Training counts [N] of each target item in ``train.csv`` (a file, or the folder holding it)."""
+    import pandas as pd
+
+    path = Path(spec)
+    path = path / "train.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"popularity: training split not found: {path}")
+    try:
+        ids = pd.read_csv(path, usecols=["item_id"])["item_id"]
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot read column 'item_id': {exc}") from exc
+    if ids.isna().any():
+        raise ValueError(f"{path}: column 'item_id' has {int(ids.isna().sum())} empty values")
+    try:
+        return popularity_counts(torch.tensor(ids.to_numpy(dtype="int64")), num_items).float()
+    except ValueError as exc:
+        raise ValueError(f"{path}: column 'item_id': {exc} (is this the catalogue's training split?)") from exc
+
+
+
+def _rows(x: list, keep: torch.Tensor) -> list:
+    return [v for v, k in zip(x, keep.tolist(), strict=True) if k]
+
+
+
+def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, targets: list[list[int]],
+               valid_dist: torch.Tensor, valid_empty: torch.Tensor, valid_scores: torch.Tensor,
+               valid_targets: list[list[int]], first: list[list[int]] | None = None,
+               valid_first: list[list[int]] | None = None, exclude: torch.Tensor | None = None,
+               valid_exclude: torch.Tensor | None = None) -> dict:
+    """Gamma searched on validation, applied to test; empty generations stay misses.
+
+    ``first`` / ``valid_first``: per row, constrained beams' items, ranked ahead of the rest at
+    every gamma; ``exclude`` / ``valid_exclude`` [R, N]: items left out of the ranking. Returns
+    :func:`bigrec.grounding.reweighting.apply_gamma`'s dict plus the validation metrics; ``single_ranks`` [R]
+    covers every test row (empty rows as misses).
+    """
+    keep, valid_keep = ~empty, ~valid_empty
+
+    def kept(x: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+        return None if x is None else x[k]
+
+    if not valid_keep.any():
+        raise ValueError("every top generation of the validation results is empty; cannot choose gamma")
+    search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
+                          TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep),
+                          exclude=kept(valid_exclude, valid_keep))
+    single_ranks = torch.full((len(keep),), max(dist.shape[1], *TOPK), dtype=torch.long)
+    if keep.any():
+        out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search,
+                          first=None if first is None else _rows(first, keep), exclude=kept(exclude, keep))
+        single_ranks[keep] = out["single_ranks"]
+    else:
+        zeros = {"NDCG": [0.0] * len(TOPK), "HR": [0.0] * len(TOPK)}
+        out = {"tuned": zeros, "single": zeros, "gammas": {"NDCG": [search.ndcg_gamma[k] for k in TOPK],
+                                                           "HR": [search.hr_gamma[k] for k in TOPK],
+                                                           "single": search.single_gamma}}
+    share, valid_share = int(keep.sum()) / len(keep), int(valid_keep.sum()) / len(valid_keep)
+    blend = None
+    if first is None and valid_first is None:  # constrained rows rank their beams first: no blend
+        valid_ndcg = ndcg_hr_many(blend_ranks(valid_dist[valid_keep], _keep(valid_scores, valid_keep),
+                                              _rows(valid_targets, valid_keep), BLEND_GRID,
+                                              kept(valid_exclude, valid_keep)), (10,))[0]
+        best = max(range(len(BLEND_GRID)), key=lambda i: (valid_ndcg[i][0], -i))
+        blend = {"weight": BLEND_GRID[best], "valid_ndcg10": valid_ndcg[best][0] * valid_share,
+                 "ranks": single_ranks.clone()}
+        if keep.any():
+            blend["ranks"][keep] = blend_ranks(dist[keep], _keep(scores, keep), _rows(targets, keep),
+                                               [BLEND_GRID[best]], kept(exclude, keep))[0]
+    return {"tuned": _scaled(out["tuned"], share), "single": _scaled(out["single"], share),
+            "single_ranks": single_ranks, "blend": blend, "gammas": out["gammas"], "single_k": search.single_k,
+            "valid_tuned": _scaled(search.valid_tuned, valid_share),
+            "valid_single": _scaled(search.valid_single, valid_share)}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from bigrec import io
 from bigrec.config import option, stage_settings, to_dict
+from bigrec.grounding.options import layer_option, pooling_option, title_text_option
 from bigrec.llm.models import DEFAULT_MODEL
-from bigrec.stages.index import layer_option, pooling_option, title_text_option
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +220,11 @@ def run(cfg: Config) -> int:
     from bigrec.app.run_manifest import RunManifest
     from bigrec.evaluation.metrics import TOPK
     from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
+    from bigrec.grounding.embedding import REFERENCE
+    from bigrec.grounding.options import grounding_of, grounding_options
     from bigrec.stages import baseline as baseline_run
     from bigrec.stages import evaluate, generate, prepare, train
     from bigrec.stages import index as index_stage
-    from bigrec.stages.index import REFERENCE, grounding_of, grounding_options
 
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)

@@ -1,0 +1,152 @@
+"""A beam search's prompt KV cache, encoded once per batch and shared by every beam.
+
+transformers encodes each prompt once per beam and grows the cache by concatenation. Here the
+prompts' shared prefix (one template's preamble) is encoded once for the batch, the rest once
+per row, and each full-attention layer keeps one copy of the prompt for all of a row's beams
+(:class:`SharedPromptLayer`). Free decoding (``bigrec generate``) and constrained decoding
+(:mod:`bigrec.llm.constrained`) both use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+def common_prefix(enc, pad_token_id: int) -> tuple[dict, int]:
+    """Left-padded prompts re-laid as ``[shared prefix][padding][rest]`` -> (encoding, prefix length).
+
+    Prompts built from one template start with the same tokens (the instruction preamble, about
+    60 of ~220 in the demo's prompts): :func:`prompt_cache` then encodes them once for the batch,
+    not once per row. The prefix is the longest run of token ids every row starts with, never a
+    row's last token; each row's rest stays where left padding put it, so the width is unchanged
+    and ``generate``'s positions (from the mask) are each token's position in its own prompt.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    rows, width = ids.shape
+    lengths = mask.sum(1)
+    starts = width - lengths
+    columns = torch.arange(width, device=ids.device)
+    if rows < 2 or not torch.equal(mask.bool(), columns >= starts[:, None]):  # one row, or not left padded
+        return enc, 0
+    shortest = int(lengths.min())
+    real = ids.gather(1, starts[:, None] + torch.arange(shortest - 1, device=ids.device))  # [rows, shortest - 1]
+    prefix = int((real == real[:1]).all(0).long().cumprod(0).sum())
+    if prefix == 0:
+        return enc, 0
+    gap = (columns >= prefix) & (columns < starts[:, None] + prefix)  # where each row's prefix used to be
+    out = dict(enc)
+    out["input_ids"] = ids.clone()
+    out["input_ids"][:, :prefix] = real[0, :prefix]
+    out["input_ids"][gap] = pad_token_id
+    out["attention_mask"] = (~gap).to(mask.dtype)
+    return out, prefix
+
+
+
+def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens: int):
+    """(encoding to pass to ``generate``, its prompt cache): :func:`common_prefix`, then
+    :func:`prompt_cache` on the re-laid prompts. ``generate`` must get the re-laid encoding,
+    since the cache was made for its layout."""
+    enc, prefix = common_prefix(enc, pad_token_id)
+    return enc, prompt_cache(model, enc, num_beams, max_new_tokens, prefix)
+
+
+
+def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_len: int = 0):
+    """KV cache of the prompts without their last token, encoded once and shared by ``num_beams`` beams.
+
+    Position ids follow the mask exactly as ``generate`` derives them, so ``generate(...,
+    cache=...)`` continues with the last prompt token as if it had encoded all. With
+    ``prefix_len`` (:func:`common_prefix`), the first ``prefix_len`` tokens, the same in every
+    row, are encoded once for the batch. Full-attention layers become
+    :class:`SharedPromptLayer`s (room for ``max_new_tokens``); other kinds (sliding windows) are
+    repeated per beam as transformers does.
+    """
+    ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    # Only the cache is wanted: logits for one position, not [B, T, vocab] (a fifth of the prefill's work).
+    accepted = inspect.signature(model.forward).parameters
+    fewer = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
+    cache = None
+    if prefix_len:
+        out = model(input_ids=ids[:1, :prefix_len], attention_mask=mask[:1, :prefix_len],
+                    position_ids=positions[:1, :prefix_len], use_cache=True, **fewer)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+    if prefix_len < ids.shape[1]:
+        out = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=positions[:, prefix_len:],
+                    use_cache=True, **{cache_arg: cache}, **fewer)
+        cache = getattr(out, "cache", None) or out.past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        cache.batch_repeat_interleave(num_beams)
+        return cache
+    cache.layers = [SharedPromptLayer(layer.keys, layer.values, num_beams, max_new_tokens + 1) for layer in layers]
+    return cache
+
+
+
+class SharedPromptLayer(DynamicLayer):
+    """One attention layer's cache for beam search over prompts that every beam of a row shares.
+
+    transformers' dynamic cache grows by concatenation (a copy of the whole cache per token)
+    and beam search reorders it with ``index_select`` (another copy), so on a CPU a 200-token
+    prompt makes these copies cost more than the model. Here keys and values live in one
+    buffer with room for the generated tokens, written in place; and since beam search only
+    moves beams within their row, whose prompt part is identical, a reorder copies only the
+    generated part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, beams: int, room: int):
+        super().__init__()
+        rows, heads, prompt, dim = keys.shape
+        self.beams, self.prompt_len, self.length = beams, prompt, prompt
+        self._k = keys.new_empty(rows * beams, heads, prompt + room, dim)
+        self._v = values.new_empty(rows * beams, values.shape[1], prompt + room, values.shape[-1])
+        self._k[:, :, :prompt] = keys.repeat_interleave(beams, dim=0)
+        self._v[:, :, :prompt] = values.repeat_interleave(beams, dim=0)
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:  # more tokens than planned: grow (never in bigrec's own calls)
+            grow = end - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], 2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], 2)
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        idx = beam_idx.to(self._k.device)
+        rows = torch.arange(idx.numel(), device=idx.device) // self.beams
+        start = self.prompt_len if bool((idx // self.beams == rows).all()) else 0  # within rows: prompts equal
+        if self.length > start:
+            self._k[:, :, start:self.length] = self._k[idx, :, start:self.length]
+            self._v[:, :, start:self.length] = self._v[idx, :, start:self.length]
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes the number of tokens to remove as a negative integer")
+        self.length = max(self.prompt_len, self.length + tokens_to_remove)
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a SharedPromptLayer is already repeated for its beams")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a SharedPromptLayer keeps every beam of its rows")
