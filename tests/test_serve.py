@@ -18,7 +18,8 @@ import torch
 import uvicorn
 
 from bigrec.app.recommender import Recommender
-from bigrec.stages.serve import Config, create_app
+from bigrec.app.service import create_app
+from bigrec.stages.serve import Config
 from run_fixture import TAUGHT, TITLES, tiny_run
 
 CASINO, JUMANJI, HEAT, HEAT_TWIN = 6, 8, 5, 19
@@ -32,7 +33,7 @@ def serving(rec, **settings):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(rec, Config(run=str(rec.run_dir), port=port, **settings))
+    app = create_app(rec, Config(run=str(rec.run_dir), port=port, **settings).limits())
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -272,7 +273,7 @@ def test_a_bad_request_fails_alone(url, rec):
 def test_a_batch_that_fails_answers_its_requests_one_by_one():
     import asyncio
 
-    from bigrec.stages.serve import Batcher
+    from bigrec.app.batching import Batcher
 
     def work(queries):
         if "bad" in queries:

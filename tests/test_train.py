@@ -191,9 +191,8 @@ def test_full_finetune_changes_base_weights(tiny_qwen_dir, tmp_path):
 def test_keep_best_stops_and_saves(tiny_model_dir, tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from bigrec.stages.train import _callbacks
+    from bigrec.llm.training import KeepBest
 
-    _, KeepBest, _ = _callbacks()
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            lora_config(Config(train_data_path=["x"])))
     cb = KeepBest(str(tmp_path / "best"), patience=2)

@@ -1,0 +1,1 @@
+"""Reading result files and scoring rankings: all-rank metrics, intervals, comparisons, reports."""

@@ -1,0 +1,1 @@
+"""Language-model machinery: loading, SFT data, training pieces, free and constrained beam search."""

@@ -130,11 +130,8 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 def resolve_dtype(precision: str, device: str | torch.device | None = None, training: bool = False) -> torch.dtype:
     """``auto``: bf16 on CUDA with bf16; on a CPU, bf16 autocast for training where the CPU has
-    native bf16 (AVX-512 BF16/AMX) and fp32 for inference.
-
-    Measured on a 2-core AVX-512 BF16 CPU with torch 2.13 (SmolLM2-135M): a LoRA step of 16
-    examples took 6.5 s in bf16 and 10 s in fp32, but 4-beam generation of 8 rows took 13 s in
-    bf16 weights and 5.5 s in fp32, and embedding titles was also faster in fp32.
+    native bf16 (AVX-512 BF16/AMX) and fp32 for inference: on such CPUs bf16 training pays,
+    while bf16 beam search as a whole measured slower than fp32 (README: Training).
     """
     precision = (precision or "auto").lower()
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -241,10 +238,10 @@ def with_merged_adapter(base, lora_weights: str | Path):
     """``base`` with a LoRA adapter merged, sharing every tensor the merge leaves alone with ``base``.
 
     A service needs the base model for embeddings (the item index was made with it) and the
-    merged model for generation; two full copies double the memory (for a 7B model, 13 GB of
-    it). Here only the weights of the adapted layers (q_proj and v_proj by default: 53 MB of
-    SmolLM2-135M's 540) are copied before the merge. Generation runs at merged speed (an
-    unmerged adapter was 7% slower here) and ``base`` is left unchanged. Adapters that also
+    merged model for generation; two full copies double the memory. Here only the weights of
+    the adapted layers (q_proj and v_proj by default, a tenth of SmolLM2-135M) are copied
+    before the merge. Generation runs at merged speed (an unmerged adapter adds work to every
+    adapted layer) and ``base`` is left unchanged. Adapters that also
     train biases or other modules are loaded onto a full copy instead.
     """
     import copy
@@ -300,3 +297,9 @@ def model_fingerprint(base_model: str) -> dict[str, Any]:
     info["sha256"] = digest.hexdigest()
     info["files"] = [f.name for f in files]
     return info
+
+
+def use_cuda() -> bool:
+    """A GPU is there and the launcher did not ask for the CPU (``use_cpu`` in an accelerate config)."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in {"1", "true", "yes"}
+    return torch.cuda.is_available() and not forced_cpu

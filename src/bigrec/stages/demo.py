@@ -216,139 +216,193 @@ def random_ndcg_hr(num_items, topk: tuple[int, ...]) -> dict[str, list[float]]:
     return {"NDCG": ndcg, "HR": hr}
 
 
-def run(cfg: Config) -> int:
-    from bigrec.app.run_manifest import RunManifest
-    from bigrec.evaluation.metrics import TOPK
-    from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
-    from bigrec.grounding.embedding import REFERENCE
-    from bigrec.grounding.options import grounding_of, grounding_options
-    from bigrec.stages import baseline as baseline_run
-    from bigrec.stages import evaluate, generate, prepare, train
-    from bigrec.stages import index as index_stage
+@dataclass(frozen=True)
+class Paths:
+    """Where the demo's stages read and write, inside ``run_dir``."""
 
-    started = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(run_dir)
-    data = run_dir / "data"
-    adapter = run_dir / "adapter"
-    results = run_dir / "results"
-    index_path = run_dir / "index.safetensors"
+    run: Path
 
+    @property
+    def data(self) -> Path:
+        return self.run / "data"
+
+    @property
+    def adapter(self) -> Path:
+        return self.run / "adapter"
+
+    @property
+    def results(self) -> Path:
+        return self.run / "results"
+
+    @property
+    def index(self) -> Path:
+        return self.run / "index.safetensors"
+
+    def inputs(self, split: str) -> Path:
+        return self.run / "inputs" / f"{split}.json"
+
+    def scores(self, model: str, split: str) -> Path:
+        return self.run / model / "scores" / f"{split}_5000.safetensors"
+
+
+def decodings_of(cfg: Config) -> list[str]:
+    return ["free", "constrained"] if cfg.decoding == "both" else [cfg.decoding]
+
+
+def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
+    """prepare -> the test and validation inputs -> LoRA tuning -> generation for each decoding and split."""
+    from bigrec.stages import generate, prepare, train
+
+    data = paths.data
     prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed,
                               prompt_titles=cfg.prompt_titles)
     stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
 
     def make_inputs() -> None:
-        first_rows(data / "test_5000.json", run_dir / "inputs" / "test.json", cfg.test_rows)
-        first_rows(data / "valid_5000.json", run_dir / "inputs" / "valid.json", cfg.valid_rows)
+        first_rows(data / "test_5000.json", paths.inputs("test"), cfg.test_rows)
+        first_rows(data / "valid_5000.json", paths.inputs("valid"), cfg.valid_rows)
 
     stages.run("inputs", {"test_rows": cfg.test_rows, "valid_rows": cfg.valid_rows},
-               [run_dir / "inputs" / "test.json", run_dir / "inputs" / "valid.json"], make_inputs, after=("prepare",))
+               [paths.inputs("test"), paths.inputs("valid")], make_inputs, after=("prepare",))
 
     train_cfg = train.Config(
         base_model=cfg.base_model, train_data_path=[str(data / "train.json")],
-        val_data_path=[str(data / "valid.json")], val_sample=cfg.val_rows, output_dir=str(adapter),
+        val_data_path=[str(data / "valid.json")], val_sample=cfg.val_rows, output_dir=str(paths.adapter),
         sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
         precision=cfg.precision, warmup_steps=min(20, max(1, cfg.sample // cfg.batch_size // 4)))
-    stages.run("train", stage_settings(train_cfg), [adapter / "adapter_config.json"], lambda: train.run(train_cfg),
-               after=("prepare",))
+    stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"],
+               lambda: train.run(train_cfg), after=("prepare",))
 
-    decodings = ["free", "constrained"] if cfg.decoding == "both" else [cfg.decoding]
-    for decoding in decodings:
+    for decoding in decodings_of(cfg):
         for split in ("test", "valid"):
+            result = paths.results / decoding / f"{split}.json"
             gen_cfg = generate.Config(
-                test_data_path=str(run_dir / "inputs" / f"{split}.json"),
-                result_json_data=str(results / decoding / f"{split}.json"), base_model=cfg.base_model,
-                lora_weights=str(adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
+                test_data_path=str(paths.inputs(split)), result_json_data=str(result), base_model=cfg.base_model,
+                lora_weights=str(paths.adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                 precision=cfg.precision, decoding=decoding,
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
                 catalog=str(data / "id2name.txt") if decoding == "constrained" else None,
                 discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
-            stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [results / decoding / f"{split}.json"],
+            stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
 
-    grounding = grounding_options(grounding_of(cfg))
-    idx_cfg = index_stage.Config(catalog=str(data / "id2name.txt"), output=str(index_path),
-                                 base_model=cfg.base_model, precision=cfg.precision, overwrite=True, **grounding)
-    stages.run("index", stage_settings(idx_cfg), [index_path], lambda: index_stage.run(idx_cfg), after=("prepare",))
-    # The paper's grounding beside ours, on the same generations: what the choice of embedding is worth.
-    compare_reference = grounding_of(cfg) != REFERENCE and "free" in decodings
 
+def index_and_baselines(cfg: Config, stages: Stages, paths: Paths) -> None:
+    """The item index, popularity, SASRec on every training row and SASRec on BIGRec's sampled rows."""
+    from bigrec.grounding.options import grounding_of, grounding_options
+    from bigrec.stages import baseline
+    from bigrec.stages import index as index_stage
+
+    idx_cfg = index_stage.Config(catalog=str(paths.data / "id2name.txt"), output=str(paths.index),
+                                 base_model=cfg.base_model, precision=cfg.precision, overwrite=True,
+                                 **grounding_options(grounding_of(cfg)))
+    stages.run("index", stage_settings(idx_cfg), [paths.index], lambda: index_stage.run(idx_cfg), after=("prepare",))
     for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, cfg.sample)):
-        b_cfg = baseline_run.Config(data=str(data), output_dir=str(run_dir / model), model=model.split("_")[0],
-                                    seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
-        stages.run(model, stage_settings(b_cfg), [run_dir / model / "scores" / "test_5000.safetensors"],
-                   lambda c=b_cfg: baseline_run.run(c), after=("prepare",))
+        b_cfg = baseline.Config(data=str(paths.data), output_dir=str(paths.run / model), model=model.split("_")[0],
+                                seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
+        stages.run(model, stage_settings(b_cfg), [paths.scores(model, "test")],
+                   lambda c=b_cfg: baseline.run(c), after=("prepare",))
 
+
+def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, Path | None]:
+    """Every evaluation: per decoding and protocol, BIGRec with popularity and CI (full SASRec) and
+    with CI from the few-shot SASRec; the paper's grounding beside ours where they differ.
+
+    Returns the metrics files: {protocol: {decoding: path}} for each kind, and the reference
+    grounding's (None when not run)."""
+    from bigrec.grounding.embedding import REFERENCE
+    from bigrec.grounding.options import grounding_of, grounding_options
+    from bigrec.stages import evaluate
+
+    catalog = str(paths.data / "id2name.txt")
     metrics_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
     fewshot_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
-    for decoding in decodings:
+    for decoding in decodings_of(cfg):
+        results = paths.results / decoding
+        generated = (f"generate_test_{decoding}", f"generate_valid_{decoding}", "index")
         for protocol, suffix in PROTOCOLS.items():
-            metrics_paths[protocol][decoding] = metrics_path = run_dir / "metrics" / f"bigrec_{decoding}{suffix}.json"
+            metrics_paths[protocol][decoding] = metrics_path = paths.run / "metrics" / f"bigrec_{decoding}{suffix}.json"
             eval_cfg = evaluate.Config(
-                catalog=str(data / "id2name.txt"), input_dir=str(results / decoding / "test.json"),
-                output=str(metrics_path), base_model=cfg.base_model,
-                valid_input_dir=str(results / decoding / "valid.json"), popularity=str(data / "train.csv"),
-                ci_scores=str(run_dir / "sasrec" / "scores" / "test_5000.safetensors"),
-                valid_ci_scores=str(run_dir / "sasrec" / "scores" / "valid_5000.safetensors"),
-                index_path=str(index_path), precision=cfg.precision, last_title=True,
-                ground_beams=cfg.ground_beams,
-                exclude_history=protocol == "unseen", **grounding)
+                catalog=catalog, input_dir=str(results / "test.json"), output=str(metrics_path),
+                base_model=cfg.base_model, valid_input_dir=str(results / "valid.json"),
+                popularity=str(paths.data / "train.csv"), ci_scores=str(paths.scores("sasrec", "test")),
+                valid_ci_scores=str(paths.scores("sasrec", "valid")), index_path=str(paths.index),
+                precision=cfg.precision, last_title=True, ground_beams=cfg.ground_beams,
+                exclude_history=protocol == "unseen", **grounding_options(grounding_of(cfg)))
             stages.run(f"evaluate_{decoding}{suffix}", stage_settings(eval_cfg), [metrics_path],
-                       lambda c=eval_cfg: evaluate.run(c),
-                       after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", "popularity",
-                              "sasrec"))
+                       lambda c=eval_cfg: evaluate.run(c), after=(*generated, "popularity", "sasrec"))
             # CI from the SASRec trained on BIGRec's own sampled rows: claim 2 on the same few samples
             few_path = fewshot_paths[protocol][decoding] = metrics_path.with_name(
                 f"bigrec_{decoding}_fewshot_ci{suffix}.json")
             few_cfg = dataclasses.replace(
                 eval_cfg, output=str(few_path), popularity=None, last_title=False,
-                ci_scores=str(run_dir / FEW_SHOT / "scores" / "test_5000.safetensors"),
-                valid_ci_scores=str(run_dir / FEW_SHOT / "scores" / "valid_5000.safetensors"))
+                ci_scores=str(paths.scores(FEW_SHOT, "test")), valid_ci_scores=str(paths.scores(FEW_SHOT, "valid")))
             stages.run(f"evaluate_{decoding}_fewshot_ci{suffix}", stage_settings(few_cfg), [few_path],
-                       lambda c=few_cfg: evaluate.run(c),
-                       after=(f"generate_test_{decoding}", f"generate_valid_{decoding}", "index", FEW_SHOT))
-    if compare_reference:
-        reference_path = run_dir / "metrics" / "bigrec_free_reference_grounding.json"
-        ref_cfg = evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results / "free" / "test.json"),
-                                  output=str(reference_path), base_model=cfg.base_model,
-                                  index_path=str(run_dir / "index.reference.safetensors"), precision=cfg.precision)
-        stages.run("evaluate_free_reference_grounding", stage_settings(ref_cfg), [reference_path],
-                   lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
+                       lambda c=few_cfg: evaluate.run(c), after=(*generated, FEW_SHOT))
+    # The paper's grounding beside ours, on the same generations: what the choice of embedding is worth.
+    if grounding_of(cfg) == REFERENCE or "free" not in decodings_of(cfg):
+        return metrics_paths, fewshot_paths, None
+    reference_path = paths.run / "metrics" / "bigrec_free_reference_grounding.json"
+    ref_cfg = evaluate.Config(catalog=catalog, input_dir=str(paths.results / "free" / "test.json"),
+                              output=str(reference_path), base_model=cfg.base_model,
+                              index_path=str(paths.run / "index.reference.safetensors"), precision=cfg.precision)
+    stages.run("evaluate_free_reference_grounding", stage_settings(ref_cfg), [reference_path],
+               lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
+    return metrics_paths, fewshot_paths, reference_path
 
-    # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
-    test_rows = io.read_json(run_dir / "inputs" / "test.json")
-    compared = {protocol: side_by_side(run_dir, test_rows, paths, cfg.sample,
-                                       reference_path if compare_reference and protocol == "reference" else None,
-                                       fewshot_paths[protocol])
-                for protocol, paths in metrics_paths.items()}
-    infos = compared["reference"].pop("infos")  # decoding -> the evaluation details of its test file
-    compared["unseen"].pop("infos")
-    table = metrics_json(compared["reference"]["metrics"], TOPK)
-    io.write_json(run_dir / "metrics" / "side_by_side.json", table)
-    io.write_json(run_dir / "metrics" / "comparison.json", {"rows": len(test_rows), "topk": list(TOPK),
-                                                            "protocols": compared})
-    plot_metrics(table, run_dir / "metrics" / "side_by_side.png", TOPK)
-    elapsed = time.perf_counter() - started
-    report = render_report(cfg, table, infos, stages.timings, elapsed, format_table(table, TOPK),
-                           grounding_of(cfg).describe(), compared)
-    io.write_text(run_dir / "report.md", report)
-    write_report_html(run_dir, cfg, infos, stages.timings, elapsed, compared, grounding_of(cfg).describe())
-    # recommend/serve decode freely: their gammas come from the free run when there is one
+
+def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
+    """run.yaml for recommend and serve; they decode freely, so the gammas and the ranking come from
+    the free run when there is one."""
+    from bigrec.app.run_manifest import RunManifest
+    from bigrec.grounding.options import grounding_of, grounding_options
+
     gammas_from = infos.get("free") or infos["constrained"]
-
     use_ci, weight, note = default_ranking(gammas_from)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
-                precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles, **grounding,
+                precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles,
+                **grounding_options(grounding_of(cfg)),
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 use_ci=use_ci, ci_blend_weight=weight, ranking_note=note).save(run_dir)
+
+
+def run(cfg: Config) -> int:
+    from bigrec.evaluation.metrics import TOPK
+    from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
+    from bigrec.grounding.options import grounding_of
+
+    started = time.perf_counter()
+    paths = Paths(Path(cfg.run_dir))
+    paths.run.mkdir(parents=True, exist_ok=True)
+    stages = Stages(paths.run)
+    tune_and_generate(cfg, stages, paths)
+    index_and_baselines(cfg, stages, paths)
+    metrics_paths, fewshot_paths, reference_path = evaluations(cfg, stages, paths)
+
+    # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
+    test_rows = io.read_json(paths.inputs("test"))
+    compared = {protocol: side_by_side(paths.run, test_rows, metrics_paths[protocol], cfg.sample,
+                                       reference_path if protocol == "reference" else None, fewshot_paths[protocol])
+                for protocol in PROTOCOLS}
+    infos = compared["reference"].pop("infos")  # decoding -> the evaluation details of its test file
+    compared["unseen"].pop("infos")
+    table = metrics_json(compared["reference"]["metrics"], TOPK)
+    io.write_json(paths.run / "metrics" / "side_by_side.json", table)
+    io.write_json(paths.run / "metrics" / "comparison.json", {"rows": len(test_rows), "topk": list(TOPK),
+                                                              "protocols": compared})
+    plot_metrics(table, paths.run / "metrics" / "side_by_side.png", TOPK)
+    elapsed = time.perf_counter() - started
+    grounding = grounding_of(cfg).describe()
+    io.write_text(paths.run / "report.md", render_report(cfg, table, infos, stages.timings, elapsed,
+                                                         format_table(table, TOPK), grounding, compared))
+    write_report_html(paths.run, cfg, infos, stages.timings, elapsed, compared, grounding)
+    save_manifest(cfg, paths.run, infos)
     print(format_table(table, TOPK))
-    print(f"\nreport: {run_dir / 'report.md'}   plot: {run_dir / 'metrics' / 'side_by_side.png'}   "
+    print(f"\nreport: {paths.run / 'report.md'}   plot: {paths.run / 'metrics' / 'side_by_side.png'}   "
           f"wall time {elapsed / 60:.1f} min")
     return 0
 

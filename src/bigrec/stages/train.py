@@ -13,11 +13,9 @@ the data drawn), ``train_log.jsonl``, and ``checkpoint-N/`` folders for resuming
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,14 @@ import yaml
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import staged_dir, write_yaml
 from bigrec.llm.lora_dropout import use_bits_dropout
-from bigrec.llm.models import DEFAULT_MODEL, load_model, model_fingerprint, resolve_base_model, resolve_dtype
+from bigrec.llm.models import (
+    DEFAULT_MODEL,
+    load_model,
+    model_fingerprint,
+    resolve_base_model,
+    resolve_dtype,
+    use_cuda,
+)
 from bigrec.llm.sft_data import Collator, SFTDataset, load_rows
 
 log = logging.getLogger(__name__)
@@ -65,8 +70,8 @@ class Config:
                                        "less time and memory); false = the model's own loss on full logits")
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
-    attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); on a CPU eager "
-                                    "trained 7.5% faster here but took 0.9 GB more peak memory",
+    attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
+                                    "faster on a CPU at a higher peak memory (README: Training)",
                             choices=["auto", "eager", "sdpa", "flash_attention_2"])
     report_to: list[str] = option(help="where the Trainer also logs: none, or tensorboard, wandb, mlflow, ... as "
                                        "transformers names them (each needs its package)",
@@ -155,121 +160,12 @@ def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dic
                           "start over")
 
 
-def _callbacks():
-    """Callback classes, defined lazily so that importing this module stays cheap."""
-    from transformers import ProgressCallback, TrainerCallback
-    from transformers.trainer_callback import ExportableState
-
-    class JsonlLog(TrainerCallback):
-        """Appends every Trainer log (loss per step, eval loss per evaluation) to a JSON-lines file."""
-
-        def __init__(self, path: str, info: dict[str, Any]):
-            self.path, self.info = path, info
-            self.started = time.time()
-
-        def _write(self, record: dict[str, Any]) -> None:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self._write({"event": "start", "global_step": state.global_step, "max_steps": state.max_steps,
-                             "world_size": args.world_size, **self.info})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                             "elapsed_s": round(time.time() - self.started, 3), **logs})
-
-    class KeepBest(TrainerCallback, ExportableState):
-        """Early stopping on validation loss that saves the best model as it goes (to ``best_dir``).
-
-        Trainer's own ``load_best_model_at_end`` would tie checkpoints to evaluations; this keeps
-        frequent resumable checkpoints independent of the evaluation schedule.
-        """
-
-        def __init__(self, best_dir: str, patience: int = 5, best_loss: float | None = None,
-                     best_step: int | None = None, bad_evals: int = 0):
-            self.best_dir, self.patience = best_dir, patience
-            self.best_loss, self.best_step, self.bad_evals = best_loss, best_step, bad_evals
-
-        def state(self) -> dict:
-            return {"args": {"best_dir": self.best_dir, "patience": self.patience},
-                    "attributes": {"best_loss": self.best_loss, "best_step": self.best_step,
-                                   "bad_evals": self.bad_evals}}
-
-        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None:
-                return
-            if self.best_loss is None or loss < self.best_loss:
-                self.best_loss, self.best_step, self.bad_evals = float(loss), state.global_step, 0
-                if state.is_world_process_zero and model is not None:
-                    _save_atomically(model, Path(self.best_dir), {"eval_loss": loss, "step": state.global_step})
-                log.info("validation loss %.4f at step %d: best so far", loss, state.global_step)
-            else:
-                self.bad_evals += 1
-                log.info("validation loss %.4f (best %.4f at step %s), %d/%d evaluations without improvement",
-                         loss, self.best_loss, self.best_step, self.bad_evals, self.patience)
-                if self.patience and self.bad_evals >= self.patience:
-                    control.should_training_stop = True
-
-    class QuietProgress(ProgressCallback):
-        """The progress bar with the latest loss on it, instead of a printed dict per step."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in {"loss", "eval_loss"}}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
-
-    return JsonlLog, KeepBest, QuietProgress
-
-
-def _trainer_class():
-    """``Trainer`` that, given a :class:`bigrec.llm.labelled_logits.LabelledLogits`, selects the LM
-    head's rows for each batch (defined lazily: importing transformers is slow)."""
-    from transformers import Trainer
-
-    class BigrecTrainer(Trainer):
-        def __init__(self, *args, labelled=None, **kwargs):
-            super().__init__(*args, compute_loss_func=labelled.loss if labelled else None, **kwargs)
-            self.labelled = labelled
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.labelled is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            with self.labelled.positions(inputs["labels"]):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    return BigrecTrainer
-
-
-def _save_atomically(model, target: Path, meta: dict[str, Any]) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "best.json").write_text(json.dumps(meta) + "\n")
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def use_cuda() -> bool:
-    """A GPU is there and the launcher did not ask for the CPU (``use_cpu`` in an accelerate config)."""
-    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in {"1", "true", "yes"}
-    return torch.cuda.is_available() and not forced_cpu
-
-
 def build_model(config: Config, base: str, adapter: str | None):
     """The model to train: base (+ a new or given LoRA adapter) -> (model, tokenizer, compute dtype).
 
-    With LoRA the frozen base sits in the compute dtype (on this CPU, bf16 weights took 0.9 GB
-    less peak memory than fp32 ones under bf16 autocast, at the same speed and loss); the
-    trained weights, adapter or full model, stay fp32 and autocast does the rest.
+    With LoRA the frozen base sits in the compute dtype (it needs no fp32 master copy: less peak
+    memory, the same speed and loss under autocast); the trained weights, adapter or full model,
+    stay fp32 and autocast does the rest.
     """
     on_cuda = use_cuda()
     compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", training=True)
@@ -289,10 +185,46 @@ def build_model(config: Config, base: str, adapter: str | None):
     return model, tokenizer, compute
 
 
+def training_arguments(config: Config, out: Path, compute: torch.dtype, has_validation: bool, world: int):
+    """The ``TrainingArguments`` of a run: the reference's schedule, checkpoints every ``save_steps``."""
+    from transformers import TrainingArguments
+
+    grad_acc = max(1, config.batch_size // config.micro_batch_size // world)
+    eval_strategy = "no" if not has_validation else ("steps" if config.eval_steps else "epoch")
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=grad_acc,
+        num_train_epochs=config.num_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps, optim="adamw_torch", lr_scheduler_type="linear",
+        logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not use_cuda(),
+        seed=config.seed, data_seed=config.seed, report_to=config.report_to, prediction_loss_only=True,
+        remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        restore_callback_states_from_checkpoint=True, disable_tqdm=False)
+
+
+def save_result(trainer, tokenizer, out: Path, resolved: dict, summary: dict) -> None:
+    """The output folder, swapped in whole: the best adapter (lowest validation loss, else the last
+    step's), the tokenizer and config.yaml."""
+    best_dir = out / BEST_DIR
+    with staged_dir(out) as stage:
+        if best_dir.is_dir():
+            for item in best_dir.iterdir():
+                if item.name != "best.json":
+                    shutil.copy2(item, stage / item.name)
+        else:
+            trainer.model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        write_yaml(stage / "config.yaml", {**resolved, "status": "done", "result": summary})
+
+
 def run(config: Config) -> dict[str, Any]:
-    from transformers import ProgressCallback, TrainingArguments, set_seed
+    from transformers import ProgressCallback, set_seed
 
     from bigrec.llm.labelled_logits import LabelledLogits
+    from bigrec.llm.training import BigrecTrainer, JsonlLog, KeepBest, QuietProgress, best_loss, best_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
@@ -319,35 +251,20 @@ def run(config: Config) -> dict[str, Any]:
         if val_rows else None
     log.info("training on %d rows (%d tokens) from %d file(s); %d validation rows", len(train_set),
              train_set.num_tokens(), len(selection), len(val_set) if val_set else 0)
-
-    grad_acc = max(1, config.batch_size // config.micro_batch_size // world)
-    eval_strategy = "no" if val_set is None else ("steps" if config.eval_steps else "epoch")
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=grad_acc,
-        num_train_epochs=config.num_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps, optim="adamw_torch", lr_scheduler_type="linear",
-        logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not use_cuda(),
-        seed=config.seed, data_seed=config.seed, report_to=config.report_to, prediction_loss_only=True,
-        remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        restore_callback_states_from_checkpoint=True, disable_tqdm=False)
+    args = training_arguments(config, out, compute, val_set is not None, world)
     resolved = {"stage": "train", "config": to_dict(config), "base_model": fingerprint,
-                "run": {"world_size": args.world_size, "gradient_accumulation_steps": grad_acc,
+                "run": {"world_size": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                         "compute_dtype": str(compute).removeprefix("torch."),
                         "resumed_from": checkpoint, "started_from_adapter": adapter,
                         "train_rows": len(train_set), "val_rows": len(val_set) if val_set else 0,
                         "train_tokens": train_set.num_tokens(), "data": selection}}
-    JsonlLog, KeepBest, QuietProgress = _callbacks()
     best_dir = out / BEST_DIR
-    keep_best = KeepBest(str(best_dir), config.early_stopping_patience)
     labelled = LabelledLogits(model) if config.sparse_logits else None
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                               data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                               callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}), keep_best],
-                               labelled=labelled)
+    trainer = BigrecTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                            data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                            callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}),
+                                       KeepBest(str(best_dir), config.early_stopping_patience)],
+                            labelled=labelled)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     if checkpoint is None and best_dir.exists() and trainer.is_world_process_zero():
@@ -361,31 +278,10 @@ def run(config: Config) -> dict[str, Any]:
             labelled.remove()
     state = trainer.state
     summary = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": result.training_loss,
-               "best_eval_loss": _best_loss(best_dir), "best_step": _best_step(best_dir)}
+               "best_eval_loss": best_loss(best_dir), "best_step": best_step(best_dir)}
     if trainer.is_world_process_zero():
-        with staged_dir(out) as stage:
-            if best_dir.is_dir():  # the lowest validation loss, not the last step
-                for item in best_dir.iterdir():
-                    if item.name != "best.json":
-                        shutil.copy2(item, stage / item.name)
-            else:
-                trainer.model.save_pretrained(stage)
-            tokenizer.save_pretrained(stage)
-            write_yaml(stage / "config.yaml", {**resolved, "status": "done", "result": summary})
+        save_result(trainer, tokenizer, out, resolved, summary)
         log.info("saved %s to %s (step %d, best validation loss %s)", "adapter" if config.lora else "model",
                  out, state.global_step, summary["best_eval_loss"])
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def _best_meta(best_dir: Path) -> dict[str, Any]:
-    meta = best_dir / "best.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def _best_loss(best_dir: Path) -> float | None:
-    return _best_meta(best_dir).get("eval_loss")
-
-
-def _best_step(best_dir: Path) -> int | None:
-    return _best_meta(best_dir).get("step")
