@@ -24,6 +24,13 @@ own because both need it):
 
 Checks: the reference ranking + loops run on our distance matrix must give our numbers (to
 1e-9); end to end (each side's own embeddings) the differences are printed as they are.
+
+Embedding against the hardware: the machine's matmul peak is measured first
+(``benchmarks/peak.py``); the embedding phase prints its seconds per distinct text against the
+reference's loop (every text embedded on both sides) and its FLOP rate as a share of the peak
+of the model's dtype. Where the CPU has native bf16, the same texts and the index are embedded
+again by a bf16 copy of the model: its speed, and how often its grounding agrees with fp32's
+(same nearest item; same target rank), which is why ``precision auto`` embeds in fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak import forward_flops, measure_peaks, share
 
 from bigrec.data.prompts import natural_title
 
@@ -92,6 +100,42 @@ def max_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for key in ("NDCG", "HR") for x, y in zip(a[key], b[key], strict=True))
 
 
+def embedding_phase(model, tok, peaks, texts: list[str], reference_s: float, reference_texts: int, ours_s: float,
+                    items: torch.Tensor, titles: list[str], targets, top1: list[str], batch: int) -> None:
+    """Seconds per text against the reference's loop, the share of the peak, and bf16's speed and agreement."""
+    from bigrec.evaluation.metrics import target_ranks
+    from bigrec.grounding.embedding import embed_texts
+    from bigrec.grounding.ranking import l2_distances
+    from bigrec.llm.models import cpu_has_bf16
+
+    lengths = [len(ids) for ids in tok(texts)["input_ids"]]
+    flops = forward_flops(model, sum(lengths), context=sum(lengths) / len(lengths) / 2, logits_tokens=0)
+    per_ref, per_ours = reference_s / reference_texts, ours_s / len(texts)
+    print(f"\nembedding: reference {1e3 * per_ref:.1f} ms per text ({reference_texts} texts, batch 16, full LM), "
+          f"ours {1e3 * per_ours:.1f} ms per distinct text ({len(texts)} texts, batch {batch}, {model.dtype}) "
+          f"= {per_ref / per_ours:.2f}x; ours {share(flops / ours_s, peaks, model.dtype)}")
+    if not cpu_has_bf16() or model.dtype != torch.float32:
+        return
+    fast = model.to(torch.bfloat16)
+    started = time.perf_counter()
+    vectors = embed_texts(fast, tok, texts, batch)
+    seconds = time.perf_counter() - started
+    fast_items = embed_texts(fast, tok, titles, batch)
+    model.to(torch.float32)
+    exact = embed_texts(model, tok, texts, batch)
+    by_text = {t: i for i, t in enumerate(texts)}
+    rows = [by_text[t] for t in top1 if t]
+    kept = [i for i, t in enumerate(top1) if t]
+    d32, d16 = l2_distances(exact, items), l2_distances(vectors, fast_items)
+    same_item = (d32.argmin(1) == d16.argmin(1)).float().mean()
+    r32 = target_ranks(d32[rows], [targets[i] for i in kept])
+    r16 = target_ranks(d16[rows], [targets[i] for i in kept])
+    print(f"embedding in bf16: {1e3 * seconds / len(texts):.1f} ms per distinct text = {per_ref * len(texts) / seconds:.2f}x "
+          f"the reference, {share(flops / seconds, peaks, torch.bfloat16)}; against fp32: same nearest item for "
+          f"{same_item:.1%} of texts, same target rank on {(r32 == r16).float().mean():.1%} of rows, "
+          f"target in the top 10 alike on {((r32 < 10) == (r16 < 10)).float().mean():.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5000)
@@ -106,6 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    peaks = measure_peaks()
+    print(peaks.line(), flush=True)
 
     from transformers.utils import logging as hf_logging
 
@@ -206,6 +252,9 @@ def main() -> None:
     print(f"\nref* = the reference's double argsort + loops on our distances: max |diff| {gap:.2e} "
           f"-> {'EQUAL' if gap <= 1e-9 else 'NOT EQUAL'} to 1e-9")
     print(f"ours with vs without the title shortcut: max |diff| {max_diff(ours['ours'], ours['ours, no title shortcut']):.2e}")
+    embedding_phase(model, tok, peaks, texts=sorted({t for t in results.top1 if t}), reference_s=timings["reference"]["embed"],
+                    reference_texts=len(text), ours_s=timings["ours, no title shortcut"]["embed"], items=items,
+                    titles=catalog.titles, targets=results.targets, top1=results.top1, batch=args.batch_size)
     print(f"end to end (each side's own embeddings): max |diff| {max_diff(ours['ours'], reference):.2e}; "
           f"target rank differs on {int((ref_ranks != our_ranks).sum())}/{len(rows)} rows; largest gap between a "
           f"reference prediction embedding and the index row of the same title {float(emb_gap):.2e}")

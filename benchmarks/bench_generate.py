@@ -7,12 +7,13 @@ Both run in this process, on the same first ``--rows`` rows and the same prompt 
 (:func:`bigrec.data.prompts.prompt_for_row`; the reference's inference prompt differs from its training
 prompt by one space, which is not copied), with the same tokenizer (left padding):
 
-* ours: the model as ``bigrec generate`` loads it (adapter merged, precision auto = fp32 for
-  inference on a CPU), rows sorted by prompt length as ``generate.run`` does, then
+* ours: the model as ``bigrec generate`` loads it (adapter merged in fp32; precision auto = fp32
+  weights and decode steps, the prompts encoded in bf16 under autocast where the CPU has native
+  bf16), rows sorted by prompt length as ``generate.run`` does, then
   :func:`bigrec.llm.generation.generate_batch`: the prompt's KV cache encoded once and shared by the
   beams, every beam stopping at the end of its title, at most ``--max_new_tokens``.
 * reference (BIGRec ``inference.py``, restated): base model + ``PeftModel`` (not merged), fp32,
-  rows in file order, batch 8, plain ``model.generate`` with 4 beams returning 4 sequences,
+  rows in file order, batch 8 (``--ref_batch_size``), plain ``model.generate`` with 4 beams returning 4 sequences,
   ``max_new_tokens`` 128, no stopping criteria (beams end at EOS or the token limit), transformers
   copying each prompt once per beam, ``output_scores`` and ``return_dict_in_generate`` on as in
   the reference. ``do_sample=False`` is explicit; its GPU parts (fp16, torch.compile) are left
@@ -20,6 +21,10 @@ prompt by one space, which is not copied), with the same tokenizer (left padding
 
 Top-1 agreement: the first returned sequence of each row, both cut at the end of the title
 (:func:`bigrec.llm.generation.cut_title`) and normalised, compared row by row.
+
+Against the hardware: the machine's matmul peak is measured first (``benchmarks/peak.py``);
+after the timed runs ours' prefill is timed again alone on the same batches, and the prefill
+and the decode steps (the rest) print their FLOP rates as a share of the peak of ours' dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak import forward_flops, measure_peaks, share
 
 DEFAULT_ADAPTER = Path("runs/demo/adapter")
 
@@ -55,6 +61,31 @@ def reference_generate(model, tok, prompts: list[str], num_beams: int, max_new_t
     return [cut_title(texts[i * num_beams]) for i in range(len(prompts))], out.sequences.shape[1] - prompt_len
 
 
+def phase_rates(model, tok, batches: list[list[str]], tops: list[str], num_beams: int,
+                total_s: float, prefill_dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """(seconds, FLOPs) of ours' prefill (timed again alone: the prompt cache of every batch) and
+    of the decode steps (the rest of ``total_s``; every beam of a batch runs until its last beam
+    ends, taken as the longest top-1 text's tokens plus the stopping token)."""
+    from bigrec.llm.kv_cache import shared_prompt
+
+    prefill_s = prefill_flops = decode_flops = 0.0
+    done = 0
+    with torch.inference_mode():
+        for prompts in batches:
+            enc = tok(prompts, return_tensors="pt", padding=True)
+            lengths = enc["attention_mask"].sum(1)
+            start = time.perf_counter()
+            relaid, _ = shared_prompt(model, enc, tok.pad_token_id, num_beams, 64, prefill_dtype)
+            prefill_s += time.perf_counter() - start
+            encoded = int(relaid["attention_mask"][:, :-1].sum())  # the shared prefix once, each row's rest
+            prefill_flops += forward_flops(model, encoded, context=float(lengths.float().mean()) / 2, logits_tokens=0)
+            steps = 1 + max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in tops[done:done + len(prompts)])
+            done += len(prompts)
+            decode_flops += forward_flops(model, steps * len(prompts) * num_beams,
+                                          context=float(lengths.float().mean()) + steps / 2)
+    return {"prefill": (prefill_s, prefill_flops), "decode": (total_s - prefill_s, decode_flops)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -63,14 +94,22 @@ def main() -> None:
     parser.add_argument("--lora_weights", default=None,
                         help=f"adapter folder; default {DEFAULT_ADAPTER} if it holds an adapter, else none")
     parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows per generate call, both recipes")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="ours' rows per generate call (default: bigrec generate's)")
+    parser.add_argument("--ref_batch_size", type=int, default=8, help="the reference's rows per generate call")
     parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64, help="ours' upper bound (bigrec's default)")
     parser.add_argument("--ref_max_new_tokens", type=int, default=128, help="the reference's max_new_tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.batch_size is None:
+        from bigrec.stages.generate import Config
+
+        args.batch_size = Config(test_data_path="", result_json_data="").batch_size
     if args.threads:
         torch.set_num_threads(args.threads)
+    peaks = measure_peaks()
+    print(peaks.line(), flush=True)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -78,7 +117,7 @@ def main() -> None:
 
     from bigrec.data.prompts import normalize_title, prompt_for_row
     from bigrec.llm.generation import generate_batch
-    from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model
+    from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model, resolve_dtype
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -93,9 +132,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads", flush=True)
 
     # Ours, as bigrec generate runs it.
-    model, tok = load_model(base, args.precision, adapter, device="cpu")
+    model, tok = load_model(base, args.precision, adapter, device="cpu", phase="decode")
     dtype = next(model.parameters()).dtype
-    generate_batch(model, tok, prompts[:1], args.num_beams, 2)  # warm-up
+    prefill_dtype = resolve_dtype(args.precision, "cpu", "prefill")
+    generate_batch(model, tok, prompts[:1], args.num_beams, 2, prefill_dtype=prefill_dtype)  # warm-up
     lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
     order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
     ours: dict[int, str] = {}
@@ -103,10 +143,13 @@ def main() -> None:
     for lo in range(0, len(order), args.batch_size):
         picks = order[lo:lo + args.batch_size]
         for i, beams in zip(picks, generate_batch(model, tok, [prompts[i] for i in picks], args.num_beams,
-                                                  args.max_new_tokens), strict=True):
+                                                  args.max_new_tokens, prefill_dtype=prefill_dtype), strict=True):
             ours[i] = beams[0]
     ours_s = time.perf_counter() - started
     print(f"ours: {len(rows)} rows in {ours_s:.1f}s", flush=True)
+    phases = phase_rates(model, tok, [[prompts[i] for i in order[lo:lo + args.batch_size]]
+                                      for lo in range(0, len(order), args.batch_size)],
+                         [ours[i] for i in order], args.num_beams, ours_s, prefill_dtype)
     del model
 
     # The reference recipe.
@@ -120,12 +163,12 @@ def main() -> None:
     ref: list[str] = []
     steps: list[int] = []
     started = time.perf_counter()
-    for lo in range(0, len(prompts), args.batch_size):
-        texts, n = reference_generate(ref_model, ref_tok, prompts[lo:lo + args.batch_size], args.num_beams,
+    for lo in range(0, len(prompts), args.ref_batch_size):
+        texts, n = reference_generate(ref_model, ref_tok, prompts[lo:lo + args.ref_batch_size], args.num_beams,
                                       args.ref_max_new_tokens)
         ref.extend(texts)
         steps.append(n)
-        print(f"  reference batch {lo // args.batch_size + 1}: {n} decoding steps", flush=True)
+        print(f"  reference batch {lo // args.ref_batch_size + 1}: {n} decoding steps", flush=True)
     ref_s = time.perf_counter() - started
     print(f"reference: {len(rows)} rows in {ref_s:.1f}s", flush=True)
 
@@ -137,10 +180,14 @@ def main() -> None:
     print("-" * len(head))
     print(f"{'ours':<10} {str(dtype).removeprefix('torch.'):<9} {args.batch_size:>5} {args.num_beams:>5} "
           f"{args.max_new_tokens:>7} {'title end':<10} {ours_s:>8.1f} {n / ours_s:>7.3f}")
-    print(f"{'reference':<10} {'float32':<9} {args.batch_size:>5} {args.num_beams:>5} {args.ref_max_new_tokens:>7} "
+    print(f"{'reference':<10} {'float32':<9} {args.ref_batch_size:>5} {args.num_beams:>5} {args.ref_max_new_tokens:>7} "
           f"{'EOS only':<10} {ref_s:>8.1f} {n / ref_s:>7.3f}")
     print(f"\nspeed-up {ref_s / ours_s:.2f}x; same top-1 title (both cut at the title's end) on {same}/{n} rows "
           f"= {same / n:.1%}; reference decoding steps per batch: {steps}")
+    for name, (seconds, flops) in phases.items():
+        in_dtype = prefill_dtype if name == "prefill" else dtype
+        print(f"ours {name} ({str(in_dtype).removeprefix('torch.')}): {seconds:.1f}s, "
+              f"{share(flops / seconds, peaks, in_dtype)}")
     empty_ours = sum(1 for i in range(n) if not normalize_title(ours[i]))
     print(f"empty top-1: ours {empty_ours}, reference {sum(1 for t in ref if not normalize_title(t))}")
     for i in range(min(5, n)):

@@ -27,6 +27,12 @@ all). tokens/s = the recipe's own un-padded tokens in the epoch / the Trainer's 
 Validation loss: mean loss per response token (the output title + EOS, prompt masked, our
 tokenisation) on ``--val_rows`` rows of ``valid.json`` drawn with ``--seed``, fp32, for the base
 model and every adapter.
+
+Against the hardware: the machine's matmul peak is measured first (``benchmarks/peak.py``), and
+each recipe's model FLOP rate is printed as a share of the peak of the dtype it computes in.
+Model FLOPs per token: 4 x the transformer's linear weights (the forward product and the
+activation gradient; frozen weights need no weight gradient, LoRA's are negligible); the LM
+head and attention are left out, so the share is a lower bound.
 """
 
 from __future__ import annotations
@@ -222,7 +228,12 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import torch
+    from peak import linear_params, measure_peaks, share
+    from transformers import AutoModelForCausalLM
 
+    peaks = measure_peaks()
+    print(peaks.line(), flush=True)
+    body_params, _ = linear_params(AutoModelForCausalLM.from_pretrained(base))
     print(f"model {base}; {args.sample} training rows of {data / 'train.json'} (seed {args.seed}); "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, native bf16: {cpu_has_bf16()}",
           flush=True)
@@ -259,7 +270,7 @@ def main() -> None:
 
     print(f"\nbase model (no adapter): validation loss {base_loss:.4f} per response token\n")
     head = (f"{'recipe':<15} {'compute':<9} {'batch/micro':>11} {'lr':>7} {'loss on':>9} {'steps':>5} "
-            f"{'tokens':>7} {'train s':>8} {'tokens/s':>8} {'vs ref':>6} {'peak RSS':>9} {'val loss':>8}")
+            f"{'tokens':>7} {'train s':>8} {'tokens/s':>8} {'vs ref':>6} {'peak RSS':>9} {'val loss':>8}  model FLOP rate")
     print(head)
     print("-" * len(head))
     ref_speed = results["reference"]["tokens"] / results["reference"]["train_runtime"] \
@@ -270,7 +281,8 @@ def main() -> None:
         print(f"{name:<15} {r['compute']:<9} {s['batch_size']:>5}/{s['micro_batch_size']:<5} "
               f"{s['learning_rate']:>7.0e} {'all' if s['train_on_inputs'] else 'response':>9} {r['steps']:>5} "
               f"{r['tokens']:>7} {r['train_runtime']:>8.1f} {speed:>8.1f} {speed / ref_speed:>5.2f}x "
-              f"{r['peak_rss_mb'] / 1024:>6.2f}GiB {r['val_loss']:>8.4f}")
+              f"{r['peak_rss_mb'] / 1024:>6.2f}GiB {r['val_loss']:>8.4f}  "
+              f"{share(4 * body_params * speed, peaks, getattr(torch, r['compute']))}")
     print("\ntokens/s: un-padded tokens of one epoch / Trainer train_runtime; peak RSS: the recipe's process "
           "(getrusage ru_maxrss at the end of training); val loss: mean per response token, fp32, same rows "
           "and code for all.")

@@ -95,7 +95,11 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
     model, tok = load_model(request.getfixturevalue(fixture), "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
     enc = tok(prompts, return_tensors="pt", padding=True)
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     assert all(isinstance(layer, SharedPromptLayer) for layer in prompt_cache(model, enc, 4, 12).layers)
+    hook.remove()
+    assert not head_calls  # the prefill computes the cache only: no logits
     ours = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12)
     prompt_len = enc["input_ids"].shape[1]
     with torch.inference_mode():
@@ -103,6 +107,28 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
                                pad_token_id=tok.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tok, prompt_len)]))
     assert torch.equal(ours, plain[:, prompt_len:])
+
+
+def test_a_bf16_prefill_hands_an_fp32_cache_to_the_decode_steps(tiny_model_dir):
+    """Autocast encodes the prompts in bf16 with the fp32 weights (held once); the decode steps then
+    get an fp32 cache, and a prefill in the model's own dtype changes nothing."""
+    from bigrec.llm.kv_cache import shared_prompt
+
+    model, tok = load_model(tiny_model_dir, "fp32")
+    prompts = [prompt_for_row(r) for r in case_rows()]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        _, cache = shared_prompt(model, enc, tok.pad_token_id, 4, 12, prefill_dtype=torch.bfloat16)
+        _, exact = shared_prompt(model, enc, tok.pad_token_id, 4, 12)
+    for fast, full in zip(cache.layers, exact.layers, strict=True):
+        assert fast.keys.dtype == fast.values.dtype == torch.float32
+        assert not torch.equal(fast.keys, full.keys)  # computed in bf16, then widened
+        torch.testing.assert_close(fast.keys, full.keys, atol=0.1, rtol=0.05)
+    plain = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12)
+    assert torch.equal(generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12,
+                                    prefill_dtype=torch.float32), plain)
+    fast = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12, prefill_dtype=torch.bfloat16)
+    assert fast.shape[0] == plain.shape[0] and fast.dtype == plain.dtype
 
 
 def test_common_prefix_moves_the_shared_tokens_to_the_front(tiny_model_dir):

@@ -78,8 +78,10 @@ def test_resolve_dtype():
     assert resolve_dtype("fp16", "cuda") == torch.float16
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert resolve_dtype("auto", "cpu", training=True) == (torch.bfloat16 if native else torch.float32)
-    assert resolve_dtype("auto", "cpu") == torch.float32  # inference: fp32 measured faster on CPUs
+    assert resolve_dtype("auto", "cpu", "train") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", "cpu", "prefill") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", "cpu", "decode") == torch.float32  # bf16 changes too many top-1 titles
+    assert resolve_dtype("auto", "cpu") == torch.float32  # embedding: bf16 changes nearest items
     with pytest.raises(ValueError, match="int3"):
         resolve_dtype("int3", "cpu")
 
@@ -139,6 +141,26 @@ def test_load_model_applies_lora_adapter(tiny_model_dir, tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_model(tiny_model_dir, lora_weights=str(tmp_path), device="cpu")
+
+
+def test_a_bf16_model_carries_the_adapter_merged_in_fp32_then_rounded_once(tiny_model_dir, tmp_path):
+    _random_adapter(tiny_model_dir, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    fp32, _ = load_model(tiny_model_dir, precision="fp32", lora_weights=str(tmp_path / "adapter"), device="cpu")
+    bf16, _ = load_model(tiny_model_dir, precision="bf16", lora_weights=str(tmp_path / "adapter"), device="cpu")
+    assert bf16.dtype == torch.bfloat16
+    weights = dict(fp32.named_parameters())
+    for name, param in bf16.named_parameters():
+        assert torch.equal(param, weights[name].to(torch.bfloat16)), name
+
+
+def test_model_weights_take_their_phase_dtype(tiny_model_dir):
+    for phase in ("decode", "embed"):
+        model, _ = load_model(tiny_model_dir, device="cpu", phase=phase)
+        assert model.dtype == torch.float32  # auto: bf16 changes too many answers in both
+        model, _ = load_model(tiny_model_dir, "bf16", device="cpu", phase=phase)
+        assert model.dtype == torch.bfloat16  # a named precision holds for every phase
+    with pytest.raises(ValueError, match="phase"):
+        resolve_dtype("auto", "cpu", "sample")
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])

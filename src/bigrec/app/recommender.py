@@ -2,8 +2,9 @@
 
 ``bigrec recommend`` and ``bigrec serve`` share this core. :meth:`Recommender.from_run` reads
 ``run.yaml`` (:class:`bigrec.app.run_manifest.RunManifest`) and loads, once: the base model alone
-(embeddings, as the item index was made) and with the adapter merged (generation; the two
-share every weight the adapter does not change, :func:`bigrec.llm.models.with_merged_adapter`),
+(embeddings, as the item index was made) and with the adapter merged (generation; where both
+phases compute in one dtype the two share every weight the adapter does not change,
+:func:`bigrec.llm.models.with_merged_adapter`, else generation gets its own copy in its dtype),
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
 the precision by :func:`bigrec.grounding.index.ensure_index`) and SASRec where the run has one.
 
@@ -47,6 +48,7 @@ from bigrec.data.prompts import (
 from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import blend, reweight
 from bigrec.io import read_json
+from bigrec.llm.models import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,8 @@ class Recommender:
         self.embed_model = embed_model
         self.tokenizer = tokenizer
         self.sasrec = sasrec
+        # the prompt encoding's dtype (bf16 under autocast on a CPU with bf16, the weights held once)
+        self.prefill_dtype = resolve_dtype(manifest.precision, gen_model.device, "prefill")
         self.max_history = max_history
         self.domain: Domain = DOMAINS[manifest.domain]
         self._casefold: dict[str, int] = {}
@@ -169,8 +173,13 @@ class Recommender:
         catalog = read_catalog(catalog_path)
         embed_model, tokenizer = load_model(base, manifest.precision, device=device)
         adapter = manifest.path(run_dir, "adapter")
-        if adapter is not None:
-            gen_model = with_merged_adapter(embed_model, adapter)
+        if resolve_dtype(manifest.precision, embed_model.device, "decode") != embed_model.dtype:
+            # generation computes in another dtype than embedding (bf16 and fp32 on a CPU with bf16):
+            # its own model, as bigrec generate loads it
+            gen_model, _ = load_model(base, manifest.precision, str(adapter) if adapter else None,
+                                      device=str(embed_model.device), phase="decode")
+        elif adapter is not None:
+            gen_model = with_merged_adapter(embed_model, adapter)  # shares every weight the adapter leaves alone
         else:
             gen_model = embed_model
         items = ensure_index(base, catalog_path, manifest.path(run_dir, "index"), manifest.precision,
@@ -286,7 +295,7 @@ class Recommender:
         t1 = time.perf_counter()
         prompts = [self.prompt([m.title for m in row]) for row in matches]
         beams = generate_batch(self.gen_model, self.tokenizer, prompts, self.manifest.num_beams,
-                               self.manifest.max_new_tokens)
+                               self.manifest.max_new_tokens, prefill_dtype=self.prefill_dtype)
         t2 = time.perf_counter()
         grounded = [_grounding_text(b, row) for b, row in zip(beams, matches, strict=True)]
         dist = l2_distances(self._embed(grounded), self.items)  # [B, N]

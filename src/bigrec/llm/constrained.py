@@ -162,7 +162,8 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
                          batch_size: int = 4, length_penalty: float = 1.0, length_correction: bool = False,
                          cf_scores: torch.Tensor | None = None, cf_weight: float = 0.0,
                          max_new_tokens: int | None = None, ghost_threshold: float = 0.99,
-                         share_prompt_cache: bool = True, stats: dict | None = None) -> list[list[Beam]]:
+                         share_prompt_cache: bool = True, stats: dict | None = None,
+                         prefill_dtype: torch.dtype | None = None) -> list[list[Beam]]:
     """Catalogue-constrained beam search: per prompt, its beams (best first) as :class:`Beam`.
 
     ``prompts`` are full prompt texts (``prompt_for_row``), left padded here; ``cf_scores``
@@ -179,7 +180,8 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
     ``share_prompt_cache``: transformers copies each prompt ``num_beams`` times before its
     prefill; here the prompt (all but its last token) is encoded once per row, the prefix all
     rows share once per batch, and the KV cache repeated for the beams, which saves most of the
-    prefill at 10 to 50 beams.
+    prefill at 10 to 50 beams. ``prefill_dtype``: the dtype that encoding computes in
+    (:func:`bigrec.llm.kv_cache.shared_prompt`).
     """
     if num_beams < 1 or batch_size < 1:
         raise ValueError(f"num_beams and batch_size must be at least 1, got {num_beams} and {batch_size}")
@@ -211,7 +213,8 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             with torch.inference_mode():
                 extra = {}
                 if share_prompt_cache and prompt_len > 1:
-                    enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new)
+                    enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new,
+                                                        prefill_dtype)
                 with beam_search_only(model):
                     out = model.generate(
                         **enc, **extra, num_beams=beams, num_return_sequences=beams, do_sample=False,

@@ -46,12 +46,21 @@ def common_prefix(enc, pad_token_id: int) -> tuple[dict, int]:
 
 
 
-def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens: int):
+def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens: int,
+                  prefill_dtype: torch.dtype | None = None):
     """(encoding to pass to ``generate``, its prompt cache): :func:`common_prefix`, then
     :func:`prompt_cache` on the re-laid prompts. ``generate`` must get the re-laid encoding,
-    since the cache was made for its layout."""
+    since the cache was made for its layout.
+
+    ``prefill_dtype`` other than the model's: the prompts are encoded under autocast in that
+    dtype (bf16 matrix products, the weights held once) and the cache is cast to the model's
+    dtype for the decode steps.
+    """
     enc, prefix = common_prefix(enc, pad_token_id)
-    return enc, prompt_cache(model, enc, num_beams, max_new_tokens, prefix)
+    dtype = next(model.parameters()).dtype
+    with torch.autocast(model.device.type, dtype=prefill_dtype or dtype,
+                        enabled=prefill_dtype is not None and prefill_dtype != dtype):
+        return enc, prompt_cache(model, enc, num_beams, max_new_tokens, prefix)
 
 
 
@@ -67,21 +76,27 @@ def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_le
     """
     ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    # Only the cache is wanted: logits for one position, not [B, T, vocab] (a fifth of the prefill's work).
-    accepted = inspect.signature(model.forward).parameters
-    fewer = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    # Only the cache is wanted: the transformer body alone, no LM head. (Even logits for one
+    # position cost more than they seem: a [B, 1, D] slice times the head's [D, vocab] weight is
+    # run by torch as a batched product that first copies the weight B times.)
+    body = decoder_of(model)
+    accepted = inspect.signature(body.forward).parameters
     cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
     cache = None
     if prefix_len:
-        out = model(input_ids=ids[:1, :prefix_len], attention_mask=mask[:1, :prefix_len],
-                    position_ids=positions[:1, :prefix_len], use_cache=True, **fewer)
+        out = body(input_ids=ids[:1, :prefix_len], attention_mask=mask[:1, :prefix_len],
+                   position_ids=positions[:1, :prefix_len], use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(ids.shape[0])
     if prefix_len < ids.shape[1]:
-        out = model(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=positions[:, prefix_len:],
-                    use_cache=True, **{cache_arg: cache}, **fewer)
+        out = body(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=positions[:, prefix_len:],
+                   use_cache=True, **{cache_arg: cache})
         cache = getattr(out, "cache", None) or out.past_key_values
-    layers = getattr(cache, "layers", None)
+    dtype = next(model.parameters()).dtype  # a prefill under autocast leaves bf16 keys for an fp32 decode
+    layers = getattr(cache, "layers", None) or []
+    for layer in layers:  # (under autocast the rotated keys come out fp32, the values bf16)
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
         cache.batch_repeat_interleave(num_beams)
         return cache
@@ -150,3 +165,10 @@ class SharedPromptLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("a SharedPromptLayer keeps every beam of its rows")
+
+
+def decoder_of(model):
+    """The transformer body of a causal LM (no LM head), or the model itself where it has none."""
+    get = getattr(model, "get_decoder", None)
+    body = get() if callable(get) else None
+    return body if isinstance(body, torch.nn.Module) else model

@@ -128,11 +128,17 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve_dtype(precision: str, device: str | torch.device | None = None, training: bool = False) -> torch.dtype:
-    """``auto``: bf16 on CUDA with bf16; on a CPU, bf16 autocast for training where the CPU has
-    native bf16 (AVX-512 BF16/AMX) and fp32 for inference: on such CPUs bf16 training pays,
-    while bf16 beam search as a whole measured slower than fp32 (README: Training).
+PHASES = ("train", "prefill", "decode", "embed")
+
+
+def resolve_dtype(precision: str, device: str | torch.device | None = None, phase: str = "embed") -> torch.dtype:
+    """The dtype a phase computes in. A named precision holds for every phase. ``auto``: bf16 on
+    CUDA with bf16. On a CPU with native bf16 (AVX-512 BF16/AMX): bf16 for training (autocast)
+    and for the generation prefill (autocast), fp32 for the decode steps and for embedding,
+    where bf16 changes too many answers (README: Performance); fp32 on other CPUs.
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")
     precision = (precision or "auto").lower()
     named = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -144,7 +150,7 @@ def resolve_dtype(precision: str, device: str | torch.device | None = None, trai
     if kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if kind == "cpu":
-        return torch.bfloat16 if training and cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if phase in ("train", "prefill") and cpu_has_bf16() else torch.float32
     return torch.float32
 
 
@@ -198,24 +204,27 @@ def _pick_pad_token(tokenizer) -> str | None:
 
 def load_model(base_model: str, precision: str = "auto", lora_weights: str | None = None,
                device: str | None = None, for_training: bool = False,
-               attn_implementation: str | None = None) -> tuple[Any, Any]:
+               attn_implementation: str | None = None, phase: str = "embed") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a folder, hub id or bundled name (resolved here).
 
-    Inference (default): eval mode, LoRA merged into the weights, left padding. Training:
-    train mode, right padding, no adapter applied (the trainer adds or resumes one).
+    Inference (default): eval mode, LoRA merged into the weights, left padding; the weights take
+    ``phase``'s dtype (:func:`resolve_dtype`; a generation model's is the decode steps'). An
+    adapter is merged in fp32 and the result cast, so a bf16 model carries the update rounded once.
+    Training: train mode, right padding, no adapter applied (the trainer adds or resumes one).
     ``attn_implementation``: a transformers attention kernel name; None = the model's default.
     """
     from transformers import AutoModelForCausalLM
 
     path = resolve_base_model(base_model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(precision, device)
+    dtype = resolve_dtype(precision, device, phase)
     if for_training and dtype == torch.float16 and torch.device(device).type != "cuda":
         dtype = torch.float32
+    merge = bool(lora_weights) and not for_training
     tokenizer = load_tokenizer(path, padding_side="right" if for_training else "left")
     try:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if merge else dtype, **extra)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load base model {base_model!r} ({path}): {exc}") from exc
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -227,8 +236,8 @@ def load_model(base_model: str, precision: str = "auto", lora_weights: str | Non
         if not Path(lora_weights, "adapter_config.json").is_file():
             raise FileNotFoundError(f"LoRA adapter not found: {lora_weights} has no adapter_config.json")
         model = PeftModel.from_pretrained(model, lora_weights, is_trainable=for_training)
-        if not for_training:
-            model = model.merge_and_unload()
+        if merge:
+            model = model.merge_and_unload().to(dtype)
     model.to(device)
     model.train(for_training)
     return model, tokenizer

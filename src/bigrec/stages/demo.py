@@ -59,7 +59,7 @@ class Config:
                            choices=["free", "constrained", "both"])
     constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
-    gen_batch_size: int = option(8, "rows per generate call", minimum=1)
+    gen_batch_size: int = option(16, "rows per generate call", minimum=1)
     precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     # Grounding: chosen on the validation generations of a demo run (benchmarks/bench_grounding.py);

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.data.prompts import TEMPLATES, prompt_for_row
 from bigrec.llm.generation import generate_batch
-from bigrec.llm.models import DEFAULT_MODEL
+from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 
 DECODINGS = ("free", "constrained")
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores")  # what generate adds to a row (replacing old ones)
@@ -46,7 +48,7 @@ class Config:
     result_json_data: str = option(help="where to write the rows with 'predict' added (JSON)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or bundled name")
     lora_weights: str | None = option(None, "LoRA adapter folder (merged into the base model)")
-    batch_size: int = option(8, "rows per generate call (each row runs num_beams beams)", minimum=1)
+    batch_size: int = option(16, "rows per generate call (each row runs num_beams beams)", minimum=1)
     num_beams: int = option(4, "beams per row; all of them are returned", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end", minimum=1)
     limit: int | None = option(None, "only the first N rows", minimum=1)
@@ -113,11 +115,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
+def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[str, Any]:
     """What must match for a rerun to reuse finished rows."""
     settings = {"data_sha256": _sha256(data_path), "base_model": config.base_model,
                 "lora_weights": config.lora_weights, "num_beams": config.num_beams,
                 "max_new_tokens": config.max_new_tokens, "precision": config.precision,
+                "dtype": str(resolve_dtype(config.precision, device, "decode")).removeprefix("torch."),
+                "prefill_dtype": str(resolve_dtype(config.precision, device, "prefill")).removeprefix("torch."),
                 "decoding": config.decoding, "prompt_template": config.prompt_template,
                 "category": config.category, "length_penalty": config.length_penalty}
     if config.decoding == "constrained":
@@ -131,7 +135,8 @@ def run_settings(config: Config, data_path: Path) -> dict[str, Any]:
 
 
 # Settings that progress files of earlier versions did not record: their values then.
-_LEGACY_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0}
+_LEGACY_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0,
+                    "dtype": "float32", "prefill_dtype": "float32"}
 
 
 def read_progress(result_path: str | Path, settings: dict[str, Any],
@@ -202,12 +207,12 @@ class ProgressWriter:
 class ConstrainedDecoder:
     """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
 
-    def __init__(self, config: Config, model, tokenizer):
+    def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
         from bigrec.data.catalog import read_catalog
         from bigrec.evaluation.scores import load_scores
         from bigrec.llm.trie import Trie
 
-        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
         start = time.perf_counter()
         catalog = read_catalog(config.catalog_path())
         self.trie = Trie.from_catalog(tokenizer, catalog, template=config.prompt_template)
@@ -228,7 +233,8 @@ class ConstrainedDecoder:
         out = constrained_generate(
             self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
             length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
-            cf_weight=cfg.cf_weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats)
+            cf_weight=cfg.cf_weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
+            prefill_dtype=self.prefill_dtype)
         return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
                  "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
 
@@ -245,7 +251,7 @@ def run(config: Config) -> Path:
     data_path = Path(config.test_data_path)
     result_path = Path(config.result_json_data)
     rows = read_rows(data_path, config.limit)
-    settings = run_settings(config, data_path)
+    settings = run_settings(config, data_path, str(state.device))
     stale: list[Path] | None = [] if config.discard_stale_progress else None
     done = read_progress(result_path, settings, stale)
     todo = [pos for pos in range(len(rows)) if pos not in done]
@@ -262,8 +268,11 @@ def run(config: Config) -> Path:
     if todo:
         prompts = {pos: prompt_for_row(rows[pos], template=config.prompt_template, category=config.category)
                    for pos in todo}  # bad template settings fail before the model loads
-        model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device))
-        constrained = ConstrainedDecoder(config, model, tokenizer) if config.decoding == "constrained" else None
+        model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
+                                      phase="decode")
+        prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
+        constrained = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
+            if config.decoding == "constrained" else None
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
         todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
@@ -280,7 +289,7 @@ def run(config: Config) -> Path:
                     else:
                         outputs = [{"predict": p} for p in generate_batch(
                             model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
-                            config.length_penalty)]
+                            config.length_penalty, prefill_dtype)]
                     writer.add(batch, outputs)
                     produced.extend(zip(batch, outputs, strict=True))
                     bar.update(len(batch))

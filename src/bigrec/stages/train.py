@@ -168,7 +168,7 @@ def build_model(config: Config, base: str, adapter: str | None):
     stay fp32 and autocast does the rest.
     """
     on_cuda = use_cuda()
-    compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", training=True)
+    compute = resolve_dtype(config.precision, "cuda" if on_cuda else "cpu", "train")
     weights = compute if config.lora else torch.float32
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[weights]
     attention = None if config.attention == "auto" else config.attention
