@@ -127,6 +127,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: default)")
     parser.add_argument("--start_timeout", type=float, default=900)
     args = parser.parse_args()
+    from peak import measure_peaks
+
+    print(measure_peaks().line() + " (the machine the service shares; see bench_generate for its phases)",
+          flush=True)
 
     run = Path(args.run)
     tmp = None
