@@ -2,9 +2,8 @@
 
 ``bigrec recommend`` and ``bigrec serve`` share this core. :meth:`Recommender.from_run` reads
 ``run.yaml`` (:class:`bigrec.app.run_manifest.RunManifest`) and loads, once: the base model alone
-(embeddings, as the item index was made) and with the adapter merged (generation; where both
-phases compute in one dtype the two share every weight the adapter does not change,
-:func:`bigrec.llm.models.with_merged_adapter`, else generation gets its own copy in its dtype),
+(embeddings, as the item index was made) and with the adapter merged (generation; the two
+share every weight the adapter does not change, :func:`bigrec.llm.models.with_merged_adapter`),
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
 the precision by :func:`bigrec.grounding.index.ensure_index`) and SASRec where the run has one.
 
@@ -173,15 +172,9 @@ class Recommender:
         catalog = read_catalog(catalog_path)
         embed_model, tokenizer = load_model(base, manifest.precision, device=device)
         adapter = manifest.path(run_dir, "adapter")
-        if resolve_dtype(manifest.precision, embed_model.device, "decode") != embed_model.dtype:
-            # generation computes in another dtype than embedding (bf16 and fp32 on a CPU with bf16):
-            # its own model, as bigrec generate loads it
-            gen_model, _ = load_model(base, manifest.precision, str(adapter) if adapter else None,
-                                      device=str(embed_model.device), phase="decode")
-        elif adapter is not None:
-            gen_model = with_merged_adapter(embed_model, adapter)  # shares every weight the adapter leaves alone
-        else:
-            gen_model = embed_model
+        # decode and embedding compute in one dtype (resolve_dtype), so generation shares every weight
+        # the adapter leaves alone with the embedding model
+        gen_model = with_merged_adapter(embed_model, adapter) if adapter is not None else embed_model
         items = ensure_index(base, catalog_path, manifest.path(run_dir, "index"), manifest.precision,
                              model=embed_model, tokenizer=tokenizer, grounding=grounding_of(manifest))
         sasrec = None
