@@ -216,27 +216,13 @@ def random_ndcg_hr(num_items, topk: tuple[int, ...]) -> dict[str, list[float]]:
     return {"NDCG": ndcg, "HR": hr}
 
 
-@dataclass(frozen=True)
 class Paths:
     """Where the demo's stages read and write, inside ``run_dir``."""
 
-    run: Path
-
-    @property
-    def data(self) -> Path:
-        return self.run / "data"
-
-    @property
-    def adapter(self) -> Path:
-        return self.run / "adapter"
-
-    @property
-    def results(self) -> Path:
-        return self.run / "results"
-
-    @property
-    def index(self) -> Path:
-        return self.run / "index.safetensors"
+    def __init__(self, run: Path):
+        self.run = run
+        self.data, self.adapter, self.results = run / "data", run / "adapter", run / "results"
+        self.index = run / "index.safetensors"
 
     def inputs(self, split: str) -> Path:
         return self.run / "inputs" / f"{split}.json"
