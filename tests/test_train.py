@@ -323,3 +323,43 @@ def test_bad_data_fails_before_the_model_loads_and_leaves_no_folder(tiny_model_d
     out = tmp_path / "run"
     assert main(["train", "--base_model", tiny_model_dir, "--train_data_path", str(bad), "--output_dir", str(out)]) == 1
     assert "row 0 lacks 'instruction' or 'output'" in capsys.readouterr().err and not out.exists()
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_pause_and_continue_is_one_uninterrupted_run(tiny_model_dir, tmp_path):
+    """--stop_after_epoch pauses a run planned over --num_epochs; continuing it gives the same
+    learning rates, evaluations, snapshots and adapter as a run that never stopped."""
+    data = write_rows(tmp_path / "d.json", make_rows(16))
+    val = write_rows(tmp_path / "v.json", make_rows(4, offset=2))
+    common = dict(val_data_path=[val], num_epochs=4, batch_size=4, micro_batch_size=4, learning_rate=5e-3,
+                  warmup_steps=1, save_steps=3, snapshot_epochs=[1, 2, 4], early_stopping_patience=0)
+    whole = run(tiny_config(tiny_model_dir, tmp_path / "whole", [data], **common))
+    paused = run(tiny_config(tiny_model_dir, tmp_path / "parts", [data], stop_after_epoch=2, **common))
+    assert paused["paused"] and paused["global_step"] == 8 and paused["max_steps"] == 16
+    assert yaml.safe_load((tmp_path / "parts" / "config.yaml").read_text())["status"] == "paused"
+    assert (tmp_path / "parts" / "checkpoint-8" / "trainer_state.json").is_file()  # a checkpoint at the pause
+    assert not (tmp_path / "parts" / "snapshots" / "epoch-4").exists()
+    rest = run(tiny_config(tiny_model_dir, tmp_path / "parts", [data], **common))
+    assert not rest["paused"] and rest["global_step"] == whole["global_step"] == 16
+
+    def steps(out: Path, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in read_log(out) if key in r}
+
+    assert steps(tmp_path / "parts", "learning_rate") == pytest.approx(steps(tmp_path / "whole", "learning_rate"))
+    evals = [r["step"] for r in read_log(tmp_path / "parts") if "eval_loss" in r]
+    assert evals == [4, 8, 12, 16]  # each epoch end evaluated once, the pause's included
+    assert steps(tmp_path / "parts", "eval_loss") == pytest.approx(steps(tmp_path / "whole", "eval_loss"), rel=1e-5)
+    for folder in ("snapshots/epoch-1", "snapshots/epoch-2", "snapshots/epoch-4", "."):
+        a, b = adapter(tmp_path / "whole" / folder), adapter(tmp_path / "parts" / folder)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    metas = [json.loads((tmp_path / "parts" / "snapshots" / f"epoch-{e}" / "snapshot.json").read_text())
+             for e in (1, 2, 4)]
+    assert [m["step"] for m in metas] == [4, 8, 16]
+    assert all(m["eval_loss"] == pytest.approx(steps(tmp_path / "whole", "eval_loss")[m["step"]], rel=1e-5)
+               for m in metas)
+    # the clock carries over the pause: time keeps growing from one snapshot to the next
+    assert 0 < metas[0]["wall_s"] < metas[1]["wall_s"] < metas[2]["wall_s"]
+    assert 0 < metas[0]["cpu_s"] < metas[2]["cpu_s"] and rest["wall_s"] >= metas[2]["wall_s"]

@@ -1,5 +1,6 @@
 """Training pieces for ``transformers.Trainer``: the JSON-lines log, early stopping that keeps
-the best adapter, a quieter progress bar, and a Trainer that computes only the labelled logits.
+the best adapter, a clock that survives resumption, epoch marks (evaluation, snapshots and a
+pause at epoch ends), a quieter progress bar, and a Trainer that computes only the labelled logits.
 
 Importing this module imports transformers (slow); ``bigrec train`` imports it when it runs.
 """
@@ -39,7 +40,8 @@ class JsonlLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                         "elapsed_s": round(time.time() - self.started, 3), **logs})
+                         "elapsed_s": round(time.time() - self.started, 3),
+                         **{f"total_{k}": v for k, v in Clock.now().items()}, **logs})
 
 class KeepBest(TrainerCallback, ExportableState):
     """Early stopping on validation loss that saves the best model as it goes (to ``best_dir``).
@@ -74,6 +76,85 @@ class KeepBest(TrainerCallback, ExportableState):
             if self.patience and self.bad_evals >= self.patience:
                 control.should_training_stop = True
 
+class Clock(TrainerCallback, ExportableState):
+    """Wall and CPU seconds (user + system, all threads) spent in training and validation, summed
+    over every run of a resumed training. Saved in each checkpoint, so a resumed run counts the
+    time up to its checkpoint (work lost to a kill after it is not counted). Model loading is not.
+
+    The Trainer replaces a stateful callback by a new instance when it resumes, so the other
+    callbacks read the newest clock (:meth:`now`) instead of holding one.
+    """
+
+    _latest: Clock | None = None
+
+    def __init__(self, wall_s: float = 0.0, cpu_s: float = 0.0):
+        self.wall_s, self.cpu_s = wall_s, cpu_s
+        # this process's share starts when the callback is made (by the Trainer or on restore)
+        self._wall0, self._cpu0 = time.monotonic(), time.process_time()
+        Clock._latest = self
+
+    def totals(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s + time.monotonic() - self._wall0, 3),
+                "cpu_s": round(self.cpu_s + time.process_time() - self._cpu0, 3)}
+
+    @classmethod
+    def now(cls) -> dict[str, float]:
+        return cls._latest.totals() if cls._latest is not None else {}
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"wall_s": (t := self.totals())["wall_s"], "cpu_s": t["cpu_s"]}}
+
+
+class EpochMarks(TrainerCallback):
+    """What happens at the end of an epoch's last optimizer step.
+
+    - Validation (when there is a validation set), in the same step as that step's checkpoint and
+      before it, so a checkpoint at an epoch end already holds its evaluation (with
+      ``eval_strategy="epoch"`` the Trainer evaluates after the checkpoint, and a run resumed
+      there would skip that evaluation).
+    - A snapshot of the adapter after each epoch in ``snapshot_epochs`` (``snapshots/epoch-N``,
+      with its validation loss and the :class:`Clock` totals in ``snapshot.json``).
+    - A pause after ``stop_after_epoch``: a checkpoint, then the run ends. The learning-rate
+      schedule stays planned over the whole run, so a rerun with a later pause continues it
+      exactly as one uninterrupted run would.
+    """
+
+    def __init__(self, steps_per_epoch: int, evaluate: bool, snapshot_dir: str | None = None,
+                 snapshot_epochs: tuple[int, ...] = (), stop_after_epoch: int | None = None):
+        self.steps_per_epoch, self.evaluate = steps_per_epoch, evaluate
+        self.snapshot_dir, self.snapshot_epochs = snapshot_dir, set(snapshot_epochs)
+        self.stop_after_epoch = stop_after_epoch
+        self.paused = False
+
+    def epoch_end(self, state) -> int | None:
+        steps = self.steps_per_epoch
+        return state.global_step // steps if state.global_step % steps == 0 else None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        epoch = self.epoch_end(state)
+        if epoch is None:
+            return
+        if self.evaluate:
+            control.should_evaluate = True  # the snapshot follows the evaluation (on_evaluate)
+        elif epoch in self.snapshot_epochs:
+            self.snapshot(state, epoch, model, None)
+        if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True
+            self.paused = True
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        epoch = self.epoch_end(state)
+        if epoch in self.snapshot_epochs:
+            self.snapshot(state, epoch, model, (metrics or {}).get("eval_loss"))
+
+    def snapshot(self, state, epoch: int, model, eval_loss: float | None) -> None:
+        if not state.is_world_process_zero or model is None or self.snapshot_dir is None:
+            return
+        meta = {"epoch": epoch, "step": state.global_step, "eval_loss": eval_loss, **Clock.now()}
+        save_atomically(model, Path(self.snapshot_dir) / f"epoch-{epoch}", meta, "snapshot.json")
+        log.info("snapshot of epoch %d (step %d) saved", epoch, state.global_step)
+
+
 class QuietProgress(ProgressCallback):
     """The progress bar with the latest loss on it, instead of a printed dict per step."""
 
@@ -99,11 +180,11 @@ class BigrecTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def save_atomically(model, target: Path, meta: dict[str, Any]) -> None:
+def save_atomically(model, target: Path, meta: dict[str, Any], meta_name: str = "best.json") -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    (tmp / "best.json").write_text(json.dumps(meta) + "\n")
+    (tmp / meta_name).write_text(json.dumps(meta) + "\n")
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ the data drawn), ``train_log.jsonl``, and ``checkpoint-N/`` folders for resuming
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 BEST_DIR = "best"  # the best adapter so far (lowest validation loss), inside output_dir
+SNAPSHOT_DIR = "snapshots"  # --snapshot_epochs: snapshots/epoch-N inside output_dir
 
 
 @dataclass
@@ -77,7 +79,13 @@ class Config:
                                        "transformers names them (each needs its package)",
                                   factory=lambda: ["none"], changes_output=False)
     early_stopping_patience: int = option(5, "evaluations without a lower validation loss before stopping (0 = never)")
-    eval_steps: int | None = option(None, "evaluate every N steps (default: once per epoch)")
+    eval_steps: int | None = option(None, "evaluate every N steps (default: at the end of each epoch)")
+    snapshot_epochs: list[int] = option(help="save a copy of the adapter after each of these epochs "
+                                             "(output_dir/snapshots/epoch-N, with its validation loss and time)",
+                                        factory=list)
+    stop_after_epoch: int | None = option(None, "pause after this epoch: the schedule stays planned over "
+                                                "--num_epochs, and a rerun with a later value continues the run "
+                                                "as if it had never stopped")
     save_steps: int = option(10, "write a resumable checkpoint every N optimizer steps")
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
     resume_from_checkpoint: str | None = option(
@@ -93,6 +101,10 @@ class Config:
             raise ConfigError("--cutoff_len is too small to hold a prompt")
         if self.save_steps < 1:
             raise ConfigError("--save_steps must be >= 1")
+        if any(e < 1 for e in self.snapshot_epochs):
+            raise ConfigError("--snapshot_epochs: epochs are counted from 1")
+        if self.stop_after_epoch is not None and self.stop_after_epoch < 1:
+            raise ConfigError("--stop_after_epoch must be >= 1")
 
 
 def lora_config(config: Config):
@@ -137,8 +149,10 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
 
 
 # Settings a resumed run may change: where it stops, how often it saves or evaluates.
+# (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
-                               "eval_steps", "early_stopping_patience", "report_to"})
+                               "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
+                               "stop_after_epoch"})
 
 
 def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict) -> None:
@@ -185,12 +199,25 @@ def build_model(config: Config, base: str, adapter: str | None):
     return model, tokenizer, compute
 
 
+def gradient_accumulation(config: Config, world: int) -> int:
+    return max(1, config.batch_size // config.micro_batch_size // world)
+
+
+def steps_per_epoch(rows: int, config: Config, world: int) -> int:
+    """Optimizer steps in one epoch, counted as ``Trainer`` counts them (a last partial
+    accumulation is a step)."""
+    batches = math.ceil(math.ceil(rows / world) / config.micro_batch_size)
+    grad_acc = gradient_accumulation(config, world)
+    return max(batches // grad_acc + int(batches % grad_acc > 0), 1)
+
+
 def training_arguments(config: Config, out: Path, compute: torch.dtype, has_validation: bool, world: int):
-    """The ``TrainingArguments`` of a run: the reference's schedule, checkpoints every ``save_steps``."""
+    """The ``TrainingArguments`` of a run: the reference's schedule, checkpoints every ``save_steps``.
+    Without ``eval_steps`` the evaluation at each epoch's end is :class:`EpochMarks`'s."""
     from transformers import TrainingArguments
 
-    grad_acc = max(1, config.batch_size // config.micro_batch_size // world)
-    eval_strategy = "no" if not has_validation else ("steps" if config.eval_steps else "epoch")
+    grad_acc = gradient_accumulation(config, world)
+    eval_strategy = "steps" if has_validation and config.eval_steps else "no"
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=config.micro_batch_size,
         per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=grad_acc,
@@ -217,14 +244,24 @@ def save_result(trainer, tokenizer, out: Path, resolved: dict, summary: dict) ->
         else:
             trainer.model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
-        write_yaml(stage / "config.yaml", {**resolved, "status": "done", "result": summary})
+        status = "paused" if summary.get("paused") else "done"
+        write_yaml(stage / "config.yaml", {**resolved, "status": status, "result": summary})
 
 
 def run(config: Config) -> dict[str, Any]:
     from transformers import ProgressCallback, set_seed
 
     from bigrec.llm.labelled_logits import LabelledLogits
-    from bigrec.llm.training import BigrecTrainer, JsonlLog, KeepBest, QuietProgress, best_loss, best_step
+    from bigrec.llm.training import (
+        BigrecTrainer,
+        Clock,
+        EpochMarks,
+        JsonlLog,
+        KeepBest,
+        QuietProgress,
+        best_loss,
+        best_step,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
@@ -260,15 +297,20 @@ def run(config: Config) -> dict[str, Any]:
                         "train_tokens": train_set.num_tokens(), "data": selection}}
     best_dir = out / BEST_DIR
     labelled = LabelledLogits(model) if config.sparse_logits else None
+    per_epoch = steps_per_epoch(len(train_set), config, world)
+    marks = EpochMarks(per_epoch, evaluate=val_set is not None and not config.eval_steps,
+                       snapshot_dir=str(out / SNAPSHOT_DIR), snapshot_epochs=tuple(config.snapshot_epochs),
+                       stop_after_epoch=config.stop_after_epoch)
     trainer = BigrecTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                            callbacks=[JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}),
-                                       KeepBest(str(best_dir), config.early_stopping_patience)],
+                            callbacks=[Clock(), JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}),
+                                       KeepBest(str(best_dir), config.early_stopping_patience), marks],
                             labelled=labelled)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
-    if checkpoint is None and best_dir.exists() and trainer.is_world_process_zero():
-        shutil.rmtree(best_dir)  # a fresh run must not inherit an old run's best
+    if checkpoint is None and trainer.is_world_process_zero():
+        for old in (best_dir, out / SNAPSHOT_DIR):  # a fresh run must not inherit an old run's best or snapshots
+            shutil.rmtree(old, ignore_errors=True)
     if trainer.is_world_process_zero():
         write_yaml(out / "config.yaml", {**resolved, "status": "training"})
     try:
@@ -277,8 +319,15 @@ def run(config: Config) -> dict[str, Any]:
         if labelled is not None:
             labelled.remove()
     state = trainer.state
-    summary = {"global_step": state.global_step, "epoch": state.epoch, "train_loss": result.training_loss,
-               "best_eval_loss": best_loss(best_dir), "best_step": best_step(best_dir)}
+    if config.max_steps <= 0 and state.max_steps != per_epoch * config.num_epochs:
+        raise RuntimeError(f"the Trainer planned {state.max_steps} steps, not {per_epoch} per epoch x "
+                           f"{config.num_epochs}: epoch ends would be misplaced")
+    keep_best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KeepBest))
+    summary = {"global_step": state.global_step, "max_steps": state.max_steps, "steps_per_epoch": per_epoch,
+               "epoch": state.epoch, "train_loss": result.training_loss,
+               "best_eval_loss": best_loss(best_dir), "best_step": best_step(best_dir), "paused": marks.paused,
+               "early_stopped": bool(keep_best.patience and keep_best.bad_evals >= keep_best.patience),
+               **Clock.now()}
     if trainer.is_world_process_zero():
         save_result(trainer, tokenizer, out, resolved, summary)
         log.info("saved %s to %s (step %d, best validation loss %s)", "adapter" if config.lora else "model",
