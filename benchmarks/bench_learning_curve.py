@@ -1,0 +1,393 @@
+"""Learning curves: BIGRec's validation quality against its training budget, one run per recipe.
+
+Each recipe is one ``bigrec train`` run whose learning-rate schedule is planned over its whole
+length (``--num_epochs``). The run pauses at each curve point (``--stop_after_epoch``), where a
+snapshot of the adapter is saved with its early-stopping loss and the wall and CPU time spent on
+training and validation so far. Each snapshot is then scored on the same validation rows (1,000
+by default): the loss on the response only, NDCG@10 and HR@10 of free decoding + grounding with
+95% bootstrap intervals, and the shares of distinct top-1 generations, exact catalogue titles and
+copies of a history title. The run then continues from its checkpoint with the same schedule and
+data order. It ends where early stopping ends it (that point, the restored best adapter, is
+scored too), at the last point, or when validation NDCG@10 has not improved over two doublings
+of the budget. Few-shot SASRec (on the same sampled rows), popularity and the last history title
+are scored on the same rows and drawn as horizontal lines.
+
+Everything is kept under ``--run_dir``; a killed run resumes where it stopped, and finished
+points are never recomputed, so one curve can span several sessions.
+
+    python benchmarks/bench_learning_curve.py --recipes demo-long           # ml-100k, seed 42
+    python benchmarks/bench_learning_curve.py --recipes demo-long,paper --report_only
+
+Prints a table and writes ``curve.png`` (validation NDCG@10 against wall-minutes) and
+``curve.json`` in ``--run_dir``. Asserts nothing; the test rows are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from bigrec import io
+from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.report import with_interval
+
+log = logging.getLogger("bench_learning_curve")
+
+# The demo's schedule (lr 5e-4, batch 16, response-only loss) and the paper's (the reference
+# train.py: batch 128, lr 1e-4, 20 warm-up steps, loss on the prompt too, group_by_length), each
+# planned over up to 50 epochs with early stopping (patience 5) on the validation loss of
+# ``val_rows`` rows. The reference uses its 5,000-row validation file; here an evaluation of
+# 5,000 rows would cost more than the epoch it follows, so fewer rows decide the stop.
+DEMO = dict(batch_size=16, micro_batch_size=8, learning_rate=5e-4, warmup_steps=16, train_on_inputs=False,
+            group_by_length=False, num_epochs=50, early_stopping_patience=5, val_rows=128)
+PAPER = dict(batch_size=128, micro_batch_size=8, learning_rate=1e-4, warmup_steps=20, train_on_inputs=True,
+             group_by_length=True, num_epochs=50, early_stopping_patience=5, val_rows=512)
+RECIPES = {
+    "demo-long": DEMO,
+    "demo-long-prompt": {**DEMO, "train_on_inputs": True},
+    "paper": PAPER,
+    "paper-response": {**PAPER, "train_on_inputs": False},
+}
+POINTS = (1, 2, 4, 8, 16, 32, 50)
+K10 = list(TOPK).index(10)
+
+
+class Curve:
+    """One dataset's shared pieces (prepared data, scoring rows, index, baselines) under ``root``."""
+
+    def __init__(self, args):
+        self.args = args
+        self.root = Path(args.run_dir)
+        self.data = self.root / "data"
+        self.rows_path = self.root / "inputs" / f"valid_{args.valid_rows}.json"
+        self.index = self.root / "index.safetensors"
+
+    def grounding(self) -> dict:
+        return {"pooling": "mean", "embed_layer": -1, "title_text": "natural"}  # the demo's
+
+    def prepare(self) -> None:
+        from bigrec.stages import prepare
+
+        if not (self.data / "valid_5000.json").is_file():
+            prepare.run(prepare.Config(dataset=self.args.dataset, out=str(self.data), source=self.args.source,
+                                       seed=self.args.seed))
+        if not self.rows_path.is_file():
+            rows = io.read_json(self.data / "valid_5000.json")[: self.args.valid_rows]
+            io.write_json_rows(self.rows_path, rows)
+        if not self.index.is_file():
+            from bigrec.stages import index
+
+            index.run(index.Config(catalog=str(self.data / "id2name.txt"), output=str(self.index),
+                                   base_model=self.args.base_model, **self.grounding()))
+
+    def baselines(self) -> dict:
+        """Few-shot SASRec (the same sampled rows), popularity and the last history title on the
+        scoring rows: {name: {"ranks": [...], NDCG@10, HR@10 with intervals}}."""
+        path = self.root / "baselines.json"
+        if path.is_file():
+            return io.read_json(path)
+        import torch
+
+        from bigrec.data.catalog import read_catalog, row_target
+        from bigrec.evaluation.metrics import target_id_lists, target_ranks
+        from bigrec.evaluation.scores import load_scores
+        from bigrec.stages import baseline
+
+        rows = io.read_json(self.rows_path)
+        catalog = read_catalog(self.data / "id2name.txt")
+        targets = target_id_lists([row_target(r, catalog, "valid") for r in rows], catalog.titles)
+        out = {}
+        for name, model, sample in (("Popularity", "popularity", -1),
+                                    (f"SASRec (same {self.args.sample} rows)", "sasrec", self.args.sample)):
+            folder = self.root / f"{model}{'' if sample < 0 else f'_sample{sample}'}"
+            if not (folder / "scores" / "valid_5000.safetensors").is_file():
+                baseline.run(baseline.Config(data=str(self.data), output_dir=str(folder), model=model,
+                                             seed=self.args.seed, sample=sample, epochs=self.args.sasrec_epochs))
+            scores = load_scores(folder / "scores" / "valid_5000.safetensors").align(rows)
+            out[name] = summarise(target_ranks(scores, targets, higher_is_better=True))
+        content = next(iter(self.points_dir_any().glob("*/metrics.details.json")), None)
+        if content is None:
+            return out  # the last-title line comes with the first scored point
+        info = next(iter(io.read_json(content)["files"].values()))
+        key = next(k for k in info["ranks"] if k.endswith("last history title"))
+        out["Last history title (content)"] = summarise(torch.tensor(info["ranks"][key]))
+        io.write_json(path, out)
+        return out
+
+    def points_dir_any(self) -> Path:
+        for recipe in RECIPES:
+            folder = self.root / recipe / "points"
+            if any(folder.glob("*/metrics.details.json")):
+                return folder
+        return self.root / "none"
+
+
+def summarise(ranks) -> dict:
+    from bigrec.evaluation.intervals import bootstrap_ci
+    from bigrec.evaluation.metrics import ndcg_hr
+
+    metrics, ci = ndcg_hr(ranks, TOPK), bootstrap_ci(ranks, TOPK)
+    return {"ndcg10": metrics["NDCG"][K10], "ndcg10_ci": ci["NDCG"][K10], "hr10": metrics["HR"][K10],
+            "hr10_ci": ci["HR"][K10], "rows": int(ranks.numel())}
+
+
+def response_loss(base_model: str, adapter: Path, rows: list[dict], cutoff_len: int, batch: int = 16) -> float:
+    """Mean cross-entropy per response token (title + EOS) of ``rows``, whatever the training loss
+    covered; computed in bf16 (a fifth of fp32's time here), the same way at every point."""
+    import torch
+
+    from bigrec.llm.labelled_logits import LabelledLogits
+    from bigrec.llm.models import load_model
+    from bigrec.llm.sft_data import Collator, SFTDataset
+
+    model, tokenizer = load_model(base_model, "bf16", lora_weights=str(adapter), device="cpu")
+    data = SFTDataset(rows, tokenizer, cutoff_len, train_on_inputs=False, name="scoring rows")
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))  # less padding
+    collate = Collator(tokenizer.pad_token_id)
+    labelled = LabelledLogits(model)
+    total, tokens = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch):
+                inputs = collate([data[i] for i in order[start:start + batch]])
+                with labelled.positions(inputs["labels"]):
+                    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                n = int((inputs["labels"][:, 1:] != -100).sum())
+                total += float(LabelledLogits.loss(out, inputs["labels"])) * n
+                tokens += n
+    finally:
+        labelled.remove()
+    return total / max(tokens, 1)
+
+
+class Recipe:
+    """One recipe's training run, its points and its end."""
+
+    def __init__(self, curve: Curve, name: str, settings: dict):
+        self.curve, self.name, self.settings = curve, name, settings
+        self.dir = curve.root / name
+        self.train_dir = self.dir / "train"
+        self.points_dir = self.dir / "points"
+        self.end_path = self.dir / "end.json"
+
+    def train_config(self, stop_after: int | None):
+        from bigrec.stages import train
+
+        args, s = self.curve.args, self.settings
+        return train.Config(
+            base_model=args.base_model, train_data_path=[str(self.curve.data / "train.json")],
+            val_data_path=[str(self.curve.data / "valid.json")], val_sample=s["val_rows"],
+            output_dir=str(self.train_dir), sample=args.sample, seed=args.seed, batch_size=s["batch_size"],
+            micro_batch_size=s["micro_batch_size"], num_epochs=s["num_epochs"], learning_rate=s["learning_rate"],
+            warmup_steps=s["warmup_steps"], train_on_inputs=s["train_on_inputs"],
+            group_by_length=s["group_by_length"], early_stopping_patience=s["early_stopping_patience"],
+            snapshot_epochs=[p for p in self.curve.args.points if p <= s["num_epochs"]], stop_after_epoch=stop_after,
+            save_steps=args.save_steps, save_total_limit=1)
+
+    def points(self) -> list[dict]:
+        found = [io.read_json(p) for p in self.points_dir.glob("*.json")]
+        return sorted(found, key=lambda p: (p["wall_s"], p["epoch"]))
+
+    def ended(self) -> dict | None:
+        return io.read_json(self.end_path) if self.end_path.is_file() else None
+
+    def end(self, reason: str, **extra) -> None:
+        io.write_json(self.end_path, {"reason": reason, **extra})
+        log.info("[%s] ended: %s", self.name, reason)
+
+    def run(self) -> None:
+        from bigrec.stages import train
+
+        wanted = [p for p in self.curve.args.points if p <= self.settings["num_epochs"]]
+        for point in wanted:
+            if self.ended():
+                return
+            self.score_snapshots()
+            if self.stalled():
+                return
+            if (self.train_dir / "snapshots" / f"epoch-{point}").is_dir():
+                continue
+            log.info("[%s] training to epoch %d", self.name, point)
+            summary = train.run(self.train_config(None if point == self.settings["num_epochs"] else point))
+            if summary["early_stopped"]:
+                self.score_snapshots()
+                self.score(self.train_dir, "early-stop", {
+                    "epoch": summary["epoch"], "best_step": summary["best_step"], "step": summary["global_step"],
+                    "eval_loss": summary["best_eval_loss"], "wall_s": summary["wall_s"], "cpu_s": summary["cpu_s"]},
+                    summary["steps_per_epoch"])
+                self.end("early stopping", epoch=summary["epoch"], best_step=summary["best_step"],
+                         steps_per_epoch=summary["steps_per_epoch"])
+                return
+        self.score_snapshots()
+        if not self.stalled() and not self.ended():
+            self.end(f"last point (epoch {wanted[-1]})")
+
+    def stalled(self) -> bool:
+        """Validation NDCG@10 has not improved over two doublings of the budget (epochs)."""
+        scored = [p for p in self.points() if p["label"].startswith("epoch")]
+        if len(scored) < 3:
+            return False
+        best = max(scored, key=lambda p: p["ndcg10"])
+        last = max(p["epoch"] for p in scored)
+        if last >= 4 * best["epoch"]:
+            self.end(f"validation NDCG@10 not improved since epoch {best['epoch']} (two doublings, to epoch {last})")
+            return True
+        return False
+
+    def score_snapshots(self) -> None:
+        snaps = sorted((self.train_dir / "snapshots").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        for snap in snaps:
+            meta_path = snap / "snapshot.json"
+            if meta_path.is_file() and not (self.points_dir / f"{snap.name}.json").is_file():
+                self.score(snap, snap.name, io.read_json(meta_path), None)
+
+    def score(self, adapter: Path, label: str, meta: dict, steps_per_epoch: int | None) -> dict:
+        from bigrec.stages import evaluate, generate
+
+        target = self.points_dir / f"{label}.json"
+        if target.is_file():
+            return io.read_json(target)
+        args, curve = self.curve.args, self.curve
+        work = self.points_dir / label
+        started = time.perf_counter()
+        rows = io.read_json(curve.rows_path)
+        loss = response_loss(args.base_model, adapter, rows, 512)
+        result = work / "valid.json"
+        if not result.is_file():
+            generate.run(generate.Config(test_data_path=str(curve.rows_path), result_json_data=str(result),
+                                         base_model=args.base_model, lora_weights=str(adapter),
+                                         num_beams=args.num_beams, discard_stale_progress=True))
+        metrics = work / "metrics.json"
+        evaluate.run(evaluate.Config(catalog=str(curve.data / "id2name.txt"), input_dir=str(result),
+                                     output=str(metrics), base_model=args.base_model, index_path=str(curve.index),
+                                     last_title=True, **curve.grounding()))
+        import torch
+
+        info = next(iter(io.read_json(metrics.with_name("metrics.details.json"))["files"].values()))
+        diag = info["diagnostics"]
+        point = {"recipe": self.name, "label": label, **meta,
+                 "response_loss": loss, **summarise(torch.tensor(info["ranks"]["valid.json"])),
+                 "distinct_top1": diag["distinct_top1_share"], "exact_title_top1": diag["exact_title_top1_share"],
+                 "history_copy_top1": diag["history_copy_top1_share"],
+                 "most_frequent_top1": diag["most_frequent_top1"][:3],
+                 "scoring_s": round(time.perf_counter() - started, 1)}
+        if steps_per_epoch and meta.get("best_step"):
+            point["best_epoch"] = meta["best_step"] / steps_per_epoch
+        io.write_json(target, point)
+        log.info("[%s] %s: NDCG@10 %.4f, response loss %.4f, %.1f wall-min", self.name, label, point["ndcg10"],
+                 loss, meta["wall_s"] / 60)
+        return point
+
+
+def table(recipes: list[Recipe], baselines: dict) -> str:
+    lines = ["| recipe | point | epoch | step | wall-min | CPU-min | ES val loss | response loss | NDCG@10 | HR@10 "
+             "| distinct | exact | copies |", "|" + "---|" * 13]
+    for recipe in recipes:
+        for p in recipe.points():
+            label = p["label"] + (f" (best epoch {p['best_epoch']:g})" if "best_epoch" in p else "")
+            es = "" if p.get("eval_loss") is None else f"{p['eval_loss']:.4f}"
+            copies = "" if p.get("history_copy_top1") is None else f"{p['history_copy_top1']:.1%}"
+            lines.append(f"| {recipe.name} | {label} | {p['epoch']:g} | {p['step']} | {p['wall_s'] / 60:.1f} | "
+                         f"{p['cpu_s'] / 60:.1f} | {es} | {p['response_loss']:.4f} | "
+                         f"{with_interval(p['ndcg10'], p['ndcg10_ci'])} | {with_interval(p['hr10'], p['hr10_ci'])} | "
+                         f"{p['distinct_top1']:.1%} | {p['exact_title_top1']:.1%} | {copies} |")
+        end = recipe.ended()
+        if end:
+            lines.append(f"| {recipe.name} | ended: {end['reason']} |" + " |" * 11)
+    for name, b in baselines.items():
+        lines.append(f"| {name} | | | | | | | | {with_interval(b['ndcg10'], b['ndcg10_ci'])} | "
+                     f"{with_interval(b['hr10'], b['hr10_ci'])} | | | |")
+    return "\n".join(lines)
+
+
+def plot(recipes: list[Recipe], baselines: dict, path: Path, rows: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for recipe in recipes:
+        pts = [p for p in recipe.points() if p["label"].startswith("epoch")]
+        if pts:
+            x = [p["wall_s"] / 60 for p in pts]
+            line, = ax.plot(x, [p["ndcg10"] for p in pts], marker="o", label=recipe.name)
+            ax.fill_between(x, [p["ndcg10_ci"][0] for p in pts], [p["ndcg10_ci"][1] for p in pts],
+                            color=line.get_color(), alpha=0.15)
+            for p in pts:
+                ax.annotate(f"{p['epoch']:g}", (p["wall_s"] / 60, p["ndcg10"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        stop = [p for p in recipe.points() if p["label"] == "early-stop"]
+        if stop:
+            ax.plot([stop[0]["wall_s"] / 60], [stop[0]["ndcg10"]], marker="*", markersize=12, color="black")
+    styles = iter(["--", ":", "-."])
+    for name, b in baselines.items():
+        ax.axhline(b["ndcg10"], linestyle=next(styles, "--"), color="grey", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training + validation wall-minutes (2-core CPU); labels: epochs; star: early stopping's end")
+    ax.set_ylabel(f"validation NDCG@10 ({rows} rows; band: 95% interval)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default="demo-long", help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--source", default=None)
+    parser.add_argument("--base_model", default="smollm2-135m")
+    parser.add_argument("--sample", type=int, default=1024, help="training rows drawn with --seed")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--valid_rows", type=int, default=1000, help="validation rows every point is scored on")
+    parser.add_argument("--points", default=",".join(map(str, POINTS)), help="epochs to score after")
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--sasrec_epochs", type=int, default=200)
+    parser.add_argument("--save_steps", type=int, default=16, help="checkpoint every N optimizer steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe setting for every recipe (e.g. num_epochs=8)")
+    parser.add_argument("--run_dir", default="runs/curve/{dataset}-seed{seed}")
+    parser.add_argument("--report_only", action="store_true", help="print the table and draw what exists")
+    args = parser.parse_args(argv)
+    args.run_dir = args.run_dir.format(dataset=args.dataset, seed=args.seed)
+    args.points = sorted({int(p) for p in args.points.split(",") if p})
+    names = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe: {', '.join(unknown)}")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in DEMO:
+            parser.error(f"--set {item}: unknown key {key!r}; known: {', '.join(DEMO)}")
+        overrides[key] = type(DEMO[key])(json.loads(value.lower()) if isinstance(DEMO[key], bool) else value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    curve = Curve(args)
+    recipes = [Recipe(curve, name, {**RECIPES[name], **overrides}) for name in names]
+    if not args.report_only:
+        curve.prepare()
+        for recipe in recipes:
+            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed})
+            recipe.run()
+    baselines = curve.baselines() if (curve.root / "baselines.json").is_file() or not args.report_only else {}
+    print(f"\n{args.dataset}, seed {args.seed}, {args.sample} training rows; every point scored on the same "
+          f"{args.valid_rows} validation rows (free decoding, {args.num_beams} beams, the demo's grounding)\n")
+    print(table(recipes, baselines))
+    plot(recipes, baselines, curve.root / "curve.png", args.valid_rows)
+    io.write_json(curve.root / "curve.json", {"recipes": {r.name: {"settings": r.settings, "points": r.points(),
+                                                                   "end": r.ended()} for r in recipes},
+                                             "baselines": {k: {kk: vv for kk, vv in v.items()}
+                                                           for k, v in baselines.items()}})
+    print(f"\nplot: {curve.root / 'curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/bench_learning_curve.py on a tiny model and dataset: points, baselines, resumption."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import bench_learning_curve as curve  # noqa: E402
+
+from run_fixture import write_raw  # noqa: E402
+
+
+def test_curve_scores_each_point_once_and_resumes(tiny_model_dir, tmp_path, capsys):
+    raw = write_raw(tmp_path / "raw")
+    run_dir = tmp_path / "curve"
+    argv = ["--recipes", "demo-long", "--dataset", "ml-100k", "--source", str(raw), "--base_model", tiny_model_dir,
+            "--sample", "16", "--valid_rows", "6", "--points", "1,2,4", "--num_beams", "2", "--sasrec_epochs", "2",
+            "--save_steps", "1", "--run_dir", str(run_dir), "--set", "num_epochs=4", "--set", "batch_size=4",
+            "--set", "micro_batch_size=4", "--set", "val_rows=4", "--set", "warmup_steps=0",
+            "--set", "early_stopping_patience=0"]
+    assert curve.main(argv) == 0
+    result = json.loads((run_dir / "curve.json").read_text())
+    points = result["recipes"]["demo-long"]["points"]
+    assert [p["label"] for p in points] == ["epoch-1", "epoch-2", "epoch-4"]
+    assert [p["step"] for p in points] == [4, 8, 16]  # 16 rows at batch 4
+    assert points[0]["wall_s"] < points[1]["wall_s"] < points[2]["wall_s"]
+    for p in points:
+        assert p["rows"] == 6 and 0 <= p["ndcg10"] <= p["hr10"] <= 1
+        assert p["ndcg10_ci"][0] <= p["ndcg10"] <= p["ndcg10_ci"][1]
+        assert p["response_loss"] > 0 and p["eval_loss"] > 0 and 0 < p["distinct_top1"] <= 1
+    # it ends at the last point, or at it because NDCG@10 stalled for two doublings (1 -> 4)
+    assert result["recipes"]["demo-long"]["end"]["reason"].endswith("epoch 4)")
+    assert set(result["baselines"]) == {"Popularity", "SASRec (same 16 rows)", "Last history title (content)"}
+    assert (run_dir / "curve.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| demo-long | epoch-4 | 4 | 16 |" in out and "| demo-long | ended: " in out
+
+    # A rerun recomputes nothing: finished points are kept as they are.
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "demo-long" / "points").glob("*.json")}
+    assert curve.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "demo-long" / "points").glob("*.json")} == stamps
+
+
+def test_unknown_recipe_setting_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        curve.main(["--set", "nonsense=1", "--run_dir", str(tmp_path)])
