@@ -44,4 +44,18 @@ def test_options_that_leave_outputs_alone_are_no_part_of_stage_settings():
 
     cfg = TrainConfig(train_data_path=["t.json"], output_dir="o", report_to=["tensorboard"])
     assert to_dict(cfg)["report_to"] == ["tensorboard"] and "report_to" not in stage_settings(cfg)
-    assert stage_settings(cfg) == {k: v for k, v in to_dict(cfg).items() if k != "report_to"}
+    # options added later leave the settings of earlier runs alone while they hold their defaults
+    later = {"snapshot_epochs", "stop_after_epoch"}
+    assert stage_settings(cfg) == {k: v for k, v in to_dict(cfg).items() if k != "report_to" and k not in later}
+
+
+def test_shipped_paper_config_by_name_sets_the_papers_schedule(tmp_path):
+    from bigrec.config import load_yaml
+    from bigrec.stages import demo
+
+    cfg = parse(demo.Config, ["--config", "paper", "--run_dir", str(tmp_path / "run")])
+    assert (cfg.sample, cfg.batch_size, cfg.learning_rate, cfg.warmup_steps, cfg.num_epochs) == (1024, 128, 1e-4, 20, 50)
+    assert cfg.train_on_inputs and cfg.group_by_length and cfg.early_stopping_patience == 5
+    assert parse(demo.Config, ["--config", "paper", "--num_epochs", "3"]).num_epochs == 3  # flags override it
+    with pytest.raises(ConfigError, match=r"shipped configs: .*paper"):
+        load_yaml("no-such-config")

@@ -141,10 +141,18 @@ class _ListAction(argparse.Action):
         setattr(namespace, self.dest, current + (list(values) if isinstance(values, list) else [values]))
 
 
+SHIPPED = Path(__file__).parent / "configs"  # configs that ship with the package, named by their stem
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or from a shipped config named without folder or suffix
+    (``--config paper`` reads ``bigrec/configs/paper.yaml``)."""
     path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and (SHIPPED / f"{path.name}.yaml").is_file():
+        path = SHIPPED / f"{path.name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {path}" + (f" (shipped configs: {shipped})" if shipped else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -51,6 +51,12 @@ class Config:
     micro_batch_size: int = option(8, "examples per forward pass")
     learning_rate: float = option(5e-4, "peak learning rate (LoRA on a 135M model learns slowly at 1e-4)")
     train_on_inputs: bool = option(False, "loss on the prompt too; false teaches titles, not copying the history")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: a quarter of an epoch, at most 20)",
+                                      minimum=0, keyed_at_default=False)
+    group_by_length: bool = option(False, "batch training examples of similar length together (the paper's)",
+                                   keyed_at_default=False)
+    early_stopping_patience: int = option(5, "validation evaluations (one per epoch) without a lower loss before "
+                                             "training stops; 0 = never", minimum=0, keyed_at_default=False)
     val_rows: int = option(128, "validation rows for the early-stopping loss")
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
@@ -257,7 +263,9 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
         val_data_path=[str(data / "valid.json")], val_sample=cfg.val_rows, output_dir=str(paths.adapter),
         sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
-        precision=cfg.precision, warmup_steps=min(20, max(1, cfg.sample // cfg.batch_size // 4)))
+        precision=cfg.precision, group_by_length=cfg.group_by_length,
+        early_stopping_patience=cfg.early_stopping_patience,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4)))
     stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"],
                lambda: train.run(train_cfg), after=("prepare",))
 

@@ -82,10 +82,10 @@ class Config:
     eval_steps: int | None = option(None, "evaluate every N steps (default: at the end of each epoch)")
     snapshot_epochs: list[int] = option(help="save a copy of the adapter after each of these epochs "
                                              "(output_dir/snapshots/epoch-N, with its validation loss and time)",
-                                        factory=list)
+                                        factory=list, keyed_at_default=False)
     stop_after_epoch: int | None = option(None, "pause after this epoch: the schedule stays planned over "
                                                 "--num_epochs, and a rerun with a later value continues the run "
-                                                "as if it had never stopped")
+                                                "as if it had never stopped", keyed_at_default=False)
     save_steps: int = option(10, "write a resumable checkpoint every N optimizer steps")
     save_total_limit: int = option(2, "checkpoints kept (older ones are deleted)")
     resume_from_checkpoint: str | None = option(
