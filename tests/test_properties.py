@@ -26,12 +26,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run_fixture import write_raw  # noqa: E402
-
 from bigrec.cli import main  # noqa: E402
 from bigrec.config import ConfigError, build, parse  # noqa: E402
 from bigrec.evaluation.intervals import bootstrap_ci, paired_difference  # noqa: E402
 from bigrec.evaluation.metrics import ndcg_hr, target_ranks  # noqa: E402
+from run_fixture import write_raw  # noqa: E402
 
 TOPK = (1, 3, 5, 10)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

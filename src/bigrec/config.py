@@ -232,6 +232,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def stage_settings(config: Any) -> dict[str, Any]:
     """The settings that decide a stage's outputs: :func:`to_dict` less ``changes_output=False`` options."""
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
     quiet = {f.name for f in dataclasses.fields(config) if not f.metadata.get("changes_output", True)
-             or (not f.metadata.get("keyed_at_default", True) and getattr(config, f.name) == f.default)}
+             or (not f.metadata.get("keyed_at_default", True) and getattr(config, f.name) == default(f))}
     return {k: v for k, v in to_dict(config).items() if k not in quiet}
