@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup test test-slow test-browser bench demo lint clean
+.PHONY: setup test test-slow test-browser bench demo lint clean fuzz
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test-browser: $(STAMP)
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 	$(BIN)/pip install -q -e ".[dev,browser]"
 	$(BIN)/python -m pytest -m browser
+
+# Schemathesis over bigrec serve on the tests' tiny run: the long run (the fast suite runs a short one).
+fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz_serve.py --max_examples 100
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

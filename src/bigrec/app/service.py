@@ -136,6 +136,22 @@ class CatalogItem(BaseModel):
     id: int
     title: str
 
+class ErrorDetail(BaseModel):
+    loc: list[int | str]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    message: str = Field(description="what was wrong, naming the field")
+    detail: list[ErrorDetail] | None = None
+
+
+# Every documented answer besides 200 (schemathesis checks that each status is documented).
+ERRORS = {413: {"model": ErrorOut, "description": "request body over the size cap, refused before it is read"},
+          422: {"model": ErrorOut, "description": "bad input (or a body that is not JSON); `message` names the field"}}
+
+
 class ItemsResponse(BaseModel):
     query: str
     items: list[CatalogItem]
@@ -200,6 +216,12 @@ def create_app(rec, limits: Limits | None = None):
         return JSONResponse(status_code=413, content={"message": f"request body larger than {limits.max_body_bytes} "
                                                                  "bytes"}, headers={"connection": "close"})
 
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # the framework could not parse the body: bad input like any other
+            return unprocessable([{"loc": ["body"], "msg": f"not a JSON object ({exc.detail})", "type": "json_invalid"}])
+        return JSONResponse(status_code=exc.status_code, content={"message": str(exc.detail)}, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
@@ -213,20 +235,19 @@ def create_app(rec, limits: Limits | None = None):
         """The page: search the catalogue, build a history, see BIGRec beside SASRec and popularity."""
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.get("/health", responses={413: ERRORS[413]})
     async def health() -> dict[str, Any]:
         """Liveness, the run's description and the batching statistics."""
         return {"status": "ok", "run": rec.describe(), "stats": batcher.stats.to_dict(batcher.queue.qsize())}
 
-    @app.get("/items", response_model=ItemsResponse)
+    @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
     async def items(q: Annotated[str, Query(min_length=1, max_length=max_title, description="text to find")],
                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
         """Catalogue items whose title contains ``q`` (ignoring case), titles starting with it first."""
         return {"query": q, "items": [{"id": i, "title": t} for i, t in rec.search(q, limit)]}
 
     @app.post("/recommend", response_model=RecommendResponse,
-              responses={422: {"description": "bad input; `message` names the field"},
-                         503: {"description": "too many requests waiting"}})
+              responses={**ERRORS, 503: {"model": ErrorOut, "description": "too many requests waiting"}})
     async def recommend(body: RecommendRequest) -> Any:
         """Generate with beam search, ground the top generation to catalogue items, return the top k."""
         try:
