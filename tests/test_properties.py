@@ -104,7 +104,7 @@ def catalogues(draw):
     return titles
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(catalogues(), st.integers(1, 5))
 def test_every_constrained_beam_is_a_catalogue_title(tiny_lm, titles, beams):
     from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
@@ -139,7 +139,7 @@ def damage(data: bytes, how: str, at: float, byte: int) -> bytes:
     return data[:cut] + bytes([byte]) + data[cut:]  # insert
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(["u.data", "u.item"]), how=st.sampled_from(["truncate", "flip", "insert"]),
        at=st.floats(0, 0.999), byte=st.integers(0, 255))
 def test_prepare_on_damaged_files_succeeds_or_fails_in_one_line(raw_ml100k, tmp_path_factory, name, how, at, byte,
@@ -180,7 +180,7 @@ TEXTS = st.one_of(st.integers(-5, 600).map(str), st.floats(-2, 2, allow_nan=Fals
                                    "1e-4", "nan"]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_yaml_values_pass_the_same_checks_as_flags(data):
     cls = data.draw(st.sampled_from(_stage_configs()))
