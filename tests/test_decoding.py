@@ -255,3 +255,17 @@ def test_beam_item_lists_flatten_duplicate_ids_in_beam_order(tiny_model_dir):
     assert items[0][:2] == [2, 5] and len(items[0]) == sum(len(b.item_ids) for b in out[0])
     ranked = rank_with_beams(items, torch.rand(1, len(TITLES)))
     assert torch.argsort(ranked[0]).tolist()[:len(items[0])] == items[0]
+
+
+def test_excluded_items_are_never_a_beam_and_only_for_their_row(loaded):
+    """--exclude_history for constrained decoding: a per-row mask on the trie's final edges."""
+    _, model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    prompts = [prompt_for_row(r) for r in rows()]
+    before = constrained_generate(model, tok, prompts, trie, num_beams=3, batch_size=3)
+    banned = [list(before[0][0].item_ids), [], list(before[2][0].item_ids) + list(before[2][1].item_ids)]
+    after = constrained_generate(model, tok, prompts, trie, num_beams=3, batch_size=3, exclude_items=banned)
+    for row, ids in zip(after, banned, strict=True):
+        assert row and all(not set(b.item_ids) & set(ids) for b in row)
+    assert [b.title for b in after[1]] == [b.title for b in before[1]]  # a row without exclusions is untouched
+    assert after[0][0].title == before[0][1].title  # the next beam moves up

@@ -452,3 +452,21 @@ def test_help_documents_every_option():
     for phrase in ("free beam search", "constrained to catalogue titles", "{free,constrained}", "{alpaca,d3}",
                    "length correction", "text-free assistant"):
         assert phrase in text
+
+
+def test_exclude_history_never_returns_a_history_title(taught_dir, tmp_path):
+    """Free decoding with --exclude_history: the taught answer, placed in the row's own history,
+    is never returned (the model's top beam without the option)."""
+    titles = sorted({t for history, target in CASES for t in [*history, target]})
+    (tmp_path / "id2name.txt").write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(titles)))
+    rows = case_rows()
+    for row, (history, target) in zip(rows, CASES, strict=True):
+        row["history_item_id"] = [titles.index(t) for t in history] + [titles.index(target)]
+    write_rows(tmp_path / "test.json", rows)
+    plain = json.loads(generate.run(config(tmp_path, taught_dir)).read_text())
+    assert [r["predict"][0] for r in plain] == [f'"{target}"' for _, target in CASES]
+    new = json.loads(generate.run(config(tmp_path, taught_dir, exclude_history=True,
+                                         result_json_data=str(tmp_path / "new" / "test.json"))).read_text())
+    for row, (history, target) in zip(new, CASES, strict=True):
+        assert row["predict"], row
+        assert all(p.strip('"') not in {*history, target} for p in row["predict"]), row["predict"]

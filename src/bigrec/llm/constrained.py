@@ -68,8 +68,9 @@ class TrieLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, trie: Trie, prompt_len: int, num_beams: int, cf_values: torch.Tensor | None = None,
-                 cf_weight: float = 0.0):
+                 cf_weight: float = 0.0, banned: torch.Tensor | None = None):
         self.trie = trie
+        self.banned = banned  # [rows, M + 1] bool: leaves (titles) a row may not end on
         self.prompt_len = prompt_len
         self.num_beams = num_beams
         self.cf_values = cf_values if cf_weight else None
@@ -125,11 +126,23 @@ class TrieLogitsProcessor(LogitsProcessor):
         self.node_logprob[rows, child] = values
         if self.cf_values is not None:
             values = values + self.cf_weight * (self.cf_values[rows, child] - self.cf_values[rows, nodes[beam_of]])
+        if self.banned is not None:
+            values = values.masked_fill(self.banned[rows, child], float("-inf"))
         scores.fill_(float("-inf"))  # in place: the log-probs are a fresh tensor of this step
         scores[beam_of, tokens] = values
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return scores
+
+
+def banned_leaves(trie: Trie, items: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """[rows, M + 1] bool: the leaf node of each row's items' titles (items outside the trie ignored)."""
+    banned = torch.zeros(len(items), trie.num_nodes + 1, dtype=torch.bool)
+    for r, ids in enumerate(items):
+        leaves = [int(trie.item_leaf[int(i)]) for i in ids if 0 <= int(i) < trie.num_items]
+        nodes = [int(trie.leaf_node[leaf]) for leaf in leaves if leaf >= 0]
+        banned[r, nodes] = True
+    return banned.to(device)
 
 
 def cf_log_scores(cf_scores: torch.Tensor, floor: float = -1e4) -> torch.Tensor:
@@ -163,7 +176,8 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
                          cf_scores: torch.Tensor | None = None, cf_weight: float = 0.0,
                          max_new_tokens: int | None = None, ghost_threshold: float = 0.99,
                          share_prompt_cache: bool = True, stats: dict | None = None,
-                         prefill_dtype: torch.dtype | None = None) -> list[list[Beam]]:
+                         prefill_dtype: torch.dtype | None = None,
+                         exclude_items: Sequence[Sequence[int]] | None = None) -> list[list[Beam]]:
     """Catalogue-constrained beam search: per prompt, its beams (best first) as :class:`Beam`.
 
     ``prompts`` are full prompt texts (``prompt_for_row``), left padded here; ``cf_scores``
@@ -181,10 +195,14 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
     prefill; here the prompt (all but its last token) is encoded once per row, the prefix all
     rows share once per batch, and the KV cache repeated for the beams, which saves most of the
     prefill at 10 to 50 beams. ``prefill_dtype``: the dtype that encoding computes in
-    (:func:`bigrec.llm.kv_cache.shared_prompt`).
+    (:func:`bigrec.llm.kv_cache.shared_prompt`). ``exclude_items``: per prompt, item ids whose
+    titles its beams may not end on (a user's history: recommend something new); the trie's
+    final edge into each such title is masked for that row only.
     """
     if num_beams < 1 or batch_size < 1:
         raise ValueError(f"num_beams and batch_size must be at least 1, got {num_beams} and {batch_size}")
+    if exclude_items is not None and len(exclude_items) != len(prompts):
+        raise ValueError(f"exclude_items has {len(exclude_items)} rows for {len(prompts)} prompts")
     if cf_scores is not None and tuple(cf_scores.shape) != (len(prompts), trie.num_items):
         raise ValueError(f"cf_scores has shape {tuple(cf_scores.shape)}, expected "
                          f"({len(prompts)}, {trie.num_items}): one row per prompt, one column per item")
@@ -208,7 +226,8 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             cf_values = None
             if cf_scores is not None and cf_weight:
                 cf_values = trie.node_values(cf_log_scores(cf_scores[lo:lo + batch_size].to(device)))
-            proc = TrieLogitsProcessor(trie, prompt_len, beams, cf_values, cf_weight)
+            banned = None if exclude_items is None else banned_leaves(trie, exclude_items[lo:lo + batch_size], device)
+            proc = TrieLogitsProcessor(trie, prompt_len, beams, cf_values, cf_weight, banned)
             start = time.perf_counter()
             with torch.inference_mode():
                 extra = {}
@@ -225,10 +244,12 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             gen = out[:, prompt_len:].cpu()
             node_lp = proc.node_logprob.cpu()
             for i in range(len(batch)):
-                results.append(_row_beams(
-                    tokenizer, trie, gen[i * beams:(i + 1) * beams], node_lp[i],
-                    None if cf_values is None else cf_values[i].cpu(), cf_weight, length_penalty,
-                    length_correction, ghost_threshold))
+                row = _row_beams(tokenizer, trie, gen[i * beams:(i + 1) * beams], node_lp[i],
+                                 None if cf_values is None else cf_values[i].cpu(), cf_weight, length_penalty,
+                                 length_correction, ghost_threshold)
+                if banned is not None:  # a row with fewer allowed titles than beams: no banned filler
+                    row = [b for b in row if not bool(banned[i, trie.leaf_node[trie.item_leaf[b.item_ids[0]]]])]
+                results.append(row)
     finally:
         tokenizer.padding_side = side
     return results

@@ -32,7 +32,7 @@ import torch
 
 from bigrec import io
 from bigrec.config import option, to_dict
-from bigrec.data.prompts import TEMPLATES, prompt_for_row
+from bigrec.data.prompts import TEMPLATES, natural_title, normalize_title, prompt_for_row
 from bigrec.llm.generation import generate_batch
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 
@@ -69,6 +69,10 @@ class Config:
     cf_scores: str | None = option(None, "constrained: a `bigrec baseline` score file (scores/*.safetensors) for "
                                          "these rows, to guide the search (D3's text-free assistant)")
     cf_weight: float = option(0.0, "constrained: weight of the CF log-scores added to the beam scores")
+    exclude_history: bool = option(False, "recommend something new: never return a title of the row's own history "
+                                          "(history_item_id); constrained decoding masks those titles per row, free "
+                                          "decoding drops beams that copy one and reruns a row whose every beam "
+                                          "did with 2x, then 4x the beams", keyed_at_default=False)
     discard_stale_progress: bool = option(False, "delete progress files left by a run with other settings instead "
                                                  "of refusing them (the demo does: its stages rerun on new settings)",
                                           changes_output=False)
@@ -124,6 +128,8 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
                 "prefill_dtype": str(resolve_dtype(config.precision, device, "prefill")).removeprefix("torch."),
                 "decoding": config.decoding, "prompt_template": config.prompt_template,
                 "category": config.category, "length_penalty": config.length_penalty}
+    if config.exclude_history:
+        settings["exclude_history"] = True
     if config.decoding == "constrained":
         from bigrec.data.catalog import read_catalog
 
@@ -204,6 +210,50 @@ class ProgressWriter:
 
 # --- the stage ------------------------------------------------------------------------------
 
+def history_ids(row: dict) -> list[int]:
+    ids = row.get("history_item_id")
+    if not isinstance(ids, list):
+        raise ValueError(f"--exclude_history: row {row.get('row', '?')} has no history_item_id list")
+    return [int(i) for i in ids]
+
+
+class NewTitles:
+    """Free decoding that never returns a title of the row's own history: beams that copy one
+    (as the catalogue writes it, or with its article in front) are dropped, and a row whose every
+    beam was a copy is generated again with 2x, then 4x the beams (its list may stay empty)."""
+
+    def __init__(self, config: Config, model, tokenizer, prefill_dtype):
+        from bigrec.data.catalog import read_catalog
+
+        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
+        self.catalog = read_catalog(config.catalog_path())
+        self.reruns = 0
+
+    def seen(self, row: dict) -> set[str]:
+        titles = {self.catalog.titles[i] for i in history_ids(row) if 0 <= i < len(self.catalog)}
+        return {normalize_title(t) for t in titles} | {normalize_title(natural_title(t)) for t in titles}
+
+    def keep(self, beams: list[str], seen: set[str]) -> list[str]:
+        return [b for b in beams if normalize_title(b) not in seen]
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        cfg = self.config
+        out = generate_batch(self.model, self.tokenizer, prompts, cfg.num_beams, cfg.max_new_tokens,
+                             cfg.length_penalty, self.prefill_dtype)
+        results = []
+        for row, prompt, beams in zip(rows, prompts, out, strict=True):
+            seen = self.seen(row)
+            kept = self.keep(beams, seen)
+            for factor in (2, 4):
+                if kept:
+                    break
+                self.reruns += 1
+                kept = self.keep(generate_batch(self.model, self.tokenizer, [prompt], cfg.num_beams * factor,
+                                                cfg.max_new_tokens, cfg.length_penalty, self.prefill_dtype)[0], seen)
+            results.append({"predict": kept[:cfg.num_beams] or [""]})  # "": nothing new was generated
+        return results
+
+
 class ConstrainedDecoder:
     """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
 
@@ -234,7 +284,8 @@ class ConstrainedDecoder:
             self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
             length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
             cf_weight=cfg.cf_weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
-            prefill_dtype=self.prefill_dtype)
+            prefill_dtype=self.prefill_dtype,
+            exclude_items=[history_ids(r) for r in rows] if cfg.exclude_history else None)
         return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
                  "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
 
@@ -271,8 +322,9 @@ def run(config: Config) -> Path:
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
                                       phase="decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
-        constrained = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
-            if config.decoding == "constrained" else None
+        decoder = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
+            if config.decoding == "constrained" else \
+            NewTitles(config, model, tokenizer, prefill_dtype) if config.exclude_history else None
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
         todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
@@ -284,8 +336,8 @@ def run(config: Config) -> Path:
                 for lo in range(0, len(mine), config.batch_size):
                     batch = mine[lo:lo + config.batch_size]
                     batch_prompts = [prompts[p] for p in batch]
-                    if constrained is not None:
-                        outputs = constrained([rows[p] for p in batch], batch_prompts)
+                    if decoder is not None:
+                        outputs = decoder([rows[p] for p in batch], batch_prompts)
                     else:
                         outputs = [{"predict": p} for p in generate_batch(
                             model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
@@ -299,10 +351,12 @@ def run(config: Config) -> Path:
             elapsed = time.perf_counter() - start
             log.info("process %d: %d rows in %.1fs (%.2f rows/s)", state.process_index, len(mine), elapsed,
                      len(mine) / elapsed if elapsed else float("nan"))
-            if constrained is not None and constrained.stats:
+            if isinstance(decoder, ConstrainedDecoder) and decoder.stats:
                 log.info("process %d: constrained decoding %.1fs in generate, %.1fs of it in the trie processor",
-                         state.process_index, constrained.stats["generate_seconds"],
-                         constrained.stats["processor_seconds"])
+                         state.process_index, decoder.stats["generate_seconds"], decoder.stats["processor_seconds"])
+            if isinstance(decoder, NewTitles) and decoder.reruns:
+                log.info("process %d: %d reruns with more beams for rows whose every beam copied the history",
+                         state.process_index, decoder.reruns)
     for pos, output in gather_object(produced):
         done[pos] = output
     if state.is_main_process:
