@@ -4,7 +4,10 @@
 
 Starts `bigrec serve` on the run folder (a free loopback port), warms it up, measures a single
 client's latency, then ``--clients`` clients each sending ``--requests`` requests back to
-back, and prints p50/p90/p99 latency, throughput and the server's batch sizes. Histories come
+back, and prints p50/p90/p99 latency, throughput and the server's batch sizes. ``--soak``: the
+same clients, where every tenth request is poisoned (a lone surrogate in a title, k=0, an unknown
+field) and every 25th carries a 10 MB body; it prints the valid requests' failures and latency,
+what the poisoned ones got, and the server's RSS at the start and the end. Histories come
 from the run's prepared test rows (else catalogue ids). Without a run folder (``make bench``
 on a fresh clone) it builds the tests' tiny run folder: those figures measure the service's
 machinery on a random 2-layer model, not SmolLM2. ``--url`` measures a server already running.
@@ -101,6 +104,49 @@ def load(url: str, histories: list[list[int]], clients: int, per_client: int, k:
     return [t for ts, _ in parts for t in ts], [e for _, es in parts for e in es], wall
 
 
+POISONS = [b'{"history": ["\\ud800 Toy"], "k": 3}', b'{"history": [1, 2], "k": 0}',
+           b'{"history": [1, 2], "k": 3, "surprise": true}']
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(url: str, histories: list[list[int]], clients: int, per_client: int, k: int):
+    """Valid requests' latencies and failures, and the status codes the poisoned ones got."""
+    big = b'{"history": [1], "k": 3, "pad": "' + b"x" * (10 << 20) + b'"}'
+
+    def client(n: int) -> tuple[list[float], list[str], list[int]]:
+        times, failures, poisoned = [], [], []
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for i in range(1, per_client + 1):
+                body = big if i % 25 == 0 else POISONS[(n + i) % len(POISONS)] if i % 10 == 0 else None
+                if body is not None:
+                    try:
+                        r = c.post("/recommend", content=body, headers={"content-type": "application/json"})
+                        poisoned.append(r.status_code)
+                    except httpx.TransportError as exc:  # the server may close a connection it refused
+                        poisoned.append(-1 if "413" not in str(exc) else 413)
+                    continue
+                start = time.perf_counter()
+                r = c.post("/recommend", json={"history": histories[(n * per_client + i) % len(histories)], "k": k})
+                if r.status_code == 200:
+                    times.append(time.perf_counter() - start)
+                else:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+        return times, failures, poisoned
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    return ([t for p in parts for t in p[0]], [f for p in parts for f in p[1]], [c for p in parts for c in p[2]],
+            wall)
+
+
 def report(label: str, times: list[float], errors: list[str], wall: float) -> None:
     ms = [t * 1000 for t in times]
     if not ms:
@@ -126,6 +172,7 @@ def main() -> None:
     parser.add_argument("--batch_window_ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: default)")
     parser.add_argument("--start_timeout", type=float, default=900)
+    parser.add_argument("--soak", action="store_true", help="poisoned and 10 MB requests among the valid ones")
     args = parser.parse_args()
     from peak import measure_peaks
 
@@ -157,6 +204,16 @@ def main() -> None:
         histories = histories_for(run, max(64, args.clients * args.requests)) if args.url is None else \
             [[i, i + 1, i + 2] for i in range(64)]
         report("warm-up", *load(url, histories, 1, args.warmup, args.k, args.use_ci))
+        if args.soak:
+            rss0 = rss_mib(proc.pid) if proc is not None else float("nan")
+            times, failures, poisoned, wall = soak(url, histories, args.clients, args.requests, args.k)
+            rss1 = rss_mib(proc.pid) if proc is not None else float("nan")
+            report(f"soak, {args.clients} clients x {args.requests}: valid requests", times, failures, wall)
+            codes = {c: poisoned.count(c) for c in sorted(set(poisoned))}
+            print(f"soak: {len(failures)} failed valid requests of {len(times) + len(failures)}; poisoned "
+                  f"{len(poisoned)} answered {codes}; server RSS {rss0:.0f} -> {rss1:.0f} MiB "
+                  f"({100 * (rss1 / rss0 - 1):+.1f}%)")
+            return
         report("1 client", *load(url, histories, 1, max(5, args.requests // 5), args.k, args.use_ci))
         before = httpx.get(f"{url}/health", timeout=30).json()["stats"]
         report(f"{args.clients} clients", *load(url, histories, args.clients, args.requests, args.k, args.use_ci))
