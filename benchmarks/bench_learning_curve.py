@@ -309,7 +309,7 @@ def plot(recipes: list[Recipe], baselines: dict, path: Path, rows: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for recipe in recipes:
         pts = [p for p in recipe.points() if p["label"].startswith("epoch")]
         if pts:
@@ -329,7 +329,7 @@ def plot(recipes: list[Recipe], baselines: dict, path: Path, rows: int) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training + validation wall-minutes (2-core CPU); labels: epochs; star: early stopping's end")
     ax.set_ylabel(f"validation NDCG@10 ({rows} rows; band: 95% interval)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, off the lines
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
