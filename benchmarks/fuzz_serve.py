@@ -78,7 +78,8 @@ def fuzz(run: Path, max_examples: int, seed: int) -> tuple[int, str]:
             raise RuntimeError("schemathesis's `st` is not installed: pip install -e '.[dev]'")
         out = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", CHECKS, "--max-examples",
                               str(max_examples), "--seed", str(seed), "--no-color", "--request-timeout", "120"],
-                             capture_output=True, text=True, timeout=3600)
+                             capture_output=True, text=True, timeout=3600, cwd=tempfile.gettempdir())
+        # (cwd: schemathesis keeps a .schemathesis/ cache in its working folder, not in the work tree)
         return out.returncode, out.stdout + out.stderr
     finally:
         server.terminate()
