@@ -141,7 +141,7 @@ def response_loss(base_model: str, adapter: Path, rows: list[dict], cutoff_len: 
 
     from bigrec.llm.labelled_logits import LabelledLogits
     from bigrec.llm.models import load_model
-    from bigrec.llm.sft_data import Collator, SFTDataset
+    from bigrec.llm.sft_data import IGNORE_INDEX, Collator, SFTDataset
 
     model, tokenizer = load_model(base_model, "bf16", lora_weights=str(adapter), device="cpu")
     data = SFTDataset(rows, tokenizer, cutoff_len, train_on_inputs=False, name="scoring rows")
@@ -155,7 +155,7 @@ def response_loss(base_model: str, adapter: Path, rows: list[dict], cutoff_len: 
                 inputs = collate([data[i] for i in order[start:start + batch]])
                 with labelled.positions(inputs["labels"]):
                     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-                n = int((inputs["labels"][:, 1:] != -100).sum())
+                n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += float(LabelledLogits.loss(out, inputs["labels"])) * n
                 tokens += n
     finally:

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
@@ -220,7 +221,7 @@ def create_app(rec, limits: Limits | None = None):
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400:  # the framework could not parse the body: bad input like any other
             return unprocessable([{"loc": ["body"], "msg": f"not a JSON object ({exc.detail})", "type": "json_invalid"}])
-        return JSONResponse(status_code=exc.status_code, content={"message": str(exc.detail)}, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

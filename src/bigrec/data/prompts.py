@@ -107,6 +107,12 @@ def natural_title(title: str) -> str:
     return f"{article}{space}{match['body']}{match['tail'] or ''}"
 
 
+def title_forms(title: str) -> set[str]:
+    """A title as the catalogue writes it and with its article in front: the forms in which a
+    generation copies it."""
+    return {title, natural_title(title)}
+
+
 def quote(title: str) -> str:
     return f'"{title}"'
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from bigrec import io
 from bigrec.config import ConfigError
 from bigrec.data.catalog import Catalog, UnknownTargetError, row_target
-from bigrec.data.prompts import natural_title, normalize_title
+from bigrec.data.prompts import normalize_title, title_forms
 from bigrec.evaluation.metrics import target_id_lists
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def history_copy_share(results: Results, catalog: Catalog) -> float | None:
         return None
     copies = 0
     for top, history in zip(results.top1, results.histories, strict=True):
-        titles = {catalog.titles[i] for i in history}
-        copies += bool(top) and (top in titles or top in {natural_title(t) for t in titles})
+        copies += bool(top) and top in {form for i in history for form in title_forms(catalog.titles[i])}
     return copies / len(results.top1)
 
 

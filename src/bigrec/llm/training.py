@@ -126,6 +126,12 @@ class EpochMarks(TrainerCallback):
         self.stop_after_epoch = stop_after_epoch
         self.paused = False
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        planned = self.steps_per_epoch * args.num_train_epochs
+        if args.max_steps <= 0 and state.max_steps != planned:
+            raise RuntimeError(f"the Trainer planned {state.max_steps} steps, not {self.steps_per_epoch} per epoch x "
+                               f"{args.num_train_epochs:g}: epoch ends would be misplaced")
+
     def epoch_end(self, state) -> int | None:
         steps = self.steps_per_epoch
         return state.global_step // steps if state.global_step % steps == 0 else None

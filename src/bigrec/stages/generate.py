@@ -32,7 +32,7 @@ import torch
 
 from bigrec import io
 from bigrec.config import option, to_dict
-from bigrec.data.prompts import TEMPLATES, natural_title, normalize_title, prompt_for_row
+from bigrec.data.prompts import TEMPLATES, normalize_title, prompt_for_row, title_forms
 from bigrec.llm.generation import generate_batch
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 
@@ -230,8 +230,8 @@ class NewTitles:
         self.reruns = 0
 
     def seen(self, row: dict) -> set[str]:
-        titles = {self.catalog.titles[i] for i in history_ids(row) if 0 <= i < len(self.catalog)}
-        return {normalize_title(t) for t in titles} | {normalize_title(natural_title(t)) for t in titles}
+        return {normalize_title(form) for i in history_ids(row) if 0 <= i < len(self.catalog)
+                for form in title_forms(self.catalog.titles[i])}
 
     def keep(self, beams: list[str], seen: set[str]) -> list[str]:
         return [b for b in beams if normalize_title(b) not in seen]

@@ -319,9 +319,6 @@ def run(config: Config) -> dict[str, Any]:
         if labelled is not None:
             labelled.remove()
     state = trainer.state
-    if config.max_steps <= 0 and state.max_steps != per_epoch * config.num_epochs:
-        raise RuntimeError(f"the Trainer planned {state.max_steps} steps, not {per_epoch} per epoch x "
-                           f"{config.num_epochs}: epoch ends would be misplaced")
     keep_best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KeepBest))
     summary = {"global_step": state.global_step, "max_steps": state.max_steps, "steps_per_epoch": per_epoch,
                "epoch": state.epoch, "train_loss": result.training_loss,
