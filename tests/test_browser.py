@@ -24,7 +24,7 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from bigrec.app.recommender import Recommender  # noqa: E402
-from run_fixture import TAUGHT, TITLES, tiny_run  # noqa: E402
+from run_fixture import LONG_TAUGHT, LONG_TITLES, TAUGHT, TITLES, build_run, tiny_run  # noqa: E402
 from test_serve import serving  # noqa: E402
 
 
@@ -56,6 +56,50 @@ def url(tmp_path_factory):
     rec = Recommender.from_run(tiny_run(tmp_path_factory), device="cpu")
     with serving(rec, batch_window_ms=5) as base:
         yield base
+
+
+RANKING_NOTE = ("BIGRec + CI (the paper's formula) chosen on validation NDCG@10 (plain BIGRec 0.0310, "
+                "BIGRec + CI (the paper's formula) 0.0412)")
+
+
+@pytest.fixture(scope="module")
+def long_url(tmp_path_factory):
+    """A run of Amazon-length titles whose default ranking (CI: a score column besides the distance)
+    comes with a note, as ``bigrec demo`` writes one."""
+    run = build_run(tmp_path_factory.mktemp("long-titles"), titles=LONG_TITLES, taught=LONG_TAUGHT, use_ci=True,
+                    ranking_note=RANKING_NOTE)
+    with serving(Recommender.from_run(run, device="cpu"), batch_window_ms=5) as base:
+        yield base
+
+
+# Every pair of result cells (th/td in #results) whose boxes share more than a pixel each way: a table
+# wider than its column spills over the next column's cells, which a screenshot shows as text on text.
+OVERLAPS = """
+const boxes = Array.from(document.querySelectorAll('#results th, #results td'),
+                         (c) => [c.textContent, c.getBoundingClientRect()]);
+const found = [];
+for (let i = 0; i < boxes.length; i++) {
+  for (let j = i + 1; j < boxes.length; j++) {
+    const [ta, a] = boxes[i], [tb, b] = boxes[j];
+    if (Math.min(a.right, b.right) - Math.max(a.left, b.left) > 1 &&
+        Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 1) found.push([ta, tb]);
+  }
+}
+return found;
+"""
+
+# Cells (and history entries) whose text is wider than their box (clipped or spilling), and title cells
+# that stayed on one line: at these widths a 100-to-200-character title fits on no line, so it must wrap.
+CLIPPED = """
+return Array.from(document.querySelectorAll('#results th, #results td, #history li'))
+  .filter((c) => c.scrollWidth > c.clientWidth + 1).map((c) => c.textContent);
+"""
+UNWRAPPED = """
+return Array.from(document.querySelectorAll('#results td'))
+  .filter((c) => arguments[0].includes(c.textContent))
+  .filter((c) => c.getBoundingClientRect().height < 1.5 * parseFloat(getComputedStyle(c).lineHeight))
+  .map((c) => c.textContent);
+"""
 
 
 def pick(browser, wait, typed: str, title: str) -> None:
@@ -114,3 +158,41 @@ def test_the_demo_report_renders_from_disk(browser, tmp_path_factory, tiny_model
     image = browser.find_element(By.TAG_NAME, "img")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) >= 500
     browser.save_screenshot(str(shots(tmp_path) / "report.png"))
+
+
+def test_long_titles_wrap_and_no_result_cell_overlaps_another(browser, long_url, tmp_path):
+    """Amazon titles at a 1,500 px window overlapped the BIGRec distance and score columns with the
+    SASRec column; below 1,300 px the columns stack instead. The run's ranking (its note
+    on how validation chose it) is stated once, in the header, not again above the BIGRec table."""
+    wait = WebDriverWait(browser, 60)
+    browser.set_window_size(1500, 1000)
+    try:
+        browser.get(long_url + "/")
+        wait.until(lambda d: "items" in d.find_element(By.ID, "run-info").text)
+        history, _ = LONG_TAUGHT[0]
+        for title in history:
+            pick(browser, wait, title[:18], title)
+        k = browser.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys(str(len(LONG_TITLES) - len(history)))  # every other title, in each of the three tables
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results table")) == 3)
+        columns = browser.find_elements(By.CSS_SELECTOR, "#results .column")
+        assert [c.find_element(By.TAG_NAME, "h2").text for c in columns] == ["BIGRec", "SASRec", "Popularity"]
+        assert [th.text for th in columns[0].find_elements(By.TAG_NAME, "th")] == ["#", "item", "distance", "score"]
+        for width in (1500, 1000, 700):
+            browser.set_window_size(width, 1000)
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(width, height + 100)  # the whole page in the screenshot, taken before
+            browser.save_screenshot(str(shots(tmp_path) / f"page_long_titles_{width}.png"))  # the checks
+            assert browser.execute_script("return document.documentElement.scrollWidth <= innerWidth"), width
+            assert browser.execute_script(OVERLAPS) == [], width
+            assert browser.execute_script(CLIPPED) == [], width
+            assert browser.execute_script(UNWRAPPED, LONG_TITLES) == [], width
+            tops = [c.rect["y"] for c in columns]
+            assert tops[0] == tops[1] == tops[2] if width >= 1300 else tops[0] < tops[1] < tops[2], (width, tops)
+        page_text = browser.find_element(By.TAG_NAME, "body").text
+        assert page_text.count(RANKING_NOTE) == 1
+        assert RANKING_NOTE in browser.find_element(By.TAG_NAME, "header").text
+    finally:
+        browser.set_window_size(1400, 1000)
