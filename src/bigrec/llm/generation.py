@@ -67,13 +67,16 @@ class TitleEndCriteria(StoppingCriteria):
 
 
 def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
-                 length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None,
+                 stop_token_id: int | None = None) -> torch.Tensor:
     """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first.
 
     The prompts are encoded once and their KV cache repeated for the beams (transformers
     would copy each prompt ``num_beams`` times before the prefill, which dominates on a CPU);
     the prefix every prompt shares (the template's preamble) is encoded once for the batch.
     ``prefill_dtype``: the dtype that encoding computes in (:func:`bigrec.llm.kv_cache.shared_prompt`).
+    ``stop_token_id``: a token that ends a title as EOS does (the timeline layout's separator); the
+    beams then end there, not at a closing quote.
     """
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
@@ -82,16 +85,25 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
         if prompt_len > 1:
             enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, num_beams, max_new_tokens,
                                                 prefill_dtype)
+        if stop_token_id is None:
+            extra["stopping_criteria"] = StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)])
+        else:
+            extra["eos_token_id"] = [t for t in (stop_token_id, tokenizer.eos_token_id) if t is not None]
         out = model.generate(
             **enc, **extra, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
-            max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)]))
+            max_new_tokens=max_new_tokens, length_penalty=length_penalty, pad_token_id=tokenizer.pad_token_id)
     return out[:, prompt_len:].cpu()
 
 
 def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
-                   length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None) -> list[list[str]]:
-    """``num_beams`` titles per prompt, each cut at the end of its title."""
-    ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens, length_penalty, prefill_dtype)
-    texts = [cut_title(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+                   length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None,
+                   stop_token_id: int | None = None) -> list[list[str]]:
+    """``num_beams`` titles per prompt, each cut at the end of its title (or at ``stop_token_id``)."""
+    ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens, length_penalty, prefill_dtype,
+                       stop_token_id)
+    if stop_token_id is None:
+        texts = [cut_title(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    else:
+        rows = [seq[:seq.index(stop_token_id)] if stop_token_id in seq else seq for seq in ids.tolist()]
+        texts = [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
     return [texts[i * num_beams:(i + 1) * num_beams] for i in range(len(prompts))]

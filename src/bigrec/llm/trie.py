@@ -2,8 +2,10 @@
 
 Each title is tokenised exactly as training tokenises a response (``bigrec.llm.sft_data``): the
 response text alone (the quoted title, plus a newline for the D3 template), without special
-tokens, followed by EOS. EOS is part of every path, so a title that is a prefix of another
-still ends in its own leaf. Each leaf holds the ids of every catalogue item with that title.
+tokens, followed by EOS. With ``template="timeline"`` a title is a line of a timeline text
+(:func:`bigrec.llm.timeline.line_ids`) and ends with the separator token instead of EOS. The end
+token is part of every path, so a title that is a prefix of another still ends in its own leaf.
+Each leaf holds the ids of every catalogue item with that title.
 
 Nodes are numbered in preorder (children by token id), so a node's subtree is a contiguous
 range of node ids and of leaves. The edges are also kept as flat tensors sorted by
@@ -20,12 +22,13 @@ import torch
 
 from bigrec.data.catalog import Catalog
 from bigrec.data.prompts import quote, response_text
+from bigrec.llm.timeline import line_ids, separator_id
 
 STRIDE = 1 << 32  # edge key = parent * STRIDE + token; token ids stay below 2**32
 
 
 def response_ids(tokenizer, title: str, template: str = "alpaca", context: str | None = None) -> list[int]:
-    """Token ids of a title's response, then EOS.
+    """Token ids of a title's response, then EOS (``template="timeline"``: its line, then the separator).
 
     By default the response text is tokenised alone, as ``bigrec.llm.sft_data`` and D3's training
     code build it. With ``context`` (the end of the prompt, e.g. ``"### Response:\n"``) it is
@@ -33,6 +36,8 @@ def response_ids(tokenizer, title: str, template: str = "alpaca", context: str |
     prompt and response tokenised as one string; if the response changes how the context
     itself tokenises, no boundary exists and this raises ``ValueError``.
     """
+    if template == "timeline":
+        return line_ids(tokenizer, title)
     text = response_text(quote(title), template)
     if context is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -52,9 +57,9 @@ class Trie:
 
     titles: list[str]  # distinct titles, by leaf index (preorder)
     leaf_items: list[list[int]]  # item ids with that title, by leaf index
-    paths: list[list[int]]  # token path of each leaf, EOS last
+    paths: list[list[int]]  # token path of each leaf, the end token (eos_token_id) last
     num_items: int
-    eos_token_id: int
+    eos_token_id: int  # the token that ends every path: EOS, or the timeline separator
     template: str
     # tensors (CPU; see to())
     ptr: torch.Tensor  # [M + 2] CSR offsets into the edge arrays; node M is `dead`
@@ -92,8 +97,12 @@ class Trie:
     @classmethod
     def build(cls, tokenizer, titles: Sequence[str], template: str = "alpaca", context: str | None = None) -> Trie:
         """Trie over ``titles`` (indexed by item id; equal titles share one leaf); see :func:`response_ids`."""
-        if tokenizer.eos_token_id is None:
+        if template == "timeline":
+            end_token = separator_id(tokenizer)
+        elif tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; constrained decoding ends every title with EOS")
+        else:
+            end_token = int(tokenizer.eos_token_id)
         ids_by_title: dict[str, list[int]] = {}
         for item_id, title in enumerate(titles):
             ids_by_title.setdefault(title, []).append(item_id)
@@ -149,7 +158,7 @@ class Trie:
         ptr[1:] = torch.cumsum(counts, 0)
         return cls(
             titles=[t for t, _, _, _ in leaves], leaf_items=[ids for _, ids, _, _ in leaves],
-            paths=[p for _, _, p, _ in leaves], num_items=len(titles), eos_token_id=int(tokenizer.eos_token_id),
+            paths=[p for _, _, p, _ in leaves], num_items=len(titles), eos_token_id=end_token,
             template=template, ptr=ptr, edge_key=e[:, 0] * STRIDE + e[:, 1], edge_token=e[:, 1].clone(),
             edge_child=e[:, 2].clone(), edge_parent=e[:, 0].clone(),
             node_depth=torch.tensor(depth + [0], dtype=torch.long),

@@ -12,6 +12,9 @@ decodings:
   ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
   ``bigrec baseline`` score file.
 
+With ``--layout timeline`` (a model trained on timelines, :mod:`bigrec.data.timeline`) the prompt
+is the row's history as timeline lines, and a title ends at the line's separator in both decodings.
+
 Rows are batched by prompt length to waste little padding; finished rows go to a sidecar
 progress file, so an interrupted run resumes; under ``accelerate launch`` the rows are split
 across processes and gathered back in their original order.
@@ -32,9 +35,11 @@ import torch
 
 from bigrec import io
 from bigrec.config import option, to_dict
+from bigrec.data import timeline
 from bigrec.data.prompts import TEMPLATES, normalize_title, prompt_for_row, title_forms
 from bigrec.llm.generation import generate_batch
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
+from bigrec.llm.timeline import separator_id
 
 DECODINGS = ("free", "constrained")
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores")  # what generate adds to a row (replacing old ones)
@@ -73,6 +78,9 @@ class Config:
                                           "(history_item_id); constrained decoding masks those titles per row, free "
                                           "decoding drops beams that copy one and reruns a row whose every beam "
                                           "did with 2x, then 4x the beams", keyed_at_default=False)
+    layout: str = option("window", "the layout the model was trained on and the rows were prepared in (prepare "
+                                   "--layout); timeline: the prompt is the history as timeline lines, a title ends "
+                                   "at the line's separator", choices=list(timeline.LAYOUTS), keyed_at_default=False)
     discard_stale_progress: bool = option(False, "delete progress files left by a run with other settings instead "
                                                  "of refusing them (the demo does: its stages rerun on new settings)",
                                           changes_output=False)
@@ -82,6 +90,8 @@ class Config:
             raise ValueError(f"--ghost_threshold must lie in (0, 1], got {self.ghost_threshold}")
         if self.cf_weight and not self.cf_scores:
             raise ValueError("--cf_weight needs --cf_scores")
+        if self.layout == "timeline" and self.prompt_template != "alpaca":
+            raise ValueError("--prompt_template applies to the window layout; --layout timeline has its own prompt")
         if self.decoding == "free":
             used = [f"--{n}" for n in ("catalog", "cf_scores") if getattr(self, n)]
             used += ["--length_correction"] if self.length_correction else []
@@ -130,6 +140,8 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
                 "category": config.category, "length_penalty": config.length_penalty}
     if config.exclude_history:
         settings["exclude_history"] = True
+    if config.layout != "window":
+        settings["layout"] = config.layout
     if config.decoding == "constrained":
         from bigrec.data.catalog import read_catalog
 
@@ -217,6 +229,17 @@ def history_ids(row: dict) -> list[int]:
     return [int(i) for i in ids]
 
 
+def stop_token(config: Config, tokenizer) -> int | None:
+    """The token that ends a free-decoded title: the timeline separator, or None (the title's quotes)."""
+    return separator_id(tokenizer) if config.layout == "timeline" else None
+
+
+def prompt_of(config: Config, row: dict) -> str:
+    if config.layout == "timeline":
+        return timeline.prompt(row)
+    return prompt_for_row(row, template=config.prompt_template, category=config.category)
+
+
 class NewTitles:
     """Free decoding that never returns a title of the row's own history: beams that copy one
     (as the catalogue writes it, or with its article in front) are dropped, and a row whose every
@@ -227,6 +250,7 @@ class NewTitles:
 
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
         self.catalog = read_catalog(config.catalog_path())
+        self.stop = stop_token(config, tokenizer)
         self.reruns = 0
 
     def seen(self, row: dict) -> set[str]:
@@ -239,7 +263,7 @@ class NewTitles:
     def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
         cfg = self.config
         out = generate_batch(self.model, self.tokenizer, prompts, cfg.num_beams, cfg.max_new_tokens,
-                             cfg.length_penalty, self.prefill_dtype)
+                             cfg.length_penalty, self.prefill_dtype, self.stop)
         results = []
         for row, prompt, beams in zip(rows, prompts, out, strict=True):
             seen = self.seen(row)
@@ -249,7 +273,8 @@ class NewTitles:
                     break
                 self.reruns += 1
                 kept = self.keep(generate_batch(self.model, self.tokenizer, [prompt], cfg.num_beams * factor,
-                                                cfg.max_new_tokens, cfg.length_penalty, self.prefill_dtype)[0], seen)
+                                                cfg.max_new_tokens, cfg.length_penalty, self.prefill_dtype,
+                                                self.stop)[0], seen)
             results.append({"predict": kept[:cfg.num_beams] or [""]})  # "": nothing new was generated
         return results
 
@@ -265,7 +290,8 @@ class ConstrainedDecoder:
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
         start = time.perf_counter()
         catalog = read_catalog(config.catalog_path())
-        self.trie = Trie.from_catalog(tokenizer, catalog, template=config.prompt_template)
+        self.trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
+                                      else config.prompt_template)
         log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs",
                  len(self.trie.titles), self.trie.num_items, self.trie.num_nodes, self.trie.max_depth,
                  time.perf_counter() - start)
@@ -317,8 +343,7 @@ def run(config: Config) -> Path:
     state.wait_for_everyone()
     produced: list[tuple[int, dict[str, Any]]] = []
     if todo:
-        prompts = {pos: prompt_for_row(rows[pos], template=config.prompt_template, category=config.category)
-                   for pos in todo}  # bad template settings fail before the model loads
+        prompts = {pos: prompt_of(config, rows[pos]) for pos in todo}  # bad template settings fail before the model loads
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
                                       phase="decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
@@ -341,7 +366,7 @@ def run(config: Config) -> Path:
                     else:
                         outputs = [{"predict": p} for p in generate_batch(
                             model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
-                            config.length_penalty, prefill_dtype)]
+                            config.length_penalty, prefill_dtype, stop_token(config, tokenizer))]
                     writer.add(batch, outputs)
                     produced.extend(zip(batch, outputs, strict=True))
                     bar.update(len(batch))

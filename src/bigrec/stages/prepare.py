@@ -26,6 +26,7 @@ from bigrec.data.movielens import read_movielens
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_category, instruction_row, natural_title
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
+from bigrec.data.timeline import LAYOUT_HELP, LAYOUTS, timeline_row
 from bigrec.data.windows import SPLITS, window_and_split
 from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
 
@@ -56,6 +57,9 @@ class Config:
                                              "writes them ('Shining, The (1980)', the reference) or natural ('The "
                                              "Shining (1980)', the order a language model knows)",
                                 choices=["catalogue", "natural"], keyed_at_default=False)
+    layout: str = option("window", "the instruction rows' layout; " + LAYOUT_HELP + " (the rows hold the "
+                                   "header, the history's titles one per line, and the unquoted target)",
+                         choices=list(LAYOUTS), keyed_at_default=False)
 
     def validate(self) -> None:
         check_output_dir(self.out, "out")
@@ -96,10 +100,11 @@ def _ids(keys: list[str], key_to_id: dict[str, int]) -> list[int]:
     return [key_to_id[k] for k in keys]
 
 
-def split_tables(examples: SplitExamples, domain: Domain,
-                 written: Callable[[str], str] = str) -> dict[str, tuple[pd.DataFrame, list[dict]]]:
-    """Per split: the D3 CSV frame and the instruction rows (with ids for row alignment); the
-    rows' titles pass through ``written`` (the CSVs keep the catalogue's)."""
+def split_tables(examples: SplitExamples, domain: Domain, written: Callable[[str], str] = str,
+                 layout: str = "window") -> dict[str, tuple[pd.DataFrame, list[dict]]]:
+    """Per split: the D3 CSV frame and the instruction rows (with ids for row alignment) in
+    ``layout``; the rows' titles pass through ``written`` (the CSVs keep the catalogue's)."""
+    make_row = timeline_row if layout == "timeline" else instruction_row
     key_to_id = {key: i for i, (key, _) in enumerate(examples.catalog)}
     titles = [title for _, title in examples.catalog]
     out = {}
@@ -120,7 +125,7 @@ def split_tables(examples: SplitExamples, domain: Domain,
         rows = []
         for r, (user, hist, item, htitles) in enumerate(zip(csv["user_id"], hist_ids, item_ids,
                                                             csv["history_item_title"], strict=True)):
-            row = instruction_row(domain, [written(t) for t in htitles], written(titles[item]))
+            row = make_row(domain, [written(t) for t in htitles], written(titles[item]))
             row.update(user_id=user, item_id=item, history_item_id=hist, row=r)
             rows.append(row)
         out[split] = (csv, rows)
@@ -177,7 +182,7 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
                          f"({sum(len(f) for f in examples.splits.values())} examples in all)")
     domain = pick_domain(cfg, examples)
-    tables = split_tables(examples, domain, natural_title if cfg.prompt_titles == "natural" else str)
+    tables = split_tables(examples, domain, natural_title if cfg.prompt_titles == "natural" else str, cfg.layout)
     with staged_dir(cfg.out, whole=True) as stage:
         write_text(stage / "id2name.txt", "".join(f"{title}\t{i}\n" for i, (_, title) in enumerate(examples.catalog)))
         for split, (csv, rows) in tables.items():
@@ -190,7 +195,10 @@ def run(cfg: Config) -> dict:
                 write_json_rows(stage / f"{split}_{cfg.sample_rows}.json", [rows[i] for i in picked])
         stats = stats_for(cfg, examples, tables, time.time() - started)
         write_json(stage / "stats.json", stats)
-        write_yaml(stage / "config.yaml", {"stage": "prepare", **to_dict(cfg), "domain_wording": domain.plural})
+        settings = to_dict(cfg)
+        if cfg.layout == "window":  # the default: the file stays as it was before the option existed
+            del settings["layout"]
+        write_yaml(stage / "config.yaml", {"stage": "prepare", **settings, "domain_wording": domain.plural})
     log.info("%s: %d users, %d items, %d interactions; examples %s -> %s (%.1fs)", cfg.dataset, stats["users"],
              stats["items"], stats["interactions"], stats["examples"], Path(cfg.out), time.time() - started)
     return 0

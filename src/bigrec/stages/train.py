@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from bigrec.config import ConfigError, option, to_dict
+from bigrec.data.timeline import LAYOUT_HELP, LAYOUTS, row_timeline
 from bigrec.io import staged_dir, write_yaml
 from bigrec.llm.lora_dropout import use_bits_dropout
 from bigrec.llm.models import (
@@ -36,6 +37,7 @@ from bigrec.llm.models import (
     use_cuda,
 )
 from bigrec.llm.sft_data import Collator, SFTDataset, load_rows
+from bigrec.llm.timeline import TimelineDataset, load_timelines
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ class Config:
     val_data_path: list[str] = option(help="validation instruction JSON file(s); none = no early stopping",
                                       factory=list)
     output_dir: str = option("./lora-alpaca", "where the adapter, tokenizer, config and log go")
-    sample: int = option(-1, "rows drawn from each training file with --seed (-1 = all)")
+    sample: int = option(-1, "rows drawn from each training file with --seed (-1 = all); with --layout timeline, "
+                             "users (their whole timelines)")
     val_sample: int = option(-1, "rows drawn from the validation files with --seed (-1 = all)")
     seed: int = option(0, "seed for row sampling, LoRA init and data order")
     batch_size: int = option(128, "examples per optimizer step (across all processes)")
@@ -60,7 +63,14 @@ class Config:
     max_steps: int = option(-1, "stop after this many optimizer steps (-1 = by epochs)")
     learning_rate: float = option(1e-4, "AdamW peak learning rate")
     warmup_steps: int = option(20, "linear warm-up steps")
-    cutoff_len: int = option(512, "maximum tokens per example (prompt + response + EOS)")
+    cutoff_len: int = option(512, "maximum tokens per example (prompt + response + EOS); with --layout timeline, "
+                                  "per chunk of a user's timeline")
+    layout: str = option("window", "the layout the training rows were prepared in (prepare --layout); " + LAYOUT_HELP
+                         + " (loss on the targets only, whatever --train_on_inputs)",
+                         choices=list(LAYOUTS), keyed_at_default=False)
+    timeline_overlap: int = option(10, "--layout timeline: titles before a chunk's first target that start it again "
+                                       "as context (no loss) when a timeline runs past --cutoff_len",
+                                   minimum=0, keyed_at_default=False)
     lora: bool = option(True, "train a LoRA adapter; false = full fine-tuning")
     lora_r: int = option(8, "LoRA rank")
     lora_alpha: int = option(16, "LoRA alpha")
@@ -163,7 +173,10 @@ def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dic
     if Path(checkpoint).parent.resolve() != out.resolve() or not record.is_file():
         return
     before = yaml.safe_load(record.read_text()) or {}
-    old, new = before.get("config") or {}, to_dict(config)
+    # an option added later is absent from an older run's record: it ran at the option's default
+    added = {f.name: f.default for f in fields(Config)
+             if not f.metadata.get("keyed_at_default", True) and f.default is not MISSING}
+    old, new = {**added, **(before.get("config") or {})}, to_dict(config)
     diffs = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
              if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)]
     if before.get("base_model") and before["base_model"] != fingerprint:
@@ -197,6 +210,13 @@ def build_model(config: Config, base: str, adapter: str | None):
     if config.lora and not on_cuda:
         use_bits_dropout(model)
     return model, tokenizer, compute
+
+
+def make_dataset(config: Config, data: list, tokenizer, name: str):
+    """Instruction rows as prompt/response examples, or timelines as chunks (``--layout``)."""
+    if config.layout == "timeline":
+        return TimelineDataset(data, tokenizer, config.cutoff_len, config.timeline_overlap, name)
+    return SFTDataset(data, tokenizer, config.cutoff_len, config.train_on_inputs, name)
 
 
 def gradient_accumulation(config: Config, world: int) -> int:
@@ -266,8 +286,12 @@ def run(config: Config) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
     # the data first: a bad file is an error before the model loads and before any folder is made
-    train_rows, selection = load_rows(config.train_data_path, config.sample, config.seed)
+    timeline = config.layout == "timeline"
+    train_rows, selection = (load_timelines if timeline else load_rows)(config.train_data_path, config.sample,
+                                                                        config.seed)
     val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
+    if timeline:  # each validation row is a timeline whose only target is its own
+        val_rows = [row_timeline(r) for r in val_rows]
     set_seed(config.seed)
     base = resolve_base_model(config.base_model)
     fingerprint = model_fingerprint(base)
@@ -283,9 +307,8 @@ def run(config: Config) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters of %d", trainable, sum(p.numel() for p in model.parameters()))
 
-    train_set = SFTDataset(train_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "train")
-    val_set = SFTDataset(val_rows, tokenizer, config.cutoff_len, config.train_on_inputs, "validation") \
-        if val_rows else None
+    train_set = make_dataset(config, train_rows, tokenizer, "train")
+    val_set = make_dataset(config, val_rows, tokenizer, "validation") if val_rows else None
     log.info("training on %d rows (%d tokens) from %d file(s); %d validation rows", len(train_set),
              train_set.num_tokens(), len(selection), len(val_set) if val_set else 0)
     args = training_arguments(config, out, compute, val_set is not None, world)
