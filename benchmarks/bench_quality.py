@@ -13,6 +13,7 @@ evaluated on each recipe's generations with the gamma or weight chosen on valida
 
     python benchmarks/bench_quality.py                                   # ml-100k, 2,000 test rows
     python benchmarks/bench_quality.py --dataset d3 --source ../shared/data/amazon-industrial
+    python benchmarks/bench_quality.py --adapter demo-long-ep1=runs/curve/ml-100k-seed42/demo-long/train/snapshots/epoch-1
 
 Asserts nothing; every knob is chosen on the validation rows.
 """
@@ -43,9 +44,28 @@ VARIANTS = {"nearest of 4 beams": {"ground_beams": 4}}
 K10 = list(TOPK).index(10)
 
 
-def run_recipe(name: str, args, over: dict) -> Path:
+def recipe_dir(name: str, args) -> Path:
     given = dict(item.split("=", 1) for item in args.recipe_dir)
-    run_dir = Path(given.get(name) or args.run_dir.format(dataset=args.dataset, recipe=name))
+    return Path(given.get(name) or args.run_dir.format(dataset=args.dataset, recipe=name))
+
+
+def seed_from(first: Path, run_dir: Path) -> None:
+    """A recipe that only brings its own adapter starts from a copy of the first recipe's finished
+    folder: its data, inputs, index and baselines are reused (their stage records match), and only
+    the adapter's copy, generation and evaluation run."""
+    import shutil
+
+    if run_dir.exists() or not (first / "stages").is_dir():
+        return
+    shutil.copytree(first, run_dir, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == first and n in {"adapter", "results", "metrics", "report.md",
+                                                             "report.html", "run.yaml"}])
+
+
+def run_recipe(name: str, args, over: dict, first: Path | None = None) -> Path:
+    run_dir = recipe_dir(name, args)
+    if "adapter" in over and first is not None:
+        seed_from(first, run_dir)
     cfg = demo.Config(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
                       test_rows=args.test_rows, valid_rows=args.valid_rows, **over)
     started = time.perf_counter()
@@ -90,7 +110,16 @@ def main() -> None:
     parser.add_argument("--run_dir", default="runs/quality/{dataset}/{recipe}", help="run folder pattern")
     parser.add_argument("--recipe_dir", action="append", default=[], metavar="RECIPE=DIR",
                         help="this recipe's run folder instead of the pattern's (repeatable)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="a recipe NAME that scores an adapter trained elsewhere (a learning-curve snapshot) "
+                             "with the demo's other settings, in a copy of the first recipe's folder (repeatable)")
     args = parser.parse_args()
+    for item in args.adapter:
+        name, _, path = item.partition("=")
+        if not (name and path) or name in RECIPES:
+            parser.error(f"--adapter {item}: expected NAME=PATH with a NAME that is not a recipe")
+        RECIPES[name] = {"adapter": path}
+        args.recipes += f",{name}"
     recipes = [r for r in args.recipes.split(",") if r]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [r for r in recipes if r not in RECIPES] + [v for v in variants if v not in VARIANTS]
@@ -99,7 +128,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}  # "recipe" or "recipe, variant" -> comparison per protocol
     for name in recipes:
-        run_dir = run_recipe(name, args, RECIPES[name])
+        run_dir = run_recipe(name, args, RECIPES[name], first=recipe_dir(recipes[0], args))
         sample = demo.Config(**RECIPES[name]).sample
         results[name] = json.loads((run_dir / "metrics" / "comparison.json").read_text())["protocols"]
         for variant in variants:

@@ -162,3 +162,34 @@ def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, 
     assert "BIGRec (free), reference grounding" not in table
     assert RunManifest.load(run_dir).pooling == "last"
 
+
+
+def test_demo_with_a_given_adapter_tunes_nothing_and_reuses_data_and_baselines(finished_demo, tiny_model_dir,
+                                                                               tmp_path, caplog, capsys):
+    """--adapter: a snapshot trained elsewhere, scored in a copy of a finished run: only the copy of the
+    adapter, generation and evaluation run, and the same weights give the same generations."""
+    import shutil
+
+    run_dir, source = finished_demo
+    over = dict(test_rows=8, decoding="free", pooling="last", title_text="bare")  # the tests above left these
+    assert main(demo_args(run_dir, tiny_model_dir, source, **over)) == 0
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    assert main(demo_args(other, tiny_model_dir, source, adapter=run_dir / "adapter", **over)) == 0
+    ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
+    assert ran == ["evaluate_free", "evaluate_free_fewshot_ci", "evaluate_free_fewshot_ci_unseen",
+                   "evaluate_free_unseen", "generate_test_free", "generate_valid_free", "train"]
+    record = json.loads((other / "stages" / "train.json").read_text())["settings"]
+    assert record["adapter"] == str((run_dir / "adapter").resolve()) and len(record["sha256"]) == 64
+    for split in ("test", "valid"):
+        assert (json.loads((other / "results" / "free" / f"{split}.json").read_text())
+                == json.loads((run_dir / "results" / "free" / f"{split}.json").read_text()))
+    assert "the LoRA adapter from" in (other / "report.md").read_text()
+
+    caplog.clear()
+    assert main(demo_args(other, tiny_model_dir, source, adapter=run_dir / "adapter", **over)) == 0
+    assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
+    assert main(demo_args(other, tiny_model_dir, source, adapter=tmp_path / "nowhere", **over)) == 1
+    err = capsys.readouterr().err
+    assert "error: adapter:" in err and "nowhere" in err

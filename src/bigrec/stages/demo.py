@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigrec import io
-from bigrec.config import option, stage_settings, to_dict
+from bigrec.config import ConfigError, option, stage_settings, to_dict
 from bigrec.grounding.options import layer_option, pooling_option, title_text_option
 from bigrec.llm.models import DEFAULT_MODEL
 
@@ -77,26 +77,48 @@ class Config:
                                   "top generation only)", minimum=1)
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
+    adapter: str | None = option(None, "a LoRA adapter trained elsewhere (a `bigrec train` output or one of its "
+                                       "snapshots): copied into the run and used instead of tuning; give the "
+                                       "--sample and --seed it was trained with, so few-shot SASRec sees its rows",
+                                 keyed_at_default=False)
 
 
 class Stages:
-    """Run a stage unless its recorded key (settings + upstream keys) matches and outputs exist."""
+    """Run a stage unless its recorded key (settings + upstream keys) matches and outputs exist.
+
+    Paths inside the run folder enter the key relative to it, so a run folder that is moved or
+    copied (``bench_quality --adapter`` starts from a copy) reruns nothing. Records written
+    before that rule (keys of the paths as given) are still honoured."""
 
     def __init__(self, run_dir: Path):
+        self.run_dir = str(run_dir)
         self.dir = run_dir / "stages"
         self.keys: dict[str, str] = {}
+        self.legacy_keys: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+
+    def portable(self, value: object) -> object:
+        if isinstance(value, list):
+            return [self.portable(v) for v in value]
+        if isinstance(value, str) and (value == self.run_dir or value.startswith(self.run_dir + "/")):
+            return "<run>" + value[len(self.run_dir):]
+        return value
+
+    @staticmethod
+    def key_of(settings: dict, after: dict) -> str:
+        payload = json.dumps({"settings": settings, "after": after}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def run(self, name: str, settings: dict, outputs: list[Path], fn: Callable[[], object],
             after: tuple[str, ...] = ()) -> bool:
-        payload = json.dumps({"settings": settings, "after": {a: self.keys[a] for a in after}}, sort_keys=True,
-                             default=str)
-        key = hashlib.sha256(payload.encode()).hexdigest()[:16]
-        self.keys[name] = key
+        settings = json.loads(json.dumps(settings, default=str))
+        key = self.keys[name] = self.key_of({k: self.portable(v) for k, v in settings.items()},
+                                            {a: self.keys[a] for a in after})
+        legacy = self.legacy_keys[name] = self.key_of(settings, {a: self.legacy_keys[a] for a in after})
         record = self.dir / f"{name}.json"
         if record.is_file() and all(p.exists() for p in outputs):
             done = json.loads(record.read_text())
-            if done.get("key") == key:
+            if done.get("key") in (key, legacy):
                 log.info("[%s] up to date (settings unchanged), skipped", name)
                 self.timings[name] = 0.0
                 return False
@@ -107,7 +129,7 @@ class Stages:
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {', '.join(missing)}")
-        io.write_json(record, {"key": key, "settings": json.loads(payload)["settings"],
+        io.write_json(record, {"key": key, "settings": settings,
                                "seconds": round(self.timings[name], 1)})
         log.info("[%s] done in %.1fs", name, self.timings[name])
         return True
@@ -266,8 +288,18 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
         precision=cfg.precision, group_by_length=cfg.group_by_length,
         early_stopping_patience=cfg.early_stopping_patience,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4)))
-    stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"],
-               lambda: train.run(train_cfg), after=("prepare",))
+    if cfg.adapter is None:
+        stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"],
+                   lambda: train.run(train_cfg), after=("prepare",))
+    else:
+        given = Path(cfg.adapter)
+        weights = given / "adapter_model.safetensors"
+        if not ((given / "adapter_config.json").is_file() and weights.is_file()):
+            raise ConfigError(f"adapter: {given} holds no adapter_config.json and adapter_model.safetensors")
+        # Keyed by the weights' content, so a retrained adapter at the same path reruns what follows.
+        stages.run("train", {"adapter": str(given.resolve()), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()},
+                   [paths.adapter / "adapter_config.json"], lambda: copy_adapter(given, paths.adapter),
+                   after=("prepare",))
 
     for decoding in decodings_of(cfg):
         for split in ("test", "valid"):
@@ -281,6 +313,17 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
                 discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
+
+
+def copy_adapter(src: Path, dst: Path) -> None:
+    """The adapter's files into the run (a half-copied folder is never taken for a finished one)."""
+    import shutil
+
+    staging = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging, ignore=shutil.ignore_patterns("checkpoint-*", "snapshots", "best"))
+    shutil.rmtree(dst, ignore_errors=True)
+    staging.rename(dst)
 
 
 def index_and_baselines(cfg: Config, stages: Stages, paths: Paths) -> None:
@@ -407,9 +450,10 @@ def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: fl
                      + (f" (nearest of the first {cfg.ground_beams} beams)" if cfg.ground_beams > 1 else ""),
              "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
                             "first, then the rest by L2 distance to the top beam"}
-    return (f"Dataset {cfg.dataset}, base model {cfg.base_model}, LoRA on {cfg.sample} sampled examples, "
-            f"{cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, lr {cfg.learning_rate}, "
-            f"loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}; "
+    tuning = (f"LoRA on {cfg.sample} sampled examples, {cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, "
+              f"lr {cfg.learning_rate}, loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}"
+              if cfg.adapter is None else f"the LoRA adapter from {cfg.adapter} (trained on {cfg.sample} examples)")
+    return (f"Dataset {cfg.dataset}, base model {cfg.base_model}, {tuning}; "
             f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
             f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.")
 
