@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bigrec.llm.kv_cache import shared_prompt
+from bigrec.llm.kv_cache import cache_kwarg, shared_prompt
 from bigrec.llm.trie import Trie
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, n
             with torch.inference_mode():
                 extra = {}
                 if share_prompt_cache and prompt_len > 1:
-                    enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new,
+                    enc, extra[cache_kwarg(model)] = shared_prompt(model, enc, tokenizer.pad_token_id, beams, max_new,
                                                         prefill_dtype)
                 with beam_search_only(model):
                     out = model.generate(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bigrec.llm.kv_cache import shared_prompt
+from bigrec.llm.kv_cache import cache_kwarg, shared_prompt
 
 
 def title_end(text: str) -> int | None:
@@ -83,7 +83,7 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
     with torch.inference_mode():
         extra = {}
         if prompt_len > 1:
-            enc, extra["cache"] = shared_prompt(model, enc, tokenizer.pad_token_id, num_beams, max_new_tokens,
+            enc, extra[cache_kwarg(model)] = shared_prompt(model, enc, tokenizer.pad_token_id, num_beams, max_new_tokens,
                                                 prefill_dtype)
         if stop_token_id is None:
             extra["stopping_criteria"] = StoppingCriteriaList([TitleEndCriteria(tokenizer, prompt_len)])

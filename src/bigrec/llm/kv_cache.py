@@ -80,8 +80,7 @@ def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_le
     # position cost more than they seem: a [B, 1, D] slice times the head's [D, vocab] weight is
     # run by torch as a batched product that first copies the weight B times.)
     body = decoder_of(model)
-    accepted = inspect.signature(body.forward).parameters
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5
+    cache_arg = cache_kwarg(model)
     cache = None
     if prefix_len:
         out = body(input_ids=ids[:1, :prefix_len], attention_mask=mask[:1, :prefix_len],
@@ -165,6 +164,12 @@ class SharedPromptLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("a SharedPromptLayer keeps every beam of its rows")
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers takes a KV cache, in the model's forward and in
+    ``generate``: ``cache`` from 5.24, ``past_key_values`` before (still an alias for a while)."""
+    return "cache" if "cache" in inspect.signature(decoder_of(model).forward).parameters else "past_key_values"
 
 
 def decoder_of(model):
