@@ -129,3 +129,60 @@ def test_baseline_killed_at_random_reruns_to_the_same_scores(run_dir, tmp_path):
             assert (out / "scores" / "test_5000.safetensors").is_file()
         assert main(argv(out)) == 0
         assert json.loads((out / "metrics.json").read_text()) == json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+
+def test_train_killed_at_random_continues_to_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
+    """The rerun resumes at the last complete checkpoint with the planned schedule and the same data
+    order: every step's loss and the final adapter equal those of a run that was never killed."""
+    from test_train import make_rows, read_log, write_rows
+
+    data = write_rows(tmp_path / "d.json", make_rows(16))
+
+    def argv(out: Path) -> list[str]:
+        return ["train", "--base_model", tiny_model_dir, "--train_data_path", data, "--output_dir", str(out),
+                "--batch_size", "4", "--micro_batch_size", "2", "--num_epochs", "8", "--learning_rate", "5e-3",
+                "--warmup_steps", "2", "--save_steps", "3", "--precision", "fp32"]
+
+    whole = tmp_path / "whole"
+    assert main(argv(whole)) == 0
+    killed = tmp_path / "killed"
+
+    def begun() -> bool:
+        return any((c / "trainer_state.json").is_file() for c in killed.glob("checkpoint-*"))
+
+    assert kill_at_random(argv(killed), seed=3, begun=begun), "training ended before the kill"
+    assert not (killed / "adapter_model.safetensors").exists(), "a killed run must not look finished"
+    assert main(argv(killed)) == 0
+
+    def losses(out: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+    starts = [r for r in read_log(killed) if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[-1]["global_step"] > 0  # resumed, not restarted
+    assert losses(killed) == pytest.approx(losses(whole), rel=1e-4)
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_demo_killed_at_random_finishes_with_the_uninterrupted_metrics(tiny_model_dir, tmp_path):
+    """SIGKILL anywhere after tuning (generation, index, baselines or evaluation): the same command
+    finishes, and its comparison equals that of a demo that was never killed."""
+    from test_demo import demo_args, write_small_movielens
+
+    source = write_small_movielens(tmp_path)
+
+    def argv(run: Path) -> list[str]:
+        return demo_args(run, tiny_model_dir, source, decoding="free")
+
+    whole = tmp_path / "whole"
+    duration = timed_run(argv(whole))
+    killed = tmp_path / "killed"
+    kill_at_random(argv(killed), seed=5, duration=duration)
+    assert main(argv(killed)) == 0
+
+    def comparison(run: Path) -> dict:
+        return json.loads((run / "metrics" / "comparison.json").read_text())["protocols"]
+
+    assert comparison(killed) == comparison(whole)
+    assert (json.loads((killed / "results" / "free" / "test.json").read_text())
+            == json.loads((whole / "results" / "free" / "test.json").read_text()))
