@@ -17,6 +17,7 @@ points are never recomputed, so one curve can span several sessions.
 
     python benchmarks/bench_learning_curve.py --recipes demo-long           # ml-100k, seed 42
     python benchmarks/bench_learning_curve.py --recipes demo-long,paper --report_only
+    python benchmarks/bench_learning_curve.py --recipes paper --score_only   # score snapshots, train nothing
 
 Prints a table and writes ``curve.png`` (validation NDCG@10 against wall-minutes) and
 ``curve.json`` in ``--run_dir``. Asserts nothing; the test rows are never read.
@@ -354,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a recipe setting for every recipe (e.g. num_epochs=8)")
     parser.add_argument("--run_dir", default="runs/curve/{dataset}-seed{seed}")
     parser.add_argument("--report_only", action="store_true", help="print the table and draw what exists")
+    parser.add_argument("--score_only", action="store_true",
+                        help="score the snapshots that exist, train nothing (the training can go on later)")
     args = parser.parse_args(argv)
     args.run_dir = args.run_dir.format(dataset=args.dataset, seed=args.seed)
     args.points = sorted({int(p) for p in args.points.split(",") if p})
@@ -371,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
 
     curve = Curve(args)
     recipes = [Recipe(curve, name, {**RECIPES[name], **overrides}) for name in names]
-    if not args.report_only:
+    if args.score_only:
+        curve.prepare()
+        for recipe in recipes:
+            recipe.score_snapshots()
+    elif not args.report_only:
         curve.prepare()
         for recipe in recipes:
             io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed})

@@ -46,6 +46,17 @@ def test_curve_scores_each_point_once_and_resumes(tiny_model_dir, tmp_path, caps
     assert curve.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "demo-long" / "points").glob("*.json")} == stamps
 
+    # --score_only scores a snapshot that has no point yet, and neither trains nor ends the run.
+    points_dir, end = run_dir / "demo-long" / "points", run_dir / "demo-long" / "end.json"
+    (points_dir / "epoch-2.json").unlink()
+    end.unlink()
+    log = (run_dir / "demo-long" / "train" / "train_log.jsonl").read_text()
+    assert curve.main([*argv, "--score_only"]) == 0
+    assert (points_dir / "epoch-2.json").is_file() and not end.exists()
+    assert (run_dir / "demo-long" / "train" / "train_log.jsonl").read_text() == log
+    assert {p: p.stat().st_mtime_ns for p in points_dir.glob("*.json") if p.name != "epoch-2.json"} == {
+        p: t for p, t in stamps.items() if p.name != "epoch-2.json"}
+
 
 def test_unknown_recipe_setting_is_refused(tmp_path):
     with pytest.raises(SystemExit):
