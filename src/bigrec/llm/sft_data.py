@@ -66,7 +66,22 @@ def encode_row(row: dict, tokenizer, cutoff_len: int, train_on_inputs: bool) -> 
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-class SFTDataset(torch.utils.data.Dataset):
+class Examples(torch.utils.data.Dataset):
+    """Tokenised examples held in memory (``self.examples``: input_ids, attention_mask, labels)."""
+
+    examples: list[dict[str, list[int]]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    def num_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+class SFTDataset(Examples):
     """Tokenised rows held in memory (a few thousand short prompts: no need for ``datasets``)."""
 
     def __init__(self, rows: list[dict], tokenizer, cutoff_len: int, train_on_inputs: bool, name: str = "data"):
@@ -78,15 +93,6 @@ class SFTDataset(torch.utils.data.Dataset):
             log.warning("%s: dropped %d of %d rows whose response lies beyond cutoff_len=%d",
                         name, dropped, len(encoded), cutoff_len)
         self.truncated = sum(1 for e in encoded if len(e["input_ids"]) == cutoff_len)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.examples[i]
-
-    def num_tokens(self) -> int:
-        return sum(len(e["input_ids"]) for e in self.examples)
 
 
 @dataclass

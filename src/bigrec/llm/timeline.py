@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from bigrec.data.timeline import SEP, Timeline, user_timelines
-from bigrec.llm.sft_data import IGNORE_INDEX, read_rows, sample_indices
+from bigrec.llm.sft_data import IGNORE_INDEX, Examples, read_rows, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def line_counts(tokenizer, timeline: Timeline) -> tuple[int, list[int]]:
     return head, counts
 
 
-class TimelineDataset(torch.utils.data.Dataset):
+class TimelineDataset(Examples):
     """Timelines cut into chunks of at most ``cutoff_len`` tokens (held in memory, like ``SFTDataset``).
 
     ``chunks[i]`` = (timeline index, first context title, first target, end of targets) of example i.
@@ -131,15 +129,6 @@ class TimelineDataset(torch.utils.data.Dataset):
             log.warning("%s: dropped %d target titles that do not fit in cutoff_len=%d with the header",
                         name, dropped, cutoff_len)
         self.dropped = dropped
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.examples[i]
-
-    def num_tokens(self) -> int:
-        return sum(len(e["input_ids"]) for e in self.examples)
 
 
 def load_timelines(paths: list[str], sample: int = -1, seed: int = 0) -> tuple[list[Timeline], list[dict]]:

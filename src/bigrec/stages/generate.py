@@ -347,6 +347,7 @@ def run(config: Config) -> Path:
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
                                       phase="decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
+        stop = stop_token(config, tokenizer)
         decoder = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
             if config.decoding == "constrained" else \
             NewTitles(config, model, tokenizer, prefill_dtype) if config.exclude_history else None
@@ -366,7 +367,7 @@ def run(config: Config) -> Path:
                     else:
                         outputs = [{"predict": p} for p in generate_batch(
                             model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
-                            config.length_penalty, prefill_dtype, stop_token(config, tokenizer))]
+                            config.length_penalty, prefill_dtype, stop)]
                     writer.add(batch, outputs)
                     produced.extend(zip(batch, outputs, strict=True))
                     bar.update(len(batch))
