@@ -217,3 +217,12 @@ def test_few_shot_sample_is_the_rows_bigrec_train_draws(pattern, tmp_path):
         assert [x for x in ctx[i].tolist() if x != PAD] == hist[-10:]
     with pytest.raises(ValueError, match="sample must be -1"):
         Config(data=str(folder), output_dir=str(out), sample=0).validate()
+
+
+def test_baseline_threads_hold_for_the_stage_only(pattern, tmp_path):
+    """--threads must not leak into the caller's process (the demo runs later stages in it)."""
+    before = torch.get_num_threads()
+    threads = "1" if before > 1 else "2"
+    assert cli.main(["baseline", "--model", "popularity", "--data", str(pattern), "--output_dir",
+                     str(tmp_path / "pop"), "--threads", threads]) == 0
+    assert torch.get_num_threads() == before

@@ -150,9 +150,20 @@ def train_sasrec(config: Config, data: Prepared, device: torch.device) -> tuple[
 
 
 def run(config: Config) -> dict:
-    """Train, evaluate on valid and test, write the outputs; returns the test metrics."""
-    data_dir, out_dir = Path(config.data), Path(config.output_dir)
+    """Train, evaluate on valid and test, write the outputs; returns the test metrics.
+
+    ``--threads`` holds for this stage only: the caller's thread count is restored after it (the
+    demo runs later stages in the same process, and their results must not depend on it)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(config: Config) -> dict:
+    data_dir, out_dir = Path(config.data), Path(config.output_dir)
     device = resolve_device(config.device)
     start = time.perf_counter()
     train_rows = None
