@@ -584,6 +584,14 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
                 steps.add(ran)
             seconds = time.perf_counter() - t0
             ref_ids = on_device.decoded[::NUM_BEAMS]  # every row's first (best) sequence
+            if ours_ids:  # untimed: the reference again, batched in bigrec's row order (the noise floor:
+                on_device.decoded.clear()  # in bf16, other batch-mates and padding alone change some top-1s)
+                regrouped = [i for lo in range(0, n, batch) for i in order[lo:lo + batch]]
+                for lo in range(0, n, batch):
+                    reference_generate(ref_model, on_device, [prompts[i] for i in regrouped[lo:lo + batch]],
+                                       NUM_BEAMS, new)
+                again = dict(zip(regrouped, on_device.decoded[::NUM_BEAMS], strict=True))
+                d["reference_self_same_top1"] = sum(again[i] == ref_ids[i] for i in range(n))
         r["reference"] = n / seconds
         d.update(reference_dtype=str(dtype).removeprefix("torch."), reference_new_tokens=sorted(steps),
                  reference_peak_gib=mem.gib)
@@ -865,6 +873,8 @@ def notes(r: dict) -> str:
     elif r["check"] == "generate":
         if r["agreement"] is not None:
             parts.append(f"top-1 agrees {r['agreement']:.2f} ({d['same_top1']}/{d['rows']})")
+        if "reference_self_same_top1" in d:
+            parts.append(f"reference vs itself in bigrec's batches {d['reference_self_same_top1']}/{d['rows']}")
         parts.append(f"{d['rows']} rows, batch {d['batch']}, {d['beams']} beams, {d['new_tokens']} new tokens "
                      f"(ran {d.get('bigrec_new_tokens', '?')} / {d.get('reference_new_tokens', '?')})")
         parts.append(f"{d.get('bigrec_dtype', '?')} / {d.get('reference_dtype', '?')}")

@@ -36,7 +36,7 @@ def taught_dir(tiny_model_dir, tmp_path_factory) -> str:
     model, tok = load_model(tiny_model_dir, "fp32", for_training=True)
     rows = case_rows()
     enc = tok([prompt_for_row(r, with_output=True) + DRIFT + tok.eos_token for r in rows],
-              return_tensors="pt", padding=True)
+              return_tensors="pt", padding=True).to(model.device)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     for i, row in enumerate(rows):  # loss on the response only
         labels[i, : len(tok(prompt_for_row(row))["input_ids"])] = -100
@@ -69,6 +69,34 @@ def test_title_end_waits_for_text():
     assert title_end("\n") is None  # a leading newline is not the end of a title
 
 
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_title_end_criteria_reads_the_ids_as_title_end_reads_the_text(request, fixture):
+    """The criterion works on token ids (on their device, no decode per step); on sequences rich in
+    quotes, newlines and whitespace it answers what title_end answers on their decoded text."""
+    from bigrec.llm.generation import TitleEndCriteria
+    from bigrec.llm.models import load_tokenizer
+
+    tok = load_tokenizer(request.getfixturevalue(fixture))
+    marked = [i for i in range(len(tok)) if any(c in tok.decode([i]) for c in '" \n')]
+    assert len(marked) > 10
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checked = ended = 0
+    for width in range(0, 12):
+        ids = torch.randint(0, len(tok) + 5, (200, width), generator=g)  # a few ids past the vocabulary too
+        picks = torch.tensor(marked)[torch.randint(0, len(marked), (200, width), generator=g)]
+        ids = torch.where(torch.rand(200, width, generator=g) < 0.6, picks, ids)
+        prompt = torch.full((200, 3), tok.pad_token_id)
+        seqs = torch.cat([prompt, ids, torch.zeros(200, 1, dtype=torch.long)], 1)  # the last token is not read
+        got = TitleEndCriteria(tok, prompt_len=3)(seqs.to(device))
+        texts = tok.batch_decode(ids.clamp(max=len(tok) - 1).masked_fill(ids >= len(tok), tok.pad_token_id),
+                                 skip_special_tokens=True)
+        want = torch.tensor([title_end(t) is not None for t in texts])
+        assert got.device.type == device and torch.equal(got.cpu(), want), width
+        checked, ended = checked + len(texts), ended + int(want.sum())
+    assert 0.2 < ended / checked < 0.9  # both answers are well represented
+
+
 def test_beams_stop_at_closing_quote(taught_dir):
     model, tok = load_model(taught_dir, "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
@@ -94,10 +122,12 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
 
     model, tok = load_model(request.getfixturevalue(fixture), "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     head_calls = []
     hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
-    assert all(isinstance(layer, SharedPromptLayer) for layer in prompt_cache(model, enc, 4, 12).layers)
+    layers = prompt_cache(model, enc, 4, 12).layers
+    assert all(isinstance(layer, SharedPromptLayer) for layer in layers)
+    assert len({id(layer.reorders) for layer in layers}) == 1  # a step's reorder is checked once, not per layer
     hook.remove()
     assert not head_calls  # the prefill computes the cache only: no logits
     ours = generate_ids(model, tok, prompts, num_beams=4, max_new_tokens=12)
@@ -106,7 +136,7 @@ def test_shared_prompt_cache_gives_the_beams_of_a_plain_generate(request, fixtur
         plain = model.generate(**enc, num_beams=4, num_return_sequences=4, do_sample=False, max_new_tokens=12,
                                pad_token_id=tok.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([TitleEndCriteria(tok, prompt_len)]))
-    assert torch.equal(ours, plain[:, prompt_len:])
+    assert torch.equal(ours, plain[:, prompt_len:].cpu())
 
 
 def test_a_bf16_prefill_hands_an_fp32_cache_to_the_decode_steps(tiny_model_dir):
@@ -116,7 +146,7 @@ def test_a_bf16_prefill_hands_an_fp32_cache_to_the_decode_steps(tiny_model_dir):
 
     model, tok = load_model(tiny_model_dir, "fp32")
     prompts = [prompt_for_row(r) for r in case_rows()]
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
         _, cache = shared_prompt(model, enc, tok.pad_token_id, 4, 12, prefill_dtype=torch.bfloat16)
         _, exact = shared_prompt(model, enc, tok.pad_token_id, 4, 12)

@@ -23,8 +23,8 @@ def test_embedding_is_last_token_of_last_layer_and_batch_independent(tiny_model_
     model, tok = load_model(tiny_model_dir, "fp32")
     alone = embed_texts(model, tok, ["Heat (1995)"])
     with torch.inference_mode():
-        full = model(**tok(["Heat (1995)"], return_tensors="pt"), output_hidden_states=True)
-    torch.testing.assert_close(alone[0], full.hidden_states[-1][0, -1])
+        full = model(**tok(["Heat (1995)"], return_tensors="pt").to(model.device), output_hidden_states=True)
+    torch.testing.assert_close(alone[0], full.hidden_states[-1][0, -1].cpu())
     batch = embed_texts(model, tok, ["Usual Suspects, The (1995)", "Heat (1995)", "Babe"], batch_size=3)
     assert batch.shape == (3, model.config.hidden_size) and batch.dtype == torch.float32
     torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)  # left padding changes nothing
@@ -87,8 +87,8 @@ def test_mean_pooling_of_a_middle_layer(tiny_model_dir):
     grounding = Grounding("mean", 1, "bare")
     alone = embed_texts(model, tok, ["Heat (1995)"], grounding=grounding)
     with torch.inference_mode():
-        full = model(**tok(["Heat (1995)"], return_tensors="pt"), output_hidden_states=True)
-    torch.testing.assert_close(alone[0], full.hidden_states[1][0].mean(0))
+        full = model(**tok(["Heat (1995)"], return_tensors="pt").to(model.device), output_hidden_states=True)
+    torch.testing.assert_close(alone[0], full.hidden_states[1][0].mean(0).cpu())
     batch = embed_texts(model, tok, ["Usual Suspects, The (1995)", "Heat (1995)"], grounding=grounding)
     torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=1e-5)  # padding is left out of the mean
     with pytest.raises(ValueError, match="layer 99 does not exist"):

@@ -7,6 +7,7 @@ makes the text to ground worse. The prompts' KV cache is shared by the beams
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -54,16 +55,67 @@ class TitleEndCriteria(StoppingCriteria):
     closing quote with EOS, which ends the beam by itself, scored as the reference scores it
     (EOS's log-probability and length included); this criterion only stops the beams that drift
     on past the title, one token later, rather than letting them run to ``max_new_tokens``.
+
+    :func:`title_end` reads text, but decoding every candidate on the host each step makes a GPU
+    wait for it. Its test only needs, per token, the quotes and newlines it holds and whether it
+    is all whitespace (:class:`TokenMarks`), so it runs on the ids where they are. The two agree
+    except where a multi-byte whitespace character is split across byte-level tokens.
     """
 
     def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer = tokenizer
+        self.marks = TokenMarks.of(tokenizer)
         self.prompt_len = prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:-1], skip_special_tokens=True)
-        return torch.tensor([title_end(t) is not None for t in texts], dtype=torch.bool, device=input_ids.device)
+        return self.marks.title_ended(input_ids[:, self.prompt_len:-1])
 
+
+class TokenMarks:
+    """Per vocabulary id, what :func:`title_end` looks at in the token's text (special tokens and ids
+    past the tokenizer's vocabulary: nothing)."""
+
+    _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True) + [""]
+        stripped = [t.lstrip() for t in texts]
+        self.quotes = torch.tensor([t.count('"') for t in texts], dtype=torch.int32)
+        self.text = torch.tensor([bool(t) for t in stripped])  # holds something other than whitespace
+        self.opens = torch.tensor([t.startswith('"') for t in stripped])  # and the first of it is a quote
+        self.newline = torch.tensor(["\n" in t for t in texts])
+        self.newline_after_text = torch.tensor(["\n" in t for t in stripped])
+        self._on: dict[torch.device, tuple] = {}
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenMarks:
+        """One table per tokenizer, built once (a decode of every id)."""
+        size, marks = cls._built.get(tokenizer, (None, None))
+        if size != len(tokenizer):
+            marks = cls(tokenizer)
+            cls._built[tokenizer] = (len(tokenizer), marks)
+        return marks
+
+    def on(self, device: torch.device) -> tuple:
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in (self.quotes, self.text, self.opens, self.newline,
+                                                             self.newline_after_text))
+        return self._on[device]
+
+    def title_ended(self, ids: torch.Tensor) -> torch.BoolTensor:
+        """:func:`title_end` ``is not None`` for each row of generated ``ids`` [N, t], as tensors."""
+        if ids.shape[1] == 0:
+            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        quotes, text, opens, newline, newline_after_text = self.on(ids.device)
+        ids = ids.clamp(0, len(quotes) - 1)  # the last entry is the empty text
+        is_text = text[ids]
+        count = is_text.cumsum(1)
+        first = is_text & (count == 1)  # the token where the text starts
+        after = (count - is_text.long()) > 0  # text started in an earlier token
+        q = quotes[ids].sum(1)
+        opened = (opens[ids] & first).any(1)
+        by_quote = (q >= 2) | ((q >= 1) & ~opened)
+        by_newline = ((newline[ids] & after) | (newline_after_text[ids] & first)).any(1)
+        return by_quote | by_newline
 
 
 def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,

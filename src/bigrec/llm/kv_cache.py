@@ -99,8 +99,30 @@ def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_le
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
         cache.batch_repeat_interleave(num_beams)
         return cache
-    cache.layers = [SharedPromptLayer(layer.keys, layer.values, num_beams, max_new_tokens + 1) for layer in layers]
+    reorders = BeamReorders(num_beams)
+    cache.layers = [SharedPromptLayer(layer.keys, layer.values, num_beams, max_new_tokens + 1, reorders)
+                    for layer in layers]
     return cache
+
+
+class BeamReorders:
+    """Whether a beam search step's reorder keeps every beam within its row, asked once per step.
+
+    transformers hands every layer the same ``beam_idx`` tensor; the answer needs the tensor's
+    values on the host, which on a GPU waits for the queued work. Asked by each of 30 layers, that
+    wait came every layer, not once a step.
+    """
+
+    def __init__(self, beams: int):
+        self.beams = beams
+        self._idx: torch.Tensor | None = None  # held, so its identity cannot be reused by another tensor
+        self._within = False
+
+    def within_rows(self, beam_idx: torch.Tensor) -> bool:
+        if beam_idx is not self._idx:
+            rows = torch.arange(beam_idx.numel(), device=beam_idx.device) // self.beams
+            self._idx, self._within = beam_idx, bool((beam_idx // self.beams == rows).all())
+        return self._within
 
 
 
@@ -115,8 +137,10 @@ class SharedPromptLayer(DynamicLayer):
     generated part.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, beams: int, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, beams: int, room: int,
+                 reorders: BeamReorders | None = None):
         super().__init__()
+        self.reorders = reorders or BeamReorders(beams)  # shared by a cache's layers
         rows, heads, prompt, dim = keys.shape
         self.beams, self.prompt_len, self.length = beams, prompt, prompt
         self._k = keys.new_empty(rows * beams, heads, prompt + room, dim)
@@ -146,8 +170,7 @@ class SharedPromptLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         idx = beam_idx.to(self._k.device)
-        rows = torch.arange(idx.numel(), device=idx.device) // self.beams
-        start = self.prompt_len if bool((idx // self.beams == rows).all()) else 0  # within rows: prompts equal
+        start = self.prompt_len if self.reorders.within_rows(beam_idx) else 0  # within rows: prompts equal
         if self.length > start:
             self._k[:, :, start:self.length] = self._k[idx, :, start:self.length]
             self._v[:, :, start:self.length] = self._v[idx, :, start:self.length]
