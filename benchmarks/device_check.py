@@ -56,7 +56,9 @@ Checks, in the order they run:
    * Beam-search generation, rows/s: ``--gen_rows`` rows (default 64) in batches of
      ``--gen_batch`` (default 32), 4 beams, exactly ``--new_tokens`` (16) new tokens on both
      sides (``min_new_tokens`` keeps EOS away, and bigrec's title-end criterion still runs but
-     never stops a beam), after one warm-up call each. bigrec: the model as ``bigrec generate``
+     never stops a beam), each side timed after an untimed pass over its own batches (on a GPU
+     the first call of each new shape builds attention plans; whoever runs first would pay
+     for both). bigrec: the model as ``bigrec generate``
      loads it (the adapter trained above merged in, precision auto = bf16 on a GPU, fp32 on a
      CPU), rows sorted by prompt length, ``bigrec.llm.generation.generate_ids``. Reference:
      ``benchmarks/bench_generate.py``'s ``reference_generate`` on base + unmerged
@@ -65,6 +67,10 @@ Checks, in the order they run:
      there. Top-1 agreement: the share of rows whose best sequence has the same token ids on
      both sides (a random model's text is mostly blanks and repeats, so the same first title,
      ``cut_title`` and normalised as ``bench_generate.py`` compares, is only in the JSON details).
+     Two untimed passes say where disagreement comes from: plain ``model.generate`` on bigrec's
+     own (merged) weights and batches, against bigrec's top-1 (the generation path alone); and
+     the reference again in bigrec's batches, against itself (what batching alone changes: in
+     bf16 a random model's near-tied beams flip with their batch-mates and padding).
    * Embedding, rows/s: ``--embed_rows`` (default 1024) made-up generations (catalogue titles
      in natural order, some without their year) against a catalogue of ``--catalog_size``
      (default 2048) titles, base model as ``bigrec index`` loads it. bigrec:
@@ -538,9 +544,10 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
             model, tok = load_model(base, "auto", adapter, device=device)
             model.generation_config.min_new_tokens = new
             dtype = next(model.parameters()).dtype
-            generate_ids(model, tok, prompts[:2], NUM_BEAMS, 2)  # warm-up
             lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
             order = sorted(range(n), key=lambda i: (-lengths[i], i))
+            for lo in range(0, n, batch):  # warm-up: the same batches (kernels and plans for every shape)
+                generate_ids(model, tok, [prompts[i] for i in order[lo:lo + batch]], NUM_BEAMS, new)
             widths = set()
             sync()
             t0 = time.perf_counter()
@@ -553,6 +560,14 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
                     ours[i] = cut_title(texts[j * NUM_BEAMS])
                     ours_ids[i] = ids[j * NUM_BEAMS].tolist()
             seconds = time.perf_counter() - t0
+            # untimed: plain model.generate on these very weights and batches; what it answers
+            # differently is bigrec's generation path alone (not the merge, not the batching)
+            plain = OnDevice(tok, device)
+            for lo in range(0, n, batch):
+                reference_generate(model, plain, [prompts[i] for i in order[lo:lo + batch]], NUM_BEAMS, new)
+            d["same_weights_same_top1"] = sum(
+                ours_ids[i] == seq[:len(ours_ids[i])] and not any(seq[len(ours_ids[i]):])
+                for i, seq in zip(order, plain.decoded[::NUM_BEAMS], strict=True))
         r["bigrec"] = n / seconds
         d.update(bigrec_dtype=str(dtype).removeprefix("torch."), bigrec_new_tokens=sorted(widths),
                  bigrec_peak_gib=mem.gib, mean_prompt_tokens=sum(lengths) / n)
@@ -573,7 +588,8 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
             ref_model.to(device).eval()
             ref_model.generation_config.min_new_tokens = new
             on_device = OnDevice(ref_tok, device)
-            reference_generate(ref_model, on_device, prompts[:2], NUM_BEAMS, 2)  # warm-up
+            for lo in range(0, n, batch):  # warm-up: the same batches, as bigrec's
+                reference_generate(ref_model, on_device, prompts[lo:lo + batch], NUM_BEAMS, new)
             steps = set()
             on_device.decoded.clear()
             sync()
@@ -873,6 +889,8 @@ def notes(r: dict) -> str:
     elif r["check"] == "generate":
         if r["agreement"] is not None:
             parts.append(f"top-1 agrees {r['agreement']:.2f} ({d['same_top1']}/{d['rows']})")
+        if "same_weights_same_top1" in d:
+            parts.append(f"plain generate on bigrec's weights and batches {d['same_weights_same_top1']}/{d['rows']}")
         if "reference_self_same_top1" in d:
             parts.append(f"reference vs itself in bigrec's batches {d['reference_self_same_top1']}/{d['rows']}")
         parts.append(f"{d['rows']} rows, batch {d['batch']}, {d['beams']} beams, {d['new_tokens']} new tokens "
