@@ -16,6 +16,7 @@ Everything is kept under ``--run_dir``; a killed run resumes where it stopped, a
 points are never recomputed, so one curve can span several sessions.
 
     python benchmarks/bench_learning_curve.py --recipes demo-long           # ml-100k, seed 42
+    python benchmarks/bench_learning_curve.py --recipes demo-long --seed 0 --points 1 --train_only
     python benchmarks/bench_learning_curve.py --recipes demo-long,paper --report_only
     python benchmarks/bench_learning_curve.py --recipes paper --score_only   # score snapshots, train nothing
 
@@ -74,7 +75,7 @@ class Curve:
 
         if not (self.data / "valid_5000.json").is_file():
             prepare.run(prepare.Config(dataset=self.args.dataset, out=str(self.data), source=self.args.source,
-                                       seed=self.args.seed))
+                                       seed=self.args.data_seed))
         if not self.rows_path.is_file():
             rows = io.read_json(self.data / "valid_5000.json")[: self.args.valid_rows]
             io.write_json_rows(self.rows_path, rows)
@@ -226,6 +227,16 @@ class Recipe:
         if not self.stalled() and not self.ended():
             self.end(f"last point (epoch {wanted[-1]})")
 
+    def train_only(self) -> None:
+        """Train to the last point, keeping each point's snapshot; score nothing (the snapshots are
+        scored elsewhere, e.g. on test rows by bench_quality --adapter)."""
+        from bigrec.stages import train
+
+        last = max(p for p in self.curve.args.points if p <= self.settings["num_epochs"])
+        if not (self.train_dir / "snapshots" / f"epoch-{last}").is_dir():
+            log.info("[%s] training to epoch %d (nothing scored)", self.name, last)
+            train.run(self.train_config(None if last == self.settings["num_epochs"] else last))
+
     def stalled(self) -> bool:
         """Validation NDCG@10 has not improved over two doublings of the budget (epochs)."""
         scored = [p for p in self.points() if p["label"].startswith("epoch")]
@@ -345,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=None)
     parser.add_argument("--base_model", default="smollm2-135m")
     parser.add_argument("--sample", type=int, default=1024, help="training rows drawn with --seed")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the training rows' draw, training and SASRec")
+    parser.add_argument("--data_seed", type=int, default=42,
+                        help="seed of prepare's samples: the validation rows, the same for every --seed")
     parser.add_argument("--valid_rows", type=int, default=1000, help="validation rows every point is scored on")
     parser.add_argument("--points", default=",".join(map(str, POINTS)), help="epochs to score after")
     parser.add_argument("--num_beams", type=int, default=4)
@@ -355,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a recipe setting for every recipe (e.g. num_epochs=8)")
     parser.add_argument("--run_dir", default="runs/curve/{dataset}-seed{seed}")
     parser.add_argument("--report_only", action="store_true", help="print the table and draw what exists")
+    parser.add_argument("--train_only", action="store_true",
+                        help="train to the last --points epoch and stop: no scoring, no baselines")
     parser.add_argument("--score_only", action="store_true",
                         help="score the snapshots that exist, train nothing (the training can go on later)")
     args = parser.parse_args(argv)
@@ -374,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
 
     curve = Curve(args)
     recipes = [Recipe(curve, name, {**RECIPES[name], **overrides}) for name in names]
+    if args.train_only:
+        curve.prepare()
+        for recipe in recipes:
+            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed,
+                                                       "data_seed": args.data_seed})
+            recipe.train_only()
+        return 0
     if args.score_only:
         curve.prepare()
         for recipe in recipes:
@@ -381,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.report_only:
         curve.prepare()
         for recipe in recipes:
-            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed})
+            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed,
+                                                       "data_seed": args.data_seed})
             recipe.run()
     baselines = curve.baselines() if (curve.root / "baselines.json").is_file() or not args.report_only else {}
     print(f"\n{args.dataset}, seed {args.seed}, {args.sample} training rows; every point scored on the same "

@@ -14,6 +14,8 @@ evaluated on each recipe's generations with the gamma or weight chosen on valida
     python benchmarks/bench_quality.py                                   # ml-100k, 2,000 test rows
     python benchmarks/bench_quality.py --dataset d3 --source ../shared/data/amazon-industrial
     python benchmarks/bench_quality.py --adapter demo-long-ep1=runs/curve/ml-100k-seed42/demo-long/train/snapshots/epoch-1
+    python benchmarks/bench_quality.py --recipes "" --seed 0 --data_seed 42 \
+        --adapter seed0=runs/curve/ml-100k-seed0/demo-long/train/snapshots/epoch-1   # another seed, same rows
 
 Asserts nothing; every knob is chosen on the validation rows.
 """
@@ -67,7 +69,8 @@ def run_recipe(name: str, args, over: dict, first: Path | None = None) -> Path:
     if "adapter" in over and first is not None:
         seed_from(first, run_dir)
     cfg = demo.Config(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
-                      test_rows=args.test_rows, valid_rows=args.valid_rows, **over)
+                      test_rows=args.test_rows, valid_rows=args.valid_rows, seed=args.seed,
+                      data_seed=args.data_seed, **over)
     started = time.perf_counter()
     demo.run(cfg)
     print(f"[{name}] {run_dir} ready in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
@@ -107,6 +110,10 @@ def main() -> None:
                                                                        "('' for none)")
     parser.add_argument("--test_rows", type=int, default=2000, help="test rows (at least 2,000 for a claim)")
     parser.add_argument("--valid_rows", type=int, default=500, help="validation rows for gamma and the weights")
+    parser.add_argument("--seed", type=int, default=42, help="demo --seed: the training rows' draw, training, SASRec")
+    parser.add_argument("--data_seed", type=int, default=None,
+                        help="demo --data_seed: which test and validation rows (default --seed); keep it at 42 "
+                             "to compare seeds on the same rows")
     parser.add_argument("--run_dir", default="runs/quality/{dataset}/{recipe}", help="run folder pattern")
     parser.add_argument("--recipe_dir", action="append", default=[], metavar="RECIPE=DIR",
                         help="this recipe's run folder instead of the pattern's (repeatable)")

@@ -193,3 +193,36 @@ def test_demo_with_a_given_adapter_tunes_nothing_and_reuses_data_and_baselines(f
     assert main(demo_args(other, tiny_model_dir, source, adapter=tmp_path / "nowhere", **over)) == 1
     err = capsys.readouterr().err
     assert "error: adapter:" in err and "nowhere" in err
+
+
+def test_demo_data_seed_picks_the_rows_and_seed_the_rest(finished_demo, tiny_model_dir, tmp_path, caplog):
+    """--data_seed equal to --seed changes nothing; another --data_seed draws other test rows."""
+    import shutil
+
+    run_dir, source = finished_demo
+    assert main(demo_args(run_dir, tiny_model_dir, source)) == 0  # back to the defaults other tests changed
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    assert main(demo_args(run_dir, tiny_model_dir, source, data_seed=42)) == 0
+    assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    caplog.clear()
+    assert main(demo_args(other, tiny_model_dir, source, data_seed=7)) == 0
+    ran = {r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running")}
+    assert {"prepare", "inputs"} <= ran
+    test_rows = [json.loads((d / "inputs" / "test.json").read_text()) for d in (run_dir, other)]
+    assert len(test_rows[0]) == len(test_rows[1]) and test_rows[0] != test_rows[1]
+
+
+def test_demo_on_new_data_trains_afresh_not_from_the_old_checkpoints(tiny_model_dir, tmp_path):
+    """A run folder reused for other data: the training settings are the same, the rows are not.
+    The old run's checkpoints must not be resumed (a finished run's would "continue" in no steps
+    and keep its adapter)."""
+    run_dir = tmp_path / "run"
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    assert main(demo_args(run_dir, tiny_model_dir, write_small_movielens(tmp_path / "a"), sasrec_epochs=1)) == 0
+    before = adapter.read_bytes()
+    assert any((run_dir / "adapter").glob("checkpoint-*"))
+    assert main(demo_args(run_dir, tiny_model_dir, write_small_movielens(tmp_path / "b", users=44),
+                          sasrec_epochs=1)) == 0
+    assert adapter.read_bytes() != before

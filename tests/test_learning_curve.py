@@ -61,3 +61,24 @@ def test_curve_scores_each_point_once_and_resumes(tiny_model_dir, tmp_path, caps
 def test_unknown_recipe_setting_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         curve.main(["--set", "nonsense=1", "--run_dir", str(tmp_path)])
+
+
+def test_train_only_keeps_the_rows_of_data_seed_and_draws_its_own_training_rows(tiny_model_dir, tmp_path):
+    """Seeds compared on the same rows: --seed draws the training rows and trains, --data_seed fixes
+    prepare's samples; --train_only leaves a snapshot and scores nothing."""
+    raw = write_raw(tmp_path / "raw")
+    common = ["--recipes", "demo-long", "--dataset", "ml-100k", "--source", str(raw), "--base_model", tiny_model_dir,
+              "--sample", "8", "--valid_rows", "6", "--points", "1", "--save_steps", "1", "--train_only",
+              "--set", "num_epochs=2", "--set", "batch_size=4", "--set", "micro_batch_size=4",
+              "--set", "val_rows=4", "--set", "warmup_steps=0", "--set", "early_stopping_patience=0"]
+    runs = {}
+    for seed, data_seed in ((1, 42), (2, 42), (2, 7)):
+        run_dir = tmp_path / f"s{seed}-d{data_seed}"
+        assert curve.main(common + ["--seed", str(seed), "--data_seed", str(data_seed), "--run_dir", str(run_dir)]) == 0
+        train = run_dir / "demo-long" / "train"
+        assert (train / "snapshots" / "epoch-1" / "adapter_model.safetensors").is_file()
+        assert not (run_dir / "demo-long" / "points").exists() and not (run_dir / "baselines.json").exists()
+        runs[seed, data_seed] = (run_dir, json.loads((run_dir / "demo-long" / "recipe.json").read_text()))
+    rows = {key: (d / "inputs" / "valid_6.json").read_text() for key, (d, _) in runs.items()}
+    assert rows[1, 42] == rows[2, 42] != rows[2, 7]
+    assert runs[2, 7][1]["seed"] == 2 and runs[2, 7][1]["data_seed"] == 7

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ class Config:
                                   "top generation only)", minimum=1)
     sasrec_epochs: int = option(40, "SASRec: maximum epochs (early stopping on validation NDCG@10)")
     seed: int = option(42, "seed for sampling and training")
+    data_seed: int | None = option(None, "seed of prepare's samples (which test and validation rows); "
+                                         "default --seed. Set it to compare seeds on the same rows",
+                                   keyed_at_default=False)
     adapter: str | None = option(None, "a LoRA adapter trained elsewhere (a `bigrec train` output or one of its "
                                        "snapshots): copied into the run and used instead of tuning; give the "
                                        "--sample and --seed it was trained with, so few-shot SASRec sees its rows",
@@ -268,7 +272,8 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
     from bigrec.stages import generate, prepare, train
 
     data = paths.data
-    prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source, seed=cfg.seed,
+    prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source,
+                              seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
                               prompt_titles=cfg.prompt_titles)
     stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
@@ -288,9 +293,21 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
         precision=cfg.precision, group_by_length=cfg.group_by_length,
         early_stopping_patience=cfg.early_stopping_patience,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4)))
+    def tune() -> None:
+        # The adapter folder's checkpoints resume only the training of this very stage key. Left
+        # by another (other data, other settings), they would be refused or, worse, resumed: a
+        # finished run on other rows "continues" in no steps and its adapter is kept.
+        mark, key = paths.adapter / "demo_stage_key.txt", stages.keys["train"]
+        if paths.adapter.exists() and not (mark.is_file() and mark.read_text() == key):
+            log.info("[train] %s holds another run's training: starting afresh", paths.adapter)
+            shutil.rmtree(paths.adapter)
+        paths.adapter.mkdir(parents=True, exist_ok=True)
+        mark.write_text(key)
+        train.run(train_cfg)
+
     if cfg.adapter is None:
-        stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"],
-                   lambda: train.run(train_cfg), after=("prepare",))
+        stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"], tune,
+                   after=("prepare",))
     else:
         given = Path(cfg.adapter)
         weights = given / "adapter_model.safetensors"
@@ -317,7 +334,6 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
 
 def copy_adapter(src: Path, dst: Path) -> None:
     """The adapter's files into the run (a half-copied folder is never taken for a finished one)."""
-    import shutil
 
     staging = dst.with_name(dst.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
