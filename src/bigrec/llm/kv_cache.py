@@ -109,8 +109,8 @@ class BeamReorders:
     """Whether a beam search step's reorder keeps every beam within its row, asked once per step.
 
     transformers hands every layer the same ``beam_idx`` tensor; the answer needs the tensor's
-    values on the host, which on a GPU waits for the queued work. Asked by each of 30 layers, that
-    wait came every layer, not once a step.
+    values on the host, which on a GPU waits for the queued work. Asked by every layer, that wait
+    came once per layer instead of once per step.
     """
 
     def __init__(self, beams: int):
