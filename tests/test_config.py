@@ -59,3 +59,17 @@ def test_shipped_paper_config_by_name_sets_the_papers_schedule(tmp_path):
     assert parse(demo.Config, ["--config", "paper", "--num_epochs", "3"]).num_epochs == 3  # flags override it
     with pytest.raises(ConfigError, match=r"shipped configs: .*paper"):
         load_yaml("no-such-config")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_option_must_be_a_finite_number(tmp_path, capsys, value):
+    """float() takes 'nan' and 'inf'; a learning rate of nan would train to nothing without a word."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--train_data_path", "x.json", f"--learning_rate={value}"])
+    assert exited.value.code == 2
+    assert "--learning_rate: invalid finite number value" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train_data_path: x.json\nlearning_rate: {value}\n")
+    assert cli.main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert str(config) in err and "learning_rate" in err and "not a finite number" in err

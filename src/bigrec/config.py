@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,6 +68,17 @@ def parse_list(text: str | list) -> list[str]:
     return [part.strip().strip("'\"") for part in body.split(",") if part.strip()]
 
 
+def parse_float(text: str | float) -> float:
+    """A float that is a number: ``nan`` and ``inf`` (which ``float()`` takes) are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+parse_float.__name__ = "finite number"  # argparse names the type in its error: "invalid finite number value"
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """Strip ``X | None`` and return (type, optional)."""
     origin = typing.get_origin(tp)
@@ -84,8 +96,11 @@ def _converter(tp: Any):
         conv = parse_bool
     elif origin is list or base is list:
         inner = (typing.get_args(base) or (str,))[0]
+        inner = parse_float if inner is float else inner
         conv = (lambda s, inner=inner: [inner(x) for x in parse_list(s)])  # noqa: E731
-    elif base in (int, float, str):
+    elif base is float:
+        conv = parse_float
+    elif base in (int, str):
         conv = base
     else:
         conv = str
