@@ -227,6 +227,12 @@ class Recipe:
         if not self.stalled() and not self.ended():
             self.end(f"last point (epoch {wanted[-1]})")
 
+    def record(self) -> None:
+        """What this run trains with: the recipe's settings, the training rows and the seeds."""
+        args = self.curve.args
+        io.write_json(self.dir / "recipe.json", {**self.settings, "sample": args.sample, "seed": args.seed,
+                                                 "data_seed": args.data_seed})
+
     def train_only(self) -> None:
         """Train to the last point, keeping each point's snapshot; score nothing (the snapshots are
         scored elsewhere, e.g. on test rows by bench_quality --adapter)."""
@@ -392,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         curve.prepare()
         for recipe in recipes:
-            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed,
-                                                       "data_seed": args.data_seed})
+            recipe.record()
             recipe.train_only()
         return 0
     if args.score_only:
@@ -403,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.report_only:
         curve.prepare()
         for recipe in recipes:
-            io.write_json(recipe.dir / "recipe.json", {**recipe.settings, "sample": args.sample, "seed": args.seed,
-                                                       "data_seed": args.data_seed})
+            recipe.record()
             recipe.run()
     baselines = curve.baselines() if (curve.root / "baselines.json").is_file() or not args.report_only else {}
     print(f"\n{args.dataset}, seed {args.seed}, {args.sample} training rows; every point scored on the same "

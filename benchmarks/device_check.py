@@ -602,11 +602,10 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
             ref_ids = on_device.decoded[::NUM_BEAMS]  # every row's first (best) sequence
             if ours_ids:  # untimed: the reference again, batched in bigrec's row order (the noise floor:
                 on_device.decoded.clear()  # in bf16, other batch-mates and padding alone change some top-1s)
-                regrouped = [i for lo in range(0, n, batch) for i in order[lo:lo + batch]]
                 for lo in range(0, n, batch):
-                    reference_generate(ref_model, on_device, [prompts[i] for i in regrouped[lo:lo + batch]],
+                    reference_generate(ref_model, on_device, [prompts[i] for i in order[lo:lo + batch]],
                                        NUM_BEAMS, new)
-                again = dict(zip(regrouped, on_device.decoded[::NUM_BEAMS], strict=True))
+                again = dict(zip(order, on_device.decoded[::NUM_BEAMS], strict=True))
                 d["reference_self_same_top1"] = sum(again[i] == ref_ids[i] for i in range(n))
         r["reference"] = n / seconds
         d.update(reference_dtype=str(dtype).removeprefix("torch."), reference_new_tokens=sorted(steps),

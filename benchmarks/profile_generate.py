@@ -42,7 +42,6 @@ def wait_price(device: str, n: int = 200) -> float:
 
 
 def profile(label: str, run, device: str, top: int) -> None:
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -62,7 +61,6 @@ def profile(label: str, run, device: str, top: int) -> None:
     for e in waits:
         print(f"- {e.key}: {e.count} calls, {e.cpu_time_total / 1000:.1f} ms on the host")
     print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
-    del torch
 
 
 def main() -> None:

@@ -334,7 +334,6 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
 
 def copy_adapter(src: Path, dst: Path) -> None:
     """The adapter's files into the run (a half-copied folder is never taken for a finished one)."""
-
     staging = dst.with_name(dst.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging, ignore=shutil.ignore_patterns("checkpoint-*", "snapshots", "best"))
