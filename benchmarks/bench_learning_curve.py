@@ -48,6 +48,7 @@ DEMO = dict(batch_size=16, micro_batch_size=8, learning_rate=5e-4, warmup_steps=
 PAPER = dict(batch_size=128, micro_batch_size=8, learning_rate=1e-4, warmup_steps=20, train_on_inputs=True,
              group_by_length=True, num_epochs=50, early_stopping_patience=5, val_rows=512)
 RECIPES = {
+    "demo": {**DEMO, "num_epochs": 1},  # `bigrec demo`'s default: its decay planned over one epoch
     "demo-long": DEMO,
     "demo-long-prompt": {**DEMO, "train_on_inputs": True},
     "paper": PAPER,
