@@ -14,7 +14,7 @@ from bigrec.data.prompts import (
     response_text,
 )
 from bigrec.grounding.ranking import rank_with_beams
-from bigrec.llm.constrained import beam_item_lists, constrained_generate
+from bigrec.llm.constrained import banned_leaves, beam_item_lists, constrained_generate
 from bigrec.llm.models import load_model
 from bigrec.llm.trie import Trie, response_ids
 
@@ -269,3 +269,35 @@ def test_excluded_items_are_never_a_beam_and_only_for_their_row(loaded):
         assert row and all(not set(b.item_ids) & set(ids) for b in row)
     assert [b.title for b in after[1]] == [b.title for b in before[1]]  # a row without exclusions is untouched
     assert after[0][0].title == before[0][1].title  # the next beam moves up
+
+
+def test_a_prefix_only_excluded_titles_complete_is_never_entered(tiny_model_dir):
+    """The mask covers each inner node whose every title below is excluded, no other node: checked
+    against the titles' own paths."""
+    _, tok = load_model(tiny_model_dir, precision="fp32", device="cpu")
+    trie = Trie.build(tok, TITLES)
+    excluded = [[1, 3, 7], [0, 4, 6, 1, 2, 3, 5], []]  # "Heat..." titles but "Heat"; all but "Heat 2"; none
+    banned = banned_leaves(trie, excluded, "cpu")
+    for r, ids in enumerate(excluded):
+        through: dict[int, set[int]] = {}  # node -> leaves whose path passes it
+        for leaf, path in enumerate(trie.paths):
+            node = 0
+            for token in path:
+                node = trie.children[node][token]
+                through.setdefault(node, set()).add(leaf)
+        out = {int(trie.item_leaf[i]) for i in ids}
+        want = {n for n, leaves in through.items() if leaves <= out}
+        assert set(torch.nonzero(banned[r]).flatten().tolist()) == want
+
+
+def test_excluding_all_titles_but_one_returns_that_title_to_every_row(loaded):
+    """A beam led into a prefix only excluded titles complete had every token masked; with all
+    its beams there a row came back empty (seen on Amazon, where histories hold long titles)."""
+    _, model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    prompts = [prompt_for_row(r) for r in rows()]
+    keep = TITLES.index("Heat 2")
+    others = [i for i in range(len(TITLES)) if i != keep]
+    out = constrained_generate(model, tok, prompts, trie, num_beams=3, batch_size=3,
+                               exclude_items=[others] * len(prompts))
+    assert [[b.title for b in row] for row in out] == [["Heat 2"]] * len(prompts)

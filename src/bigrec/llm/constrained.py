@@ -136,12 +136,28 @@ class TrieLogitsProcessor(LogitsProcessor):
 
 
 def banned_leaves(trie: Trie, items: Sequence[Sequence[int]], device) -> torch.Tensor:
-    """[rows, M + 1] bool: the leaf node of each row's items' titles (items outside the trie ignored)."""
-    banned = torch.zeros(len(items), trie.num_nodes + 1, dtype=torch.bool)
+    """[rows, M + 1] bool: the nodes a row may not enter: the leaf of each of its items' titles
+    (items outside the trie ignored), and every node whose titles below are all such leaves. A beam
+    let into a prefix that only an excluded title completes would find every token masked, and a
+    row whose beams all did so came back with no title at all."""
+    m = trie.num_nodes
+    leaf = torch.zeros(m, dtype=torch.long)
+    leaf[trie.leaf_node] = 1
+    below = torch.zeros(m + 1, dtype=torch.long)
+    below[1:] = torch.cumsum(leaf, 0)
+    start, end = torch.arange(m), trie.subtree_end[:m]
+    titles_below = below[end] - below[start]
+    banned = torch.zeros(len(items), m + 1, dtype=torch.bool)
     for r, ids in enumerate(items):
         leaves = [int(trie.item_leaf[int(i)]) for i in ids if 0 <= int(i) < trie.num_items]
-        nodes = [int(trie.leaf_node[leaf]) for leaf in leaves if leaf >= 0]
-        banned[r, nodes] = True
+        nodes = [int(trie.leaf_node[lf]) for lf in leaves if lf >= 0]
+        if not nodes:
+            continue
+        mark = torch.zeros(m, dtype=torch.long)
+        mark[nodes] = 1
+        cum = torch.zeros(m + 1, dtype=torch.long)
+        cum[1:] = torch.cumsum(mark, 0)
+        banned[r, :m] = (cum[end] - cum[start]) == titles_below
     return banned.to(device)
 
 
