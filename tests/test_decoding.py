@@ -278,13 +278,13 @@ def test_a_prefix_only_excluded_titles_complete_is_never_entered(tiny_model_dir)
     trie = Trie.build(tok, TITLES)
     excluded = [[1, 3, 7], [0, 4, 6, 1, 2, 3, 5], []]  # "Heat..." titles but "Heat"; all but "Heat 2"; none
     banned = banned_leaves(trie, excluded, "cpu")
+    through: dict[int, set[int]] = {}  # node -> leaves whose path passes it
+    for leaf, path in enumerate(trie.paths):
+        node = 0
+        for token in path:
+            node = trie.children[node][token]
+            through.setdefault(node, set()).add(leaf)
     for r, ids in enumerate(excluded):
-        through: dict[int, set[int]] = {}  # node -> leaves whose path passes it
-        for leaf, path in enumerate(trie.paths):
-            node = 0
-            for token in path:
-                node = trie.children[node][token]
-                through.setdefault(node, set()).add(leaf)
         out = {int(trie.item_leaf[i]) for i in ids}
         want = {n for n, leaves in through.items() if leaves <= out}
         assert set(torch.nonzero(banned[r]).flatten().tolist()) == want

@@ -141,23 +141,15 @@ def banned_leaves(trie: Trie, items: Sequence[Sequence[int]], device) -> torch.T
     let into a prefix that only an excluded title completes would find every token masked, and a
     row whose beams all did so came back with no title at all."""
     m = trie.num_nodes
-    leaf = torch.zeros(m, dtype=torch.long)
-    leaf[trie.leaf_node] = 1
-    below = torch.zeros(m + 1, dtype=torch.long)
-    below[1:] = torch.cumsum(leaf, 0)
-    start, end = torch.arange(m), trie.subtree_end[:m]
-    titles_below = below[end] - below[start]
-    banned = torch.zeros(len(items), m + 1, dtype=torch.bool)
+    marks = torch.zeros(len(items) + 1, m, dtype=torch.long)  # per row its excluded leaves; last row: all
+    marks[-1, trie.leaf_node] = 1
     for r, ids in enumerate(items):
         leaves = [int(trie.item_leaf[int(i)]) for i in ids if 0 <= int(i) < trie.num_items]
-        nodes = [int(trie.leaf_node[lf]) for lf in leaves if lf >= 0]
-        if not nodes:
-            continue
-        mark = torch.zeros(m, dtype=torch.long)
-        mark[nodes] = 1
-        cum = torch.zeros(m + 1, dtype=torch.long)
-        cum[1:] = torch.cumsum(mark, 0)
-        banned[r, :m] = (cum[end] - cum[start]) == titles_below
+        marks[r, [int(trie.leaf_node[lf]) for lf in leaves if lf >= 0]] = 1
+    cum = torch.nn.functional.pad(torch.cumsum(marks, 1), (1, 0))
+    below = cum[:, trie.subtree_end[:m]] - cum[:, :m]  # marked leaves in each node's subtree (preorder)
+    banned = torch.zeros(len(items), m + 1, dtype=torch.bool)
+    banned[:, :m] = below[:-1] == below[-1]
     return banned.to(device)
 
 
