@@ -466,7 +466,7 @@ def test_cli_errors(tmp_path, tiny_model_dir, capsys, argv, code, message):
 def test_config_file_values_are_checked_too(tmp_path):
     with pytest.raises(ValueError, match="--prompt_template must be one of alpaca, d3"):
         config(tmp_path, "x", prompt_template="chatml")
-    with pytest.raises(ValueError, match="--decoding must be one of free, constrained"):
+    with pytest.raises(ValueError, match="--decoding must be one of free, constrained, likelihood"):
         config(tmp_path, "x", decoding="greedy")
 
 
@@ -479,7 +479,7 @@ def test_help_documents_every_option():
 
     for field in dataclasses.fields(Config):
         assert f"--{field.name}" in text
-    for phrase in ("free beam search", "constrained to catalogue titles", "{free,constrained}", "{alpaca,d3}",
+    for phrase in ("free beam search", "constrained to catalogue titles", "{free,constrained,likelihood}", "{alpaca,d3}",
                    "length correction", "text-free assistant"):
         assert phrase in text
 
@@ -500,3 +500,69 @@ def test_exclude_history_never_returns_a_history_title(taught_dir, tmp_path):
     for row, (history, target) in zip(new, CASES, strict=True):
         assert row["predict"], row
         assert all(p.strip('"') not in {*history, target} for p in row["predict"]), row["predict"]
+
+
+# --- likelihood ranking ---------------------------------------------------------------------
+
+def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_path, monkeypatch):
+    """The taught answer ranks first in every row, each row lists every title once in score order,
+    a rerun resumes, and ``bigrec evaluate`` reads the file like a constrained run."""
+    from bigrec.cli import main
+
+    rows = [{**r, "item_id": CATALOG.index(t), "history_item_id": [CATALOG.index(h) for h in hist]}
+            for r, (hist, t) in zip(case_rows(repeat=2), CASES * 2, strict=True)]
+    write_rows(tmp_path / "test.json", rows)
+    write_catalog(tmp_path)
+    cfg = config(tmp_path, taught_dir, decoding="likelihood", candidates=100, prefix_depth=2)
+    real = generate.LikelihoodDecoder.__call__
+    calls: list[int] = []
+
+    def interrupted(self, batch_rows, prompts):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(prompts))
+        return real(self, batch_rows, prompts)
+
+    monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg)
+    monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", real)
+    out = json.loads(generate.run(cfg).read_text())
+    distinct = sorted(set(CATALOG))
+    for row, (_, target) in zip(out, CASES * 2, strict=True):
+        assert row["predict"][0] == target  # likelihood ranking writes titles unquoted
+        assert sorted(row["predict"]) == distinct and row["predict_certified"] == len(distinct)
+        assert row["predict_scores"] == sorted(row["predict_scores"], reverse=True)
+        assert [sorted(i) for i in row["predict_ids"]] == [[i for i, t in enumerate(CATALOG) if t == p]
+                                                           for p in row["predict"]]
+    once = generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=100, prefix_depth=2,
+                               result_json_data=str(tmp_path / "once.json")))
+    assert json.loads(once.read_text()) == out  # resuming changed nothing
+
+    # a small cut keeps the taught answer first; the history option leaves history titles out
+    cut = json.loads(generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=2,
+                                         prefix_depth=2, exclude_history=True,
+                                         result_json_data=str(tmp_path / "cut.json"))).read_text())
+    for row, (history, target) in zip(cut, CASES * 2, strict=True):
+        assert len(row["predict"]) == 2 and not set(row["predict"]) & set(history)
+        assert row["predict"][0] == target
+    prior = json.loads(generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=100,
+                                           prefix_depth=2, prior_weight=1.0,
+                                           result_json_data=str(tmp_path / "prior.json"))).read_text())
+    assert [r["predict"] for r in prior] != [r["predict"] for r in out]  # the prior reorders
+
+    rc = main(["evaluate", "--catalog", str(tmp_path / "id2name.txt"), "--input_dir", str(tmp_path / "out"),
+               "--output", str(tmp_path / "metrics.json"), "--base_model", taught_dir, "--precision", "fp32"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test.json"]["NDCG"][0] == pytest.approx(1.0)  # the taught answer is every row's first item
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prior_weight=1.0), "--prior_weight only applies to --decoding likelihood"),
+    (dict(decoding="likelihood", prior_weight=-1.0), "--prior_weight must be at least 0"),
+    (dict(decoding="likelihood", length_correction=True), "apply to --decoding constrained"),
+])
+def test_likelihood_options_are_checked(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, "x", **kw)

@@ -11,6 +11,10 @@ decodings:
   (per beam, every catalogue id with that title) and ``"predict_scores"``, which
   ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
   ``bigrec baseline`` score file.
+* ``likelihood``: no search; every catalogue title is scored by its log-probability given the
+  prompt (:mod:`bigrec.llm.likelihood`), optionally minus ``prior_weight`` times its
+  log-probability with an empty history; the best ``candidates`` are written in order as
+  ``predict``/``predict_ids``/``predict_scores``, which ``bigrec evaluate`` ranks first.
 
 With ``--layout timeline`` (a model trained on timelines, :mod:`bigrec.data.timeline`) the prompt
 is the row's history as timeline lines, and a title ends at the line's separator in both decodings.
@@ -41,8 +45,8 @@ from bigrec.llm.generation import generate_batch
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 from bigrec.llm.timeline import separator_id
 
-DECODINGS = ("free", "constrained")
-OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores")  # what generate adds to a row (replacing old ones)
+DECODINGS = ("free", "constrained", "likelihood")
+OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified")  # what generate adds to a row (replacing old ones)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,14 @@ class Config:
     max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end", minimum=1)
     limit: int | None = option(None, "only the first N rows", minimum=1)
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
-    decoding: str = option("free", "free beam search (the paper's), or constrained to catalogue titles",
-                           choices=list(DECODINGS))
+    decoding: str = option("free", "free beam search (the paper's), constrained to catalogue titles, or "
+                                   "likelihood: every title ranked by its log-probability", choices=list(DECODINGS))
+    candidates: int = option(100, "likelihood: titles scored exactly per row (the best prefix bounds); the rest "
+                                  "follow them", minimum=1, keyed_at_default=False)
+    prefix_depth: int = option(4, "likelihood: tokens of every title scored in the first pass (its bound)",
+                               minimum=1, keyed_at_default=False)
+    prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
+                                 keyed_at_default=False)
     catalog: str | None = option(None, "constrained: catalogue file; None: id2name.txt beside --test_data_path")
     prompt_template: str = option("alpaca", "prompt the model was trained on: alpaca (bigrec, reference BIGRec) "
                                             "or d3 (D3's code, the released BIGRec_<Category>_0.5B checkpoints)",
@@ -92,6 +102,12 @@ class Config:
             raise ValueError("--cf_weight needs --cf_scores")
         if self.layout == "timeline" and self.prompt_template != "alpaca":
             raise ValueError("--prompt_template applies to the window layout; --layout timeline has its own prompt")
+        if self.prior_weight < 0:
+            raise ValueError(f"--prior_weight must be at least 0, got {self.prior_weight}")
+        if self.decoding != "likelihood" and self.prior_weight:
+            raise ValueError("--prior_weight only applies to --decoding likelihood")
+        if self.decoding == "likelihood" and (self.cf_scores or self.length_correction):
+            raise ValueError("--cf_scores and --length_correction apply to --decoding constrained")
         if self.decoding == "free":
             used = [f"--{n}" for n in ("catalog", "cf_scores") if getattr(self, n)]
             used += ["--length_correction"] if self.length_correction else []
@@ -142,6 +158,11 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
         settings["exclude_history"] = True
     if config.layout != "window":
         settings["layout"] = config.layout
+    if config.decoding == "likelihood":
+        from bigrec.data.catalog import read_catalog
+
+        settings.update(catalog_sha256=read_catalog(config.catalog_path()).digest, candidates=config.candidates,
+                        prefix_depth=config.prefix_depth, prior_weight=config.prior_weight)
     if config.decoding == "constrained":
         from bigrec.data.catalog import read_catalog
 
@@ -316,6 +337,48 @@ class ConstrainedDecoder:
                  "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
 
 
+def empty_history_prompt(config: Config, row: dict) -> str:
+    """The row's prompt with no history: what the model says to anyone (the likelihood prior)."""
+    if config.layout == "timeline":
+        return row["instruction"] + timeline.SEP
+    head, sep, _ = row["input"].partition(" before:")
+    if not sep:
+        raise ValueError(f"row {row.get('row', '?')}: input {row['input'][:60]!r} holds no '... before:' history")
+    return prompt_of(config, {**row, "input": f"{head}{sep}\n "})
+
+
+class LikelihoodDecoder:
+    """Likelihood ranking of a batch of rows: the trie and the no-history priors are built once."""
+
+    def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
+        from bigrec.data.catalog import read_catalog
+        from bigrec.llm.likelihood import TitleScorer
+        from bigrec.llm.trie import Trie
+
+        self.config = config
+        catalog = read_catalog(config.catalog_path())
+        self.trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
+                                      else config.prompt_template)
+        self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
+        self.certified: list[int] = []
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        cfg, trie = self.config, self.trie
+        prior = None
+        if cfg.prior_weight:
+            prior = [cfg.prior_weight * self.scorer.prior(empty_history_prompt(cfg, r)) for r in rows]
+        excluded = None
+        if cfg.exclude_history:
+            excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}
+                               - {-1}) for r in rows]
+        rankings = self.scorer.rank(prompts, cfg.candidates, cfg.prefix_depth, prior, excluded)
+        self.certified.extend(r.certified for r in rankings)
+        return [{"predict": [trie.titles[leaf] for leaf in r.leaves],
+                 "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
+                 "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
+                for r in rankings]
+
+
 def run(config: Config) -> Path:
     """Generate for every row not yet finished, then write the full result file atomically."""
     from accelerate import PartialState
@@ -350,6 +413,7 @@ def run(config: Config) -> Path:
         stop = stop_token(config, tokenizer)
         decoder = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
             if config.decoding == "constrained" else \
+            LikelihoodDecoder(config, model, tokenizer, prefill_dtype) if config.decoding == "likelihood" else \
             NewTitles(config, model, tokenizer, prefill_dtype) if config.exclude_history else None
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
@@ -380,6 +444,10 @@ def run(config: Config) -> Path:
             if isinstance(decoder, ConstrainedDecoder) and decoder.stats:
                 log.info("process %d: constrained decoding %.1fs in generate, %.1fs of it in the trie processor",
                          state.process_index, decoder.stats["generate_seconds"], decoder.stats["processor_seconds"])
+            if isinstance(decoder, LikelihoodDecoder) and decoder.certified:
+                log.info("process %d: likelihood top 10 certified exact in %d of %d rows (elsewhere the cut may "
+                         "have changed it: raise --candidates or --prefix_depth)", state.process_index,
+                         sum(c >= 10 for c in decoder.certified), len(decoder.certified))
             if isinstance(decoder, NewTitles) and decoder.reruns:
                 log.info("process %d: %d reruns with more beams for rows whose every beam copied the history",
                          state.process_index, decoder.reruns)

@@ -1,0 +1,128 @@
+"""Likelihood ranking on tiny random Llama and Qwen2 models: tree-attention scores against scoring
+each title on its own, the two-pass cut, the no-history prior, exclusions, and a taught title."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm.likelihood import TitleScorer
+from bigrec.llm.models import load_model
+from bigrec.llm.trie import Trie, response_ids
+
+TITLES = ["Toy Story (1995)", "Heat (1995)", "Heat", 'Heat" 2', "Casino (1995)", "Heat", "Babe (1995)",
+          "Heat 2", "Jumanji (1995)", "Sabrina (1995)", "Mortal Kombat (1995)", "Usual Suspects, The (1995)"]
+
+
+def prompts() -> list[str]:
+    movie = DOMAINS["movie"]
+    return [prompt_for_row(instruction_row(movie, h, "x")) for h in
+            (["Toy Story (1995)", "Babe (1995)"], ["Casino (1995)"], ["Heat", "Casino (1995)", "Toy Story (1995)"])]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def loaded(request, tiny_model_dir, tiny_qwen_dir):
+    path = tiny_model_dir if request.param == "llama" else tiny_qwen_dir
+    model, tok = load_model(path, precision="fp32", device="cpu")
+    return model, tok
+
+
+def brute_force(model, tok, prompt: str, trie: Trie, template: str = "alpaca") -> torch.Tensor:
+    """Each title scored by its own forward pass: prompt then response tokens, summed log-probs."""
+    head = tok(prompt)["input_ids"]
+    scores = []
+    for title in trie.titles:
+        tail = response_ids(tok, title, template)
+        ids = torch.tensor([head + tail])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        scores.append(sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)))
+    return torch.tensor(scores)
+
+
+def test_tree_scores_equal_each_title_scored_alone(loaded):
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    for chunk in (2048, 3):  # one pass, and the trie cut into chunks that repeat their ancestors
+        scorer = TitleScorer(model, tok, trie, chunk_tokens=chunk, batch_size=2)
+        got = scorer.exact(prompts())
+        for r, prompt in enumerate(prompts()):
+            torch.testing.assert_close(got[r], brute_force(model, tok, prompt, trie), atol=2e-4, rtol=1e-4)
+
+
+def test_timeline_titles_end_at_the_separator(loaded):
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES, template="timeline")
+    prompt = "The movies the user has watched, in order:\nHeat\nBabe (1995)\n"
+    got = TitleScorer(model, tok, trie).exact([prompt])[0]
+    torch.testing.assert_close(got, brute_force(model, tok, prompt, trie, "timeline"), atol=2e-4, rtol=1e-4)
+
+
+def test_bounds_are_prefix_scores_and_the_cut_keeps_the_exact_order(loaded):
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    scorer = TitleScorer(model, tok, trie, batch_size=2)
+    exact = scorer.exact(prompts())
+    bound = scorer.bounds(scorer._encode(prompts()), depth=3)
+    assert (bound >= exact - 1e-5).all()
+    n = len(trie.titles)
+    full = scorer.rank(prompts(), candidates=n, prefix_depth=3)
+    cut = scorer.rank(prompts(), candidates=4, prefix_depth=3)
+    for r in range(len(prompts())):
+        order = torch.argsort(exact[r], descending=True, stable=True).tolist()
+        assert full[r].leaves == order and full[r].certified == n
+        torch.testing.assert_close(torch.tensor(full[r].scores), exact[r][order])
+        assert len(cut[r].leaves) == 4
+        # the candidates are the four best bounds, ranked by their exact scores
+        assert set(cut[r].leaves) == set(torch.argsort(bound[r], descending=True, stable=True)[:4].tolist())
+        assert cut[r].leaves == sorted(cut[r].leaves, key=lambda leaf: -float(exact[r][leaf]))
+        # every certified place is the exact ranking's
+        assert cut[r].leaves[:cut[r].certified] == order[:cut[r].certified]
+
+
+def test_prior_weight_zero_changes_nothing_and_a_prior_reorders(loaded):
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    scorer = TitleScorer(model, tok, trie)
+    n = len(trie.titles)
+    empty = prompt_for_row(instruction_row(DOMAINS["movie"], [], "x"))
+    prior = scorer.prior(empty)
+    torch.testing.assert_close(prior, brute_force(model, tok, empty, trie), atol=2e-4, rtol=1e-4)
+    plain = scorer.rank(prompts(), candidates=n, prefix_depth=3)
+    zero = scorer.rank(prompts(), candidates=n, prefix_depth=3, prior=[0.0 * prior] * 3)
+    assert [r.leaves for r in plain] == [r.leaves for r in zero]
+    exact = scorer.exact(prompts())
+    corrected = scorer.rank(prompts(), candidates=n, prefix_depth=3, prior=[1.0 * prior] * 3)
+    for r in range(3):
+        assert corrected[r].leaves == torch.argsort(exact[r] - prior, descending=True, stable=True).tolist()
+
+
+def test_excluded_titles_never_rank(loaded):
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    scorer = TitleScorer(model, tok, trie)
+    banned = [trie.titles.index("Heat"), trie.titles.index("Babe (1995)")]
+    got = scorer.rank(prompts(), candidates=len(trie.titles), prefix_depth=2, excluded=[banned] * 3)
+    for r in got:
+        assert not set(banned) & set(r.leaves) and len(r.leaves) == len(trie.titles) - 2
+
+
+def test_a_title_taught_to_the_model_ranks_first(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir, precision="fp32", device="cpu")
+    trie = Trie.build(tok, TITLES)
+    prompt = prompts()[1]
+    taught = "Mortal Kombat (1995)"
+    head, tail = tok(prompt)["input_ids"], response_ids(tok, taught)
+    ids = torch.tensor([head + tail])
+    labels = ids.clone()
+    labels[0, :len(head)] = -100
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+    ranking = TitleScorer(model, tok, trie).rank([prompt], candidates=3, prefix_depth=3)[0]
+    assert trie.titles[ranking.leaves[0]] == taught and ranking.certified >= 1
