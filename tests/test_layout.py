@@ -1,5 +1,6 @@
 """The package layout stays what docs/architecture.md describes: stage commands on top, nothing
-below them imports one, and the docs name only modules and paths that exist."""
+below them imports one, and the docs (README.md and docs/**/*.md) name only modules, paths, links,
+stages, make targets and benchmark scripts that exist."""
 
 import ast
 import importlib.util
@@ -8,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "bigrec"
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -65,16 +66,110 @@ def resolve(dotted: str) -> object | None:
     return obj
 
 
+def name(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
+
+
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+
+def code(text: str) -> list[str]:
+    """The text of a document's fenced blocks and inline code spans, where commands are named."""
+    blocks = FENCE.findall(text)
+    return blocks + re.findall(r"`([^`]+)`", FENCE.sub("", text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(doc: Path) -> set[str]:
+    found, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", FENCE.sub("", doc.read_text(encoding="utf-8")), re.MULTILINE):
+        base = slug(heading)
+        found.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return found
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.MULTILINE)
+
+
+def test_docs_link_only_to_files_and_headings_that_exist():
+    broken = []
+    for doc in DOCS:
+        text = FENCE.sub("", doc.read_text(encoding="utf-8"))
+        for target in LINK.findall(text) + REFERENCE.findall(text):
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                broken.append(f"{name(doc)}: {target}")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{name(doc)}: {target} (no such heading)")
+    assert not broken, "docs link to what does not exist: " + "; ".join(broken)
+
+
+def test_docs_name_only_real_stages():
+    from bigrec.cli import STAGES
+
+    unknown = []
+    for doc in DOCS:
+        for snippet in code(doc.read_text(encoding="utf-8")):
+            for stage in re.findall(r"(?<![\w./-])bigrec\s+([a-z][\w-]*)", snippet):
+                if stage not in STAGES:
+                    unknown.append(f"{name(doc)}: bigrec {stage}")
+    assert not unknown, "docs name stages bigrec.cli.STAGES lacks: " + "; ".join(sorted(set(unknown)))
+
+
+def makefile_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set()
+    for line in re.findall(r"^([^\s#=:$][^=:#]*?)\s*::?(?!=)", text, re.MULTILINE):
+        targets |= set(line.split())
+    return targets
+
+
+def test_docs_name_only_real_make_targets():
+    targets = makefile_targets()
+    assert {"demo", "test"} <= targets
+    unknown = []
+    for doc in DOCS:
+        for snippet in code(doc.read_text(encoding="utf-8")):
+            for target in re.findall(r"(?<![\w./-])make\s+([a-z][\w-]*)", snippet):
+                if target not in targets:
+                    unknown.append(f"{name(doc)}: make {target}")
+    assert not unknown, "docs name Makefile targets that do not exist: " + "; ".join(sorted(set(unknown)))
+
+
+def test_docs_name_only_benchmark_scripts_that_exist():
+    missing = []
+    for doc in DOCS:
+        for script in re.findall(r"(?<![\w.-])benchmarks/([\w.-]+\.py)\b", doc.read_text(encoding="utf-8")):
+            if not (ROOT / "benchmarks" / script).is_file():
+                missing.append(f"{name(doc)}: benchmarks/{script}")
+    assert not missing, "docs name benchmark scripts that do not exist: " + "; ".join(sorted(set(missing)))
+
+
+def test_docs_cover_the_readme_and_every_nested_page():
+    names = {name(doc) for doc in DOCS}
+    assert "README.md" in names
+    assert names >= {name(p) for p in (ROOT / "docs").rglob("*.md")}
+
+
 def test_docs_name_only_modules_and_paths_that_exist():
     missing = []
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for dotted in sorted(set(re.findall(r"\bbigrec(?:\.[a-z_]+)+", text))):
             if resolve(dotted) is None:
-                missing.append(f"{doc.name}: {dotted}")
+                missing.append(f"{name(doc)}: {dotted}")
         for path in sorted(set(re.findall(r"\b(?:src|benchmarks|tests|docs)/[\w./-]+\.\w+", text))):
             if not (ROOT / path).exists():
-                missing.append(f"{doc.name}: {path}")
+                missing.append(f"{name(doc)}: {path}")
     assert not missing, "docs name what does not exist: " + "; ".join(missing)
 
 

@@ -135,7 +135,7 @@ def resolve_dtype(precision: str, device: str | torch.device | None = None, phas
     """The dtype a phase computes in. A named precision holds for every phase. ``auto``: bf16 on
     CUDA with bf16. On a CPU with native bf16 (AVX-512 BF16/AMX): bf16 for training (autocast)
     and for the generation prefill (autocast), fp32 for the decode steps and for embedding,
-    where bf16 changes too many answers (README: Performance); fp32 on other CPUs.
+    where bf16 changes too many answers (docs/performance.md); fp32 on other CPUs.
     """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")

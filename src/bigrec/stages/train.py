@@ -83,7 +83,7 @@ class Config:
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
-                                    "faster on a CPU at a higher peak memory (README: Training)",
+                                    "faster on a CPU at a higher peak memory (docs/guide/training.md)",
                             choices=["auto", "eager", "sdpa", "flash_attention_2"])
     report_to: list[str] = option(help="where the Trainer also logs: none, or tensorboard, wandb, mlflow, ... as "
                                        "transformers names them (each needs its package)",
