@@ -44,7 +44,7 @@ def brute_force(model, tok, prompt: str, trie: Trie, template: str = "alpaca") -
 def test_tree_scores_equal_each_title_scored_alone(loaded):
     model, tok = loaded
     trie = Trie.build(tok, TITLES)
-    for chunk in (2048, 3):  # one pass, and the trie cut into chunks that repeat their ancestors
+    for chunk in (2048, 3):  # one chunk, and chunks that repeat their ancestors
         scorer = TitleScorer(model, tok, trie, chunk_tokens=chunk, batch_size=2)
         got = scorer.exact(prompts())
         for r, prompt in enumerate(prompts()):

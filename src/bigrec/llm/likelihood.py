@@ -47,7 +47,7 @@ class TitleScorer:
     """Scores trie titles for prompts. ``autocast``: dtype of the matrix products (None: the model's)."""
 
     def __init__(self, model, tokenizer, trie: Trie, autocast: torch.dtype | None = None,
-                 chunk_tokens: int = 2048, batch_size: int = 4):
+                 chunk_tokens: int = 256, batch_size: int = 4):
         self.model, self.tokenizer, self.trie = model, tokenizer, trie
         self.autocast, self.chunk_tokens, self.batch_size = autocast, chunk_tokens, batch_size
         self.body = decoder_of(model)
@@ -81,76 +81,118 @@ class TitleScorer:
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
 
-    @torch.no_grad()
-    def edge_logprobs(self, prompt_ids: list[list[int]], fed: torch.Tensor) -> torch.Tensor:
-        """[B, M] log p(node's token | prompt, node's ancestors) for every node whose parent is the
-        root or in ``fed`` (NaN elsewhere). ``fed``: inner nodes, closed under ancestors."""
-        fed = torch.sort(fed).values
-        b, m = len(prompt_ids), self.trie.num_nodes
-        out = torch.full((b, m), float("nan"))
-        if fed.numel() == 0:
-            self._pass(prompt_ids, fed, fed, out, root=True)
-            return out
+    def _autocast(self):
+        weights = next(self.model.parameters()).dtype
+        dtype = self.autocast or weights
+        return torch.autocast(self.model.device.type, dtype=dtype, enabled=dtype != weights)
+
+    def _prompts(self, prompt_ids: list[list[int]]):
+        """Encode the left-padded prompts once: (saved per-layer keys and values, the cache object,
+        padded width, lengths, real-token mask, last prompt token's hidden state [B, D])."""
+        from bigrec.llm.kv_cache import cache_kwarg
+
+        b, p = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, p), pad, dtype=torch.long)
+        real = torch.zeros((b, p), dtype=torch.bool)
+        for r, row in enumerate(prompt_ids):
+            ids[r, p - len(row):] = torch.tensor(row)
+            real[r, p - len(row):] = True
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        device = self.model.device
+        with self._autocast():
+            out = self.body(input_ids=ids.to(device), attention_mask=real.long().to(device),
+                            position_ids=positions.to(device), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        layers = getattr(cache, "layers", None) or []
+        if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+            raise ValueError("likelihood ranking needs a model whose KV cache keeps keys and values per layer")
+        saved = [(layer.keys, layer.values) for layer in layers]
+        self._cache_arg = cache_kwarg(self.model)
+        lengths = real.sum(1)
+        return saved, cache, p, lengths, real, out.last_hidden_state[:, -1]
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, V] next-token log-probabilities (fp32) of hidden states [n, D], in slices."""
+        with self._autocast():
+            return torch.cat([torch.log_softmax(self.head(hidden[i:i + 256]).float(), -1)
+                              for i in range(0, hidden.shape[0], 256)])
+
+    def _edges(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(parent's slot in ``parents``, token, child) of every edge out of ``parents``."""
+        t = self.trie
+        lo, hi = t.ptr[parents], t.ptr[parents + 1]
+        counts = hi - lo
+        starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        edge = torch.repeat_interleave(lo, counts) + torch.arange(int(counts.sum())) - starts
+        slot = torch.repeat_interleave(torch.arange(parents.numel()), counts)
+        return slot, t.edge_token[edge], t.edge_child[edge]
+
+    def _chunks(self, fed: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """``fed`` (sorted) cut into pieces of ``chunk_tokens``, each led by its first node's ancestors
+        from earlier pieces: (nodes, how many of them lead)."""
+        out = []
         for lo in range(0, fed.numel(), self.chunk_tokens):
             own = fed[lo:lo + self.chunk_tokens]
             context = torch.tensor(self._ancestors(int(own[0])), dtype=torch.long)
-            self._pass(prompt_ids, torch.cat([context, own]), own, out, root=lo == 0)
+            out.append((torch.cat([context, own]), context.numel()))
         return out
 
-    def _pass(self, prompt_ids: list[list[int]], nodes: torch.Tensor, own: torch.Tensor, out: torch.Tensor,
-              root: bool) -> None:
-        """One forward of the prompts and ``nodes`` (sorted, preorder); writes the log-probs of
-        the edges out of ``own`` (and, with ``root``, out of the root) into ``out``."""
+    @torch.no_grad()
+    def edge_logprobs(self, prompt_ids: list[list[int]], fed: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """[B, M] log p(node's token | prompt, node's ancestors) for every node whose parent is the
+        root or in ``fed`` (NaN elsewhere). ``fed``: inner nodes closed under ancestors, the same
+        for every row or one tensor per row.
+
+        The prompts are encoded once; the trie's tokens then go through in chunks over the saved
+        prompt cache, each token attending to the prompt and to its ancestors in the chunk."""
+        b, m = len(prompt_ids), self.trie.num_nodes
+        per_row = [torch.sort(f).values for f in (fed if isinstance(fed, list) else [fed] * b)]
+        out = torch.full((b, m), float("nan"))
+        saved, cache, p, lengths, real, last = self._prompts(prompt_ids)
+        slot, tokens, children = self._edges(torch.tensor([0]))
+        root = self._logprobs(last)[:, tokens.to(last.device)].cpu()
+        out[:, children] = root
+        chunks = [self._chunks(f) for f in per_row]
         device = self.model.device
-        b, c = len(prompt_ids), nodes.numel()
-        p = max(len(ids) for ids in prompt_ids)
-        w = p + c
-        lengths = torch.tensor([len(ids) for ids in prompt_ids])
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((b, w), pad, dtype=torch.long)
-        real = torch.zeros((b, p), dtype=torch.bool)
-        for r, row in enumerate(prompt_ids):
-            ids[r, p - len(row):p] = torch.tensor(row)
-            real[r, p - len(row):] = True
-        ids[:, p:] = self.node_token[nodes]
-        positions = torch.zeros((b, w), dtype=torch.long)
-        positions[:, :p] = (real.long().cumsum(1) - 1).clamp(min=0)
-        positions[:, p:] = lengths[:, None] + self.depth[nodes][None, :] - 1
-        allowed = torch.zeros((b, w, w), dtype=torch.bool)
-        allowed[:, :p, :p] = torch.tril(torch.ones(p, p, dtype=torch.bool)) & real[:, None, :]
-        allowed[:, p:, :p] = real[:, None, :]
-        ancestor = (nodes[None, :] <= nodes[:, None]) & (nodes[:, None] < self.end[nodes][None, :])
-        allowed[:, p:, p:] = ancestor
-        allowed |= torch.eye(w, dtype=torch.bool)  # padding attends to itself: no row is all masked
-        weights = next(self.model.parameters()).dtype
-        dtype = self.autocast or weights
-        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":  # SDPA takes a boolean mask
-            mask = allowed[:, None]
-        else:  # eager attention adds the mask to the scores
-            mask = torch.zeros((b, 1, w, w), dtype=weights).masked_fill_(~allowed[:, None], torch.finfo(weights).min)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != weights):
-            hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), use_cache=False).last_hidden_state
-        # Edges out of the root (the last prompt token) and out of each own node.
-        index = {int(n): p + i for i, n in enumerate(nodes.tolist())}
-        t = self.trie
-        parents = torch.cat([torch.tensor([0]), own])
-        sources = torch.tensor([p - 1] + [index[int(n)] for n in own.tolist()])
-        lo, hi = t.ptr[parents], t.ptr[parents + 1]
-        counts = hi - lo
-        edge = torch.repeat_interleave(lo, counts) + (torch.arange(int(counts.sum()))
-                                                      - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
-        src = torch.repeat_interleave(sources, counts)
-        tokens, children = t.edge_token[edge], t.edge_child[edge]
-        if not root:
-            keep = src != p - 1
-            src, tokens, children = src[keep], tokens[keep], children[keep]
-        wanted = torch.unique(src)
-        slot = torch.searchsorted(wanted, src)
-        for r in range(b):
-            logp = torch.cat([torch.log_softmax(self.head(hidden[r, wanted[i:i + 256].to(device)]).float(), -1)
-                              for i in range(0, wanted.numel(), 256)])
-            out[r, children] = logp[slot, tokens.to(logp.device)].cpu()
+        for k in range(max(len(c) for c in chunks)):
+            pieces = [c[k] if k < len(c) else (torch.zeros(0, dtype=torch.long), 0) for c in chunks]
+            width = max(nodes.numel() for nodes, _ in pieces)
+            if width == 0:
+                continue
+            ids = torch.zeros((b, width), dtype=torch.long)
+            positions = torch.zeros((b, width), dtype=torch.long)
+            allowed = torch.zeros((b, width, p + width), dtype=torch.bool)
+            allowed[:, :, p:] = torch.eye(width, dtype=torch.bool)  # padding attends to itself
+            for r, (nodes, _) in enumerate(pieces):
+                n = nodes.numel()
+                ids[r, :n] = self.node_token[nodes]
+                positions[r, :n] = lengths[r] + self.depth[nodes] - 1
+                allowed[r, :n, :p] = real[r]
+                allowed[r, :n, p:p + n] = ((nodes[None, :] <= nodes[:, None])
+                                          & (nodes[:, None] < self.end[nodes][None, :]))
+            if getattr(self.model.config, "_attn_implementation", None) == "sdpa":  # SDPA takes a boolean mask
+                mask = allowed[:, None]
+            else:  # eager attention adds the mask to the scores
+                weights = next(self.model.parameters()).dtype
+                mask = torch.zeros(allowed[:, None].shape, dtype=weights).masked_fill_(
+                    ~allowed[:, None], torch.finfo(weights).min)
+            for layer, (keys, values) in zip(cache.layers, saved, strict=True):  # back to the prompt alone
+                layer.keys, layer.values = keys, values
+            with self._autocast():
+                hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   position_ids=positions.to(device), use_cache=True,
+                                   **{self._cache_arg: cache}).last_hidden_state
+            for r, (nodes, lead) in enumerate(pieces):
+                own = nodes[lead:]
+                if own.numel() == 0:
+                    continue
+                slot, tokens, children = self._edges(own)
+                wanted = torch.unique(slot)
+                logp = self._logprobs(hidden[r, (wanted + lead).to(device)])
+                out[r, children] = logp[torch.searchsorted(wanted, slot).to(logp.device),
+                                        tokens.to(logp.device)].cpu()
+        return out
 
     def cumulative(self, edge_logp: torch.Tensor) -> torch.Tensor:
         """[B, M] sum of edge log-probs from the root to each node (NaN where an edge is missing)."""
@@ -203,22 +245,28 @@ class TitleScorer:
         for lo in range(0, len(ids), self.batch_size):
             batch = ids[lo:lo + self.batch_size]
             bound = self.bounds(batch, prefix_depth) if candidates < n else torch.zeros((len(batch), n))
-            for r, row_ids in enumerate(batch):
+            chosen_rows, shifts, tops = [], [], []
+            for r in range(len(batch)):
                 k = lo + r
                 shift = prior[k] if prior is not None and prior[k] is not None else torch.zeros(n)
                 upper = bound[r] - shift
                 if excluded is not None and excluded[k]:
                     upper[torch.tensor(list(excluded[k]), dtype=torch.long)] = float("-inf")
                 pool = int(torch.isfinite(upper).sum())
-                take = min(candidates, pool)
                 order = torch.argsort(upper, descending=True, stable=True)
-                chosen, rest = order[:take], order[take:pool]
-                fed = torch.unique(self.leaf_path[chosen]).clamp(min=0)
-                fed = fed[self.inner[fed]]
-                exact = self.cumulative(self.edge_logprobs([row_ids], fed))[0, self.leaf_node[chosen]] - shift[chosen]
+                take = min(candidates, pool)
+                chosen_rows.append(order[:take])
+                shifts.append(shift)
+                tops.append(float(upper[order[take]]) if take < pool else float("-inf"))
+            fed = []
+            for chosen in chosen_rows:
+                nodes = torch.unique(self.leaf_path[chosen]).clamp(min=0)
+                fed.append(nodes[self.inner[nodes]])
+            score = self.cumulative(self.edge_logprobs(batch, fed))
+            for r, chosen in enumerate(chosen_rows):
+                exact = score[r, self.leaf_node[chosen]] - shifts[r][chosen]
                 best = torch.argsort(exact, descending=True, stable=True)
                 leaves, scores = chosen[best], exact[best]
-                top_rest = float(upper[rest[0]]) if rest.numel() else float("-inf")
-                certified = int((scores >= top_rest).long().cumprod(0).sum())
+                certified = int((scores >= tops[r]).long().cumprod(0).sum())
                 out.append(Ranking(leaves.tolist(), scores.tolist(), certified))
         return out

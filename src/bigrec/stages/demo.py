@@ -200,7 +200,7 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
         cmp.add(CONTENT, content)
     unranked = torch.zeros(len(test_rows)) if exclude is None else exclude.sum(1).float()  # [R]
     cmp.expected["Random"] = random_ndcg_hr(len(catalog) - unranked, TOPK)
-    lead = next(name for name in ("BIGRec (free)", "BIGRec (constrained)") if name in cmp.ranks)
+    lead = next(name for name in (f"BIGRec ({d})" for d in ("free", "constrained", *metrics_paths)) if name in cmp.ranks)
     pairs = [(lead, few_shot), (lead, CONTENT), (lead, "Popularity"), (lead, "SASRec"),
              (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI blend (SASRec)", "SASRec"),
              (f"{lead} + CI (SASRec)", few_shot), (f"{lead} + CI (SASRec, same {sample} examples)", few_shot),

@@ -407,8 +407,10 @@ def run(config: Config) -> Path:
     produced: list[tuple[int, dict[str, Any]]] = []
     if todo:
         prompts = {pos: prompt_of(config, rows[pos]) for pos in todo}  # bad template settings fail before the model loads
+        # Likelihood ranking has no decode steps: its weights take the prefill's dtype (bf16 where native),
+        # rather than an autocast that casts every weight again on every forward.
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
-                                      phase="decode")
+                                      phase="prefill" if config.decoding == "likelihood" else "decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
         stop = stop_token(config, tokenizer)
         decoder = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \

@@ -1,0 +1,174 @@
+"""Likelihood ranking against the baselines of a finished ``bigrec demo`` run, on the same rows.
+
+Ranks the run's validation rows by the model's own title log-probabilities
+(``bigrec generate --decoding likelihood``) for each no-history prior weight, picks the weight
+with the best validation NDCG@10, ranks the test rows with it, evaluates the language model alone
+under both protocols, and prints the demo's side-by-side table and paired differences (few-shot
+SASRec, the last title, popularity, full SASRec) with 95% intervals. It also times free beam
+search on the first test rows in the same process, for rows/s side by side.
+
+    python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo         # the demo's adapter
+    python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --adapter DIR --name full-ep2
+
+Every stage is resumable: generation keeps its progress files, and a finished result or evaluation
+whose recorded configuration matches is reused. Asserts nothing; the weight is chosen on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from bigrec import io
+from bigrec.config import build, to_dict
+from bigrec.evaluation.comparison import describe_pairs
+from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.report import with_interval
+from bigrec.stages import demo, evaluate, generate
+
+K10 = list(TOPK).index(10)
+
+
+def fresh(path: Path, cfg) -> bool:
+    """Whether ``path`` was written by a run of exactly ``cfg`` (its .config.yaml beside it)."""
+    written = path.with_name(path.stem + ".config.yaml")
+    return path.is_file() and written.is_file() and yaml.safe_load(written.read_text()) == to_dict(cfg)
+
+
+def run_generate(cfg: generate.Config) -> tuple[Path, float | None]:
+    """(result file, seconds per row, None when reused)."""
+    path = Path(cfg.result_json_data)
+    if fresh(path, cfg):
+        return path, None
+    started = time.perf_counter()
+    generate.run(cfg)
+    rows = len(io.read_json(path))
+    return path, (time.perf_counter() - started) / rows
+
+
+def run_evaluate(cfg: evaluate.Config) -> Path:
+    path = Path(cfg.output)
+    if not fresh(path, cfg):
+        evaluate.run(cfg)
+    return path
+
+
+def lm_alone(run: Path, protocol_suffix: str, input_dir: Path, output: Path) -> evaluate.Config:
+    """The demo's evaluation settings for this protocol, without re-weighting: the language model alone."""
+    settings = json.loads((run / "stages" / f"evaluate_free{protocol_suffix}.json").read_text())["settings"]
+    drop = {"popularity", "ci_scores", "valid_ci_scores", "valid_input_dir", "compare", "report"}
+    kept = {k: v for k, v in settings.items() if k not in drop}
+    return build(evaluate.Config, {**kept, "input_dir": str(input_dir), "output": str(output)})
+
+
+def table_row(label: str, metrics: dict, iv: dict | None) -> str:
+    cells = [with_interval(metrics[key][K10], iv["ci"][key][K10] if iv else None) for key in ("NDCG", "HR")]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/quality/ml-100k/demo", help="a finished bigrec demo run folder")
+    parser.add_argument("--adapter", default=None, help="adapter to rank with (default: the run's own)")
+    parser.add_argument("--base_model", default=None, help="a full fine-tuned model folder instead of an adapter")
+    parser.add_argument("--name", default="demo", help="folder name of this model's results")
+    parser.add_argument("--out", default="runs/likelihood/{run}", help="results folder pattern")
+    parser.add_argument("--knobs", default="w0,w0-new,w1-new",
+                        help="settings tried on validation: wW is --prior_weight W, -new adds --exclude_history")
+    parser.add_argument("--valid_rows", type=int, default=500, help="validation rows that choose the weight")
+    parser.add_argument("--test_rows", type=int, default=None, help="only the first N test rows (default: all; "
+                                                                   "a claim needs at least 2,000)")
+    parser.add_argument("--candidates", type=int, default=100, help="generate --candidates")
+    parser.add_argument("--prefix_depth", type=int, default=4, help="generate --prefix_depth")
+    parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
+    parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
+    args = parser.parse_args()
+    run = Path(args.run)
+    out = Path(args.out.format(run=run.name)) / args.name
+    manifest = yaml.safe_load((run / "run.yaml").read_text())
+    base = args.base_model or str((run / manifest["base_model"]) if (run / str(manifest["base_model"])).is_dir()
+                                  else manifest["base_model"])
+    adapter = None if args.base_model else (args.adapter or str(run / "adapter"))
+    catalog = str(run / "data" / "id2name.txt")
+    common = dict(base_model=base, lora_weights=adapter, decoding="likelihood", catalog=catalog,
+                  candidates=args.candidates, prefix_depth=args.prefix_depth, batch_size=args.batch_size)
+    valid_rows = run / "inputs" / "valid.json"
+    sample = out / "inputs" / f"valid_{args.valid_rows}.json"
+    if not sample.is_file():
+        demo.first_rows(valid_rows, sample, args.valid_rows)
+
+    speeds: dict[str, float] = {}
+    chosen: dict[str, float] = {}
+    knobs = {}
+    for name in args.knobs.split(","):
+        weight, new = name.removeprefix("w").removesuffix("-new"), name.endswith("-new")
+        knobs[name] = {"prior_weight": float(weight), "exclude_history": new}
+    for name, knob in knobs.items():
+        folder = out / "valid" / name
+        cfg = build(generate.Config, {**common, **knob, "test_data_path": str(sample),
+                                      "result_json_data": str(folder / "valid.json")})
+        _, per_row = run_generate(cfg)
+        if per_row is not None:
+            speeds[f"likelihood, {name} (validation)"] = 1 / per_row
+        metrics = run_evaluate(lm_alone(run, "", folder / "valid.json", folder / "metrics.json"))
+        chosen[name] = io.read_json(metrics)["valid.json"]["NDCG"][K10]
+        print(f"validation, {name}: NDCG@10 {chosen[name]:.4f}", flush=True)
+    best = max(chosen, key=lambda name: chosen[name])
+    print(f"{best} chosen on {args.valid_rows} validation rows", flush=True)
+
+    folder = out / "test" / best
+    test_path = run / "inputs" / "test.json"
+    if args.test_rows:
+        test_path = out / "inputs" / f"test_{args.test_rows}.json"
+        if not test_path.is_file():
+            demo.first_rows(run / "inputs" / "test.json", test_path, args.test_rows)
+    cfg = build(generate.Config, {**common, **knobs[best], "test_data_path": str(test_path),
+                                  "result_json_data": str(folder / "test.json")})
+    _, per_row = run_generate(cfg)
+    if per_row is not None:
+        speeds[f"likelihood, {best} (test)"] = 1 / per_row
+    if args.beam_rows:
+        demo.first_rows(run / "inputs" / "test.json", out / "inputs" / "beam_rows.json", args.beam_rows)
+        beam = build(generate.Config, {"base_model": base, "lora_weights": adapter, "batch_size": 16,
+                                       "test_data_path": str(out / "inputs" / "beam_rows.json"),
+                                       "result_json_data": str(out / "beam" / "test.json")})
+        started = time.perf_counter()
+        generate.run(beam)
+        speeds["free beam search, 4 beams (same process)"] = args.beam_rows / (time.perf_counter() - started)
+
+    test_rows = io.read_json(test_path)
+    sample_size = yaml.safe_load((run / "config.yaml").read_text()).get("sample", 1024) \
+        if (run / "config.yaml").is_file() else 1024
+    summary: dict = {"validation_ndcg10": chosen, "chosen": best, "knobs": knobs[best], "rows_per_second": speeds, "protocols": {}}
+    for protocol, suffix in demo.PROTOCOLS.items():
+        metrics = run_evaluate(lm_alone(run, suffix, folder / "test.json", folder / f"metrics{suffix}.json"))
+        part = demo.side_by_side(run, test_rows, {"likelihood": metrics}, sample_size, None)
+        infos = part.pop("infos")
+        summary["protocols"][protocol] = part
+        print(f"\n### {protocol} protocol, {len(test_rows)} test rows: NDCG@10 / HR@10 with 95% intervals\n")
+        print("| run | NDCG@10 | HR@10 |\n|---|---|---|")
+        for label, m in part["metrics"].items():
+            print(table_row(label, m, part["intervals"].get(label)))
+        print()
+        for line in describe_pairs(part["paired"]):
+            print(f"- {line}")
+        diag = infos["likelihood"].get("diagnostics") or {}
+        if diag:
+            print(f"- diagnostics: {json.dumps(diag)[:400]}")
+    results = io.read_json(folder / "test.json")
+    tops = [r["predict"][0] for r in results]
+    summary["distinct_top1"] = len(set(tops)) / len(tops)
+    summary["certified_top10"] = sum(r["predict_certified"] >= 10 for r in results) / len(results)
+    print(f"\ndistinct top-1 titles: {summary['distinct_top1']:.1%}; top 10 certified exact in "
+          f"{summary['certified_top10']:.1%} of rows")
+    for name, value in speeds.items():
+        print(f"rows/s, {name}: {value:.2f}")
+    io.write_json(out / "summary.json", summary)
+
+
+if __name__ == "__main__":
+    main()
