@@ -559,10 +559,39 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(prior_weight=1.0), "--prior_weight only applies to --decoding likelihood"),
+    (dict(prior_weight=1.0), "--prior_weight applies to --decoding likelihood or constrained"),
+    (dict(decoding="constrained", prior_weight=1.0, cf_scores="x.safetensors"), "give one"),
     (dict(decoding="likelihood", prior_weight=-1.0), "--prior_weight must be at least 0"),
     (dict(decoding="likelihood", length_correction=True), "apply to --decoding constrained"),
 ])
 def test_likelihood_options_are_checked(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, "x", **kw)
+
+
+def test_constrained_run_with_the_no_history_prior(taught_dir, tmp_path):
+    """--prior_weight in beam search: each returned beam's score is its log-probability plus
+    w * (s(item) - max s), s the row-wise log-softmax of -log p(title | no history)."""
+    from bigrec.llm.likelihood import TitleScorer
+    from bigrec.llm.trie import Trie
+
+    write_rows(tmp_path / "test.json", case_rows())
+    write_catalog(tmp_path)
+    w = 0.7
+    cfg = config(tmp_path, taught_dir, decoding="constrained", prior_weight=w, length_penalty=0.0, num_beams=4)
+    out = json.loads(generate.run(cfg).read_text())
+    check_constrained(out, 4)
+    model, tok = load_model(taught_dir, precision="fp32", device="cpu")
+    trie = Trie.build(tok, CATALOG)
+    scorer = TitleScorer(model, tok, trie)
+    plain = json.loads(generate.run(config(tmp_path, taught_dir, decoding="constrained", length_penalty=0.0,
+                                           num_beams=4, result_json_data=str(tmp_path / "plain.json"))).read_text())
+    for row, base in zip(out, plain, strict=True):
+        prior = scorer.prior(generate.empty_history_prompt(cfg, row))
+        s = torch.log_softmax(-prior[trie.item_leaf], -1)  # over items: a shared title counts once per item
+        logp = scorer.exact([prompt_for_row(row)])[0]
+        for text, ids, score in zip(row["predict"], row["predict_ids"], row["predict_scores"], strict=True):
+            leaf = trie.titles.index(text[1:-1])
+            assert score == pytest.approx(float(logp[leaf] + w * (s[ids[0]] - s.max())), abs=2e-3)
+        assert {t: sc for t, sc in zip(base["predict"], base["predict_scores"], strict=True)} != \
+            {t: sc for t, sc in zip(row["predict"], row["predict_scores"], strict=True)}

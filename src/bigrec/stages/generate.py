@@ -68,7 +68,8 @@ class Config:
                                   "follow them", minimum=1, keyed_at_default=False)
     prefix_depth: int = option(4, "likelihood: tokens of every title scored in the first pass (its bound)",
                                minimum=1, keyed_at_default=False)
-    prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
+    prior_weight: float = option(0.0, "likelihood and constrained: subtract this times log p(title | an empty "
+                                      "history) (constrained: as item scores through the trie, like --cf_scores)",
                                  keyed_at_default=False)
     catalog: str | None = option(None, "constrained: catalogue file; None: id2name.txt beside --test_data_path")
     prompt_template: str = option("alpaca", "prompt the model was trained on: alpaca (bigrec, reference BIGRec) "
@@ -104,8 +105,10 @@ class Config:
             raise ValueError("--prompt_template applies to the window layout; --layout timeline has its own prompt")
         if self.prior_weight < 0:
             raise ValueError(f"--prior_weight must be at least 0, got {self.prior_weight}")
-        if self.decoding != "likelihood" and self.prior_weight:
-            raise ValueError("--prior_weight only applies to --decoding likelihood")
+        if self.decoding == "free" and self.prior_weight:
+            raise ValueError("--prior_weight applies to --decoding likelihood or constrained")
+        if self.prior_weight and self.cf_scores:
+            raise ValueError("--prior_weight and --cf_scores both guide constrained decoding; give one")
         if self.decoding == "likelihood" and (self.cf_scores or self.length_correction):
             raise ValueError("--cf_scores and --length_correction apply to --decoding constrained")
         if self.decoding == "free":
@@ -170,6 +173,8 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
                         length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
                         cf_scores_sha256=_sha256(Path(config.cf_scores)) if config.cf_scores else None,
                         cf_weight=config.cf_weight)
+        if config.prior_weight:
+            settings["prior_weight"] = config.prior_weight
     return settings
 
 
@@ -320,17 +325,36 @@ class ConstrainedDecoder:
         if self.cf is not None and self.cf.num_items != len(catalog):
             raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
                              f"{catalog.path} has {len(catalog)} items")
+        if config.prior_weight:  # -log p(title | no history) per item: the CF guidance's item scores
+            from bigrec.llm.likelihood import TitleScorer
+
+            self.prior_scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
+            self.prior_of: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
+
+    def item_prior(self, prompt: str) -> torch.Tensor:
+        """[N] -log p(title | ``prompt``) per catalogue item (far below every title for an item without one)."""
+        if prompt not in self.prior_of:
+            leaf = self.prior_scorer.prior(prompt)
+            items = self.trie.item_leaf
+            scores = torch.full((self.trie.num_items,), float(-leaf.max()) - 1e4)
+            scores[items >= 0] = -leaf[items[items >= 0]]
+            self.prior_of[prompt] = scores
+        return self.prior_of[prompt]
 
     def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
         from bigrec.llm.constrained import constrained_generate
 
         cfg = self.config
         cf = self.cf.align(rows) if self.cf is not None else None
+        weight = cfg.cf_weight
+        if cfg.prior_weight:
+            cf = torch.stack([self.item_prior(empty_history_prompt(cfg, r)) for r in rows])
+            weight = cfg.prior_weight
         out = constrained_generate(
             self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
             length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
-            cf_weight=cfg.cf_weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
+            cf_weight=weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
             prefill_dtype=self.prefill_dtype,
             exclude_items=[history_ids(r) for r in rows] if cfg.exclude_history else None)
         return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
