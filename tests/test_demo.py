@@ -226,3 +226,20 @@ def test_demo_on_new_data_trains_afresh_not_from_the_old_checkpoints(tiny_model_
     assert main(demo_args(run_dir, tiny_model_dir, write_small_movielens(tmp_path / "b", users=44),
                           sasrec_epochs=1)) == 0
     assert adapter.read_bytes() != before
+
+
+def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, tiny_model_dir, caplog):
+    """--decoding likelihood: only its generation and evaluation stages run; the table and the
+    report show it beside the baselines, and run.yaml is still written."""
+    run_dir, source = finished_demo
+    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    assert main(demo_args(run_dir, tiny_model_dir, source, decoding="likelihood", prior_weight=0.5)) == 0
+    ran = [r.message for r in caplog.records if r.message.endswith("] running")]
+    assert ran and all("likelihood" in name for name in ran), ran
+    table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
+    assert "BIGRec (likelihood)" in table and "SASRec" in table
+    rows = json.loads((run_dir / "results" / "likelihood" / "test.json").read_text())
+    assert all(len(r["predict"]) == len(set(r["predict"])) == 25 for r in rows)  # every title, each once
+    assert "## Decoding: likelihood" in (run_dir / "report.md").read_text()
+    assert RunManifest.load(run_dir).base_model
+    assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free", prior_weight=0.5)) == 1

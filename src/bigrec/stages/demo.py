@@ -62,8 +62,11 @@ class Config:
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
     num_beams: int = option(4, "beams per row (free decoding)", minimum=1)
-    decoding: str = option("both", "free beam search, catalogue-constrained beam search, or both side by side",
-                           choices=["free", "constrained", "both"])
+    decoding: str = option("both", "free beam search, catalogue-constrained beam search, both side by side, "
+                                   "likelihood ranking of every title, or all three",
+                           choices=["free", "constrained", "both", "likelihood", "all"])
+    prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
+                                 keyed_at_default=False)
     constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
     gen_batch_size: int = option(16, "rows per generate call", minimum=1)
@@ -85,6 +88,12 @@ class Config:
                                        "snapshots): copied into the run and used instead of tuning; give the "
                                        "--sample and --seed it was trained with, so few-shot SASRec sees its rows",
                                  keyed_at_default=False)
+
+    def validate(self) -> None:
+        if self.prior_weight < 0:
+            raise ConfigError(f"--prior_weight must be at least 0, got {self.prior_weight}")
+        if self.prior_weight and "likelihood" not in decodings_of(self):
+            raise ConfigError("--prior_weight applies to --decoding likelihood (or all)")
 
 
 class Stages:
@@ -264,7 +273,8 @@ class Paths:
 
 
 def decodings_of(cfg: Config) -> list[str]:
-    return ["free", "constrained"] if cfg.decoding == "both" else [cfg.decoding]
+    return {"both": ["free", "constrained"], "all": ["free", "constrained", "likelihood"]}.get(cfg.decoding,
+                                                                                             [cfg.decoding])
 
 
 def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
@@ -326,7 +336,8 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
                 lora_weights=str(paths.adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
                 precision=cfg.precision, decoding=decoding,
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
-                catalog=str(data / "id2name.txt") if decoding == "constrained" else None,
+                catalog=str(data / "id2name.txt") if decoding != "free" else None,
+                prior_weight=cfg.prior_weight if decoding == "likelihood" else 0.0,
                 discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
@@ -411,7 +422,7 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
     from bigrec.app.run_manifest import RunManifest
     from bigrec.grounding.options import grounding_of, grounding_options
 
-    gammas_from = infos.get("free") or infos["constrained"]
+    gammas_from = infos.get("free") or infos.get("constrained") or infos["likelihood"]
     use_ci, weight, note = default_ranking(gammas_from)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
@@ -464,7 +475,10 @@ def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: fl
     beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding"
                      + (f" (nearest of the first {cfg.ground_beams} beams)" if cfg.ground_beams > 1 else ""),
              "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
-                            "first, then the rest by L2 distance to the top beam"}
+                            "first, then the rest by L2 distance to the top beam",
+             "likelihood": "every title ranked by its log-probability (the best 100 scored exactly)"
+                           + (f", minus {cfg.prior_weight} x its no-history log-probability" if cfg.prior_weight
+                              else "")}
     tuning = (f"LoRA on {cfg.sample} sampled examples, {cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, "
               f"lr {cfg.learning_rate}, loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}"
               if cfg.adapter is None else f"the LoRA adapter from {cfg.adapter} (trained on {cfg.sample} examples)")
