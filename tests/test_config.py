@@ -73,3 +73,12 @@ def test_a_float_option_must_be_a_finite_number(tmp_path, capsys, value):
     assert cli.main(["train", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert str(config) in err and "learning_rate" in err and "not a finite number" in err
+
+
+def test_shipped_full_data_config_trains_every_weight_on_every_user():
+    from bigrec.stages.train import Config as TrainConfig
+
+    cfg = parse(TrainConfig, ["--config", "full-data", "--train_data_path", "t.json", "--output_dir", "o"])
+    assert (cfg.layout, cfg.lora, cfg.sample, cfg.num_epochs) == ("timeline", False, -1, 5)
+    assert cfg.snapshot_epochs == [1, 2, 3, 4, 5] and cfg.early_stopping_patience == 0
+    assert parse(TrainConfig, ["--config", "full-data", "--train_data_path", "t.json", "--lora", "true"]).lora
