@@ -21,11 +21,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from bigrec import io
 from bigrec.config import build, to_dict
 from bigrec.evaluation.comparison import describe_pairs
+from bigrec.evaluation.intervals import paired_difference
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo, evaluate, generate
@@ -156,6 +158,13 @@ def main() -> None:
         print()
         for line in describe_pairs(part["paired"]):
             print(f"- {line}")
+        free = run / "metrics" / f"bigrec_free{suffix}.details.json"
+        if free.is_file() and args.test_rows is None:  # the demo's free decoding on the same rows
+            ranks = io.read_json(free)["files"]["test.json"]["ranks"]["test.json"]
+            own = infos["likelihood"]["ranks"]["test.json"]
+            diff = paired_difference(torch.as_tensor(own), torch.as_tensor(ranks), TOPK)
+            part["paired"]["BIGRec (likelihood) minus BIGRec (free decoding, the demo's)"] = diff
+            print(f"- {describe_pairs({'BIGRec (likelihood) minus BIGRec (free decoding, the demo)': diff})[0]}")
         diag = infos["likelihood"].get("diagnostics") or {}
         if diag:
             print(f"- diagnostics: {json.dumps(diag)[:400]}")

@@ -5,9 +5,10 @@ timeline separator, included; no length normalisation), as D3 and MiniOneRec ran
 item gets its own score, so the list cannot collapse onto a few titles the way beam search does.
 
 Titles share prefixes, so they are scored over the catalogue's trie (:class:`bigrec.llm.trie.Trie`)
-with tree attention: the trie's tokens go through the model in one sequence after the prompt,
-each attending to the prompt and to its own ancestors only (a 4D mask), at the position it would
-have right after the prompt. One forward then gives the next-token distribution at every trie node.
+with tree attention: the prompt is encoded once, then the trie's tokens go through the model in
+chunks over the prompt's KV cache, each attending to the prompt and to its own ancestors only (a
+4D mask), at the position it would have right after the prompt. Each trie node's output is the
+next-token distribution over its children; no title is run on its own.
 
 A full catalogue is still ~10 tokens a title, so by default a row is ranked in two passes:
 
@@ -206,7 +207,7 @@ class TitleScorer:
     # --- scores ---------------------------------------------------------------------------------
 
     def exact(self, prompts: Sequence[str], leaves: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] (or [B, len(leaves)]) exact title scores: the whole (or ``leaves``') trie in one pass."""
+        """[B, L] (or [B, len(leaves)]) exact title scores over the whole trie (or ``leaves``' part of it)."""
         leaves = torch.arange(len(self.trie.titles)) if leaves is None else leaves
         fed = torch.unique(self.leaf_path[leaves]).clamp(min=0)
         fed = fed[self.inner[fed]]
