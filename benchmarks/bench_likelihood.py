@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
     args = parser.parse_args()
     run = Path(args.run)
+    if not (run / "run.yaml").is_file():
+        parser.error(f"--run {run}: no finished bigrec demo run there (no run.yaml); run `bigrec demo --run_dir "
+                     f"{run} --test_rows 2000 --valid_rows 500` first")
     out = Path(args.out.format(run=run.name)) / args.name
     manifest = yaml.safe_load((run / "run.yaml").read_text())
     base = args.base_model or str((run / manifest["base_model"]) if (run / str(manifest["base_model"])).is_dir()
