@@ -174,12 +174,17 @@ def response_text(output: str, template: str = "alpaca") -> str:
     raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
-def _history_text(row: dict) -> str:
-    """The joined quoted history of a bigrec instruction row (the text after "before:")."""
-    _, sep, tail = str(row.get("input", "")).partition(" before:")
+def history_split(row: dict) -> tuple[str, str]:
+    """A bigrec instruction row's input as (the words up to "before:", the joined quoted history)."""
+    head, sep, tail = str(row.get("input", "")).partition(" before:")
     if not sep:
         raise ValueError(f"row input {str(row.get('input', ''))[:80]!r} does not hold a '... before:' history")
-    return tail.strip()
+    return head + sep, tail.strip()
+
+
+def _history_text(row: dict) -> str:
+    """The joined quoted history of a bigrec instruction row (the text after "before:")."""
+    return history_split(row)[1]
 
 
 def prompt_for_row(row: dict, with_output: bool = False, template: str = "alpaca",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigrec.llm.kv_cache import decoder_of
+from bigrec.llm.kv_cache import cache_kwarg, decoder_of
 from bigrec.llm.trie import Trie
 
 
@@ -53,6 +53,8 @@ class TitleScorer:
         self.autocast, self.chunk_tokens, self.batch_size = autocast, chunk_tokens, batch_size
         self.body = decoder_of(model)
         self.head = model.get_output_embeddings()
+        self.cache_arg = cache_kwarg(model)
+        self.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"  # SDPA takes booleans
         m = trie.num_nodes
         self.node_token = torch.full((m,), -1, dtype=torch.long)
         self.node_token[trie.edge_child] = trie.edge_token
@@ -90,8 +92,6 @@ class TitleScorer:
     def _prompts(self, prompt_ids: list[list[int]]):
         """Encode the left-padded prompts once: (saved per-layer keys and values, the cache object,
         padded width, lengths, real-token mask, last prompt token's hidden state [B, D])."""
-        from bigrec.llm.kv_cache import cache_kwarg
-
         b, p = len(prompt_ids), max(len(ids) for ids in prompt_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((b, p), pad, dtype=torch.long)
@@ -109,7 +109,6 @@ class TitleScorer:
         if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
             raise ValueError("likelihood ranking needs a model whose KV cache keeps keys and values per layer")
         saved = [(layer.keys, layer.values) for layer in layers]
-        self._cache_arg = cache_kwarg(self.model)
         lengths = real.sum(1)
         return saved, cache, p, lengths, real, out.last_hidden_state[:, -1]
 
@@ -172,7 +171,7 @@ class TitleScorer:
                 allowed[r, :n, :p] = real[r]
                 allowed[r, :n, p:p + n] = ((nodes[None, :] <= nodes[:, None])
                                           & (nodes[:, None] < self.end[nodes][None, :]))
-            if getattr(self.model.config, "_attn_implementation", None) == "sdpa":  # SDPA takes a boolean mask
+            if self.bool_mask:
                 mask = allowed[:, None]
             else:  # eager attention adds the mask to the scores
                 weights = next(self.model.parameters()).dtype
@@ -183,7 +182,7 @@ class TitleScorer:
             with self._autocast():
                 hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    position_ids=positions.to(device), use_cache=True,
-                                   **{self._cache_arg: cache}).last_hidden_state
+                                   **{self.cache_arg: cache}).last_hidden_state
             for r, (nodes, lead) in enumerate(pieces):
                 own = nodes[lead:]
                 if own.numel() == 0:
@@ -194,6 +193,11 @@ class TitleScorer:
                 out[r, children] = logp[torch.searchsorted(wanted, slot).to(logp.device),
                                         tokens.to(logp.device)].cpu()
         return out
+
+    def fed_for(self, leaves: torch.Tensor) -> torch.Tensor:
+        """The inner nodes on the paths to ``leaves``: what must go through the model to score them."""
+        nodes = torch.unique(self.leaf_path[leaves]).clamp(min=0)  # -1 padding becomes the root, never fed
+        return nodes[self.inner[nodes]]
 
     def cumulative(self, edge_logp: torch.Tensor) -> torch.Tensor:
         """[B, M] sum of edge log-probs from the root to each node (NaN where an edge is missing)."""
@@ -209,8 +213,7 @@ class TitleScorer:
     def exact(self, prompts: Sequence[str], leaves: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] (or [B, len(leaves)]) exact title scores over the whole trie (or ``leaves``' part of it)."""
         leaves = torch.arange(len(self.trie.titles)) if leaves is None else leaves
-        fed = torch.unique(self.leaf_path[leaves]).clamp(min=0)
-        fed = fed[self.inner[fed]]
+        fed = self.fed_for(leaves)
         rows = []
         ids = self._encode(prompts)
         for lo in range(0, len(ids), self.batch_size):
@@ -259,11 +262,7 @@ class TitleScorer:
                 chosen_rows.append(order[:take])
                 shifts.append(shift)
                 tops.append(float(upper[order[take]]) if take < pool else float("-inf"))
-            fed = []
-            for chosen in chosen_rows:
-                nodes = torch.unique(self.leaf_path[chosen]).clamp(min=0)
-                fed.append(nodes[self.inner[nodes]])
-            score = self.cumulative(self.edge_logprobs(batch, fed))
+            score = self.cumulative(self.edge_logprobs(batch, [self.fed_for(c) for c in chosen_rows]))
             for r, chosen in enumerate(chosen_rows):
                 exact = score[r, self.leaf_node[chosen]] - shifts[r][chosen]
                 best = torch.argsort(exact, descending=True, stable=True)

@@ -40,7 +40,7 @@ import torch
 from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.data import timeline
-from bigrec.data.prompts import TEMPLATES, normalize_title, prompt_for_row, title_forms
+from bigrec.data.prompts import TEMPLATES, history_split, normalize_title, prompt_for_row, title_forms
 from bigrec.llm.generation import generate_batch
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 from bigrec.llm.timeline import separator_id
@@ -161,16 +161,15 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
         settings["exclude_history"] = True
     if config.layout != "window":
         settings["layout"] = config.layout
+    if config.decoding != "free":
+        from bigrec.data.catalog import read_catalog
+
+        settings["catalog_sha256"] = read_catalog(config.catalog_path()).digest
     if config.decoding == "likelihood":
-        from bigrec.data.catalog import read_catalog
-
-        settings.update(catalog_sha256=read_catalog(config.catalog_path()).digest, candidates=config.candidates,
-                        prefix_depth=config.prefix_depth, prior_weight=config.prior_weight)
+        settings.update(candidates=config.candidates, prefix_depth=config.prefix_depth,
+                        prior_weight=config.prior_weight)
     if config.decoding == "constrained":
-        from bigrec.data.catalog import read_catalog
-
-        settings.update(catalog_sha256=read_catalog(config.catalog_path()).digest,
-                        length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
+        settings.update(length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
                         cf_scores_sha256=_sha256(Path(config.cf_scores)) if config.cf_scores else None,
                         cf_weight=config.cf_weight)
         if config.prior_weight:
@@ -305,22 +304,28 @@ class NewTitles:
         return results
 
 
+def catalog_trie(config: Config, tokenizer):
+    """(catalogue, its trie of titles as the model writes them) for constrained decoding and likelihood ranking."""
+    from bigrec.data.catalog import read_catalog
+    from bigrec.llm.trie import Trie
+
+    start = time.perf_counter()
+    catalog = read_catalog(config.catalog_path())
+    trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
+                             else config.prompt_template)
+    log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs", len(trie.titles),
+             trie.num_items, trie.num_nodes, trie.max_depth, time.perf_counter() - start)
+    return catalog, trie
+
+
 class ConstrainedDecoder:
     """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
 
     def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
-        from bigrec.data.catalog import read_catalog
         from bigrec.evaluation.scores import load_scores
-        from bigrec.llm.trie import Trie
 
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
-        start = time.perf_counter()
-        catalog = read_catalog(config.catalog_path())
-        self.trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
-                                      else config.prompt_template)
-        log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs",
-                 len(self.trie.titles), self.trie.num_items, self.trie.num_nodes, self.trie.max_depth,
-                 time.perf_counter() - start)
+        catalog, self.trie = catalog_trie(config, tokenizer)
         self.cf = load_scores(config.cf_scores) if config.cf_scores else None
         if self.cf is not None and self.cf.num_items != len(catalog):
             raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
@@ -365,24 +370,17 @@ def empty_history_prompt(config: Config, row: dict) -> str:
     """The row's prompt with no history: what the model says to anyone (the likelihood prior)."""
     if config.layout == "timeline":
         return row["instruction"] + timeline.SEP
-    head, sep, _ = row["input"].partition(" before:")
-    if not sep:
-        raise ValueError(f"row {row.get('row', '?')}: input {row['input'][:60]!r} holds no '... before:' history")
-    return prompt_of(config, {**row, "input": f"{head}{sep}\n "})
+    return prompt_of(config, {**row, "input": f"{history_split(row)[0]}\n "})
 
 
 class LikelihoodDecoder:
     """Likelihood ranking of a batch of rows: the trie and the no-history priors are built once."""
 
     def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
-        from bigrec.data.catalog import read_catalog
         from bigrec.llm.likelihood import TitleScorer
-        from bigrec.llm.trie import Trie
 
         self.config = config
-        catalog = read_catalog(config.catalog_path())
-        self.trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
-                                      else config.prompt_template)
+        _, self.trie = catalog_trie(config, tokenizer)
         self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
         self.certified: list[int] = []
 
