@@ -358,6 +358,23 @@ def write_catalog(folder: Path) -> Path:
     return path
 
 
+def interrupt_after_one_batch(monkeypatch, decoder: type, cfg: Config):
+    """Run ``cfg`` with ``decoder`` interrupted (Ctrl-C) on its second batch; returns the real ``__call__``."""
+    real = decoder.__call__
+    calls: list[int] = []
+
+    def interrupted(self, batch_rows, prompts):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(prompts))
+        return real(self, batch_rows, prompts)
+
+    monkeypatch.setattr(decoder, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg)
+    return real
+
+
 def check_constrained(out: list[dict], beams: int) -> None:
     for row in out:
         assert len(row["predict"]) == len(row["predict_ids"]) == len(row["predict_scores"]) == beams
@@ -373,18 +390,7 @@ def test_constrained_run_writes_titles_and_ids_and_resumes(taught_dir, tmp_path,
     write_rows(tmp_path / "test.json", rows)
     write_catalog(tmp_path)  # found beside the rows by default
     cfg = config(tmp_path, taught_dir, decoding="constrained")
-    real = generate.ConstrainedDecoder.__call__
-    calls: list[int] = []
-
-    def interrupted(self, batch_rows, prompts):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(len(prompts))
-        return real(self, batch_rows, prompts)
-
-    monkeypatch.setattr(generate.ConstrainedDecoder, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        generate.run(cfg)
+    real = interrupt_after_one_batch(monkeypatch, generate.ConstrainedDecoder, cfg)
     result = Path(cfg.result_json_data)
     [progress] = generate.progress_files(result)
     assert all("predict_ids" in json.loads(line) for line in progress.read_text().splitlines()[1:])
@@ -514,18 +520,7 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
     write_rows(tmp_path / "test.json", rows)
     write_catalog(tmp_path)
     cfg = config(tmp_path, taught_dir, decoding="likelihood", candidates=100, prefix_depth=2)
-    real = generate.LikelihoodDecoder.__call__
-    calls: list[int] = []
-
-    def interrupted(self, batch_rows, prompts):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(len(prompts))
-        return real(self, batch_rows, prompts)
-
-    monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        generate.run(cfg)
+    real = interrupt_after_one_batch(monkeypatch, generate.LikelihoodDecoder, cfg)
     monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", real)
     out = json.loads(generate.run(cfg).read_text())
     distinct = sorted(set(CATALOG))

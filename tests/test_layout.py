@@ -113,15 +113,17 @@ def test_docs_link_only_to_files_and_headings_that_exist():
     assert not broken, "docs link to what does not exist: " + "; ".join(broken)
 
 
+def named_in_code(command: str) -> list[tuple[str, str]]:
+    """(doc, word) for every ``command WORD`` inside a code span or block of README and docs."""
+    pattern = rf"(?<![\w./-]){command}\s+([a-z][\w-]*)"
+    return [(name(doc), word) for doc in DOCS for snippet in code(doc.read_text(encoding="utf-8"))
+            for word in re.findall(pattern, snippet)]
+
+
 def test_docs_name_only_real_stages():
     from bigrec.cli import STAGES
 
-    unknown = []
-    for doc in DOCS:
-        for snippet in code(doc.read_text(encoding="utf-8")):
-            for stage in re.findall(r"(?<![\w./-])bigrec\s+([a-z][\w-]*)", snippet):
-                if stage not in STAGES:
-                    unknown.append(f"{name(doc)}: bigrec {stage}")
+    unknown = [f"{where}: bigrec {stage}" for where, stage in named_in_code("bigrec") if stage not in STAGES]
     assert not unknown, "docs name stages bigrec.cli.STAGES lacks: " + "; ".join(sorted(set(unknown)))
 
 
@@ -136,12 +138,7 @@ def makefile_targets() -> set[str]:
 def test_docs_name_only_real_make_targets():
     targets = makefile_targets()
     assert {"demo", "test"} <= targets
-    unknown = []
-    for doc in DOCS:
-        for snippet in code(doc.read_text(encoding="utf-8")):
-            for target in re.findall(r"(?<![\w./-])make\s+([a-z][\w-]*)", snippet):
-                if target not in targets:
-                    unknown.append(f"{name(doc)}: make {target}")
+    unknown = [f"{where}: make {target}" for where, target in named_in_code("make") if target not in targets]
     assert not unknown, "docs name Makefile targets that do not exist: " + "; ".join(sorted(set(unknown)))
 
 
