@@ -8,7 +8,13 @@ SASRec, the last title, popularity, full SASRec) with 95% intervals. It also tim
 search on the first test rows in the same process, for rows/s side by side.
 
     python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo         # the demo's adapter
-    python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --adapter DIR --name full-ep2
+    python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --adapter DIR --name lora-ep2
+    python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --base_model runs/full/ft/snapshots/epoch-1 \
+        --layout timeline --data runs/full/data --name full-ep1       # a model trained on timelines
+
+With ``--layout timeline`` the rows come from ``--data``, a folder prepared with ``--layout timeline``
+from the same dataset and seed: its seeded 5,000-row samples hold the demo's rows in the same order
+(checked row by row), written as timelines.
 
 Every stage is resumable: generation keeps its progress files, and a finished result or evaluation
 whose recorded configuration matches is reused. Asserts nothing; the weight is chosen on validation.
@@ -67,6 +73,23 @@ def lm_alone(run: Path, protocol_suffix: str, input_dir: Path, output: Path) -> 
     return build(evaluate.Config, {**kept, "input_dir": str(input_dir), "output": str(output)})
 
 
+def same_rows(demo_rows: Path, other: Path | None, dst: Path, n: int) -> None:
+    """The first ``n`` of the demo's rows into ``dst``; from ``other`` (the same rows in another layout)
+    when given, after checking that user, target and history agree row by row."""
+    if other is None:
+        demo.first_rows(demo_rows, dst, n)
+        return
+    theirs, ours = io.read_json(demo_rows)[:n], io.read_json(other)[:n]
+    key = ("user_id", "item_id", "history_item_id")
+    for pos, (a, b) in enumerate(zip(theirs, ours, strict=False)):
+        if [a.get(k) for k in key] != [b.get(k) for k in key]:
+            raise SystemExit(f"{other}: row {pos} is not the demo's row {pos} of {demo_rows} (user, target or "
+                             "history differ); prepare it from the same dataset with the same seed")
+    if len(ours) < min(n, len(theirs)):
+        raise SystemExit(f"{other}: {len(ours)} rows, fewer than the {min(n, len(theirs))} needed")
+    io.write_json_rows(dst, ours)
+
+
 def table_row(label: str, metrics: dict, iv: dict | None) -> str:
     cells = [with_interval(metrics[key][K10], iv["ci"][key][K10] if iv else None) for key in ("NDCG", "HR")]
     return f"| {label} | " + " | ".join(cells) + " |"
@@ -80,16 +103,22 @@ def main() -> None:
     parser.add_argument("--name", default="demo", help="folder name of this model's results")
     parser.add_argument("--out", default="runs/likelihood/{run}", help="results folder pattern")
     parser.add_argument("--knobs", default="w0,w0-new,w1-new",
-                        help="settings tried on validation: wW is --prior_weight W, -new adds --exclude_history")
+                        help="settings tried on validation: wW is likelihood ranking with --prior_weight W, "
+                             "constrained is constrained beam search (10 beams); -new adds --exclude_history")
     parser.add_argument("--valid_rows", type=int, default=500, help="validation rows that choose the weight")
     parser.add_argument("--test_rows", type=int, default=None, help="only the first N test rows (default: all; "
                                                                    "a claim needs at least 2,000)")
-    parser.add_argument("--candidates", type=int, default=100, help="generate --candidates")
-    parser.add_argument("--prefix_depth", type=int, default=4, help="generate --prefix_depth")
+    parser.add_argument("--candidates", type=int, default=50, help="generate --candidates")
+    parser.add_argument("--search_nodes", type=int, default=3072, help="generate --search_nodes")
+    parser.add_argument("--layout", default="window", choices=["window", "timeline"],
+                        help="the layout the model was trained on")
+    parser.add_argument("--data", default=None, help="--layout timeline: the timeline-prepared data folder")
     parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
     parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
     args = parser.parse_args()
     run = Path(args.run)
+    if (args.layout == "timeline") != (args.data is not None):
+        parser.error("--layout timeline and --data go together")
     if not (run / "run.yaml").is_file():
         parser.error(f"--run {run}: no finished bigrec demo run there (no run.yaml); run `bigrec demo --run_dir "
                      f"{run} --test_rows 2000 --valid_rows 500` first")
@@ -99,17 +128,20 @@ def main() -> None:
                                   else manifest["base_model"])
     adapter = None if args.base_model else (args.adapter or str(run / "adapter"))
     catalog = str(run / "data" / "id2name.txt")
-    common = dict(base_model=base, lora_weights=adapter, decoding="likelihood", catalog=catalog,
-                  candidates=args.candidates, prefix_depth=args.prefix_depth, batch_size=args.batch_size)
-    valid_rows = run / "inputs" / "valid.json"
+    common = dict(base_model=base, lora_weights=adapter, decoding="likelihood", catalog=catalog, layout=args.layout,
+                  candidates=args.candidates, search_nodes=args.search_nodes, batch_size=args.batch_size)
     sample = out / "inputs" / f"valid_{args.valid_rows}.json"
     if not sample.is_file():
-        demo.first_rows(valid_rows, sample, args.valid_rows)
+        same_rows(run / "inputs" / "valid.json", args.data and Path(args.data) / "valid_5000.json", sample,
+                  args.valid_rows)
 
     speeds: dict[str, float] = {}
     chosen: dict[str, float] = {}
     knobs = {}
     for name in args.knobs.split(","):
+        if name.startswith("constrained"):  # catalogue-constrained beam search, 10 beams
+            knobs[name] = {"decoding": "constrained", "num_beams": 10, "exclude_history": name.endswith("-new")}
+            continue
         weight, new = name.removeprefix("w").removesuffix("-new"), name.endswith("-new")
         knobs[name] = {"prior_weight": float(weight), "exclude_history": new}
     for name, knob in knobs.items():
@@ -127,18 +159,20 @@ def main() -> None:
 
     folder = out / "test" / best
     test_path = run / "inputs" / "test.json"
-    if args.test_rows:
-        test_path = out / "inputs" / f"test_{args.test_rows}.json"
+    if args.test_rows or args.data:
+        test_path = out / "inputs" / f"test_{args.test_rows or 'all'}.json"
         if not test_path.is_file():
-            demo.first_rows(run / "inputs" / "test.json", test_path, args.test_rows)
+            same_rows(run / "inputs" / "test.json", args.data and Path(args.data) / "test_5000.json", test_path,
+                      args.test_rows or len(io.read_json(run / "inputs" / "test.json")))
     cfg = build(generate.Config, {**common, **knobs[best], "test_data_path": str(test_path),
                                   "result_json_data": str(folder / "test.json")})
     _, per_row = run_generate(cfg)
     if per_row is not None:
         speeds[f"likelihood, {best} (test)"] = 1 / per_row
     if args.beam_rows:
-        demo.first_rows(run / "inputs" / "test.json", out / "inputs" / "beam_rows.json", args.beam_rows)
+        demo.first_rows(test_path, out / "inputs" / "beam_rows.json", args.beam_rows)
         beam = build(generate.Config, {"base_model": base, "lora_weights": adapter, "batch_size": 16,
+                                       "layout": args.layout,
                                        "test_data_path": str(out / "inputs" / "beam_rows.json"),
                                        "result_json_data": str(out / "beam" / "test.json")})
         started = time.perf_counter()
@@ -146,12 +180,13 @@ def main() -> None:
         speeds["free beam search, 4 beams (same process)"] = args.beam_rows / (time.perf_counter() - started)
 
     test_rows = io.read_json(test_path)
+    label = "constrained" if knobs[best].get("decoding") == "constrained" else "likelihood"
     sample_size = yaml.safe_load((run / "config.yaml").read_text()).get("sample", 1024) \
         if (run / "config.yaml").is_file() else 1024
     summary: dict = {"validation_ndcg10": chosen, "chosen": best, "knobs": knobs[best], "rows_per_second": speeds, "protocols": {}}
     for protocol, suffix in demo.PROTOCOLS.items():
         metrics = run_evaluate(lm_alone(run, suffix, folder / "test.json", folder / f"metrics{suffix}.json"))
-        part = demo.side_by_side(run, test_rows, {"likelihood": metrics}, sample_size, None)
+        part = demo.side_by_side(run, test_rows, {label: metrics}, sample_size, None)
         infos = part.pop("infos")
         summary["protocols"][protocol] = part
         print(f"\n### {protocol} protocol, {len(test_rows)} test rows: NDCG@10 / HR@10 with 95% intervals\n")
@@ -164,19 +199,21 @@ def main() -> None:
         free = run / "metrics" / f"bigrec_free{suffix}.details.json"
         if free.is_file() and args.test_rows is None:  # the demo's free decoding on the same rows
             ranks = io.read_json(free)["files"]["test.json"]["ranks"]["test.json"]
-            own = infos["likelihood"]["ranks"]["test.json"]
+            own = infos[label]["ranks"]["test.json"]
             diff = paired_difference(torch.as_tensor(own), torch.as_tensor(ranks), TOPK)
-            part["paired"]["BIGRec (likelihood) minus BIGRec (free decoding, the demo's)"] = diff
-            print(f"- {describe_pairs({'BIGRec (likelihood) minus BIGRec (free decoding, the demo)': diff})[0]}")
-        diag = infos["likelihood"].get("diagnostics") or {}
+            pair = f"BIGRec ({label}) minus BIGRec (free decoding, the demo's)"
+            part["paired"][pair] = diff
+            print(f"- {describe_pairs({pair: diff})[0]}")
+        diag = infos[label].get("diagnostics") or {}
         if diag:
             print(f"- diagnostics: {json.dumps(diag)[:400]}")
     results = io.read_json(folder / "test.json")
     tops = [r["predict"][0] for r in results]
     summary["distinct_top1"] = len(set(tops)) / len(tops)
-    summary["certified_top10"] = sum(r["predict_certified"] >= 10 for r in results) / len(results)
-    print(f"\ndistinct top-1 titles: {summary['distinct_top1']:.1%}; top 10 certified exact in "
-          f"{summary['certified_top10']:.1%} of rows")
+    print(f"\ndistinct top-1 titles: {summary['distinct_top1']:.1%}")
+    if label == "likelihood":
+        summary["certified_top10"] = sum(r["predict_certified"] >= 10 for r in results) / len(results)
+        print(f"top 10 certified exact in {summary['certified_top10']:.1%} of rows")
     for name, value in speeds.items():
         print(f"rows/s, {name}: {value:.2f}")
     io.write_json(out / "summary.json", summary)

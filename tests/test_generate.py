@@ -519,7 +519,7 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
             for r, (hist, t) in zip(case_rows(repeat=2), CASES * 2, strict=True)]
     write_rows(tmp_path / "test.json", rows)
     write_catalog(tmp_path)
-    cfg = config(tmp_path, taught_dir, decoding="likelihood", candidates=100, prefix_depth=2)
+    cfg = config(tmp_path, taught_dir, decoding="likelihood", candidates=100)
     real = interrupt_after_one_batch(monkeypatch, generate.LikelihoodDecoder, cfg)
     monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", real)
     out = json.loads(generate.run(cfg).read_text())
@@ -530,19 +530,19 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
         assert row["predict_scores"] == sorted(row["predict_scores"], reverse=True)
         assert [sorted(i) for i in row["predict_ids"]] == [[i for i, t in enumerate(CATALOG) if t == p]
                                                            for p in row["predict"]]
-    once = generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=100, prefix_depth=2,
+    once = generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=100,
                                result_json_data=str(tmp_path / "once.json")))
     assert json.loads(once.read_text()) == out  # resuming changed nothing
 
     # a small cut keeps the taught answer first; the history option leaves history titles out
     cut = json.loads(generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=2,
-                                         prefix_depth=2, exclude_history=True,
+                                         exclude_history=True,
                                          result_json_data=str(tmp_path / "cut.json"))).read_text())
     for row, (history, target) in zip(cut, CASES * 2, strict=True):
         assert len(row["predict"]) == 2 and not set(row["predict"]) & set(history)
         assert row["predict"][0] == target
     prior = json.loads(generate.run(config(tmp_path, taught_dir, decoding="likelihood", candidates=100,
-                                           prefix_depth=2, prior_weight=1.0,
+                                           prior_weight=1.0,
                                            result_json_data=str(tmp_path / "prior.json"))).read_text())
     assert [r["predict"] for r in prior] != [r["predict"] for r in out]  # the prior reorders
 

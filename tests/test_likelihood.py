@@ -1,5 +1,5 @@
 """Likelihood ranking on tiny random Llama and Qwen2 models: tree-attention scores against scoring
-each title on its own, the two-pass cut, the no-history prior, exclusions, and a taught title."""
+each title on its own, the best-first search and its budget, the no-history prior, exclusions, and a taught title."""
 
 from __future__ import annotations
 
@@ -59,26 +59,27 @@ def test_timeline_titles_end_at_the_separator(loaded):
     torch.testing.assert_close(got, brute_force(model, tok, prompt, trie, "timeline"), atol=2e-4, rtol=1e-4)
 
 
-def test_bounds_are_prefix_scores_and_the_cut_keeps_the_exact_order(loaded):
+@pytest.mark.parametrize("step_nodes", [1, 3, 64])
+def test_the_search_finds_the_exact_top_and_a_budget_cut_says_what_it_certifies(loaded, step_nodes):
     model, tok = loaded
     trie = Trie.build(tok, TITLES)
     scorer = TitleScorer(model, tok, trie, batch_size=2)
     exact = scorer.exact(prompts())
-    bound = scorer.bounds(scorer._encode(prompts()), depth=3)
-    assert (bound >= exact - 1e-5).all()
     n = len(trie.titles)
-    full = scorer.rank(prompts(), candidates=n, prefix_depth=3)
-    cut = scorer.rank(prompts(), candidates=4, prefix_depth=3)
+    full = scorer.rank(prompts(), top=n, step_nodes=step_nodes)
+    top3 = scorer.rank(prompts(), top=3, step_nodes=step_nodes)
+    cut = scorer.rank(prompts(), top=n, step_nodes=1, max_nodes=4)
     for r in range(len(prompts())):
         order = torch.argsort(exact[r], descending=True, stable=True).tolist()
         assert full[r].leaves == order and full[r].certified == n
         torch.testing.assert_close(torch.tensor(full[r].scores), exact[r][order])
-        assert len(cut[r].leaves) == 4
-        # the candidates are the four best bounds, ranked by their exact scores
-        assert set(cut[r].leaves) == set(torch.argsort(bound[r], descending=True, stable=True)[:4].tolist())
-        assert cut[r].leaves == sorted(cut[r].leaves, key=lambda leaf: -float(exact[r][leaf]))
-        # every certified place is the exact ranking's
+        assert top3[r].leaves == order[:3] and top3[r].certified == 3
+        torch.testing.assert_close(torch.tensor(top3[r].scores), exact[r][order[:3]])
+        # four tokens fed cannot reach every title: fewer places are certain, and those are exact
+        assert len(cut[r].leaves) == n and cut[r].certified < n
         assert cut[r].leaves[:cut[r].certified] == order[:cut[r].certified]
+        # titles not reached are placed by an upper bound on their score
+        assert all(s >= float(exact[r][leaf]) - 1e-5 for leaf, s in zip(cut[r].leaves, cut[r].scores, strict=True))
 
 
 def test_prior_weight_zero_changes_nothing_and_a_prior_reorders(loaded):
@@ -89,13 +90,15 @@ def test_prior_weight_zero_changes_nothing_and_a_prior_reorders(loaded):
     empty = prompt_for_row(instruction_row(DOMAINS["movie"], [], "x"))
     prior = scorer.prior(empty)
     torch.testing.assert_close(prior, brute_force(model, tok, empty, trie), atol=2e-4, rtol=1e-4)
-    plain = scorer.rank(prompts(), candidates=n, prefix_depth=3)
-    zero = scorer.rank(prompts(), candidates=n, prefix_depth=3, prior=[0.0 * prior] * 3)
+    plain = scorer.rank(prompts(), top=n)
+    zero = scorer.rank(prompts(), top=n, prior=[0.0 * prior] * 3)
     assert [r.leaves for r in plain] == [r.leaves for r in zero]
     exact = scorer.exact(prompts())
-    corrected = scorer.rank(prompts(), candidates=n, prefix_depth=3, prior=[1.0 * prior] * 3)
+    corrected = scorer.rank(prompts(), top=n, prior=[1.0 * prior] * 3)
+    top3 = scorer.rank(prompts(), top=3, prior=[1.0 * prior] * 3, step_nodes=2)
     for r in range(3):
         assert corrected[r].leaves == torch.argsort(exact[r] - prior, descending=True, stable=True).tolist()
+        assert top3[r].leaves == corrected[r].leaves[:3] and top3[r].certified == 3
 
 
 def test_excluded_titles_never_rank(loaded):
@@ -103,9 +106,11 @@ def test_excluded_titles_never_rank(loaded):
     trie = Trie.build(tok, TITLES)
     scorer = TitleScorer(model, tok, trie)
     banned = [trie.titles.index("Heat"), trie.titles.index("Babe (1995)")]
-    got = scorer.rank(prompts(), candidates=len(trie.titles), prefix_depth=2, excluded=[banned] * 3)
-    for r in got:
+    got = scorer.rank(prompts(), top=len(trie.titles), excluded=[banned] * 3)
+    top2 = scorer.rank(prompts(), top=2, excluded=[banned] * 3, step_nodes=1)
+    for r, short in zip(got, top2, strict=True):
         assert not set(banned) & set(r.leaves) and len(r.leaves) == len(trie.titles) - 2
+        assert short.leaves == r.leaves[:2] and short.certified == 2
 
 
 def test_a_title_taught_to_the_model_ranks_first(tiny_model_dir):
@@ -124,5 +129,5 @@ def test_a_title_taught_to_the_model_ranks_first(tiny_model_dir):
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
     model.eval()
-    ranking = TitleScorer(model, tok, trie).rank([prompt], candidates=3, prefix_depth=3)[0]
+    ranking = TitleScorer(model, tok, trie).rank([prompt], top=3)[0]
     assert trie.titles[ranking.leaves[0]] == taught and ranking.certified >= 1

@@ -10,18 +10,20 @@ chunks over the prompt's KV cache, each attending to the prompt and to its own a
 4D mask), at the position it would have right after the prompt. Each trie node's output is the
 next-token distribution over its children; no title is run on its own.
 
-A full catalogue is still ~10 tokens a title, so by default a row is ranked in two passes:
-
-1. the trie cut at ``prefix_depth`` tokens, the same for every row, batched across rows: each
-   title's prefix log-probability, an upper bound on its full score (log-probabilities are <= 0);
-2. the ``candidates`` titles with the highest bound, scored exactly, one row at a time.
-
-Items outside the candidates follow them in the ranking. A row whose k-th exact score is at least
-every other title's bound has an exact top k (``certified``): the cut changed nothing there.
+A full catalogue is still ~10 tokens a title, and a row needs only its best titles, so
+:meth:`TitleScorer.rank` searches the trie best first: a prefix's log-probability is an upper bound
+on the score of every title below it (log-probabilities are <= 0), so expanding the best unexpanded
+prefixes until the ``top`` best finished titles beat every remaining bound gives the exact top
+``top`` without touching most of the trie. Each step expands a few dozen prefixes of every row at
+once; their keys and values stay in the cache, so a trie node goes through the model once. A row
+that runs out of its node budget places the titles not reached by their bound, and ``certified``
+says how many of its first places are still provably exact. :meth:`TitleScorer.exact` scores a
+whole trie (the prior, and tests) in chunks over the prompt's cache instead.
 
 The no-history prior: ``prior_weight`` w subtracts w * log p(title | the prompt with an empty
 history), computed once per prompt template over the whole catalogue, from every score (and bound),
-which pushes down titles the model names whatever the history.
+which pushes down titles the model names whatever the history; the search's bounds then add the
+best ``-w * prior`` under each prefix.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Ranking:
     leaves: list[int]  # best first: the exactly scored candidates
     scores: list[float]  # their scores (prior applied)
     certified: int  # the first this many places are provably the exact ranking's
+    fed: int = 0  # title tokens the search fed the model for this row
 
 
 class TitleScorer:
@@ -69,6 +72,7 @@ class TitleScorer:
         paths = [self._ancestors(int(n)) for n in trie.leaf_node]
         width = max(len(p) for p in paths)
         self.leaf_path = torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.long)
+        self.levels = [torch.nonzero(self.depth == d).squeeze(1) for d in range(int(self.depth.max()) + 1)]
         self.priors: dict[str, torch.Tensor] = {}
 
     def _ancestors(self, node: int) -> list[int]:
@@ -204,7 +208,7 @@ class TitleScorer:
         score = edge_logp.clone()
         score[:, 0] = 0.0
         for d in range(1, int(self.depth.max()) + 1):
-            level = torch.nonzero(self.depth == d).squeeze(1)
+            level = self.levels[d]
             score[:, level] = score[:, self.node_parent[level]] + edge_logp[:, level]
         return score
 
@@ -221,52 +225,130 @@ class TitleScorer:
                         [:, self.leaf_node[leaves]])
         return torch.cat(rows)
 
-    def bounds(self, prompt_ids: list[list[int]], depth: int) -> torch.Tensor:
-        """[B, L] each title's log-probability up to ``depth`` tokens: an upper bound on its score."""
-        fed = torch.nonzero(self.inner & (self.depth < depth)).squeeze(1)
-        score = self.cumulative(self.edge_logprobs(prompt_ids, fed))
-        full = self.depth[self.leaf_node]
-        k = full.clamp(max=depth)  # the deepest scored node on each title's path
-        inner = self.leaf_path.gather(1, (k - 1).clamp(min=0, max=self.leaf_path.shape[1] - 1)[:, None]).squeeze(1)
-        return score[:, torch.where(k == full, self.leaf_node, inner)]
-
     def prior(self, prompt: str) -> torch.Tensor:
         """[L] log p(title | ``prompt``), the no-history prompt; computed once per prompt."""
         if prompt not in self.priors:
             self.priors[prompt] = self.exact([prompt])[0]
         return self.priors[prompt]
 
-    def rank(self, prompts: Sequence[str], candidates: int, prefix_depth: int,
-             prior: Sequence[torch.Tensor | None] | None = None,
-             excluded: Sequence[Sequence[int]] | None = None) -> list[Ranking]:
-        """Rank the titles for each prompt: bounds for all, exact scores for the best ``candidates``.
+    def rank(self, prompts: Sequence[str], top: int, prior: Sequence[torch.Tensor | None] | None = None,
+             excluded: Sequence[Sequence[int]] | None = None, step_nodes: int = 48,
+             max_nodes: int = 3072) -> list[Ranking]:
+        """The ``top`` best titles for each prompt, by a best-first search of the trie.
 
         ``prior``: per row, w * log p(title | no history) to subtract (None: none). ``excluded``:
-        per row, leaf indices left out of the ranking (the history's titles)."""
+        per row, leaf indices left out of the ranking (the history's titles). A row stops once its
+        ``top`` best finished titles beat every unexpanded branch's bound, or after ``max_nodes``
+        trie tokens; ``certified`` says how many places are then provably exact."""
         n = len(self.trie.titles)
         ids = self._encode(prompts)
         out: list[Ranking] = []
         for lo in range(0, len(ids), self.batch_size):
-            batch = ids[lo:lo + self.batch_size]
-            bound = self.bounds(batch, prefix_depth) if candidates < n else torch.zeros((len(batch), n))
-            chosen_rows, shifts, tops = [], [], []
-            for r in range(len(batch)):
-                k = lo + r
-                shift = prior[k] if prior is not None and prior[k] is not None else torch.zeros(n)
-                upper = bound[r] - shift
+            rows = range(lo, min(lo + self.batch_size, len(ids)))
+            shift = torch.stack([prior[k] if prior is not None and prior[k] is not None else torch.zeros(n)
+                                 for k in rows]).float()
+            allowed = torch.ones((len(rows), n), dtype=torch.bool)
+            for r, k in enumerate(rows):
                 if excluded is not None and excluded[k]:
-                    upper[torch.tensor(list(excluded[k]), dtype=torch.long)] = float("-inf")
-                pool = int(torch.isfinite(upper).sum())
-                order = torch.argsort(upper, descending=True, stable=True)
-                take = min(candidates, pool)
-                chosen_rows.append(order[:take])
-                shifts.append(shift)
-                tops.append(float(upper[order[take]]) if take < pool else float("-inf"))
-            score = self.cumulative(self.edge_logprobs(batch, [self.fed_for(c) for c in chosen_rows]))
-            for r, chosen in enumerate(chosen_rows):
-                exact = score[r, self.leaf_node[chosen]] - shifts[r][chosen]
-                best = torch.argsort(exact, descending=True, stable=True)
-                leaves, scores = chosen[best], exact[best]
-                certified = int((scores >= tops[r]).long().cumprod(0).sum())
-                out.append(Ranking(leaves.tolist(), scores.tolist(), certified))
+                    allowed[r, torch.tensor(list(excluded[k]), dtype=torch.long)] = False
+            out.extend(self._search([ids[k] for k in rows], min(top, n), shift, allowed, step_nodes, max_nodes))
         return out
+
+    def _subtree_best(self, value: torch.Tensor) -> torch.Tensor:
+        """[B, M] the best of ``value`` [B, L] over the leaves under each node (-inf: none)."""
+        best = torch.full((value.shape[0], self.trie.num_nodes), float("-inf"))
+        best[:, self.leaf_node] = value
+        for d in range(int(self.depth.max()), 0, -1):
+            level = self.levels[d]
+            best.scatter_reduce_(1, self.node_parent[level].expand(best.shape[0], -1), best[:, level], "amax")
+        return best
+
+    @torch.no_grad()
+    def _search(self, prompt_ids: list[list[int]], top: int, shift: torch.Tensor, allowed: torch.Tensor,
+                step_nodes: int, max_nodes: int) -> list[Ranking]:
+        """Best-first search over the trie for a batch of prompts.
+
+        Each node's priority is its prefix log-probability plus the best ``-shift`` of an allowed
+        title under it: an upper bound on every score in its subtree, as log-probabilities are <= 0.
+        Each step feeds the ``step_nodes`` highest-priority unexpanded nodes of every unfinished row
+        through the model at once; their keys and values stay in the cache, so a node attends to its
+        ancestors' cached states and is never fed twice."""
+        b, m = len(prompt_ids), self.trie.num_nodes
+        leaf = self.leaf_node
+        bonus = self._subtree_best(torch.where(allowed, -shift, float("-inf")))
+        score = torch.full((b, m), float("-inf"))
+        expanded = torch.zeros((b, m), dtype=torch.bool)
+        slot = torch.full((b, m), -1, dtype=torch.long)  # each fed node's place in the cache after the prompt
+        saved, cache, p, lengths, real, last = self._prompts(prompt_ids)
+        del saved
+        _, tokens, children = self._edges(torch.tensor([0]))
+        score[:, children] = self._logprobs(last)[:, tokens.to(last.device)].float().cpu()
+        device, fed = self.model.device, 0
+        while True:
+            frontier = torch.where(self.inner & ~expanded & (score > float("-inf")), score + bonus, float("-inf"))
+            finished = torch.where(allowed, score[:, leaf] - shift, float("-inf"))
+            kth = finished.topk(top, dim=1).values[:, -1]
+            bound = frontier.max(1).values
+            active = (kth < bound) & (bound > float("-inf")) & (expanded.sum(1) < max_nodes)
+            if not active.any():
+                break
+            width = min(step_nodes, int((frontier[active] > float("-inf")).sum(1).max()))
+            pri, picks = frontier.topk(width, dim=1)
+            real_pick = (pri > float("-inf")) & active[:, None]
+            picks = torch.where(real_pick, picks, 0)
+            mask = torch.zeros((b, width, p + fed + width), dtype=torch.bool)
+            mask[:, :, :p] = real[:, None, :]
+            mask[:, :, p + fed:] = torch.eye(width, dtype=torch.bool)  # each attends to itself
+            ancestor = self.node_parent[picks]
+            rows = torch.arange(b)[:, None].expand(b, width)
+            while bool((ancestor > 0).any()):
+                keep = (ancestor > 0) & real_pick
+                col = p + slot[rows, ancestor.clamp(min=0)]
+                mask[rows[keep], torch.arange(width).expand(b, width)[keep], col[keep]] = True
+                ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
+            ids = torch.where(real_pick, self.node_token[picks], 0)
+            positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
+            if self.bool_mask:
+                attn = mask[:, None]
+            else:  # eager attention adds the mask to the scores
+                weights = next(self.model.parameters()).dtype
+                attn = torch.zeros(mask[:, None].shape, dtype=weights).masked_fill_(~mask[:, None],
+                                                                                    torch.finfo(weights).min)
+            with self._autocast():
+                hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                   position_ids=positions.to(device), use_cache=True,
+                                   **{self.cache_arg: cache}).last_hidden_state
+            r_idx, c_idx = torch.nonzero(real_pick, as_tuple=True)
+            nodes = picks[r_idx, c_idx]
+            expanded[r_idx, nodes] = True
+            slot[r_idx, nodes] = fed + c_idx
+            fed += width
+            logp = self._logprobs(hidden[r_idx.to(device), c_idx.to(device)]).cpu()
+            parent_slot, tokens, children = self._edges(nodes)
+            edge_row = r_idx[parent_slot]
+            score[edge_row, children] = score[edge_row, nodes[parent_slot]] + logp[parent_slot, tokens]
+        out = []
+        frontier = torch.where(self.inner & ~expanded & (score > float("-inf")), score + bonus, float("-inf"))
+        for r in range(b):
+            exact = score[r, leaf] - shift[r]
+            done = (score[r, leaf] > float("-inf")) & allowed[r]
+            # a title not reached yet is estimated by its deepest scored prefix: still an upper bound
+            estimate = torch.where(done, exact, self._leaf_bound(score[r], expanded[r]) - shift[r])
+            estimate[~allowed[r]] = float("-inf")
+            pool = int(allowed[r].sum())
+            order = torch.argsort(estimate, descending=True, stable=True)[:min(top, pool)]
+            best = float(frontier[r].max())
+            certified = int((done[order] & (estimate[order] >= best)).long().cumprod(0).sum())
+            out.append(Ranking(order.tolist(), estimate[order].tolist(), certified, int(expanded[r].sum())))
+        return out
+
+    def _leaf_bound(self, score: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
+        """[L] each title's deepest scored prefix log-probability (its path's last known node)."""
+        path = torch.cat([self.leaf_path, self.leaf_node[:, None]], 1)
+        known = torch.where(path >= 0, score[path.clamp(min=0)], float("-inf"))
+        known = torch.where(path >= 0, known, float("-inf"))
+        # scores only grow more negative down a path: the deepest known node has the lowest finite score
+        finite = known > float("-inf")
+        deepest = torch.where(finite, torch.arange(path.shape[1]).expand_as(path), -1).max(1).values
+        return known.gather(1, deepest.clamp(min=0)[:, None]).squeeze(1).where(deepest >= 0,
+                                                                               torch.tensor(0.0))

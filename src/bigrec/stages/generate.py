@@ -64,10 +64,12 @@ class Config:
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     decoding: str = option("free", "free beam search (the paper's), constrained to catalogue titles, or "
                                    "likelihood: every title ranked by its log-probability", choices=list(DECODINGS))
-    candidates: int = option(100, "likelihood: titles scored exactly per row (the best prefix bounds); the rest "
-                                  "follow them", minimum=1, keyed_at_default=False)
-    prefix_depth: int = option(4, "likelihood: tokens of every title scored in the first pass (its bound)",
-                               minimum=1, keyed_at_default=False)
+    candidates: int = option(50, "likelihood: titles ranked per row, by a best-first search of the trie that "
+                                 "stops once they are certain (predict_certified says where it did)", minimum=1,
+                             keyed_at_default=False)
+    search_nodes: int = option(3072, "likelihood: the most title tokens a row's search feeds the model; beyond it "
+                                     "titles not yet reached are placed by their prefix's bound", minimum=1,
+                               keyed_at_default=False)
     prior_weight: float = option(0.0, "likelihood and constrained: subtract this times log p(title | an empty "
                                       "history) (constrained: as item scores through the trie, like --cf_scores)",
                                  keyed_at_default=False)
@@ -166,7 +168,7 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
 
         settings["catalog_sha256"] = read_catalog(config.catalog_path()).digest
     if config.decoding == "likelihood":
-        settings.update(candidates=config.candidates, prefix_depth=config.prefix_depth,
+        settings.update(candidates=config.candidates, search_nodes=config.search_nodes,
                         prior_weight=config.prior_weight)
     if config.decoding == "constrained":
         settings.update(length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
@@ -393,7 +395,7 @@ class LikelihoodDecoder:
         if cfg.exclude_history:
             excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}
                                - {-1}) for r in rows]
-        rankings = self.scorer.rank(prompts, cfg.candidates, cfg.prefix_depth, prior, excluded)
+        rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
         self.certified.extend(r.certified for r in rankings)
         return [{"predict": [trie.titles[leaf] for leaf in r.leaves],
                  "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
@@ -469,8 +471,8 @@ def run(config: Config) -> Path:
                 log.info("process %d: constrained decoding %.1fs in generate, %.1fs of it in the trie processor",
                          state.process_index, decoder.stats["generate_seconds"], decoder.stats["processor_seconds"])
             if isinstance(decoder, LikelihoodDecoder) and decoder.certified:
-                log.info("process %d: likelihood top 10 certified exact in %d of %d rows (elsewhere the cut may "
-                         "have changed it: raise --candidates or --prefix_depth)", state.process_index,
+                log.info("process %d: likelihood top 10 certified exact in %d of %d rows (elsewhere the search ran out "
+                         "of --search_nodes)", state.process_index,
                          sum(c >= 10 for c in decoder.certified), len(decoder.certified))
             if isinstance(decoder, NewTitles) and decoder.reruns:
                 log.info("process %d: %d reruns with more beams for rows whose every beam copied the history",
