@@ -22,7 +22,7 @@ from bigrec.config import ConfigError, parse
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
 from bigrec.llm.labelled_logits import LabelledLogits
 from bigrec.llm.models import load_tokenizer
-from bigrec.llm.sft_data import IGNORE_INDEX, Collator, SFTDataset, encode_row, load_rows
+from bigrec.llm.sft_data import IGNORE_INDEX, Collator, PackingCollator, SFTDataset, encode_row, load_rows
 from bigrec.stages.train import Config, lora_config, run
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)", "Sabrina (1995)"]
@@ -148,6 +148,45 @@ def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture
     assert model(**inputs).logits.shape[:2] == batch["input_ids"].shape  # the hook is gone
 
 
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_packed_rows_give_the_padded_batchs_losses_and_gradients(request, fixture, train_on_inputs):
+    """Examples packed several to a row: each example's token log-probs, the batch loss, the loss
+    token count and the gradients are the padded batch's."""
+    model_dir = request.getfixturevalue(fixture)
+    tok = load_tokenizer(model_dir, padding_side="right")
+    rows = make_rows(6)
+    rows[1]["input"] = rows[1]["input"] * 3  # lengths that pack unevenly
+    examples = [SFTDataset(rows, tok, 256, train_on_inputs, "train")[i] for i in range(6)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    packer = PackingCollator(tok.pad_token_id, row_tokens=max(lengths) + min(lengths))
+    packed, padded = packer(examples), Collator(tok.pad_token_id)(examples)
+    assert packed["input_ids"].shape[0] < len(examples) and "attention_mask" not in packed
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    count = (packed["labels"][:, 1:] != IGNORE_INDEX).sum()
+    assert count == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model.train(False)
+
+    def run_batch(batch):
+        model.zero_grad()
+        out = model(**batch, use_cache=False)  # as the trainer runs it
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    (a, a_grads), (b, b_grads) = run_batch(packed), run_batch(padded)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a_grads, b_grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    for r, row in enumerate(packer.rows(lengths)):  # each example's logits, wherever it was packed
+        at = 0
+        for i in row:
+            torch.testing.assert_close(a.logits[r, at:at + lengths[i]], b.logits[i, :lengths[i]],
+                                       rtol=1e-4, atol=1e-5)
+            at += lengths[i]
+
+
 def test_lora_training_changes_adapter_only(tiny_model_dir, tmp_path):
     # One movie row and one game row, four copies each: every step sees the same batch.
     movies = write_rows(tmp_path / "movies.json", make_rows(1) * 4)
@@ -186,6 +225,25 @@ def test_full_finetune_changes_base_weights(tiny_qwen_dir, tmp_path):
     trained = load_file(out / "model.safetensors")
     base = load_file(Path(tiny_qwen_dir) / "model.safetensors")
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_training_on_packed_rows_learns_what_padded_rows_do(tiny_model_dir, tmp_path, lora):
+    """`train --packing`: the same steps as padded batches (no dropout), so the same weights."""
+    rows = make_rows(8)
+    for i in (1, 4, 6):
+        rows[i]["input"] = rows[i]["input"] * 2  # rows of two lengths: two short ones fill a row
+    data = write_rows(tmp_path / "d.json", rows)
+    trained = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        run(tiny_config(tiny_model_dir, out, [data], lora=lora, lora_dropout=0.0, max_steps=3, packing=packing,
+                        cutoff_len=400))
+        trained[packing] = load_file(out / ("adapter_model.safetensors" if lora else "model.safetensors"))
+    for name, weights in trained[True].items():  # Adam's steps of 1e-2 dwarf the summation-order noise
+        torch.testing.assert_close(weights, trained[False][name], rtol=1e-3, atol=1e-4)
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert lora or any(not torch.equal(trained[True][k], base[k]) for k in base)
 
 
 def test_keep_best_stops_and_saves(tiny_model_dir, tmp_path):

@@ -115,3 +115,53 @@ class Collator:
             out["attention_mask"][i, :n] = 1
             out["labels"][i, :n] = torch.tensor(e["labels"])
         return out
+
+
+@dataclass
+class PackingCollator:
+    """Packs a micro-batch's examples into as few rows of at most ``row_tokens`` as first-fit
+    decreasing finds, instead of padding each to the longest.
+
+    Position ids restart at every example and no attention mask is passed, so transformers keeps
+    attention inside each example (it reads the packing from the position ids). Each example's
+    first label is ignored, as in a padded row where no token precedes it: the loss and the number
+    of loss tokens are the padded batch's. The rows' tails are padding with their own positions."""
+
+    pad_token_id: int
+    row_tokens: int
+    pad_to_multiple_of: int | None = 8
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """Example indices per packed row."""
+        rows: list[list[int]] = []
+        used: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for r, u in enumerate(used):
+                if u + lengths[i] <= self.row_tokens:
+                    rows[r].append(i)
+                    used[r] += lengths[i]
+                    break
+            else:
+                rows.append([i])
+                used.append(lengths[i])
+        return [sorted(r) for r in rows]
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in batch]
+        rows = self.rows(lengths)
+        length = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = {"input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
+               "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+               "position_ids": torch.zeros((len(rows), length), dtype=torch.long)}
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = lengths[i]
+                out["input_ids"][r, at:at + n] = torch.tensor(batch[i]["input_ids"])
+                out["labels"][r, at + 1:at + n] = torch.tensor(batch[i]["labels"][1:])
+                out["position_ids"][r, at:at + n] = torch.arange(n)
+                at += n
+            out["position_ids"][r, at:] = torch.arange(length - at)
+        return out

@@ -180,6 +180,8 @@ class BigrecTrainer(Trainer):
         self.labelled = labelled
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "attention_mask" not in inputs:  # packed rows: transformers finds them from the position ids only
+            inputs = {**inputs, "use_cache": False}  # when no cache is passed
         if self.labelled is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self.labelled.positions(inputs["labels"]):

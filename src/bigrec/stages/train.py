@@ -36,7 +36,7 @@ from bigrec.llm.models import (
     resolve_dtype,
     use_cuda,
 )
-from bigrec.llm.sft_data import Collator, SFTDataset, load_rows
+from bigrec.llm.sft_data import Collator, PackingCollator, SFTDataset, load_rows
 from bigrec.llm.timeline import TimelineDataset, load_timelines
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class Config:
     lora_target_modules: list[str] = option(help="modules that get LoRA", factory=lambda: ["q_proj", "v_proj"])
     train_on_inputs: bool = option(True, "loss on the prompt too (reference default); false = response only")
     group_by_length: bool = option(False, "batch examples of similar length together")
+    packing: bool = option(False, "pack each micro-batch's examples into as few rows of --cutoff_len tokens as "
+                                  "fit, attention kept inside each example, instead of padding them (the same "
+                                  "loss; fewer tokens through the model)", keyed_at_default=False)
     sparse_logits: bool = option(True, "compute LM-head logits only where the loss needs them (same loss, "
                                        "less time and memory); false = the model's own loss on full logits")
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
@@ -158,11 +161,11 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
                             "(trainer_state.json), a run folder with one, nor an adapter (adapter_config.json)")
 
 
-# Settings a resumed run may change: where it stops, how often it saves or evaluates.
+# Settings a resumed run may change: where it stops, how often it saves or evaluates, packing (the same loss).
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
-                               "stop_after_epoch"})
+                               "stop_after_epoch", "packing"})
 
 
 def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict) -> None:
@@ -324,8 +327,10 @@ def run(config: Config) -> dict[str, Any]:
     marks = EpochMarks(per_epoch, evaluate=val_set is not None and not config.eval_steps,
                        snapshot_dir=str(out / SNAPSHOT_DIR), snapshot_epochs=tuple(config.snapshot_epochs),
                        stop_after_epoch=config.stop_after_epoch)
+    collator = (PackingCollator(tokenizer.pad_token_id, config.cutoff_len) if config.packing
+                else Collator(tokenizer.pad_token_id))
     trainer = BigrecTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                            data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                            data_collator=collator, processing_class=tokenizer,
                             callbacks=[Clock(), JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}),
                                        KeepBest(str(best_dir), config.early_stopping_patience), marks],
                             labelled=labelled)
