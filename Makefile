@@ -60,7 +60,7 @@ test-browser: $(STAMP)
 
 # Schemathesis over bigrec serve on the tests' tiny run: the long run (the fast suite runs a short one).
 fuzz: $(STAMP)
-	$(BIN)/python benchmarks/fuzz_serve.py --max_examples 100
+	$(BIN)/python tests/fuzz_serve.py --max_examples 100
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -32,6 +32,8 @@ import logging
 import time
 from pathlib import Path
 
+from common import K10
+
 from bigrec import io
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
@@ -55,7 +57,6 @@ RECIPES = {
     "paper-response": {**PAPER, "train_on_inputs": False},
 }
 POINTS = (1, 2, 4, 8, 16, 32, 50)
-K10 = list(TOPK).index(10)
 
 
 class Curve:

@@ -28,11 +28,12 @@ import argparse
 import time
 from pathlib import Path
 
+from common import K10
+
 from bigrec import io
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
 
-K10 = list(TOPK).index(10)
 VARIANTS = {  # file stem -> (decoding, exclude_history)
     "free": ("free", False),
     "free_new": ("free", True),

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import yaml
+from common import K10
 
 from bigrec import io
 from bigrec.config import to_dict
 from bigrec.evaluation.comparison import describe_pairs
-from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo, evaluate
 
@@ -43,7 +43,6 @@ RECIPES = {
     "demo-natural": {"prompt_titles": "natural"},  # prompts and answers with the article in front
 }
 VARIANTS = {"nearest of 4 beams": {"ground_beams": 4}}
-K10 = list(TOPK).index(10)
 
 
 def recipe_dir(name: str, args) -> Path:

@@ -101,7 +101,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,15 +110,22 @@ import traceback
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO / "benchmarks", REPO / "tests", REPO / "src"):  # src first: bigrec need not be installed
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from common import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
              "TQDM_DISABLE": "1"}
-for _key, _value in QUIET_ENV.items():
-    os.environ.setdefault(_key, _value)
+
+
+def use_working_tree() -> None:
+    """Put src/ (first: bigrec need not be installed), tests/ and benchmarks/ on the import path and
+    QUIET_ENV's defaults in the environment; main calls it, so importing this module changes neither."""
+    for path in (REPO / "benchmarks", REPO / "tests", REPO / "src"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 # name -> (architecture, config values)
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -782,12 +788,6 @@ def pytest_check(args, work: Path) -> dict:
     return r
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accelerate_check(args, work: Path) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -926,6 +926,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_working_tree()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (a CPU, or a quick try)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")

@@ -16,13 +16,11 @@ of each sync on this machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import device_check as dc  # noqa: E402  (puts src/ and tests/ on the path)
+import device_check as dc
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize",
          "cudaStreamWaitEvent")
@@ -71,6 +69,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=15, help="operators listed per side")
     args = parser.parse_args()
+    dc.use_working_tree()  # src/ and tests/ on the path, quiet library logs
 
     import torch
     from bench_generate import reference_generate

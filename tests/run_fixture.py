@@ -12,14 +12,11 @@ Layout (``run.yaml`` points at each part, paths relative to the folder):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_model
 
 TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
           "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)", "Sabrina (1995)",

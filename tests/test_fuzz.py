@@ -1,15 +1,9 @@
-"""Schemathesis over a real ``bigrec serve`` (benchmarks/fuzz_serve.py; ``make fuzz`` runs it long)."""
+"""Schemathesis over a real ``bigrec serve`` (tests/fuzz_serve.py; ``make fuzz`` runs it long)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-import fuzz_serve  # noqa: E402
-
-from run_fixture import tiny_run  # noqa: E402
+import fuzz_serve
+from run_fixture import tiny_run
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(tmp_path_factory, capsys):

@@ -1,12 +1,12 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from common import free_port
 
 from bigrec.config import build
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
@@ -319,12 +319,6 @@ def test_bad_rows(tmp_path, content, message):
 def test_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="--num_beams must be at least 1"):
         config(tmp_path, "x", num_beams=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_accelerate_two_processes_match_one(taught_dir, tmp_path):

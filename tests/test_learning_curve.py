@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import bench_learning_curve as curve
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
-import bench_learning_curve as curve  # noqa: E402
-
-from run_fixture import write_raw  # noqa: E402
+from run_fixture import write_raw
 
 
 def test_curve_scores_each_point_once_and_resumes(tiny_model_dir, tmp_path, capsys):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bigrec.cli import main  # noqa: E402
-from bigrec.config import ConfigError, build, parse  # noqa: E402
-from bigrec.evaluation.intervals import bootstrap_ci, paired_difference  # noqa: E402
-from bigrec.evaluation.metrics import ndcg_hr, target_ranks  # noqa: E402
-from run_fixture import write_raw  # noqa: E402
+from bigrec.cli import main
+from bigrec.config import ConfigError, build, parse
+from bigrec.evaluation.intervals import bootstrap_ci, paired_difference
+from bigrec.evaluation.metrics import ndcg_hr, target_ranks
+from run_fixture import write_raw
 
 TOPK = (1, 3, 5, 10)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

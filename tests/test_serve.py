@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from common import free_port
 
 from bigrec.app.recommender import Recommender
 from bigrec.app.service import create_app
@@ -213,12 +214,6 @@ def test_concurrent_clients_are_batched(url, client):
     assert after["failed_batches"] == before["failed_batches"]
     assert after["max_batch_size"] > 1  # concurrent requests shared generation calls
     assert after["batches"] - before["batches"] < clients * per_client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_serve_subprocess(tmp_path_factory):

@@ -6,8 +6,8 @@ Starts ``bigrec serve`` on a free loopback port, on ``--run`` or on the tests' t
 (a tiny random model taught two answers, built in seconds), runs ``st run`` against it, and
 prints schemathesis's report and the counts. Exits with schemathesis's status (0: no failure).
 
-    python benchmarks/fuzz_serve.py                    # make fuzz: the long run
-    python benchmarks/fuzz_serve.py --max_examples 10  # the fast suite's short run
+    python tests/fuzz_serve.py                    # make fuzz: the long run
+    python tests/fuzz_serve.py --max_examples 10  # the fast suite's short run (tests/test_fuzz.py)
 """
 
 from __future__ import annotations
@@ -16,45 +16,24 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as a script: benchmarks/ is not on the path (pytest puts it there)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import free_port, wait_up  # noqa: E402
+
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_run(root: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from run_fixture import build_run
+    from run_fixture import build_run  # a sibling; imported here, as it loads torch
 
     return build_run(root)
-
-
-def wait_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bigrec serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("bigrec serve did not come up")
-        time.sleep(0.3)
 
 
 def counts(report: str) -> dict[str, int]:
