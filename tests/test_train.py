@@ -372,7 +372,10 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp_p
     assert "checkpoint-2 of a run with other settings" in err and "learning_rate: 0.0001 -> 0.5" in err
     assert "lora_r: 8 -> 4" in err and "--resume_from_checkpoint false" in err
     assert main([*args, "--train_data_path", other]) == 1 and "train_data_path" in capsys.readouterr().err
+    Path(data).write_text(json.dumps(make_rows(16, offset=5)))  # the same path, other rows
+    assert main(args) == 1 and "other rows (their sha256 differs)" in capsys.readouterr().err
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing was overwritten
+    Path(data).write_text(json.dumps(make_rows(16)))
     assert main([*args, "--max_steps", "3"]) == 0  # training longer is a resume
     assert main([*args, "--lora_r", "4", "--resume_from_checkpoint", "false"]) == 0  # starting over
 

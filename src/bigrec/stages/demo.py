@@ -304,15 +304,11 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
         early_stopping_patience=cfg.early_stopping_patience,
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4)))
     def tune() -> None:
-        # The adapter folder's checkpoints resume only the training of this very stage key. Left
-        # by another (other data, other settings), they would be refused or, worse, resumed: a
-        # finished run on other rows "continues" in no steps and its adapter is kept.
-        mark, key = paths.adapter / "demo_stage_key.txt", stages.keys["train"]
-        if paths.adapter.exists() and not (mark.is_file() and mark.read_text() == key):
-            log.info("[train] %s holds another run's training: starting afresh", paths.adapter)
+        # The adapter folder's checkpoints resume only a run of these settings on these rows; train
+        # would refuse another's, and the demo owns the folder, so it starts afresh instead.
+        if paths.adapter.exists() and (other := train.other_run(train_cfg)):
+            log.info("[train] %s holds another run's training (%s): starting afresh", paths.adapter, "; ".join(other))
             shutil.rmtree(paths.adapter)
-        paths.adapter.mkdir(parents=True, exist_ok=True)
-        mark.write_text(key)
         train.run(train_cfg)
 
     if cfg.adapter is None:

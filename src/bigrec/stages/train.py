@@ -13,6 +13,9 @@ the data drawn), ``train_log.jsonl``, and ``checkpoint-N/`` folders for resuming
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -168,13 +171,21 @@ RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_step
                                "stop_after_epoch", "packing"})
 
 
-def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict) -> None:
-    """Refuse to resume a checkpoint of ``out`` that was trained with other settings or another
-    base model (it would crash on a shape mismatch, or silently continue another run), naming the
-    differences. A checkpoint given by path, or a run folder without a recorded config, resumes."""
+def data_digest(train_rows: list, val_rows: list) -> str:
+    """sha256 of the training and validation rows (or timelines) a run uses, after sampling."""
+    def plain(row):
+        return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
+
+    text = json.dumps([[plain(r) for r in train_rows], [plain(r) for r in val_rows]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_differences(out: Path, config: Config, fingerprint: dict, digest: str) -> list[str]:
+    """How the run recorded in ``out/config.yaml`` differs from this one, in what a resume must keep:
+    settings, base model and data (empty when it is the same run, or nothing is recorded)."""
     record = out / "config.yaml"
-    if Path(checkpoint).parent.resolve() != out.resolve() or not record.is_file():
-        return
+    if not record.is_file():
+        return []
     before = yaml.safe_load(record.read_text()) or {}
     # an option added later is absent from an older run's record: it ran at the option's default
     added = {f.name: f.default for f in fields(Config)
@@ -184,10 +195,41 @@ def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dic
              if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)]
     if before.get("base_model") and before["base_model"] != fingerprint:
         diffs.append("base_model: another model (fingerprint differs)")
+    if before.get("data_sha256", digest) != digest:  # runs recorded before the digest existed resume as before
+        diffs.append("training or validation rows: other rows (their sha256 differs)")
+    return diffs
+
+
+def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dict, digest: str) -> None:
+    """Refuse to resume a checkpoint of ``out`` that was trained with other settings, another base
+    model or other rows (it would crash on a shape mismatch, or silently continue another run),
+    naming the differences. A checkpoint given by path, or a run folder without a record, resumes."""
+    if Path(checkpoint).parent.resolve() != out.resolve():
+        return
+    diffs = run_differences(out, config, fingerprint, digest)
     if diffs:
         raise ConfigError(f"{out} holds {Path(checkpoint).name} of a run with other settings ({'; '.join(diffs)}); "
                           "rerun with the same settings to resume it, or with --resume_from_checkpoint false to "
                           "start over")
+
+
+def other_run(config: Config) -> list[str]:
+    """How the run already in ``config.output_dir`` differs from ``config``'s (settings, base model,
+    rows): non-empty means resuming there would be refused, so a caller that owns the folder clears it."""
+    train_rows, val_rows, _ = training_rows(config)
+    return run_differences(Path(config.output_dir), config, model_fingerprint(resolve_base_model(config.base_model)),
+                           data_digest(train_rows, val_rows))
+
+
+def training_rows(config: Config) -> tuple[list, list, list[dict]]:
+    """(training rows or timelines, validation rows or one-target timelines, per-file selection),
+    sampled as ``config`` says."""
+    timeline = config.layout == "timeline"
+    train_rows, selection = (load_timelines if timeline else load_rows)(config.train_data_path, config.sample, config.seed)
+    val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
+    if timeline:  # each validation row is a timeline whose only target is its own
+        val_rows = [row_timeline(r) for r in val_rows]
+    return train_rows, val_rows, selection
 
 
 def build_model(config: Config, base: str, adapter: str | None):
@@ -289,18 +331,14 @@ def run(config: Config) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
     # the data first: a bad file is an error before the model loads and before any folder is made
-    timeline = config.layout == "timeline"
-    train_rows, selection = (load_timelines if timeline else load_rows)(config.train_data_path, config.sample,
-                                                                        config.seed)
-    val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
-    if timeline:  # each validation row is a timeline whose only target is its own
-        val_rows = [row_timeline(r) for r in val_rows]
+    train_rows, val_rows, selection = training_rows(config)
     set_seed(config.seed)
     base = resolve_base_model(config.base_model)
     fingerprint = model_fingerprint(base)
+    digest = data_digest(train_rows, val_rows)
     checkpoint, adapter = resolve_resume(config)
     if checkpoint:
-        check_resumable(out, checkpoint, config, fingerprint)
+        check_resumable(out, checkpoint, config, fingerprint, digest)
         log.info("resuming from %s", checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, compute = build_model(config, base, adapter)
@@ -315,7 +353,7 @@ def run(config: Config) -> dict[str, Any]:
     log.info("training on %d rows (%d tokens) from %d file(s); %d validation rows", len(train_set),
              train_set.num_tokens(), len(selection), len(val_set) if val_set else 0)
     args = training_arguments(config, out, compute, val_set is not None, world)
-    resolved = {"stage": "train", "config": to_dict(config), "base_model": fingerprint,
+    resolved = {"stage": "train", "config": to_dict(config), "base_model": fingerprint, "data_sha256": digest,
                 "run": {"world_size": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                         "compute_dtype": str(compute).removeprefix("torch."),
                         "resumed_from": checkpoint, "started_from_adapter": adapter,
