@@ -21,7 +21,7 @@ from bigrec.cli import main
 from bigrec.config import ConfigError, parse
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
 from bigrec.llm.labelled_logits import LabelledLogits
-from bigrec.llm.models import load_tokenizer
+from bigrec.llm.models import load_model, load_tokenizer
 from bigrec.llm.sft_data import IGNORE_INDEX, Collator, PackingCollator, SFTDataset, encode_row, load_rows
 from bigrec.stages.train import Config, lora_config, run
 
@@ -220,11 +220,15 @@ def test_lora_training_changes_adapter_only(tiny_model_dir, tmp_path):
 def test_full_finetune_changes_base_weights(tiny_qwen_dir, tmp_path):
     data = write_rows(tmp_path / "d.json", make_rows(8))
     out = tmp_path / "full"
-    run(tiny_config(tiny_qwen_dir, out, [data], lora=False, max_steps=2))
+    run(tiny_config(tiny_qwen_dir, out, [data], lora=False, num_epochs=2, snapshot_epochs=[1]))
     assert not (out / "adapter_config.json").exists()
     trained = load_file(out / "model.safetensors")
     base = load_file(Path(tiny_qwen_dir) / "model.safetensors")
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+    # a full model's snapshot is a model folder of its own: weights, config and tokenizer
+    model, tok = load_model(str(out / "snapshots" / "epoch-1"), precision="fp32", device="cpu")
+    snapshot = load_file(out / "snapshots" / "epoch-1" / "model.safetensors")
+    assert tok.eos_token_id is not None and any(not torch.equal(snapshot[k], trained[k]) for k in trained)
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -143,7 +143,7 @@ class EpochMarks(TrainerCallback):
         if self.evaluate:
             control.should_evaluate = True  # the snapshot follows the evaluation (on_evaluate)
         elif epoch in self.snapshot_epochs:
-            self.snapshot(state, epoch, model, None)
+            self.snapshot(state, epoch, model, None, kwargs.get("processing_class"))
         if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and state.global_step < state.max_steps:
             control.should_save = control.should_training_stop = True
             self.paused = True
@@ -151,13 +151,13 @@ class EpochMarks(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         epoch = self.epoch_end(state)
         if epoch in self.snapshot_epochs:
-            self.snapshot(state, epoch, model, (metrics or {}).get("eval_loss"))
+            self.snapshot(state, epoch, model, (metrics or {}).get("eval_loss"), kwargs.get("processing_class"))
 
-    def snapshot(self, state, epoch: int, model, eval_loss: float | None) -> None:
+    def snapshot(self, state, epoch: int, model, eval_loss: float | None, tokenizer=None) -> None:
         if not state.is_world_process_zero or model is None or self.snapshot_dir is None:
             return
         meta = {"epoch": epoch, "step": state.global_step, "eval_loss": eval_loss, **Clock.now()}
-        save_atomically(model, Path(self.snapshot_dir) / f"epoch-{epoch}", meta, "snapshot.json")
+        save_atomically(model, Path(self.snapshot_dir) / f"epoch-{epoch}", meta, "snapshot.json", tokenizer)
         log.info("snapshot of epoch %d (step %d) saved", epoch, state.global_step)
 
 
@@ -188,10 +188,15 @@ class BigrecTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def save_atomically(model, target: Path, meta: dict[str, Any], meta_name: str = "best.json") -> None:
+def save_atomically(model, target: Path, meta: dict[str, Any], meta_name: str = "best.json",
+                    tokenizer=None) -> None:
+    """``model`` (and ``tokenizer``: a fully fine-tuned snapshot is then a model folder generation
+    loads as it is) into ``target``, never leaving a half-written folder under that name."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     (tmp / meta_name).write_text(json.dumps(meta) + "\n")
     old = target.with_name(f".{target.name}.old")
     if target.exists():
