@@ -289,10 +289,10 @@ def test_the_default_layout_keys_no_stage_and_resumes_older_runs(tmp_path):
     old = {k: v for k, v in to_dict(train.Config(train_data_path=["t.json"])).items()
            if k not in ("layout", "timeline_overlap")}
     (out / "config.yaml").write_text(yaml.safe_dump({"config": old}))
-    train.check_resumable(out, str(out / "checkpoint-2"), train.Config(train_data_path=["t.json"]), {})
+    train.check_resumable(out, str(out / "checkpoint-2"), train.Config(train_data_path=["t.json"]), {}, "sha")
     with pytest.raises(ConfigError, match="layout: 'window' -> 'timeline'"):
         train.check_resumable(out, str(out / "checkpoint-2"),
-                              train.Config(train_data_path=["t.json"], layout="timeline"), {})
+                              train.Config(train_data_path=["t.json"], layout="timeline"), {}, "sha")
 
 
 def test_window_rows_are_refused_before_any_model_loads(prepared, tmp_path, capsys):
