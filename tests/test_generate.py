@@ -10,6 +10,8 @@ from common import free_port
 
 from bigrec.config import build
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm import decoders
+from bigrec.llm.decoders import ConstrainedDecoder, LikelihoodDecoder, empty_history_prompt
 from bigrec.llm.generation import cut_title, generate_batch, generate_ids, title_end
 from bigrec.llm.models import load_model
 from bigrec.stages import generate
@@ -232,7 +234,7 @@ def test_run_keeps_order_and_resumes(taught_dir, tmp_path, monkeypatch):
     rows = case_rows(repeat=2)
     write_rows(tmp_path / "test.json", rows)
     cfg = config(tmp_path, taught_dir)
-    real = generate.generate_batch
+    real = decoders.generate_batch  # what free decoding calls
     calls: list[int] = []
 
     def interrupted(model, tok, prompts, *args):
@@ -241,7 +243,7 @@ def test_run_keeps_order_and_resumes(taught_dir, tmp_path, monkeypatch):
         calls.append(len(prompts))
         return real(model, tok, prompts, *args)
 
-    monkeypatch.setattr(generate, "generate_batch", interrupted)
+    monkeypatch.setattr(decoders, "generate_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generate.run(cfg)
     result = Path(cfg.result_json_data)
@@ -261,7 +263,7 @@ def test_run_keeps_order_and_resumes(taught_dir, tmp_path, monkeypatch):
         generated.extend(prompts)
         return real(model, tok, prompts, *args)
 
-    monkeypatch.setattr(generate, "generate_batch", counting)
+    monkeypatch.setattr(decoders, "generate_batch", counting)
     generate.run(cfg)
     assert len(generated) == len(rows) - 2  # the finished rows were not generated again
     out = json.loads(result.read_text())
@@ -384,7 +386,7 @@ def test_constrained_run_writes_titles_and_ids_and_resumes(taught_dir, tmp_path,
     write_rows(tmp_path / "test.json", rows)
     write_catalog(tmp_path)  # found beside the rows by default
     cfg = config(tmp_path, taught_dir, decoding="constrained")
-    real = interrupt_after_one_batch(monkeypatch, generate.ConstrainedDecoder, cfg)
+    real = interrupt_after_one_batch(monkeypatch, ConstrainedDecoder, cfg)
     result = Path(cfg.result_json_data)
     [progress] = generate.progress_files(result)
     assert all("predict_ids" in json.loads(line) for line in progress.read_text().splitlines()[1:])
@@ -397,7 +399,7 @@ def test_constrained_run_writes_titles_and_ids_and_resumes(taught_dir, tmp_path,
         generated.extend(prompts)
         return real(self, batch_rows, prompts)
 
-    monkeypatch.setattr(generate.ConstrainedDecoder, "__call__", counting)
+    monkeypatch.setattr(ConstrainedDecoder, "__call__", counting)
     generate.run(cfg)
     assert len(generated) == len(rows) - 2  # the finished rows were not generated again
     out = json.loads(result.read_text())
@@ -514,8 +516,8 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
     write_rows(tmp_path / "test.json", rows)
     write_catalog(tmp_path)
     cfg = config(tmp_path, taught_dir, decoding="likelihood", candidates=100)
-    real = interrupt_after_one_batch(monkeypatch, generate.LikelihoodDecoder, cfg)
-    monkeypatch.setattr(generate.LikelihoodDecoder, "__call__", real)
+    real = interrupt_after_one_batch(monkeypatch, LikelihoodDecoder, cfg)
+    monkeypatch.setattr(LikelihoodDecoder, "__call__", real)
     out = json.loads(generate.run(cfg).read_text())
     distinct = sorted(set(CATALOG))
     for row, (_, target) in zip(out, CASES * 2, strict=True):
@@ -576,7 +578,7 @@ def test_constrained_run_with_the_no_history_prior(taught_dir, tmp_path):
     plain = json.loads(generate.run(config(tmp_path, taught_dir, decoding="constrained", length_penalty=0.0,
                                            num_beams=4, result_json_data=str(tmp_path / "plain.json"))).read_text())
     for row, base in zip(out, plain, strict=True):
-        prior = scorer.prior(generate.empty_history_prompt(cfg, row))
+        prior = scorer.prior(empty_history_prompt(cfg, row))
         s = torch.log_softmax(-prior[trie.item_leaf], -1)  # over items: a shared title counts once per item
         logp = scorer.exact([prompt_for_row(row)])[0]
         for text, ids, score in zip(row["predict"], row["predict_ids"], row["predict_scores"], strict=True):

@@ -1,27 +1,10 @@
-"""Batched beam-search generation for instruction rows (``bigrec generate``).
+"""Batched generation for instruction rows (``bigrec generate``).
 
-Each row gets ``num_beams`` returned sequences (the reference's ``"predict"`` list). Two
-decodings:
-
-* ``free`` (the paper's): a beam ends at the end of the title (EOS, a newline, or the quote
-  that closes the opening one) rather than running to ``max_new_tokens``: small models
-  otherwise drift on into a list of titles, which is slow and makes the text to ground worse.
-* ``constrained``: beam search restricted to a trie of the catalogue titles
-  (:mod:`bigrec.llm.constrained`), so every beam is a real item; rows also get ``"predict_ids"``
-  (per beam, every catalogue id with that title) and ``"predict_scores"``, which
-  ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
-  ``bigrec baseline`` score file.
-* ``likelihood``: no search; every catalogue title is scored by its log-probability given the
-  prompt (:mod:`bigrec.llm.likelihood`), optionally minus ``prior_weight`` times its
-  log-probability with an empty history; the best ``candidates`` are written in order as
-  ``predict``/``predict_ids``/``predict_scores``, which ``bigrec evaluate`` ranks first.
-
-With ``--layout timeline`` (a model trained on timelines, :mod:`bigrec.data.timeline`) the prompt
-is the row's history as timeline lines, and a title ends at the line's separator in both decodings.
-
-Rows are batched by prompt length to waste little padding; finished rows go to a sidecar
-progress file, so an interrupted run resumes; under ``accelerate launch`` the rows are split
-across processes and gathered back in their original order.
+The decoders (free beam search, beam search constrained to the catalogue, likelihood ranking)
+are in :mod:`bigrec.llm.decoders`; this stage orchestrates them. Rows are batched by prompt
+length to waste little padding; finished rows go to a sidecar progress file, so an interrupted
+run resumes; under ``accelerate launch`` the rows are split across processes and gathered back
+in their original order.
 """
 
 from __future__ import annotations
@@ -35,17 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.data import timeline
-from bigrec.data.prompts import TEMPLATES, history_split, normalize_title, prompt_for_row, title_forms
-from bigrec.llm.generation import generate_batch
+from bigrec.data.prompts import TEMPLATES
+from bigrec.llm.decoders import DECODINGS, make_decoder, prompt_of
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
-from bigrec.llm.timeline import separator_id
 
-DECODINGS = ("free", "constrained", "likelihood")
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified")  # what generate adds to a row (replacing old ones)
 
 log = logging.getLogger(__name__)
@@ -249,160 +228,6 @@ class ProgressWriter:
 
 # --- the stage ------------------------------------------------------------------------------
 
-def history_ids(row: dict) -> list[int]:
-    ids = row.get("history_item_id")
-    if not isinstance(ids, list):
-        raise ValueError(f"--exclude_history: row {row.get('row', '?')} has no history_item_id list")
-    return [int(i) for i in ids]
-
-
-def stop_token(config: Config, tokenizer) -> int | None:
-    """The token that ends a free-decoded title: the timeline separator, or None (the title's quotes)."""
-    return separator_id(tokenizer) if config.layout == "timeline" else None
-
-
-def prompt_of(config: Config, row: dict) -> str:
-    if config.layout == "timeline":
-        return timeline.prompt(row)
-    return prompt_for_row(row, template=config.prompt_template, category=config.category)
-
-
-class NewTitles:
-    """Free decoding that never returns a title of the row's own history: beams that copy one
-    (as the catalogue writes it, or with its article in front) are dropped, and a row whose every
-    beam was a copy is generated again with 2x, then 4x the beams (its list may stay empty)."""
-
-    def __init__(self, config: Config, model, tokenizer, prefill_dtype):
-        from bigrec.data.catalog import read_catalog
-
-        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
-        self.catalog = read_catalog(config.catalog_path())
-        self.stop = stop_token(config, tokenizer)
-        self.reruns = 0
-
-    def seen(self, row: dict) -> set[str]:
-        return {normalize_title(form) for i in history_ids(row) if 0 <= i < len(self.catalog)
-                for form in title_forms(self.catalog.titles[i])}
-
-    def keep(self, beams: list[str], seen: set[str]) -> list[str]:
-        return [b for b in beams if normalize_title(b) not in seen]
-
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
-        cfg = self.config
-        out = generate_batch(self.model, self.tokenizer, prompts, cfg.num_beams, cfg.max_new_tokens,
-                             cfg.length_penalty, self.prefill_dtype, self.stop)
-        results = []
-        for row, prompt, beams in zip(rows, prompts, out, strict=True):
-            seen = self.seen(row)
-            kept = self.keep(beams, seen)
-            for factor in (2, 4):
-                if kept:
-                    break
-                self.reruns += 1
-                kept = self.keep(generate_batch(self.model, self.tokenizer, [prompt], cfg.num_beams * factor,
-                                                cfg.max_new_tokens, cfg.length_penalty, self.prefill_dtype,
-                                                self.stop)[0], seen)
-            results.append({"predict": kept[:cfg.num_beams] or [""]})  # "": nothing new was generated
-        return results
-
-
-def catalog_trie(config: Config, tokenizer):
-    """(catalogue, its trie of titles as the model writes them) for constrained decoding and likelihood ranking."""
-    from bigrec.data.catalog import read_catalog
-    from bigrec.llm.trie import Trie
-
-    start = time.perf_counter()
-    catalog = read_catalog(config.catalog_path())
-    trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
-                             else config.prompt_template)
-    log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs", len(trie.titles),
-             trie.num_items, trie.num_nodes, trie.max_depth, time.perf_counter() - start)
-    return catalog, trie
-
-
-class ConstrainedDecoder:
-    """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
-
-    def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
-        from bigrec.evaluation.scores import load_scores
-
-        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
-        catalog, self.trie = catalog_trie(config, tokenizer)
-        self.cf = load_scores(config.cf_scores) if config.cf_scores else None
-        if self.cf is not None and self.cf.num_items != len(catalog):
-            raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
-                             f"{catalog.path} has {len(catalog)} items")
-        if config.prior_weight:  # -log p(title | no history) per item: the CF guidance's item scores
-            from bigrec.llm.likelihood import TitleScorer
-
-            self.prior_scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
-            self.prior_of: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, float] = {}
-
-    def item_prior(self, prompt: str) -> torch.Tensor:
-        """[N] -log p(title | ``prompt``) per catalogue item (far below every title for an item without one)."""
-        if prompt not in self.prior_of:
-            leaf = self.prior_scorer.prior(prompt)
-            items = self.trie.item_leaf
-            scores = torch.full((self.trie.num_items,), float(-leaf.max()) - 1e4)
-            scores[items >= 0] = -leaf[items[items >= 0]]
-            self.prior_of[prompt] = scores
-        return self.prior_of[prompt]
-
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
-        from bigrec.llm.constrained import constrained_generate
-
-        cfg = self.config
-        cf = self.cf.align(rows) if self.cf is not None else None
-        weight = cfg.cf_weight
-        if cfg.prior_weight:
-            cf = torch.stack([self.item_prior(empty_history_prompt(cfg, r)) for r in rows])
-            weight = cfg.prior_weight
-        out = constrained_generate(
-            self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
-            length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
-            cf_weight=weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
-            prefill_dtype=self.prefill_dtype,
-            exclude_items=[history_ids(r) for r in rows] if cfg.exclude_history else None)
-        return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
-                 "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
-
-
-def empty_history_prompt(config: Config, row: dict) -> str:
-    """The row's prompt with no history: what the model says to anyone (the likelihood prior)."""
-    if config.layout == "timeline":
-        return row["instruction"] + timeline.SEP
-    return prompt_of(config, {**row, "input": f"{history_split(row)[0]}\n "})
-
-
-class LikelihoodDecoder:
-    """Likelihood ranking of a batch of rows: the trie and the no-history priors are built once."""
-
-    def __init__(self, config: Config, model, tokenizer, prefill_dtype: torch.dtype | None = None):
-        from bigrec.llm.likelihood import TitleScorer
-
-        self.config = config
-        _, self.trie = catalog_trie(config, tokenizer)
-        self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
-        self.certified: list[int] = []
-
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
-        cfg, trie = self.config, self.trie
-        prior = None
-        if cfg.prior_weight:
-            prior = [cfg.prior_weight * self.scorer.prior(empty_history_prompt(cfg, r)) for r in rows]
-        excluded = None
-        if cfg.exclude_history:
-            excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}
-                               - {-1}) for r in rows]
-        rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
-        self.certified.extend(r.certified for r in rankings)
-        return [{"predict": [trie.titles[leaf] for leaf in r.leaves],
-                 "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
-                 "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
-                for r in rankings]
-
-
 def run(config: Config) -> Path:
     """Generate for every row not yet finished, then write the full result file atomically."""
     from accelerate import PartialState
@@ -436,11 +261,12 @@ def run(config: Config) -> Path:
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),
                                       phase="prefill" if config.decoding == "likelihood" else "decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
-        stop = stop_token(config, tokenizer)
-        decoder = ConstrainedDecoder(config, model, tokenizer, prefill_dtype) \
-            if config.decoding == "constrained" else \
-            LikelihoodDecoder(config, model, tokenizer, prefill_dtype) if config.decoding == "likelihood" else \
-            NewTitles(config, model, tokenizer, prefill_dtype) if config.exclude_history else None
+        cf = None
+        if config.decoding == "constrained" and config.cf_scores:
+            from bigrec.evaluation.scores import load_scores
+
+            cf = load_scores(config.cf_scores)
+        decoder = make_decoder(config, model, tokenizer, prefill_dtype, cf)
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
         todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
@@ -451,13 +277,7 @@ def run(config: Config) -> Path:
             try:
                 for lo in range(0, len(mine), config.batch_size):
                     batch = mine[lo:lo + config.batch_size]
-                    batch_prompts = [prompts[p] for p in batch]
-                    if decoder is not None:
-                        outputs = decoder([rows[p] for p in batch], batch_prompts)
-                    else:
-                        outputs = [{"predict": p} for p in generate_batch(
-                            model, tokenizer, batch_prompts, config.num_beams, config.max_new_tokens,
-                            config.length_penalty, prefill_dtype, stop)]
+                    outputs = decoder([rows[p] for p in batch], [prompts[p] for p in batch])
                     writer.add(batch, outputs)
                     produced.extend(zip(batch, outputs, strict=True))
                     bar.update(len(batch))
@@ -467,16 +287,9 @@ def run(config: Config) -> Path:
             elapsed = time.perf_counter() - start
             log.info("process %d: %d rows in %.1fs (%.2f rows/s)", state.process_index, len(mine), elapsed,
                      len(mine) / elapsed if elapsed else float("nan"))
-            if isinstance(decoder, ConstrainedDecoder) and decoder.stats:
-                log.info("process %d: constrained decoding %.1fs in generate, %.1fs of it in the trie processor",
-                         state.process_index, decoder.stats["generate_seconds"], decoder.stats["processor_seconds"])
-            if isinstance(decoder, LikelihoodDecoder) and decoder.certified:
-                log.info("process %d: likelihood top 10 certified exact in %d of %d rows (elsewhere the search ran out "
-                         "of --search_nodes)", state.process_index,
-                         sum(c >= 10 for c in decoder.certified), len(decoder.certified))
-            if isinstance(decoder, NewTitles) and decoder.reruns:
-                log.info("process %d: %d reruns with more beams for rows whose every beam copied the history",
-                         state.process_index, decoder.reruns)
+            summary = decoder.summary()
+            if summary:
+                log.info("process %d: %s", state.process_index, summary)
     for pos, output in gather_object(produced):
         done[pos] = output
     if state.is_main_process:

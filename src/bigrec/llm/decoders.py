@@ -1,0 +1,295 @@
+"""The decoders of ``bigrec generate``: a batch of instruction rows in, one output dict per row out.
+
+Each row gets ``num_beams`` returned sequences (the reference's ``"predict"`` list), or with
+likelihood ranking ``candidates`` titles. The decodings (``--decoding``):
+
+* ``free`` (the paper's, :class:`FreeDecoder`): a beam ends at the end of the title (EOS, a
+  newline, or the quote that closes the opening one) rather than running to ``max_new_tokens``:
+  small models otherwise drift on into a list of titles, which is slow and makes the text to
+  ground worse (:mod:`bigrec.llm.generation`). With ``exclude_history``, :class:`NewTitles`.
+* ``constrained`` (:class:`ConstrainedDecoder`): beam search restricted to a trie of the
+  catalogue titles (:mod:`bigrec.llm.constrained`), so every beam is a real item; rows also get
+  ``"predict_ids"`` (per beam, every catalogue id with that title) and ``"predict_scores"``,
+  which ``bigrec evaluate`` ranks first. Options: D3's length correction and CF guidance by a
+  ``bigrec baseline`` score file.
+* ``likelihood`` (:class:`LikelihoodDecoder`): no search; every catalogue title is scored by its
+  log-probability given the prompt (:mod:`bigrec.llm.likelihood`), optionally minus
+  ``prior_weight`` times its log-probability with an empty history; the best ``candidates`` are
+  written in order as ``predict``/``predict_ids``/``predict_scores``.
+
+With the ``timeline`` layout (a model trained on timelines, :mod:`bigrec.data.timeline`) the
+prompt is the row's history as timeline lines, and a title ends at the line's separator.
+
+Every decoder is built once per run by :func:`make_decoder` (catalogue, trie and priors are
+built then, not per batch) and called per batch; the stage keeps the rows, the progress files
+and the process split, so a decoding is added here without touching them. The stage also reads
+the CF score file and hands it in (``cf``): its format belongs to :mod:`bigrec.evaluation`,
+which ``llm`` does not import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from bigrec.data import timeline
+from bigrec.data.prompts import history_split, normalize_title, prompt_for_row, title_forms
+from bigrec.llm.generation import generate_batch
+from bigrec.llm.timeline import separator_id
+
+DECODINGS = ("free", "constrained", "likelihood")
+
+log = logging.getLogger(__name__)
+
+
+class DecodingConfig(Protocol):
+    """The settings the decoders read: the fields of ``bigrec generate``'s ``Config`` (typed here
+    by shape, so that ``llm`` does not import a stage)."""
+
+    decoding: str
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float
+    layout: str
+    prompt_template: str
+    category: str | None
+    exclude_history: bool
+    candidates: int
+    search_nodes: int
+    prior_weight: float
+    length_correction: bool
+    ghost_threshold: float
+    cf_scores: str | None
+    cf_weight: float
+
+    def catalog_path(self) -> Path: ...
+
+
+class RowScores(Protocol):
+    """A conventional model's item scores per row (:class:`bigrec.evaluation.scores.ScoreMatrix`)."""
+
+    @property
+    def num_items(self) -> int: ...
+
+    def align(self, rows: list[dict]) -> torch.Tensor:
+        """Scores [len(rows), num_items] in the order of ``rows``."""
+
+
+class Decoder(Protocol):
+    """Built as ``Decoder(config, model, tokenizer, prefill_dtype)``; called on a batch of rows and
+    their prompts (same order), returns per row the fields generate adds to it (``predict``, ...)."""
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]: ...
+
+    def summary(self) -> str | None:
+        """What this process's decoding is worth logging once its rows are done (None: nothing)."""
+
+
+def make_decoder(config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None,
+                 cf: RowScores | None = None) -> Decoder:
+    """The decoder ``config.decoding`` names (free decoding with ``exclude_history``: :class:`NewTitles`);
+    ``cf``: the scores of ``config.cf_scores``, for constrained decoding."""
+    if config.decoding == "constrained":
+        return ConstrainedDecoder(config, model, tokenizer, prefill_dtype, cf)
+    if config.decoding == "likelihood":
+        return LikelihoodDecoder(config, model, tokenizer, prefill_dtype)
+    if config.decoding != "free":
+        raise ValueError(f"unknown decoding {config.decoding!r}; expected one of {', '.join(DECODINGS)}")
+    if config.exclude_history:
+        return NewTitles(config, model, tokenizer, prefill_dtype)
+    return FreeDecoder(config, model, tokenizer, prefill_dtype)
+
+
+# --- prompts and histories --------------------------------------------------------------------
+
+def prompt_of(config: DecodingConfig, row: dict) -> str:
+    """The row's prompt in the layout and template the model was trained on."""
+    if config.layout == "timeline":
+        return timeline.prompt(row)
+    return prompt_for_row(row, template=config.prompt_template, category=config.category)
+
+
+def empty_history_prompt(config: DecodingConfig, row: dict) -> str:
+    """The row's prompt with no history: what the model says to anyone (the likelihood prior)."""
+    if config.layout == "timeline":
+        return row["instruction"] + timeline.SEP
+    return prompt_of(config, {**row, "input": f"{history_split(row)[0]}\n "})
+
+
+def history_ids(row: dict) -> list[int]:
+    ids = row.get("history_item_id")
+    if not isinstance(ids, list):
+        raise ValueError(f"--exclude_history: row {row.get('row', '?')} has no history_item_id list")
+    return [int(i) for i in ids]
+
+
+def stop_token(config: DecodingConfig, tokenizer) -> int | None:
+    """The token that ends a free-decoded title: the timeline separator, or None (the title's quotes)."""
+    return separator_id(tokenizer) if config.layout == "timeline" else None
+
+
+def catalog_trie(config: DecodingConfig, tokenizer):
+    """(catalogue, its trie of titles as the model writes them) for constrained decoding and likelihood ranking."""
+    from bigrec.data.catalog import read_catalog
+    from bigrec.llm.trie import Trie
+
+    start = time.perf_counter()
+    catalog = read_catalog(config.catalog_path())
+    trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
+                             else config.prompt_template)
+    log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs", len(trie.titles),
+             trie.num_items, trie.num_nodes, trie.max_depth, time.perf_counter() - start)
+    return catalog, trie
+
+
+# --- the decoders -----------------------------------------------------------------------------
+
+class FreeDecoder:
+    """Free beam search, the paper's: ``num_beams`` titles per row, each cut at the end of its title."""
+
+    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
+        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
+        self.stop = stop_token(config, tokenizer)
+
+    def beams(self, prompts: list[str], num_beams: int) -> list[list[str]]:
+        cfg = self.config
+        return generate_batch(self.model, self.tokenizer, prompts, num_beams, cfg.max_new_tokens,
+                              cfg.length_penalty, self.prefill_dtype, self.stop)
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        return [{"predict": p} for p in self.beams(prompts, self.config.num_beams)]
+
+    def summary(self) -> str | None:
+        return None
+
+
+class NewTitles(FreeDecoder):
+    """Free decoding that never returns a title of the row's own history: beams that copy one
+    (as the catalogue writes it, or with its article in front) are dropped, and a row whose every
+    beam was a copy is generated again with 2x, then 4x the beams (its list may stay empty)."""
+
+    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
+        from bigrec.data.catalog import read_catalog
+
+        super().__init__(config, model, tokenizer, prefill_dtype)
+        self.catalog = read_catalog(config.catalog_path())
+        self.reruns = 0
+
+    def seen(self, row: dict) -> set[str]:
+        return {normalize_title(form) for i in history_ids(row) if 0 <= i < len(self.catalog)
+                for form in title_forms(self.catalog.titles[i])}
+
+    def keep(self, beams: list[str], seen: set[str]) -> list[str]:
+        return [b for b in beams if normalize_title(b) not in seen]
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        num_beams = self.config.num_beams
+        results = []
+        for row, prompt, beams in zip(rows, prompts, self.beams(prompts, num_beams), strict=True):
+            seen = self.seen(row)
+            kept = self.keep(beams, seen)
+            for factor in (2, 4):
+                if kept:
+                    break
+                self.reruns += 1
+                kept = self.keep(self.beams([prompt], num_beams * factor)[0], seen)
+            results.append({"predict": kept[:num_beams] or [""]})  # "": nothing new was generated
+        return results
+
+    def summary(self) -> str | None:
+        if not self.reruns:
+            return None
+        return f"{self.reruns} reruns with more beams for rows whose every beam copied the history"
+
+
+class ConstrainedDecoder:
+    """Constrained decoding of a batch of rows: the trie is built once, CF scores aligned per batch."""
+
+    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None,
+                 cf: RowScores | None = None):
+        if bool(config.cf_scores) != (cf is not None):
+            raise ValueError("constrained decoding takes the scores of --cf_scores (cf) exactly when it is given")
+        self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
+        catalog, self.trie = catalog_trie(config, tokenizer)
+        self.cf = cf
+        if self.cf is not None and self.cf.num_items != len(catalog):
+            raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
+                             f"{catalog.path} has {len(catalog)} items")
+        if config.prior_weight:  # -log p(title | no history) per item: the CF guidance's item scores
+            from bigrec.llm.likelihood import TitleScorer
+
+            self.prior_scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
+            self.prior_of: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+
+    def item_prior(self, prompt: str) -> torch.Tensor:
+        """[N] -log p(title | ``prompt``) per catalogue item (far below every title for an item without one)."""
+        if prompt not in self.prior_of:
+            leaf = self.prior_scorer.prior(prompt)
+            items = self.trie.item_leaf
+            scores = torch.full((self.trie.num_items,), float(-leaf.max()) - 1e4)
+            scores[items >= 0] = -leaf[items[items >= 0]]
+            self.prior_of[prompt] = scores
+        return self.prior_of[prompt]
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        from bigrec.llm.constrained import constrained_generate
+
+        cfg = self.config
+        cf = self.cf.align(rows) if self.cf is not None else None
+        weight = cfg.cf_weight
+        if cfg.prior_weight:
+            cf = torch.stack([self.item_prior(empty_history_prompt(cfg, r)) for r in rows])
+            weight = cfg.prior_weight
+        out = constrained_generate(
+            self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
+            length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
+            cf_weight=weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
+            prefill_dtype=self.prefill_dtype,
+            exclude_items=[history_ids(r) for r in rows] if cfg.exclude_history else None)
+        return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
+                 "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
+
+    def summary(self) -> str | None:
+        if not self.stats:
+            return None
+        return (f"constrained decoding {self.stats['generate_seconds']:.1f}s in generate, "
+                f"{self.stats['processor_seconds']:.1f}s of it in the trie processor")
+
+
+class LikelihoodDecoder:
+    """Likelihood ranking of a batch of rows: the trie and the no-history priors are built once."""
+
+    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
+        from bigrec.llm.likelihood import TitleScorer
+
+        self.config = config
+        _, self.trie = catalog_trie(config, tokenizer)
+        self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
+        self.certified: list[int] = []
+
+    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+        cfg, trie = self.config, self.trie
+        prior = None
+        if cfg.prior_weight:
+            prior = [cfg.prior_weight * self.scorer.prior(empty_history_prompt(cfg, r)) for r in rows]
+        excluded = None
+        if cfg.exclude_history:
+            excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}
+                               - {-1}) for r in rows]
+        rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
+        self.certified.extend(r.certified for r in rankings)
+        return [{"predict": [trie.titles[leaf] for leaf in r.leaves],
+                 "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
+                 "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
+                for r in rankings]
+
+    def summary(self) -> str | None:
+        if not self.certified:
+            return None
+        return (f"likelihood top 10 certified exact in {sum(c >= 10 for c in self.certified)} of "
+                f"{len(self.certified)} rows (elsewhere the search ran out of --search_nodes)")
