@@ -51,6 +51,7 @@ class DecodingConfig(Protocol):
     by shape, so that ``llm`` does not import a stage)."""
 
     decoding: str
+    batch_size: int
     num_beams: int
     max_new_tokens: int
     length_penalty: float
@@ -269,7 +270,8 @@ class LikelihoodDecoder:
 
         self.config = config
         _, self.trie = catalog_trie(config, tokenizer)
-        self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
+        self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype,
+                                  batch_size=config.batch_size)  # a generate batch is searched at once
         self.certified: list[int] = []
 
     def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:

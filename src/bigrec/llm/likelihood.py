@@ -232,7 +232,7 @@ class TitleScorer:
         return self.priors[prompt]
 
     def rank(self, prompts: Sequence[str], top: int, prior: Sequence[torch.Tensor | None] | None = None,
-             excluded: Sequence[Sequence[int]] | None = None, step_nodes: int = 48,
+             excluded: Sequence[Sequence[int]] | None = None, step_nodes: int = 24,
              max_nodes: int = 3072) -> list[Ranking]:
         """The ``top`` best titles for each prompt, by a best-first search of the trie.
 
