@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--valid_rows", type=int, default=500, help="validation rows that choose the weight")
     parser.add_argument("--test_rows", type=int, default=None, help="only the first N test rows (default: all; "
                                                                    "a claim needs at least 2,000)")
-    parser.add_argument("--candidates", type=int, default=50, help="generate --candidates")
+    parser.add_argument("--candidates", type=int, default=20, help="generate --candidates")
     parser.add_argument("--search_nodes", type=int, default=3072, help="generate --search_nodes")
     parser.add_argument("--layout", default="window", choices=["window", "timeline"],
                         help="the layout the model was trained on")

@@ -43,8 +43,9 @@ class Config:
     precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
     decoding: str = option("free", "free beam search (the paper's), constrained to catalogue titles, or "
                                    "likelihood: every title ranked by its log-probability", choices=list(DECODINGS))
-    candidates: int = option(50, "likelihood: titles ranked per row, by a best-first search of the trie that "
-                                 "stops once they are certain (predict_certified says where it did)", minimum=1,
+    candidates: int = option(20, "likelihood: titles ranked per row, by a best-first search of the trie that "
+                                 "stops once they are certain (predict_certified says where it did); metrics at "
+                                 "a larger K count only these", minimum=1,
                              keyed_at_default=False)
     search_nodes: int = option(3072, "likelihood: the most title tokens a row's search feeds the model; beyond it "
                                      "titles not yet reached are placed by their prefix's bound", minimum=1,
