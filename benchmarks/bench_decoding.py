@@ -68,7 +68,7 @@ def main() -> None:
     catalog = read_catalog(data / "id2name.txt")
     rows = json.loads((data / "test_5000.json").read_text())[:args.rows]
     started = time.perf_counter()
-    trie = Trie.from_catalog(tok, catalog)
+    trie = Trie.build(tok, catalog.titles)
     print(f"trie: {len(catalog)} items, {len(trie.titles)} distinct titles, {trie.num_nodes} nodes, "
           f"longest path {trie.max_depth} tokens, built in {time.perf_counter() - started:.2f}s")
     print(f"titles tokenised differently in context than alone: {boundary_check(tok, rows, catalog.titles)}")

@@ -11,7 +11,7 @@ from common import free_port
 from bigrec.config import build
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
 from bigrec.llm import decoders
-from bigrec.llm.decoders import ConstrainedDecoder, LikelihoodDecoder, empty_history_prompt
+from bigrec.llm.decoders import ConstrainedDecoder, LikelihoodDecoder, layout_of
 from bigrec.llm.generation import cut_title, generate_batch, generate_ids, title_end
 from bigrec.llm.models import load_model
 from bigrec.stages import generate
@@ -578,7 +578,7 @@ def test_constrained_run_with_the_no_history_prior(taught_dir, tmp_path):
     plain = json.loads(generate.run(config(tmp_path, taught_dir, decoding="constrained", length_penalty=0.0,
                                            num_beams=4, result_json_data=str(tmp_path / "plain.json"))).read_text())
     for row, base in zip(out, plain, strict=True):
-        prior = scorer.prior(empty_history_prompt(cfg, row))
+        prior = scorer.prior(layout_of(cfg).empty_history_prompt(row))
         s = torch.log_softmax(-prior[trie.item_leaf], -1)  # over items: a shared title counts once per item
         logp = scorer.exact([prompt_for_row(row)])[0]
         for text, ids, score in zip(row["predict"], row["predict_ids"], row["predict_scores"], strict=True):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
+from bigrec.llm.layouts import get_layout
 from bigrec.llm.likelihood import TitleScorer
 from bigrec.llm.models import load_model
 from bigrec.llm.trie import Trie, response_ids
@@ -28,12 +29,12 @@ def loaded(request, tiny_model_dir, tiny_qwen_dir):
     return model, tok
 
 
-def brute_force(model, tok, prompt: str, trie: Trie, template: str = "alpaca") -> torch.Tensor:
+def brute_force(model, tok, prompt: str, trie: Trie, layout: str = "window") -> torch.Tensor:
     """Each title scored by its own forward pass: prompt then response tokens, summed log-probs."""
     head = tok(prompt)["input_ids"]
     scores = []
     for title in trie.titles:
-        tail = response_ids(tok, title, template)
+        tail = get_layout(layout).response_ids(tok, title)
         ids = torch.tensor([head + tail])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -53,7 +54,7 @@ def test_tree_scores_equal_each_title_scored_alone(loaded):
 
 def test_timeline_titles_end_at_the_separator(loaded):
     model, tok = loaded
-    trie = Trie.build(tok, TITLES, template="timeline")
+    trie = get_layout("timeline").trie(tok, TITLES)
     prompt = "The movies the user has watched, in order:\nHeat\nBabe (1995)\n"
     got = TitleScorer(model, tok, trie).exact([prompt])[0]
     torch.testing.assert_close(got, brute_force(model, tok, prompt, trie, "timeline"), atol=2e-4, rtol=1e-4)

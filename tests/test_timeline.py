@@ -14,10 +14,10 @@ from bigrec.cli import main
 from bigrec.config import ConfigError, build, stage_settings, to_dict
 from bigrec.data.catalog import read_catalog
 from bigrec.data.timeline import SEP, Timeline, prompt, row_timeline, user_timelines
+from bigrec.llm.layouts import get_layout
 from bigrec.llm.models import load_tokenizer
 from bigrec.llm.sft_data import IGNORE_INDEX
 from bigrec.llm.timeline import TimelineDataset, line_counts, line_ids, load_timelines
-from bigrec.llm.trie import Trie
 from data_fixtures import write_ml100k_official
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Jumanji (1995)",
@@ -191,7 +191,7 @@ def test_the_generation_prompt_is_the_training_format(prepared, tiny_model_dir, 
     catalog = read_catalog(timeline / "id2name.txt")
     for model_dir in (tiny_model_dir, tiny_qwen_dir):
         tok = load_tokenizer(model_dir, padding_side="right")
-        trie = Trie.from_catalog(tok, catalog, template="timeline")
+        trie = get_layout("timeline").trie(tok, catalog.titles)
         for row in rows_of(timeline, "test") + rows_of(timeline, "valid"):
             example = TimelineDataset([row_timeline(row)], tok, cutoff_len=512).examples[0]
             n = example["labels"].count(IGNORE_INDEX)

@@ -29,9 +29,6 @@ from dataclasses import dataclass
 
 from bigrec.data.prompts import Domain
 
-LAYOUTS = ("window", "timeline")
-LAYOUT_HELP = ("window: one instruction prompt per example (the paper's); timeline: each user's training "
-               "interactions as one text, a title per line, the loss on every title after the first history")
 SEP = "\n"  # ends every title of a timeline text; generation stops at it
 
 

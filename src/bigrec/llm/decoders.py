@@ -17,7 +17,8 @@ likelihood ranking ``candidates`` titles. The decodings (``--decoding``):
   ``prior_weight`` times its log-probability with an empty history; the best ``candidates`` are
   written in order as ``predict``/``predict_ids``/``predict_scores``.
 
-With the ``timeline`` layout (a model trained on timelines, :mod:`bigrec.data.timeline`) the
+The layout the model was trained on (:mod:`bigrec.llm.layouts`, picked by :func:`layout_of`)
+gives the prompts, the trie's token ids and the token that ends a title: with ``timeline`` the
 prompt is the row's history as timeline lines, and a title ends at the line's separator.
 
 Every decoder is built once per run by :func:`make_decoder` (catalogue, trie and priors are
@@ -36,10 +37,9 @@ from typing import Any, Protocol
 
 import torch
 
-from bigrec.data import timeline
-from bigrec.data.prompts import history_split, normalize_title, prompt_for_row, title_forms
+from bigrec.data.prompts import normalize_title, title_forms
 from bigrec.llm.generation import generate_batch
-from bigrec.llm.timeline import separator_id
+from bigrec.llm.layouts import Layout, get_layout
 
 DECODINGS = ("free", "constrained", "likelihood")
 
@@ -105,20 +105,11 @@ def make_decoder(config: DecodingConfig, model, tokenizer, prefill_dtype: torch.
     return FreeDecoder(config, model, tokenizer, prefill_dtype)
 
 
-# --- prompts and histories --------------------------------------------------------------------
+# --- layouts and histories --------------------------------------------------------------------
 
-def prompt_of(config: DecodingConfig, row: dict) -> str:
-    """The row's prompt in the layout and template the model was trained on."""
-    if config.layout == "timeline":
-        return timeline.prompt(row)
-    return prompt_for_row(row, template=config.prompt_template, category=config.category)
-
-
-def empty_history_prompt(config: DecodingConfig, row: dict) -> str:
-    """The row's prompt with no history: what the model says to anyone (the likelihood prior)."""
-    if config.layout == "timeline":
-        return row["instruction"] + timeline.SEP
-    return prompt_of(config, {**row, "input": f"{history_split(row)[0]}\n "})
+def layout_of(config: DecodingConfig) -> Layout:
+    """The layout the model was trained on, its prompt worded in ``prompt_template`` and ``category``."""
+    return get_layout(config.layout, config.prompt_template, config.category)
 
 
 def history_ids(row: dict) -> list[int]:
@@ -128,20 +119,13 @@ def history_ids(row: dict) -> list[int]:
     return [int(i) for i in ids]
 
 
-def stop_token(config: DecodingConfig, tokenizer) -> int | None:
-    """The token that ends a free-decoded title: the timeline separator, or None (the title's quotes)."""
-    return separator_id(tokenizer) if config.layout == "timeline" else None
-
-
-def catalog_trie(config: DecodingConfig, tokenizer):
+def catalog_trie(config: DecodingConfig, layout: Layout, tokenizer):
     """(catalogue, its trie of titles as the model writes them) for constrained decoding and likelihood ranking."""
     from bigrec.data.catalog import read_catalog
-    from bigrec.llm.trie import Trie
 
     start = time.perf_counter()
     catalog = read_catalog(config.catalog_path())
-    trie = Trie.from_catalog(tokenizer, catalog, template="timeline" if config.layout == "timeline"
-                             else config.prompt_template)
+    trie = layout.trie(tokenizer, catalog.titles)
     log.info("trie of %d titles (%d items, %d nodes, longest path %d tokens) built in %.1fs", len(trie.titles),
              trie.num_items, trie.num_nodes, trie.max_depth, time.perf_counter() - start)
     return catalog, trie
@@ -154,7 +138,7 @@ class FreeDecoder:
 
     def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
-        self.stop = stop_token(config, tokenizer)
+        self.stop = layout_of(config).stop_token(tokenizer)
 
     def beams(self, prompts: list[str], num_beams: int) -> list[list[str]]:
         cfg = self.config
@@ -215,7 +199,8 @@ class ConstrainedDecoder:
         if bool(config.cf_scores) != (cf is not None):
             raise ValueError("constrained decoding takes the scores of --cf_scores (cf) exactly when it is given")
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
-        catalog, self.trie = catalog_trie(config, tokenizer)
+        self.layout = layout_of(config)
+        catalog, self.trie = catalog_trie(config, self.layout, tokenizer)
         self.cf = cf
         if self.cf is not None and self.cf.num_items != len(catalog):
             raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
@@ -244,7 +229,7 @@ class ConstrainedDecoder:
         cf = self.cf.align(rows) if self.cf is not None else None
         weight = cfg.cf_weight
         if cfg.prior_weight:
-            cf = torch.stack([self.item_prior(empty_history_prompt(cfg, r)) for r in rows])
+            cf = torch.stack([self.item_prior(self.layout.empty_history_prompt(r)) for r in rows])
             weight = cfg.prior_weight
         out = constrained_generate(
             self.model, self.tokenizer, prompts, self.trie, num_beams=cfg.num_beams, batch_size=len(prompts),
@@ -268,8 +253,8 @@ class LikelihoodDecoder:
     def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
         from bigrec.llm.likelihood import TitleScorer
 
-        self.config = config
-        _, self.trie = catalog_trie(config, tokenizer)
+        self.config, self.layout = config, layout_of(config)
+        _, self.trie = catalog_trie(config, self.layout, tokenizer)
         self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype,
                                   batch_size=config.batch_size)  # a generate batch is searched at once
         self.certified: list[int] = []
@@ -278,7 +263,7 @@ class LikelihoodDecoder:
         cfg, trie = self.config, self.trie
         prior = None
         if cfg.prior_weight:
-            prior = [cfg.prior_weight * self.scorer.prior(empty_history_prompt(cfg, r)) for r in rows]
+            prior = [cfg.prior_weight * self.scorer.prior(self.layout.empty_history_prompt(r)) for r in rows]
         excluded = None
         if cfg.exclude_history:
             excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}

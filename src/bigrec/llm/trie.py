@@ -1,11 +1,12 @@
 """A prefix trie over the catalogue titles as the model writes them, for constrained decoding.
 
-Each title is tokenised exactly as training tokenises a response (``bigrec.llm.sft_data``): the
-response text alone (the quoted title, plus a newline for the D3 template), without special
-tokens, followed by EOS. With ``template="timeline"`` a title is a line of a timeline text
-(:func:`bigrec.llm.timeline.line_ids`) and ends with the separator token instead of EOS. The end
-token is part of every path, so a title that is a prefix of another still ends in its own leaf.
-Each leaf holds the ids of every catalogue item with that title.
+The trie takes each title's token ids as given (:meth:`Trie.from_token_ids`): a layout
+(:mod:`bigrec.llm.layouts`) says how its model writes a title and which token ends it. The
+window layout's ids are :func:`response_ids`: the title tokenised exactly as training tokenises
+a response (``bigrec.llm.sft_data``), the response text alone (the quoted title, plus a newline
+for the D3 template), without special tokens, followed by EOS. The end token is part of every
+path, so a title that is a prefix of another still ends in its own leaf. Each leaf holds the
+ids of every catalogue item with that title.
 
 Nodes are numbered in preorder (children by token id), so a node's subtree is a contiguous
 range of node ids and of leaves. The edges are also kept as flat tensors sorted by
@@ -15,20 +16,25 @@ into one ``searchsorted``: no Python loop per beam or per vocabulary entry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from bigrec.data.catalog import Catalog
 from bigrec.data.prompts import quote, response_text
-from bigrec.llm.timeline import line_ids, separator_id
 
 STRIDE = 1 << 32  # edge key = parent * STRIDE + token; token ids stay below 2**32
 
 
+def eos_id(tokenizer) -> int:
+    """EOS, the end of every title of the window layout."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; constrained decoding ends every title with EOS")
+    return int(tokenizer.eos_token_id)
+
+
 def response_ids(tokenizer, title: str, template: str = "alpaca", context: str | None = None) -> list[int]:
-    """Token ids of a title's response, then EOS (``template="timeline"``: its line, then the separator).
+    """Token ids of a title's response in prompt ``template`` (alpaca or d3), then EOS.
 
     By default the response text is tokenised alone, as ``bigrec.llm.sft_data`` and D3's training
     code build it. With ``context`` (the end of the prompt, e.g. ``"### Response:\n"``) it is
@@ -36,8 +42,6 @@ def response_ids(tokenizer, title: str, template: str = "alpaca", context: str |
     prompt and response tokenised as one string; if the response changes how the context
     itself tokenises, no boundary exists and this raises ``ValueError``.
     """
-    if template == "timeline":
-        return line_ids(tokenizer, title)
     text = response_text(quote(title), template)
     if context is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -59,8 +63,7 @@ class Trie:
     leaf_items: list[list[int]]  # item ids with that title, by leaf index
     paths: list[list[int]]  # token path of each leaf, the end token (eos_token_id) last
     num_items: int
-    eos_token_id: int  # the token that ends every path: EOS, or the timeline separator
-    template: str
+    eos_token_id: int  # the token that ends every path: the layout's end token (EOS, the timeline separator)
     # tensors (CPU; see to())
     ptr: torch.Tensor  # [M + 2] CSR offsets into the edge arrays; node M is `dead`
     edge_key: torch.Tensor  # [E] parent * STRIDE + token, ascending
@@ -91,18 +94,15 @@ class Trie:
         return max(len(p) for p in self.paths)
 
     @classmethod
-    def from_catalog(cls, tokenizer, catalog: Catalog, template: str = "alpaca", context: str | None = None) -> Trie:
-        return cls.build(tokenizer, catalog.titles, template, context)
+    def build(cls, tokenizer, titles: Sequence[str], template: str = "alpaca", context: str | None = None) -> Trie:
+        """The window layout's trie in prompt ``template``: ``titles`` as :func:`response_ids` (with ``context``)."""
+        return cls.from_token_ids(titles, lambda title: response_ids(tokenizer, title, template, context),
+                                  eos_id(tokenizer))
 
     @classmethod
-    def build(cls, tokenizer, titles: Sequence[str], template: str = "alpaca", context: str | None = None) -> Trie:
-        """Trie over ``titles`` (indexed by item id; equal titles share one leaf); see :func:`response_ids`."""
-        if template == "timeline":
-            end_token = separator_id(tokenizer)
-        elif tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; constrained decoding ends every title with EOS")
-        else:
-            end_token = int(tokenizer.eos_token_id)
+    def from_token_ids(cls, titles: Sequence[str], ids_of: Callable[[str], Sequence[int]], end_token: int) -> Trie:
+        """Trie over ``titles`` (indexed by item id; equal titles share one leaf), each the path
+        ``ids_of(title)``, which ends with ``end_token`` (a layout's ``response_ids`` and ``end_token``)."""
         ids_by_title: dict[str, list[int]] = {}
         for item_id, title in enumerate(titles):
             ids_by_title.setdefault(title, []).append(item_id)
@@ -112,7 +112,10 @@ class Trie:
         leaf_key = object()  # marks the end of a path inside the nested dicts
         for title, ids in ids_by_title.items():
             node = nested
-            for tok in response_ids(tokenizer, title, template, context):
+            path = list(ids_of(title))
+            if not path or path[-1] != end_token:
+                raise ValueError(f"the token ids of {title!r} do not end with the end token {end_token}")
+            for tok in path:
                 node = node.setdefault(tok, {})
             node[leaf_key] = (title, ids)
         # Preorder numbering, children in token order.
@@ -159,7 +162,7 @@ class Trie:
         return cls(
             titles=[t for t, _, _, _ in leaves], leaf_items=[ids for _, ids, _, _ in leaves],
             paths=[p for _, _, p, _ in leaves], num_items=len(titles), eos_token_id=end_token,
-            template=template, ptr=ptr, edge_key=e[:, 0] * STRIDE + e[:, 1], edge_token=e[:, 1].clone(),
+            ptr=ptr, edge_key=e[:, 0] * STRIDE + e[:, 1], edge_token=e[:, 1].clone(),
             edge_child=e[:, 2].clone(), edge_parent=e[:, 0].clone(),
             node_depth=torch.tensor(depth + [0], dtype=torch.long),
             node_leaf=torch.tensor(node_leaf + [-1], dtype=torch.long),

@@ -20,9 +20,9 @@ from typing import Any
 
 from bigrec import io
 from bigrec.config import option, to_dict
-from bigrec.data import timeline
 from bigrec.data.prompts import TEMPLATES
-from bigrec.llm.decoders import DECODINGS, make_decoder, prompt_of
+from bigrec.llm.decoders import DECODINGS, layout_of, make_decoder
+from bigrec.llm.layouts import LAYOUTS
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
 
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified")  # what generate adds to a row (replacing old ones)
@@ -73,7 +73,7 @@ class Config:
                                           "did with 2x, then 4x the beams", keyed_at_default=False)
     layout: str = option("window", "the layout the model was trained on and the rows were prepared in (prepare "
                                    "--layout); timeline: the prompt is the history as timeline lines, a title ends "
-                                   "at the line's separator", choices=list(timeline.LAYOUTS), keyed_at_default=False)
+                                   "at the line's separator", choices=list(LAYOUTS), keyed_at_default=False)
     discard_stale_progress: bool = option(False, "delete progress files left by a run with other settings instead "
                                                  "of refusing them (the demo does: its stages rerun on new settings)",
                                           changes_output=False)
@@ -83,8 +83,7 @@ class Config:
             raise ValueError(f"--ghost_threshold must lie in (0, 1], got {self.ghost_threshold}")
         if self.cf_weight and not self.cf_scores:
             raise ValueError("--cf_weight needs --cf_scores")
-        if self.layout == "timeline" and self.prompt_template != "alpaca":
-            raise ValueError("--prompt_template applies to the window layout; --layout timeline has its own prompt")
+        layout_of(self)  # a layout with a prompt template it does not take is an error
         if self.prior_weight < 0:
             raise ValueError(f"--prior_weight must be at least 0, got {self.prior_weight}")
         if self.decoding == "free" and self.prior_weight:
@@ -256,7 +255,8 @@ def run(config: Config) -> Path:
     state.wait_for_everyone()
     produced: list[tuple[int, dict[str, Any]]] = []
     if todo:
-        prompts = {pos: prompt_of(config, rows[pos]) for pos in todo}  # bad template settings fail before the model loads
+        layout = layout_of(config)
+        prompts = {pos: layout.prompt(rows[pos]) for pos in todo}  # bad template settings fail before the model loads
         # Likelihood ranking has no decode steps: its weights take the prefill's dtype (bf16 where native),
         # rather than an autocast that casts every weight again on every forward.
         model, tokenizer = load_model(config.base_model, config.precision, config.lora_weights, device=str(state.device),

@@ -23,12 +23,12 @@ from bigrec.data.amazon import read_amazon
 from bigrec.data.d3 import read_d3
 from bigrec.data.interactions import SplitExamples
 from bigrec.data.movielens import read_movielens
-from bigrec.data.prompts import DOMAINS, Domain, domain_for_category, instruction_row, natural_title
+from bigrec.data.prompts import DOMAINS, Domain, domain_for_category, natural_title
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
-from bigrec.data.timeline import LAYOUT_HELP, LAYOUTS, timeline_row
 from bigrec.data.windows import SPLITS, window_and_split
 from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
+from bigrec.llm.layouts import LAYOUT_HELP, LAYOUTS, Layout, get_layout
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,10 @@ def _ids(keys: list[str], key_to_id: dict[str, int]) -> list[int]:
     return [key_to_id[k] for k in keys]
 
 
-def split_tables(examples: SplitExamples, domain: Domain, written: Callable[[str], str] = str,
-                 layout: str = "window") -> dict[str, tuple[pd.DataFrame, list[dict]]]:
+def split_tables(examples: SplitExamples, domain: Domain, layout: Layout,
+                 written: Callable[[str], str] = str) -> dict[str, tuple[pd.DataFrame, list[dict]]]:
     """Per split: the D3 CSV frame and the instruction rows (with ids for row alignment) in
     ``layout``; the rows' titles pass through ``written`` (the CSVs keep the catalogue's)."""
-    make_row = timeline_row if layout == "timeline" else instruction_row
     key_to_id = {key: i for i, (key, _) in enumerate(examples.catalog)}
     titles = [title for _, title in examples.catalog]
     out = {}
@@ -125,7 +124,7 @@ def split_tables(examples: SplitExamples, domain: Domain, written: Callable[[str
         rows = []
         for r, (user, hist, item, htitles) in enumerate(zip(csv["user_id"], hist_ids, item_ids,
                                                             csv["history_item_title"], strict=True)):
-            row = make_row(domain, [written(t) for t in htitles], written(titles[item]))
+            row = layout.row(domain, [written(t) for t in htitles], written(titles[item]))
             row.update(user_id=user, item_id=item, history_item_id=hist, row=r)
             rows.append(row)
         out[split] = (csv, rows)
@@ -182,7 +181,8 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
                          f"({sum(len(f) for f in examples.splits.values())} examples in all)")
     domain = pick_domain(cfg, examples)
-    tables = split_tables(examples, domain, natural_title if cfg.prompt_titles == "natural" else str, cfg.layout)
+    tables = split_tables(examples, domain, get_layout(cfg.layout),
+                          natural_title if cfg.prompt_titles == "natural" else str)
     with staged_dir(cfg.out, whole=True) as stage:
         write_text(stage / "id2name.txt", "".join(f"{title}\t{i}\n" for i, (_, title) in enumerate(examples.catalog)))
         for split, (csv, rows) in tables.items():

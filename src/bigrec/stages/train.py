@@ -28,8 +28,8 @@ import torch
 import yaml
 
 from bigrec.config import ConfigError, option, to_dict
-from bigrec.data.timeline import LAYOUT_HELP, LAYOUTS, row_timeline
 from bigrec.io import staged_dir, write_yaml
+from bigrec.llm.layouts import LAYOUT_HELP, LAYOUTS, Layout, get_layout
 from bigrec.llm.lora_dropout import use_bits_dropout
 from bigrec.llm.models import (
     DEFAULT_MODEL,
@@ -39,8 +39,7 @@ from bigrec.llm.models import (
     resolve_dtype,
     use_cuda,
 )
-from bigrec.llm.sft_data import Collator, PackingCollator, SFTDataset, load_rows
-from bigrec.llm.timeline import TimelineDataset, load_timelines
+from bigrec.llm.sft_data import Collator, PackingCollator, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +215,17 @@ def check_resumable(out: Path, checkpoint: str, config: Config, fingerprint: dic
 def other_run(config: Config) -> list[str]:
     """How the run already in ``config.output_dir`` differs from ``config``'s (settings, base model,
     rows): non-empty means resuming there would be refused, so a caller that owns the folder clears it."""
-    train_rows, val_rows, _ = training_rows(config)
+    train_rows, val_rows, _ = training_rows(config, get_layout(config.layout))
     return run_differences(Path(config.output_dir), config, model_fingerprint(resolve_base_model(config.base_model)),
                            data_digest(train_rows, val_rows))
 
 
-def training_rows(config: Config) -> tuple[list, list, list[dict]]:
+def training_rows(config: Config, layout: Layout) -> tuple[list, list, list[dict]]:
     """(training rows or timelines, validation rows or one-target timelines, per-file selection),
-    sampled as ``config`` says."""
-    timeline = config.layout == "timeline"
-    train_rows, selection = (load_timelines if timeline else load_rows)(config.train_data_path, config.sample, config.seed)
+    sampled as ``config`` says, in ``layout`` (``config.layout``'s)."""
+    train_rows, selection = layout.load_training(config.train_data_path, config.sample, config.seed)
     val_rows, _ = load_rows(config.val_data_path, config.val_sample, config.seed) if config.val_data_path else ([], [])
-    if timeline:  # each validation row is a timeline whose only target is its own
-        val_rows = [row_timeline(r) for r in val_rows]
-    return train_rows, val_rows, selection
+    return train_rows, layout.validation_data(val_rows), selection
 
 
 def build_model(config: Config, base: str, adapter: str | None):
@@ -257,11 +253,10 @@ def build_model(config: Config, base: str, adapter: str | None):
     return model, tokenizer, compute
 
 
-def make_dataset(config: Config, data: list, tokenizer, name: str):
-    """Instruction rows as prompt/response examples, or timelines as chunks (``--layout``)."""
-    if config.layout == "timeline":
-        return TimelineDataset(data, tokenizer, config.cutoff_len, config.timeline_overlap, name)
-    return SFTDataset(data, tokenizer, config.cutoff_len, config.train_on_inputs, name)
+def make_dataset(config: Config, layout: Layout, data: list, tokenizer, name: str):
+    """Instruction rows as prompt/response examples, or timelines as chunks (``layout``, ``config.layout``'s)."""
+    return layout.dataset(data, tokenizer, config.cutoff_len, name, train_on_inputs=config.train_on_inputs,
+                          overlap=config.timeline_overlap)
 
 
 def gradient_accumulation(config: Config, world: int) -> int:
@@ -331,7 +326,8 @@ def run(config: Config) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.output_dir)
     # the data first: a bad file is an error before the model loads and before any folder is made
-    train_rows, val_rows, selection = training_rows(config)
+    layout = get_layout(config.layout)
+    train_rows, val_rows, selection = training_rows(config, layout)
     set_seed(config.seed)
     base = resolve_base_model(config.base_model)
     fingerprint = model_fingerprint(base)
@@ -348,8 +344,8 @@ def run(config: Config) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters of %d", trainable, sum(p.numel() for p in model.parameters()))
 
-    train_set = make_dataset(config, train_rows, tokenizer, "train")
-    val_set = make_dataset(config, val_rows, tokenizer, "validation") if val_rows else None
+    train_set = make_dataset(config, layout, train_rows, tokenizer, "train")
+    val_set = make_dataset(config, layout, val_rows, tokenizer, "validation") if val_rows else None
     log.info("training on %d rows (%d tokens) from %d file(s); %d validation rows", len(train_set),
              train_set.num_tokens(), len(selection), len(val_set) if val_set else 0)
     args = training_arguments(config, out, compute, val_set is not None, world)
