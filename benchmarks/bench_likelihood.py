@@ -191,8 +191,8 @@ def main() -> None:
         summary["protocols"][protocol] = part
         print(f"\n### {protocol} protocol, {len(test_rows)} test rows: NDCG@10 / HR@10 with 95% intervals\n")
         print("| run | NDCG@10 | HR@10 |\n|---|---|---|")
-        for label, m in part["metrics"].items():
-            print(table_row(label, m, part["intervals"].get(label)))
+        for run_label, m in part["metrics"].items():
+            print(table_row(run_label, m, part["intervals"].get(run_label)))
         print()
         for line in describe_pairs(part["paired"]):
             print(f"- {line}")
