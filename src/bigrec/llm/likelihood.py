@@ -41,10 +41,9 @@ from bigrec.llm.trie import Trie
 class Ranking:
     """One row's ranking: leaf indices of the trie in order, with their scores."""
 
-    leaves: list[int]  # best first: the exactly scored candidates
-    scores: list[float]  # their scores (prior applied)
+    leaves: list[int]  # best first: titles scored exactly, then (past a search budget) by their bound
+    scores: list[float]  # their scores or bounds (prior applied)
     certified: int  # the first this many places are provably the exact ranking's
-    fed: int = 0  # title tokens the search fed the model for this row
 
 
 class TitleScorer:
@@ -72,6 +71,7 @@ class TitleScorer:
         paths = [self._ancestors(int(n)) for n in trie.leaf_node]
         width = max(len(p) for p in paths)
         self.leaf_path = torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.long)
+        self.title_path = torch.cat([self.leaf_path, self.leaf_node[:, None]], 1)  # [L, depth], -1 padded
         self.levels = [torch.nonzero(self.depth == d).squeeze(1) for d in range(int(self.depth.max()) + 1)]
         self.priors: dict[str, torch.Tensor] = {}
 
@@ -121,6 +121,14 @@ class TitleScorer:
         with self._autocast():
             return torch.cat([torch.log_softmax(self.head(hidden[i:i + 256]).float(), -1)
                               for i in range(0, hidden.shape[0], 256)])
+
+    def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, 1, Q, K] mask from ``allowed`` [B, Q, K]: booleans for SDPA, added scores for eager attention."""
+        if self.bool_mask:
+            return allowed[:, None]
+        weights = next(self.model.parameters()).dtype
+        return torch.zeros(allowed[:, None].shape, dtype=weights).masked_fill_(~allowed[:, None],
+                                                                               torch.finfo(weights).min)
 
     def _edges(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(parent's slot in ``parents``, token, child) of every edge out of ``parents``."""
@@ -175,12 +183,7 @@ class TitleScorer:
                 allowed[r, :n, :p] = real[r]
                 allowed[r, :n, p:p + n] = ((nodes[None, :] <= nodes[:, None])
                                           & (nodes[:, None] < self.end[nodes][None, :]))
-            if self.bool_mask:
-                mask = allowed[:, None]
-            else:  # eager attention adds the mask to the scores
-                weights = next(self.model.parameters()).dtype
-                mask = torch.zeros(allowed[:, None].shape, dtype=weights).masked_fill_(
-                    ~allowed[:, None], torch.finfo(weights).min)
+            mask = self._attention_mask(allowed)
             for layer, (keys, values) in zip(cache.layers, saved, strict=True):  # back to the prompt alone
                 layer.keys, layer.values = keys, values
             with self._autocast():
@@ -284,8 +287,12 @@ class TitleScorer:
         _, tokens, children = self._edges(torch.tensor([0]))
         score[:, children] = self._logprobs(last)[:, tokens.to(last.device)].float().cpu()
         device, fed = self.model.device, 0
+
+        def frontier_priority() -> torch.Tensor:  # [B, M] reached, unexpanded inner nodes; -inf elsewhere
+            return torch.where(self.inner & ~expanded & (score > float("-inf")), score + bonus, float("-inf"))
+
         while True:
-            frontier = torch.where(self.inner & ~expanded & (score > float("-inf")), score + bonus, float("-inf"))
+            frontier = frontier_priority()
             finished = torch.where(allowed, score[:, leaf] - shift, float("-inf"))
             kth = finished.topk(top, dim=1).values[:, -1]
             bound = frontier.max(1).values
@@ -308,12 +315,7 @@ class TitleScorer:
                 ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
             ids = torch.where(real_pick, self.node_token[picks], 0)
             positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
-            if self.bool_mask:
-                attn = mask[:, None]
-            else:  # eager attention adds the mask to the scores
-                weights = next(self.model.parameters()).dtype
-                attn = torch.zeros(mask[:, None].shape, dtype=weights).masked_fill_(~mask[:, None],
-                                                                                    torch.finfo(weights).min)
+            attn = self._attention_mask(mask)
             with self._autocast():
                 hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device),
                                    position_ids=positions.to(device), use_cache=True,
@@ -327,28 +329,16 @@ class TitleScorer:
             parent_slot, tokens, children = self._edges(nodes)
             edge_row = r_idx[parent_slot]
             score[edge_row, children] = score[edge_row, nodes[parent_slot]] + logp[parent_slot, tokens]
+        done = (score[:, leaf] > float("-inf")) & allowed
+        # a finished title's estimate is its exact score; one not reached yet gets its deepest scored
+        # prefix's, still an upper bound (scores only fall down a path, so that is the path's lowest)
+        known = score[:, self.title_path.clamp(min=0)].masked_fill(self.title_path < 0, float("inf"))
+        estimate = known.masked_fill(known == float("-inf"), float("inf")).min(2).values - shift
+        estimate = estimate.masked_fill(~allowed, float("-inf"))
+        best = frontier_priority().max(1).values
         out = []
-        frontier = torch.where(self.inner & ~expanded & (score > float("-inf")), score + bonus, float("-inf"))
         for r in range(b):
-            exact = score[r, leaf] - shift[r]
-            done = (score[r, leaf] > float("-inf")) & allowed[r]
-            # a title not reached yet is estimated by its deepest scored prefix: still an upper bound
-            estimate = torch.where(done, exact, self._leaf_bound(score[r], expanded[r]) - shift[r])
-            estimate[~allowed[r]] = float("-inf")
-            pool = int(allowed[r].sum())
-            order = torch.argsort(estimate, descending=True, stable=True)[:min(top, pool)]
-            best = float(frontier[r].max())
-            certified = int((done[order] & (estimate[order] >= best)).long().cumprod(0).sum())
-            out.append(Ranking(order.tolist(), estimate[order].tolist(), certified, int(expanded[r].sum())))
+            order = torch.argsort(estimate[r], descending=True, stable=True)[:min(top, int(allowed[r].sum()))]
+            certified = int((done[r, order] & (estimate[r, order] >= best[r])).long().cumprod(0).sum())
+            out.append(Ranking(order.tolist(), estimate[r, order].tolist(), certified))
         return out
-
-    def _leaf_bound(self, score: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
-        """[L] each title's deepest scored prefix log-probability (its path's last known node)."""
-        path = torch.cat([self.leaf_path, self.leaf_node[:, None]], 1)
-        known = torch.where(path >= 0, score[path.clamp(min=0)], float("-inf"))
-        known = torch.where(path >= 0, known, float("-inf"))
-        # scores only grow more negative down a path: the deepest known node has the lowest finite score
-        finite = known > float("-inf")
-        deepest = torch.where(finite, torch.arange(path.shape[1]).expand_as(path), -1).max(1).values
-        return known.gather(1, deepest.clamp(min=0)[:, None]).squeeze(1).where(deepest >= 0,
-                                                                               torch.tensor(0.0))
