@@ -39,10 +39,6 @@ class Layout(ABC):
         """The text fields of a prepared row (``bigrec prepare``)."""
 
     @abstractmethod
-    def check_row(self, row: dict, where: str = "row") -> None:
-        """Raise ``ValueError`` (naming ``where``) for a row not prepared in this layout."""
-
-    @abstractmethod
     def prompt(self, row: dict) -> str:
         """The generation prompt of a row: the text training puts before its target."""
 
@@ -95,9 +91,6 @@ class WindowLayout(Layout):
     def row(self, domain: Domain, history_titles: list[str], target_title: str) -> dict[str, str]:
         return instruction_row(domain, history_titles, target_title)
 
-    def check_row(self, row: dict, where: str = "row") -> None:
-        """Any row will do: the stages' readers check the fields a prompt needs."""
-
     def prompt(self, row: dict) -> str:
         return prompt_for_row(row, template=self.prompt_template, category=self.category)
 
@@ -141,9 +134,6 @@ class TimelineLayout(Layout):
 
     def row(self, domain: Domain, history_titles: list[str], target_title: str) -> dict[str, str]:
         return timeline.timeline_row(domain, history_titles, target_title)
-
-    def check_row(self, row: dict, where: str = "row") -> None:
-        timeline.check_row(row, where)
 
     def prompt(self, row: dict) -> str:
         return timeline.prompt(row)
