@@ -209,18 +209,16 @@ class ConstrainedDecoder:
             from bigrec.llm.likelihood import TitleScorer
 
             self.prior_scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype)
-            self.prior_of: dict[str, torch.Tensor] = {}
         self.stats: dict[str, float] = {}
 
     def item_prior(self, prompt: str) -> torch.Tensor:
-        """[N] -log p(title | ``prompt``) per catalogue item (far below every title for an item without one)."""
-        if prompt not in self.prior_of:
-            leaf = self.prior_scorer.prior(prompt)
-            items = self.trie.item_leaf
-            scores = torch.full((self.trie.num_items,), float(-leaf.max()) - 1e4)
-            scores[items >= 0] = -leaf[items[items >= 0]]
-            self.prior_of[prompt] = scores
-        return self.prior_of[prompt]
+        """[N] -log p(title | ``prompt``) per catalogue item (far below every title for an item without one);
+        the scorer keeps each prompt's prior, so spreading it over the items is all that repeats."""
+        leaf = self.prior_scorer.prior(prompt)
+        items = self.trie.item_leaf
+        scores = torch.full((self.trie.num_items,), float(-leaf.max()) - 1e4)
+        scores[items >= 0] = -leaf[items[items >= 0]]
+        return scores
 
     def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
         from bigrec.llm.constrained import constrained_generate
