@@ -95,6 +95,11 @@ class SFTDataset(Examples):
         self.truncated = sum(1 for e in encoded if len(e["input_ids"]) == cutoff_len)
 
 
+def round_up(length: int, multiple: int | None) -> int:
+    """``length`` padded up to a multiple of ``multiple`` (None: as it is)."""
+    return -(-length // multiple) * multiple if multiple else length
+
+
 @dataclass
 class Collator:
     """Right-pads a batch: pad id for inputs, 0 for the attention mask, IGNORE_INDEX for labels."""
@@ -103,9 +108,7 @@ class Collator:
     pad_to_multiple_of: int | None = 8
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in batch)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = round_up(max(len(e["input_ids"]) for e in batch), self.pad_to_multiple_of)
         out = {"input_ids": torch.full((len(batch), length), self.pad_token_id, dtype=torch.long),
                "attention_mask": torch.zeros((len(batch), length), dtype=torch.long),
                "labels": torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)}
@@ -149,9 +152,7 @@ class PackingCollator:
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in batch]
         rows = self.rows(lengths)
-        length = max(sum(lengths[i] for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = round_up(max(sum(lengths[i] for i in row) for row in rows), self.pad_to_multiple_of)
         out = {"input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
                "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
                "position_ids": torch.zeros((len(rows), length), dtype=torch.long)}
