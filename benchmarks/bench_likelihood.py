@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import K10
 
 from bigrec import io
 from bigrec.config import build, to_dict
@@ -36,9 +37,8 @@ from bigrec.evaluation.comparison import describe_pairs
 from bigrec.evaluation.intervals import paired_difference
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
+from bigrec.llm.layouts import LAYOUTS
 from bigrec.stages import demo, evaluate, generate
-
-K10 = list(TOPK).index(10)
 
 
 def fresh(path: Path, cfg) -> bool:
@@ -110,7 +110,7 @@ def main() -> None:
                                                                    "a claim needs at least 2,000)")
     parser.add_argument("--candidates", type=int, default=20, help="generate --candidates")
     parser.add_argument("--search_nodes", type=int, default=3072, help="generate --search_nodes")
-    parser.add_argument("--layout", default="window", choices=["window", "timeline"],
+    parser.add_argument("--layout", default="window", choices=list(LAYOUTS),
                         help="the layout the model was trained on")
     parser.add_argument("--data", default=None, help="--layout timeline: the timeline-prepared data folder")
     parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
