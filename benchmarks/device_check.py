@@ -149,6 +149,11 @@ SIZES: dict[str, tuple[int, int]] = {
     "tokenizer_vocab": (4000, 400),
 }
 NUM_BEAMS = 4
+CANDIDATES, SEARCH_NODES = 20, 3072  # likelihood ranking: bigrec generate's defaults
+# micro-batches of the packed training sweep per shape (each fits an 80 GiB GPU without checkpointing)
+SWEEPS: dict[str, tuple[int, ...]] = {"smollm2-135m": (8, 32, 128), "qwen2-0.5b": (8, 32, 64), "llama-7b": (8, 16)}
+TINY_SWEEP = (2, 8)
+CHECKS = ("train", "sweep", "generate", "embed", "likelihood")
 PYTEST_RUNS = [["tests/test_generate.py", "tests/test_decoding.py", "tests/test_index.py"],
                ["tests/test_train.py", "-k", "lora or labelled"]]
 HISTORY = 10
@@ -476,7 +481,9 @@ def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[d
         r["bigrec"] = steps_rate(times, warmup, steps, per_step)
         d.update(bigrec_peak_gib=mem.gib, bigrec_compute=resolved["compute_dtype"],
                  bigrec_tokens_per_step=per_step, bigrec_steps=summary["global_step"],
-                 bigrec_loss=summary["train_loss"])
+                 bigrec_loss=summary["train_loss"],
+                 bigrec_mfu=mfu(base, r["bigrec"], resolved["train_tokens"] / resolved["train_rows"], args.peaks,
+                                bf16=resolved["compute_dtype"] == "bfloat16"))
         adapter = str(out)
     except Exception as exc:  # one failure is one FAIL row, not a crash
         fail(r, exc, "bigrec")
@@ -495,7 +502,9 @@ def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[d
         d.update(reference_peak_gib=mem.gib, reference_compute="float32" + (" + bf16 autocast" if cuda_available()
                                                                              else ""),
                  reference_tokens_per_step=per_step, reference_steps=result["steps"],
-                 reference_loss=result["train_loss"])
+                 reference_loss=result["train_loss"],
+                 reference_mfu=mfu(base, r["reference"], result["tokens"] / result["examples"], args.peaks,
+                                   bf16=cuda_available()))
     except Exception as exc:
         fail(r, exc, "reference")
     free_memory()
@@ -504,6 +513,129 @@ def train_check(shape: str, base: str, work: Path, sizes: dict, args) -> tuple[d
     d["gpu_gib_held_after"] = held_gib()
     r["seconds"] = time.perf_counter() - started
     return r, adapter
+
+
+def model_flops_per_token(base: str, example_tokens: float) -> float:
+    """FLOPs of one trained token with LoRA: the forward pass and the backward pass's products for the
+    activations' gradients (2 x the forward; the frozen weights get none), attention over half an
+    example on average. Counted on the config alone (a meta-device model: no weights are read)."""
+    import torch
+    from peak import forward_flops
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    return 3 * forward_flops(model, 1, context=example_tokens / 2)
+
+
+def mfu(base: str, tokens_per_second: float, example_tokens: float, peaks, bf16: bool) -> float | None:
+    """Model FLOPs utilisation: the model FLOPs a rate needs / the measured matmul peak of its dtype."""
+    import torch
+
+    peak = peaks.of(torch.bfloat16 if bf16 else torch.float32) if peaks else None
+    if not peak:
+        return None
+    return tokens_per_second * model_flops_per_token(base, example_tokens) / peak
+
+
+def sweep_check(shape: str, base: str, work: Path, micro: int, reference: float | None, sizes: dict,
+                args) -> dict:
+    """Row for bigrec's LoRA training with packing at micro-batch ``micro`` (no accumulation), against
+    the reference recipe's rate at its own batch (``reference``, from the train row)."""
+    import yaml
+
+    from bigrec.stages.train import Config, run
+
+    r = row("sweep", f"{shape}: LoRA training, packed, micro-batch {micro}", shape, "tokens/s")
+    started = time.perf_counter()
+    warmup, steps = sizes["warmup"], sizes["steps"]
+    total = warmup + steps
+    data = write_rows(work / f"sweep-{micro}.json", make_rows(total * micro, make_titles(400, seed=1), seed=11))
+    d = r["details"]
+    d.update(steps_timed=steps, steps_untimed=warmup, batch_size=micro, micro_batch_size=micro, packing=True)
+    try:
+        out = work / f"sweep-{micro}"
+        config = Config(base_model=base, train_data_path=[data], output_dir=str(out), batch_size=micro,
+                        micro_batch_size=micro, num_epochs=1, max_steps=total, learning_rate=args.learning_rate,
+                        warmup_steps=0, cutoff_len=args.cutoff_len, lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                        lora_target_modules=["q_proj", "v_proj"], precision="auto", save_steps=total,
+                        save_total_limit=1, resume_from_checkpoint="false", seed=args.seed, packing=True)
+        with time_limit(args.timeout, "bigrec training"), PeakMemory() as mem, timed_trainers() as times:
+            run(config)
+        resolved = yaml.safe_load((out / "config.yaml").read_text())["run"]
+        r["bigrec"] = steps_rate(times, warmup, steps, resolved["train_tokens"] / (resolved["train_rows"] / micro))
+        d.update(peak_gib=mem.gib, compute=resolved["compute_dtype"],
+                 mfu=mfu(base, r["bigrec"], resolved["train_tokens"] / resolved["train_rows"], args.peaks,
+                         bf16=resolved["compute_dtype"] == "bfloat16"))
+        shutil.rmtree(out, ignore_errors=True)
+    except Exception as exc:
+        fail(r, exc)
+    free_memory()
+    r["reference"] = reference
+    if r["bigrec"] and reference:
+        r["ratio"] = r["bigrec"] / reference
+    r["seconds"] = time.perf_counter() - started
+    return r
+
+
+def likelihood_check(shape: str, base: str, sizes: dict, args) -> dict:
+    """Row for likelihood ranking (the exact top ``CANDIDATES`` of a ``--catalog_size``-title catalogue per
+    row), rows/s, against the reference recipe's beam search on the same model and rows (how the
+    reference gets its list). A random model's distribution over titles is flat: the search's worst
+    case, where most rows stop at ``SEARCH_NODES`` (the share certified exact is reported)."""
+    import torch
+    from bench_generate import reference_generate
+
+    from bigrec.llm.layouts import get_layout
+    from bigrec.llm.likelihood import TitleScorer
+    from bigrec.llm.models import load_model
+
+    r = row("likelihood", f"{shape}: likelihood ranking", shape, "rows/s")
+    started = time.perf_counter()
+    n, batch = sizes["gen_rows"], sizes["gen_batch"]
+    catalog = make_titles(sizes["catalog_size"], seed=3)
+    rows = make_rows(n, catalog, seed=21)
+    layout = get_layout("window")
+    prompts = [layout.prompt(x) for x in rows]
+    d = r["details"]
+    d.update(rows=n, batch=batch, catalog=len(catalog), candidates=CANDIDATES, search_nodes=SEARCH_NODES,
+             beams=NUM_BEAMS, new_tokens=args.new_tokens)
+    device = "cuda" if cuda_available() else "cpu"
+    model = None
+    try:
+        with time_limit(args.timeout, "likelihood ranking"), PeakMemory() as mem:
+            model, tok = load_model(base, "auto", device=device)
+            d["dtype"] = str(model.dtype).removeprefix("torch.")
+            trie = layout.trie(tok, catalog)
+            scorer = TitleScorer(model, tok, trie, batch_size=batch)
+            scorer.rank(prompts[:batch], CANDIDATES, max_nodes=SEARCH_NODES)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            rankings = []
+            for lo in range(0, n, batch):
+                rankings += scorer.rank(prompts[lo:lo + batch], CANDIDATES, max_nodes=SEARCH_NODES)
+            sync()
+            r["bigrec"] = n / (time.perf_counter() - t0)
+        model.generation_config.min_new_tokens = args.new_tokens  # fixed length, as in the generate check
+        d.update(peak_gib=mem.gib, trie_nodes=trie.num_nodes,
+                 certified=sum(x.certified >= CANDIDATES for x in rankings),
+                 distinct_top1=len({x.leaves[0] for x in rankings}))
+        with time_limit(args.timeout, "reference beam search"), torch.no_grad():
+            on_device = OnDevice(tok, device)
+            reference_generate(model, on_device, prompts[:batch], NUM_BEAMS, args.new_tokens)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            for lo in range(0, n, batch):
+                reference_generate(model, on_device, prompts[lo:lo + batch], NUM_BEAMS, args.new_tokens)
+            sync()
+            r["reference"] = n / (time.perf_counter() - t0)
+        r["ratio"] = r["bigrec"] / r["reference"]
+    except Exception as exc:
+        fail(r, exc)
+    model = None
+    free_memory()
+    r["seconds"] = time.perf_counter() - started
+    return r
 
 
 @contextlib.contextmanager
@@ -698,19 +830,31 @@ def shape_checks(shape: str, sizes: dict, args, work: Path, emit) -> None:
                                "cuda" if cuda_available() else "cpu", seed=args.seed)
         log(f"{label}: model saved in {time.perf_counter() - started:.1f}s")
     except Exception as exc:
-        for check, what in (("train", "LoRA training"), ("generate", "beam search"), ("embed", "embedding")):
-            r = row(check, f"{label}: {what}", label)
+        for check in args.checks:
+            r = row(check, f"{label}: {check}", label)
             fail(r, exc, "building the model")
             emit(r)
         shutil.rmtree(folder, ignore_errors=True)
         return
-    log(f"{label}: training (bigrec, then the reference)")
-    r, adapter = train_check(label, base, folder, sizes, args)
-    emit(r)
-    log(f"{label}: generation")
-    emit(generate_check(label, base, adapter, sizes, args))
-    log(f"{label}: embedding")
-    emit(embed_check(label, base, sizes, args))
+    adapter = reference_rate = None
+    if "train" in args.checks:
+        log(f"{label}: training (bigrec, then the reference)")
+        r, adapter = train_check(label, base, folder, sizes, args)
+        reference_rate = r["reference"]
+        emit(r)
+    if "sweep" in args.checks:
+        for micro in args.sweep or (TINY_SWEEP if args.tiny else SWEEPS[shape]):
+            log(f"{label}: packed training at micro-batch {micro}")
+            emit(sweep_check(label, base, folder, micro, reference_rate, sizes, args))
+    if "generate" in args.checks:
+        log(f"{label}: generation")
+        emit(generate_check(label, base, adapter, sizes, args))
+    if "embed" in args.checks:
+        log(f"{label}: embedding")
+        emit(embed_check(label, base, sizes, args))
+    if "likelihood" in args.checks:
+        log(f"{label}: likelihood ranking")
+        emit(likelihood_check(label, base, sizes, args))
     shutil.rmtree(folder, ignore_errors=True)
     free_memory()
 
@@ -874,6 +1018,10 @@ def _gib(x) -> str:
     return "?" if x is None else f"{x:.2f}"
 
 
+def _pct(x) -> str:
+    return "?" if x is None else f"{x:.1%}"
+
+
 def notes(r: dict) -> str:
     d = r["details"]
     mem = "GPU mem" if cuda_available() else "RSS"
@@ -885,6 +1033,17 @@ def notes(r: dict) -> str:
         parts.append(f"{d.get('bigrec_compute', '?')} / {d.get('reference_compute', '?')}")
         parts.append(f"{d['steps_timed']} steps timed after {d['steps_untimed']}, batch {d['batch_size']}/"
                      f"{d['micro_batch_size']}")
+        parts.append(f"MFU {_pct(d.get('bigrec_mfu'))} / {_pct(d.get('reference_mfu'))}")
+    elif r["check"] == "sweep":
+        parts.append(f"MFU {_pct(d.get('mfu'))}; peak {mem} {_gib(d.get('peak_gib'))} GiB; {d.get('compute', '?')}")
+        parts.append(f"{d['steps_timed']} steps timed after {d['steps_untimed']}; reference: the train row's")
+    elif r["check"] == "likelihood":
+        if "certified" in d:
+            parts.append(f"top {d['candidates']} certified exact in {d['certified']}/{d['rows']} rows "
+                         f"(--search_nodes {d['search_nodes']}); {d['distinct_top1']} distinct top-1")
+        parts.append(f"catalogue {d['catalog']}, batch {d['batch']}, {d.get('dtype', '?')}; reference: its beam "
+                     f"search, {d['beams']} beams x {d['new_tokens']} tokens, same model")
+        parts.append(f"peak {mem} {_gib(d.get('peak_gib'))} GiB")
     elif r["check"] == "generate":
         if r["agreement"] is not None:
             parts.append(f"top-1 agrees {r['agreement']:.2f} ({d['same_top1']}/{d['rows']})")
@@ -913,7 +1072,7 @@ def notes(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    order = {"pytest": 0, "train": 1, "generate": 1, "embed": 1, "accelerate": 2}
+    order = {"pytest": 0, **{check: 1 for check in CHECKS}, "accelerate": 2}
     lines = ["| check | status | bigrec | reference | bigrec/ref | unit | s | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: order[r["check"]]):
@@ -932,6 +1091,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     parser.add_argument("--skip_tests", action="store_true", help="leave out the pytest run")
     parser.add_argument("--skip_accelerate", action="store_true", help="leave out the accelerate check")
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help=f"comma-separated per-shape checks, a subset of {', '.join(CHECKS)}")
+    parser.add_argument("--sweep", help="micro-batches of the packed training sweep, comma-separated (default per "
+                                        "shape: " + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in SWEEPS.items())
+                                        + f"; with --tiny {','.join(map(str, TINY_SWEEP))})")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess and per measurement")
     parser.add_argument("--workdir", help="where models, data and logs go (default: a temporary folder, removed)")
@@ -949,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
+    args.checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    if set(args.checks) - set(CHECKS):
+        parser.error(f"unknown checks {sorted(set(args.checks) - set(CHECKS))}; choose from {', '.join(CHECKS)}")
+    try:
+        args.sweep = [int(m) for m in args.sweep.split(",")] if args.sweep else None
+    except ValueError:
+        parser.error(f"--sweep {args.sweep!r}: expected comma-separated integers")
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else (tiny if args.tiny else full)
              for name, (full, tiny) in SIZES.items()}
     if sizes["batch_size"] % sizes["micro_batch_size"]:
@@ -973,8 +1144,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
     log(f"{device}; torch {torch.__version__}; work folder {work}; sizes {sizes}")
+    from peak import measure_peaks
+
+    args.peaks = measure_peaks("cuda" if cuda else "cpu")
+    log(args.peaks.line())
     report = {"device": device, "torch": torch.__version__, "cuda": cuda, "tiny": args.tiny, "sizes": sizes,
-              "args": vars(args), "rows": []}
+              "peaks": {"fp32": args.peaks.fp32, "bf16": args.peaks.bf16},
+              "args": {k: v for k, v in vars(args).items() if k != "peaks"}, "rows": []}
 
     def emit(r: dict) -> None:
         report["rows"].append(r)
@@ -1001,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     print(f"\n{device}, torch {torch.__version__}{', tiny sizes' if args.tiny else ''}; "
-          f"{report['total_seconds']:.0f} s in all\n")
+          f"{report['total_seconds']:.0f} s in all; {args.peaks.line()}\n")
     print(table(report["rows"]))
     print("\nbigrec/ref: bigrec's rate / the reference recipe's (above 1: bigrec faster). Memory columns in notes: "
           "bigrec / reference.")
