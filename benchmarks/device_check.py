@@ -79,6 +79,22 @@ Checks, in the order they run:
      Agreement: the share of rows whose nearest catalogue item (L2, the catalogue embedded by
      ``embed_texts`` for both) is the same.
 
+   * Packed LoRA training sweep (``sweep``): bigrec as above with ``--packing`` at each micro-batch
+     of ``--sweep`` (default per shape: ``SWEEPS``, the largest fitting an 80 GiB GPU without
+     gradient checkpointing), no accumulation, the same timed steps; against the train row's
+     reference rate at the reference's batch.
+   * Likelihood ranking (``likelihood``), rows/s: the exact top 20 of a ``--catalog_size``-title
+     catalogue for ``--gen_rows`` window prompts in batches of ``--gen_batch``
+     (``bigrec.llm.likelihood.TitleScorer.rank``, ``bigrec generate``'s default ``--search_nodes``),
+     against the reference's beam search (4 beams, ``--new_tokens`` tokens) on the same model and
+     rows. A random model is flat over titles, the search's worst case: the share of rows
+     certified exact says how often it hit the node cap.
+
+   Every training rate also gets its MFU: model FLOPs per trained token (forward plus the
+   backward's activation gradients, 3x a forward pass, attention over half an example;
+   ``benchmarks/peak.py``) x tokens/s / the matmul peak measured at the start in the dtype the
+   products run in. ``--checks`` picks the per-shape checks (default: all five).
+
    Ratios are bigrec / reference (above 1: bigrec faster). Models are freed between
    measurements (``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``).
 
