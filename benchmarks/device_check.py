@@ -87,7 +87,8 @@ Checks, in the order they run:
      catalogue for ``--gen_rows`` window prompts in batches of ``--gen_batch``
      (``bigrec.llm.likelihood.TitleScorer.rank``, ``bigrec generate``'s default ``--search_nodes``),
      against the reference's beam search (4 beams, ``--new_tokens`` tokens) on the same model and
-     rows. A random model is flat over titles, the search's worst case: the share of rows
+     rows; one row per ``--step_nodes`` value (nodes a row's search expands per model call). A
+     random model is flat over titles, the search's worst case: the share of rows
      certified exact says how often it hit the node cap.
 
    Every training rate also gets its MFU: model FLOPs per trained token (forward plus the
@@ -594,7 +595,7 @@ def sweep_check(shape: str, base: str, work: Path, micro: int, reference: float 
     return r
 
 
-def likelihood_check(shape: str, base: str, sizes: dict, args) -> dict:
+def likelihood_check(shape: str, base: str, sizes: dict, args, step_nodes: int = 24) -> dict:
     """Row for likelihood ranking (the exact top ``CANDIDATES`` of a ``--catalog_size``-title catalogue per
     row), rows/s, against the reference recipe's beam search on the same model and rows (how the
     reference gets its list). A random model's distribution over titles is flat: the search's worst
@@ -606,7 +607,7 @@ def likelihood_check(shape: str, base: str, sizes: dict, args) -> dict:
     from bigrec.llm.likelihood import TitleScorer
     from bigrec.llm.models import load_model
 
-    r = row("likelihood", f"{shape}: likelihood ranking", shape, "rows/s")
+    r = row("likelihood", f"{shape}: likelihood ranking, {step_nodes} nodes a step", shape, "rows/s")
     started = time.perf_counter()
     n, batch = sizes["gen_rows"], sizes["gen_batch"]
     catalog = make_titles(sizes["catalog_size"], seed=3)
@@ -615,6 +616,7 @@ def likelihood_check(shape: str, base: str, sizes: dict, args) -> dict:
     prompts = [layout.prompt(x) for x in rows]
     d = r["details"]
     d.update(rows=n, batch=batch, catalog=len(catalog), candidates=CANDIDATES, search_nodes=SEARCH_NODES,
+             step_nodes=step_nodes,
              beams=NUM_BEAMS, new_tokens=args.new_tokens)
     device = "cuda" if cuda_available() else "cpu"
     model = None
@@ -624,12 +626,13 @@ def likelihood_check(shape: str, base: str, sizes: dict, args) -> dict:
             d["dtype"] = str(model.dtype).removeprefix("torch.")
             trie = layout.trie(tok, catalog)
             scorer = TitleScorer(model, tok, trie, batch_size=batch)
-            scorer.rank(prompts[:batch], CANDIDATES, max_nodes=SEARCH_NODES)  # warm-up
+            scorer.rank(prompts[:batch], CANDIDATES, step_nodes=step_nodes, max_nodes=SEARCH_NODES)  # warm-up
             sync()
             t0 = time.perf_counter()
             rankings = []
             for lo in range(0, n, batch):
-                rankings += scorer.rank(prompts[lo:lo + batch], CANDIDATES, max_nodes=SEARCH_NODES)
+                rankings += scorer.rank(prompts[lo:lo + batch], CANDIDATES, step_nodes=step_nodes,
+                                        max_nodes=SEARCH_NODES)
             sync()
             r["bigrec"] = n / (time.perf_counter() - t0)
         model.generation_config.min_new_tokens = args.new_tokens  # fixed length, as in the generate check
@@ -869,8 +872,9 @@ def shape_checks(shape: str, sizes: dict, args, work: Path, emit) -> None:
         log(f"{label}: embedding")
         emit(embed_check(label, base, sizes, args))
     if "likelihood" in args.checks:
-        log(f"{label}: likelihood ranking")
-        emit(likelihood_check(label, base, sizes, args))
+        for step_nodes in args.step_nodes:
+            log(f"{label}: likelihood ranking, {step_nodes} nodes a step")
+            emit(likelihood_check(label, base, sizes, args, step_nodes))
     shutil.rmtree(folder, ignore_errors=True)
     free_memory()
 
@@ -1112,6 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", help="micro-batches of the packed training sweep, comma-separated (default per "
                                         "shape: " + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in SWEEPS.items())
                                         + f"; with --tiny {','.join(map(str, TINY_SWEEP))})")
+    parser.add_argument("--step_nodes", default="24", help="likelihood ranking: nodes each row's search expands per "
+                                                            "model call, comma-separated (one row each)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess and per measurement")
     parser.add_argument("--workdir", help="where models, data and logs go (default: a temporary folder, removed)")
@@ -1136,6 +1142,10 @@ def main(argv: list[str] | None = None) -> int:
         args.sweep = [int(m) for m in args.sweep.split(",")] if args.sweep else None
     except ValueError:
         parser.error(f"--sweep {args.sweep!r}: expected comma-separated integers")
+    try:
+        args.step_nodes = [int(m) for m in args.step_nodes.split(",")]
+    except ValueError:
+        parser.error(f"--step_nodes {args.step_nodes!r}: expected comma-separated integers")
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else (tiny if args.tiny else full)
              for name, (full, tiny) in SIZES.items()}
     if sizes["batch_size"] % sizes["micro_batch_size"]:
