@@ -31,7 +31,7 @@ import yaml
 from common import K10
 
 from bigrec import io
-from bigrec.config import to_dict
+from bigrec.config import build, to_dict
 from bigrec.evaluation.comparison import describe_pairs
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo, evaluate
@@ -63,17 +63,18 @@ def seed_from(first: Path, run_dir: Path) -> None:
                                                              "report.html", "run.yaml"}])
 
 
-def run_recipe(name: str, args, over: dict, first: Path | None = None) -> Path:
+def run_recipe(name: str, args, over: dict, first: Path | None = None) -> demo.Config:
     run_dir = recipe_dir(name, args)
     if "adapter" in over and first is not None:
         seed_from(first, run_dir)
-    cfg = demo.Config(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
-                      test_rows=args.test_rows, valid_rows=args.valid_rows, seed=args.seed,
-                      data_seed=args.data_seed, **over)
+    values = dict(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
+                  test_rows=args.test_rows, valid_rows=args.valid_rows, seed=args.seed, data_seed=args.data_seed)
+    cfg = build(demo.Config, {**values, **over, **dict(item.split("=", 1) for item in args.set)},
+                "bench_quality")
     started = time.perf_counter()
     demo.run(cfg)
     print(f"[{name}] {run_dir} ready in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    return run_dir
+    return cfg
 
 
 def variant_comparison(run_dir: Path, name: str, options: dict, sample: int) -> dict:
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--run_dir", default="runs/quality/{dataset}/{recipe}", help="run folder pattern")
     parser.add_argument("--recipe_dir", action="append", default=[], metavar="RECIPE=DIR",
                         help="this recipe's run folder instead of the pattern's (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a bigrec demo option for every recipe (e.g. base_model=PATH), over the recipe's own")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="a recipe NAME that scores an adapter trained elsewhere (a learning-curve snapshot) "
                              "with the demo's other settings, in a copy of the first recipe's folder (repeatable)")
@@ -126,6 +129,9 @@ def main() -> None:
             parser.error(f"--adapter {item}: expected NAME=PATH with a NAME that is not a recipe")
         RECIPES[name] = {"adapter": path}
         args.recipes += f",{name}"
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item}: expected KEY=VALUE")
     recipes = [r for r in args.recipes.split(",") if r]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [r for r in recipes if r not in RECIPES] + [v for v in variants if v not in VARIANTS]
@@ -134,8 +140,8 @@ def main() -> None:
 
     results: dict[str, dict] = {}  # "recipe" or "recipe, variant" -> comparison per protocol
     for name in recipes:
-        run_dir = run_recipe(name, args, RECIPES[name], first=recipe_dir(recipes[0], args))
-        sample = demo.Config(**RECIPES[name]).sample
+        cfg = run_recipe(name, args, RECIPES[name], first=recipe_dir(recipes[0], args))
+        run_dir, sample = Path(cfg.run_dir), cfg.sample
         results[name] = json.loads((run_dir / "metrics" / "comparison.json").read_text())["protocols"]
         for variant in variants:
             results[f"{name}, {variant}"] = variant_comparison(run_dir, variant, VARIANTS[variant], sample)
