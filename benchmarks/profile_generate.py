@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import device_check as dc
+from device import use_working_tree
+from device.inference import title_end_never_stops
+from device.measure import OnDevice, sync
+from device.shapes import SHAPES, TINY_DIMS, build_model, make_rows, make_titles
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize",
          "cudaStreamWaitEvent")
@@ -44,15 +47,15 @@ def profile(label: str, run, device: str, top: int) -> None:
     from torch.profiler import profile as torch_profile
 
     run()  # warm-up
-    dc.sync()
+    sync()
     t0 = time.perf_counter()
     run()
-    dc.sync()
+    sync()
     plain = time.perf_counter() - t0
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         run()
-        dc.sync()
+        sync()
     events = prof.key_averages()
     waits = [e for e in events if e.key in WAITS]
     print(f"\n## {label}: {plain * 1000:.0f} ms for the batch (unprofiled)")
@@ -63,13 +66,13 @@ def profile(label: str, run, device: str, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="smollm2-135m", choices=list(dc.SHAPES))
+    parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the shape's architecture")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=15, help="operators listed per side")
     args = parser.parse_args()
-    dc.use_working_tree()  # src/ and tests/ on the path, quiet library logs
+    use_working_tree()  # src/ and tests/ on the path, quiet library logs
 
     import torch
     from bench_generate import reference_generate
@@ -79,21 +82,21 @@ def main() -> None:
     from bigrec.llm.models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    arch, dims = dc.SHAPES[args.shape]
-    dims = {**dims, **dc.TINY_DIMS} if args.tiny else dims
-    rows = dc.make_rows(args.rows, dc.make_titles(400, seed=1), seed=20)
+    arch, dims = SHAPES[args.shape]
+    dims = {**dims, **TINY_DIMS} if args.tiny else dims
+    rows = make_rows(args.rows, make_titles(400, seed=1), seed=20)
     prompts = [prompt_for_row(x) for x in rows]
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}; "
           f"{args.shape}{' (tiny)' if args.tiny else ''}, {args.rows} rows, 4 beams, {args.new_tokens} new tokens")
     print(f"one small kernel + a host read of its result: {wait_price(device) * 1e6:.0f} us")
     with tempfile.TemporaryDirectory() as tmp:
-        base = dc.build_model(Path(tmp) / "model", arch, dims, 400 if args.tiny else 4000, device)
+        base = build_model(Path(tmp) / "model", arch, dims, 400 if args.tiny else 4000, device)
         model, tok = load_model(base, "auto", device=device)
         model.generation_config.min_new_tokens = args.new_tokens
-        with dc.title_end_never_stops():
+        with title_end_never_stops():
             profile("bigrec generate_ids", lambda: generate_ids(model, tok, prompts, 4, args.new_tokens), device,
                     args.top)
-        on_device = dc.OnDevice(tok, device)
+        on_device = OnDevice(tok, device)
         profile("plain model.generate (the reference)",
                 lambda: reference_generate(model, on_device, prompts, 4, args.new_tokens), device, args.top)
 

@@ -93,7 +93,7 @@ def run_one(script: str, values: dict[str, str], log_dir: Path) -> tuple[int, fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from device_check import use_working_tree
+    from device import use_working_tree
 
     use_working_tree()  # src/ and tests/ (the tiny model and dataset builders) on the import path
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
