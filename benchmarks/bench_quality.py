@@ -31,17 +31,22 @@ import yaml
 from common import K10
 
 from bigrec import io
-from bigrec.config import build, to_dict
+from bigrec.config import ConfigError, build, load_yaml, to_dict
 from bigrec.evaluation.comparison import describe_pairs
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo, evaluate
 
-RECIPES = {
-    "demo": {},  # the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, response-only loss
-    "demo-4096": {"sample": 4096},  # four times the examples, the same schedule otherwise
-    "demo-2ep": {"num_epochs": 2},
-    "demo-natural": {"prompt_titles": "natural"},  # prompts and answers with the article in front
-}
+# A recipe is "demo" (the demo's defaults: 1,024 examples, one epoch at batch 16, lr 5e-4, loss on
+# the response only) or a demo config, shipped (src/bigrec/configs: demo-4096, demo-2ep,
+# demo-natural, paper; `bigrec demo --config NAME` runs the same) or a YAML file's path.
+RECIPES: dict[str, dict] = {"demo": {}}
+
+
+def recipe(name: str) -> dict:
+    if name not in RECIPES:
+        RECIPES[name] = load_yaml(name)
+    return RECIPES[name]
+
 VARIANTS = {"nearest of 4 beams": {"ground_beams": 4}}
 
 
@@ -105,7 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="ml-100k", help="bigrec prepare --dataset (d3 for Amazon Industrial)")
     parser.add_argument("--source", default=None, help="bigrec prepare --source")
-    parser.add_argument("--recipes", default="demo", help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default="demo", help="comma-separated: demo, or demo configs (shipped names such "
+                                                           "as demo-4096, demo-2ep, demo-natural, paper, or paths)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="evaluation-only variants, comma-separated "
                                                                        "('' for none)")
     parser.add_argument("--test_rows", type=int, default=2000, help="test rows (at least 2,000 for a claim)")
@@ -134,13 +140,18 @@ def main() -> None:
             parser.error(f"--set {item}: expected KEY=VALUE")
     recipes = [r for r in args.recipes.split(",") if r]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [r for r in recipes if r not in RECIPES] + [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        parser.error(f"unknown recipe or variant: {', '.join(unknown)}")
+        parser.error(f"unknown variant: {', '.join(unknown)}")
+    for name in recipes:
+        try:
+            recipe(name)
+        except ConfigError as exc:
+            parser.error(f"recipe {name}: {exc}")
 
     results: dict[str, dict] = {}  # "recipe" or "recipe, variant" -> comparison per protocol
     for name in recipes:
-        cfg = run_recipe(name, args, RECIPES[name], first=recipe_dir(recipes[0], args))
+        cfg = run_recipe(name, args, recipe(name), first=recipe_dir(recipes[0], args))
         run_dir, sample = Path(cfg.run_dir), cfg.sample
         results[name] = json.loads((run_dir / "metrics" / "comparison.json").read_text())["protocols"]
         for variant in variants:
@@ -153,14 +164,14 @@ def main() -> None:
         base = results[recipes[0]][protocol]
         for label in [n for n in base["metrics"] if not n.startswith("BIGRec")]:
             print(row(label, base["metrics"][label], base["intervals"].get(label)))
-        for recipe, parts in results.items():
+        for name, parts in results.items():
             part = parts[protocol]
             for label in [n for n in part["metrics"] if n.startswith("BIGRec")]:
-                print(row(f"{recipe}: {label}", part["metrics"][label], part["intervals"].get(label)))
+                print(row(f"{name}: {label}", part["metrics"][label], part["intervals"].get(label)))
         print()
-        for recipe, parts in results.items():
+        for name, parts in results.items():
             for line in describe_pairs(parts[protocol]["paired"]):
-                print(f"- {recipe}: {line}")
+                print(f"- {name}: {line}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bigrec import cli
-from bigrec.config import ConfigError, parse
+from bigrec.config import ConfigError, parse, to_dict
 from bigrec.stages.baseline import Config as BaselineConfig
 from bigrec.stages.demo import Config as DemoConfig
 from bigrec.stages.generate import Config as GenerateConfig
@@ -82,3 +82,26 @@ def test_shipped_full_data_config_trains_every_weight_on_every_user():
     assert (cfg.layout, cfg.lora, cfg.sample, cfg.num_epochs) == ("timeline", False, -1, 5)
     assert cfg.snapshot_epochs == [1, 2, 3, 4, 5] and cfg.early_stopping_patience == 0
     assert parse(TrainConfig, ["--config", "full-data", "--train_data_path", "t.json", "--lora", "true"]).lora
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [("demo-4096", "sample", 4096), ("demo-2ep", "num_epochs", 2),
+                                                      ("demo-natural", "prompt_titles", "natural")])
+def test_shipped_demo_recipes_are_demo_configs_and_bench_quality_recipes(name, field, value):
+    """bench_quality's recipes are the shipped demo configs: `bigrec demo --config NAME` runs the same."""
+    import bench_quality
+
+    cfg = parse(DemoConfig, ["--config", name])
+    assert getattr(cfg, field) == value
+    changed = {k for k, v in to_dict(cfg).items() if v != to_dict(DemoConfig())[k]}
+    assert changed == {field}  # one change from the demo's defaults, nothing else
+    assert bench_quality.recipe(name) == {field: value}
+
+
+def test_bench_quality_refuses_an_unknown_recipe():
+    import subprocess
+    import sys
+
+    from bench_quality import __file__ as script
+
+    proc = subprocess.run([sys.executable, script, "--recipes", "demo,nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "recipe nope: config file not found: nope" in proc.stderr
