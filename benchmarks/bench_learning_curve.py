@@ -12,8 +12,12 @@ scored too), at the last point, or when validation NDCG@10 has not improved over
 of the budget. Few-shot SASRec (on the same sampled rows), popularity and the last history title
 are scored on the same rows and drawn as horizontal lines.
 
-Everything is kept under ``--run_dir``; a killed run resumes where it stopped, and finished
-points are never recomputed, so one curve can span several sessions.
+Everything is kept under ``--run_dir``; a killed run resumes where it stopped, so one curve can
+span several sessions. The data, the scoring rows, the index, each baseline and each point are
+keyed like the demo's stages (``--run_dir``/stages, :class:`bigrec.stages.demo.Stages`): a rerun
+skips what is up to date and redoes what a changed option touches (``--num_beams`` rescoring
+every point, ``--sasrec_epochs`` retraining SASRec), never reusing work done otherwise. Training
+keys itself: ``bigrec train`` refuses to continue a run with other settings or other rows.
 
     python benchmarks/bench_learning_curve.py --recipes demo-long           # ml-100k, seed 42
     python benchmarks/bench_learning_curve.py --recipes demo-long --seed 0 --points 1 --train_only
@@ -37,6 +41,7 @@ from common import K10
 from bigrec import io
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
+from bigrec.stages import demo
 
 log = logging.getLogger("bench_learning_curve")
 
@@ -68,31 +73,37 @@ class Curve:
         self.data = self.root / "data"
         self.rows_path = self.root / "inputs" / f"valid_{args.valid_rows}.json"
         self.index = self.root / "index.safetensors"
+        self.stages = demo.Stages(self.root)
 
     def grounding(self) -> dict:
         return {"pooling": "mean", "embed_layer": -1, "title_text": "natural"}  # the demo's
 
     def prepare(self) -> None:
-        from bigrec.stages import prepare
+        """Data, scoring rows and item index, each redone when a setting it depends on changes
+        (the demo's stage records under ``root/stages``: a changed option never reuses old work)."""
+        from bigrec.stages import index, prepare
 
-        if not (self.data / "valid_5000.json").is_file():
-            prepare.run(prepare.Config(dataset=self.args.dataset, out=str(self.data), source=self.args.source,
-                                       seed=self.args.data_seed))
-        if not self.rows_path.is_file():
-            rows = io.read_json(self.data / "valid_5000.json")[: self.args.valid_rows]
-            io.write_json_rows(self.rows_path, rows)
-        if not self.index.is_file():
-            from bigrec.stages import index
+        args = self.args
 
-            index.run(index.Config(catalog=str(self.data / "id2name.txt"), output=str(self.index),
-                                   base_model=self.args.base_model, **self.grounding()))
+        def scoring_rows() -> None:
+            io.write_json_rows(self.rows_path, io.read_json(self.data / "valid_5000.json")[: args.valid_rows])
+
+        self.stages.run("prepare", {"dataset": args.dataset, "source": args.source, "seed": args.data_seed},
+                        [self.data / "valid_5000.json"],
+                        lambda: prepare.run(prepare.Config(dataset=args.dataset, out=str(self.data),
+                                                           source=args.source, seed=args.data_seed)))
+        self.stages.run("rows", {"valid_rows": args.valid_rows}, [self.rows_path], scoring_rows, after=("prepare",))
+        self.stages.run("index", {"base_model": args.base_model, **self.grounding()}, [self.index],
+                        lambda: index.run(index.Config(catalog=str(self.data / "id2name.txt"), output=str(self.index),
+                                                       base_model=args.base_model, **self.grounding())),
+                        after=("prepare",))
 
     def baselines(self) -> dict:
         """Few-shot SASRec (the same sampled rows), popularity and the last history title on the
-        scoring rows: {name: {"ranks": [...], NDCG@10, HR@10 with intervals}}."""
-        path = self.root / "baselines.json"
-        if path.is_file():
-            return io.read_json(path)
+        scoring rows: {name: {"ranks": [...], NDCG@10, HR@10 with intervals}}; each model is
+        trained again when its settings or the data change. Written to ``baselines.json``."""
+        import shutil
+
         import torch
 
         from bigrec.data.catalog import read_catalog, row_target
@@ -107,9 +118,16 @@ class Curve:
         for name, model, sample in (("Popularity", "popularity", -1),
                                     (f"SASRec (same {self.args.sample} rows)", "sasrec", self.args.sample)):
             folder = self.root / f"{model}{'' if sample < 0 else f'_sample{sample}'}"
-            if not (folder / "scores" / "valid_5000.safetensors").is_file():
-                baseline.run(baseline.Config(data=str(self.data), output_dir=str(folder), model=model,
-                                             seed=self.args.seed, sample=sample, epochs=self.args.sasrec_epochs))
+            config = baseline.Config(data=str(self.data), output_dir=str(folder), model=model, seed=self.args.seed,
+                                     sample=sample, epochs=self.args.sasrec_epochs)
+
+            def train_baseline(folder=folder, config=config) -> None:
+                shutil.rmtree(folder, ignore_errors=True)
+                baseline.run(config)
+
+            settings = {"seed": config.seed, "sample": sample} | ({"epochs": config.epochs} if model == "sasrec" else {})
+            self.stages.run(folder.name, settings,
+                            [folder / "scores" / "valid_5000.safetensors"], train_baseline, after=("prepare",))
             scores = load_scores(folder / "scores" / "valid_5000.safetensors").align(rows)
             out[name] = summarise(target_ranks(scores, targets, higher_is_better=True))
         content = next(iter(self.points_dir_any().glob("*/metrics.details.json")), None)
@@ -118,7 +136,7 @@ class Curve:
         info = next(iter(io.read_json(content)["files"].values()))
         key = next(k for k in info["ranks"] if k.endswith("last history title"))
         out["Last history title (content)"] = summarise(torch.tensor(info["ranks"][key]))
-        io.write_json(path, out)
+        io.write_json(self.root / "baselines.json", out)
         return out
 
     def points_dir_any(self) -> Path:
@@ -261,17 +279,31 @@ class Recipe:
         snaps = sorted((self.train_dir / "snapshots").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
         for snap in snaps:
             meta_path = snap / "snapshot.json"
-            if meta_path.is_file() and not (self.points_dir / f"{snap.name}.json").is_file():
+            if meta_path.is_file():  # scored unless its point is up to date
                 self.score(snap, snap.name, io.read_json(meta_path), None)
 
     def score(self, adapter: Path, label: str, meta: dict, steps_per_epoch: int | None) -> dict:
+        """This snapshot's point, scored unless its record says it is up to date with these settings."""
+        args, curve = self.curve.args, self.curve
+        target = self.points_dir / f"{label}.json"
+        settings = {"adapter": str(adapter), "step": meta.get("step"), "eval_loss": meta.get("eval_loss"),
+                    "base_model": args.base_model, "num_beams": args.num_beams, **curve.grounding()}
+        stage = f"point_{self.name}_{label}"
+        redo = curve.stages.recorded(stage)  # scored before with other settings: its generations are stale
+        curve.stages.run(stage, settings, [target], lambda: self._score(adapter, label, meta, steps_per_epoch, redo),
+                         after=("rows", "index"))
+        return io.read_json(target)
+
+    def _score(self, adapter: Path, label: str, meta: dict, steps_per_epoch: int | None, redo: bool) -> None:
         from bigrec.stages import evaluate, generate
 
-        target = self.points_dir / f"{label}.json"
-        if target.is_file():
-            return io.read_json(target)
         args, curve = self.curve.args, self.curve
+        target = self.points_dir / f"{label}.json"
         work = self.points_dir / label
+        if redo:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
         started = time.perf_counter()
         rows = io.read_json(curve.rows_path)
         loss = response_loss(args.base_model, adapter, rows, 512)
@@ -299,7 +331,6 @@ class Recipe:
         io.write_json(target, point)
         log.info("[%s] %s: NDCG@10 %.4f, response loss %.4f, %.1f wall-min", self.name, label, point["ndcg10"],
                  loss, meta["wall_s"] / 60)
-        return point
 
 
 def table(recipes: list[Recipe], baselines: dict) -> str:
@@ -412,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in recipes:
             recipe.record()
             recipe.run()
-    baselines = curve.baselines() if (curve.root / "baselines.json").is_file() or not args.report_only else {}
+    if args.report_only:
+        baselines = io.read_json(curve.root / "baselines.json") if (curve.root / "baselines.json").is_file() else {}
+    else:
+        baselines = curve.baselines()
     print(f"\n{args.dataset}, seed {args.seed}, {args.sample} training rows; every point scored on the same "
           f"{args.valid_rows} validation rows (free decoding, {args.num_beams} beams, the demo's grounding)\n")
     print(table(recipes, baselines))

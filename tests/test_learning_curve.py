@@ -51,6 +51,21 @@ def test_curve_scores_each_point_once_and_resumes(tiny_model_dir, tmp_path, caps
     assert {p: p.stat().st_mtime_ns for p in points_dir.glob("*.json") if p.name != "epoch-2.json"} == {
         p: t for p, t in stamps.items() if p.name != "epoch-2.json"}
 
+    # A changed scoring option rescores every point (never reuses one scored otherwise) and trains
+    # nothing again; a changed baseline option retrains that baseline alone.
+    stamps = {p: p.stat().st_mtime_ns for p in points_dir.glob("*.json")}
+    sasrec = run_dir / "sasrec_sample16" / "scores" / "valid_5000.safetensors"
+    popularity = run_dir / "popularity" / "scores" / "valid_5000.safetensors"
+    before = {p: p.stat().st_mtime_ns for p in (sasrec, popularity)}
+    changed = [*argv, "--num_beams", "3", "--sasrec_epochs", "3"]
+    assert curve.main([*changed, "--score_only"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
+    assert (run_dir / "demo-long" / "train" / "train_log.jsonl").read_text() == log
+    assert sasrec.stat().st_mtime_ns != before[sasrec] and popularity.stat().st_mtime_ns == before[popularity]
+    records = {p.stem: json.loads(p.read_text()) for p in (run_dir / "stages").glob("point_*.json")}
+    assert sorted(records) == ["point_demo-long_epoch-1", "point_demo-long_epoch-2", "point_demo-long_epoch-4"]
+    assert all(r["settings"]["num_beams"] == 3 for r in records.values())
+
 
 def test_unknown_recipe_setting_is_refused(tmp_path):
     with pytest.raises(SystemExit):

@@ -117,6 +117,10 @@ class Stages:
             return "<run>" + value[len(self.run_dir):]
         return value
 
+    def recorded(self, name: str) -> bool:
+        """Whether ``name`` has run before in this folder (with these settings or others)."""
+        return (self.dir / f"{name}.json").is_file()
+
     @staticmethod
     def key_of(settings: dict, after: dict) -> str:
         payload = json.dumps({"settings": settings, "after": after}, sort_keys=True, default=str)
