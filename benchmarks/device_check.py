@@ -87,9 +87,10 @@ Checks, in the order they run:
      catalogue for ``--gen_rows`` window prompts in batches of ``--gen_batch``
      (``bigrec.llm.likelihood.TitleScorer.rank``, ``bigrec generate``'s default ``--search_nodes``),
      against the reference's beam search (4 beams, ``--new_tokens`` tokens) on the same model and
-     rows; one row per ``--step_nodes`` value (nodes a row's search expands per model call). A
-     random model is flat over titles, the search's worst case: the share of rows
-     certified exact says how often it hit the node cap.
+     rows; one row per ``--step_nodes`` value (nodes a row's search expands per model call), the
+     model loaded and the reference timed once for all of them. A random model is flat over
+     titles, the search's worst case: the share of rows certified exact says how often it hit
+     the node cap.
 
    Every training rate also gets its MFU: model FLOPs per trained token (forward plus the
    backward's activation gradients, 3x a forward pass, attention over half an example;
@@ -122,7 +123,7 @@ import warnings
 from pathlib import Path
 
 from device import use_working_tree
-from device.inference import embed_check, generate_check, likelihood_check
+from device.inference import embed_check, generate_check, likelihood_checks
 from device.measure import cuda_available, fail, free_memory, log, row, time_limit
 from device.processes import accelerate_check, pytest_check
 from device.report import _num, notes, table
@@ -168,9 +169,9 @@ def shape_checks(shape: str, sizes: dict, args, work: Path, emit) -> None:
         log(f"{label}: embedding")
         emit(embed_check(label, base, sizes, args))
     if "likelihood" in args.checks:
-        for step_nodes in args.step_nodes:
-            log(f"{label}: likelihood ranking, {step_nodes} nodes a step")
-            emit(likelihood_check(label, base, sizes, args, step_nodes))
+        log(f"{label}: likelihood ranking, {', '.join(map(str, args.step_nodes))} nodes a step")
+        for r in likelihood_checks(label, base, sizes, args):
+            emit(r)
     shutil.rmtree(folder, ignore_errors=True)
     free_memory()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Iterator
 
 from device.measure import (
     OnDevice,
@@ -20,11 +21,14 @@ from device.measure import (
 from device.shapes import CANDIDATES, NUM_BEAMS, SEARCH_NODES, make_rows, make_titles
 
 
-def likelihood_check(shape: str, base: str, sizes: dict, args, step_nodes: int = 24) -> dict:
-    """Row for likelihood ranking (the exact top ``CANDIDATES`` of a ``--catalog_size``-title catalogue per
-    row), rows/s, against the reference recipe's beam search on the same model and rows (how the
-    reference gets its list). A random model's distribution over titles is flat: the search's worst
-    case, where most rows stop at ``SEARCH_NODES`` (the share certified exact is reported)."""
+def likelihood_checks(shape: str, base: str, sizes: dict, args) -> Iterator[dict]:
+    """One row per ``args.step_nodes`` value, yielded as each is measured, for likelihood ranking (the
+    exact top ``CANDIDATES`` of a ``--catalog_size``-title catalogue per row), rows/s, against the
+    reference recipe's beam search on the same model and rows (how the reference gets its list).
+    The model loads and the reference is timed once, counted in the first row's seconds; each row's
+    peak memory has the model's weights in it. A random model's distribution over titles is flat:
+    the search's worst case, where most rows stop at ``SEARCH_NODES`` (the share certified exact
+    is reported)."""
     import torch
     from bench_generate import reference_generate
 
@@ -32,39 +36,19 @@ def likelihood_check(shape: str, base: str, sizes: dict, args, step_nodes: int =
     from bigrec.llm.likelihood import TitleScorer
     from bigrec.llm.models import load_model
 
-    r = row("likelihood", f"{shape}: likelihood ranking, {step_nodes} nodes a step", shape, "rows/s")
     started = time.perf_counter()
     n, batch = sizes["gen_rows"], sizes["gen_batch"]
     catalog = make_titles(sizes["catalog_size"], seed=3)
-    rows = make_rows(n, catalog, seed=21)
     layout = get_layout("window")
-    prompts = [layout.prompt(x) for x in rows]
-    d = r["details"]
-    d.update(rows=n, batch=batch, catalog=len(catalog), candidates=CANDIDATES, search_nodes=SEARCH_NODES,
-             step_nodes=step_nodes,
-             beams=NUM_BEAMS, new_tokens=args.new_tokens)
+    prompts = [layout.prompt(x) for x in make_rows(n, catalog, seed=21)]
     device = "cuda" if cuda_available() else "cpu"
-    model = None
+    model = scorer = None
+    setup_error: Exception | None = None
     try:
-        with time_limit(args.timeout, "likelihood ranking"), PeakMemory() as mem:
+        with time_limit(args.timeout, "loading the model and the reference beam search"), torch.no_grad():
             model, tok = load_model(base, "auto", device=device)
-            d["dtype"] = str(model.dtype).removeprefix("torch.")
             trie = layout.trie(tok, catalog)
-            scorer = TitleScorer(model, tok, trie, batch_size=batch)
-            scorer.rank(prompts[:batch], CANDIDATES, step_nodes=step_nodes, max_nodes=SEARCH_NODES)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            rankings = []
-            for lo in range(0, n, batch):
-                rankings += scorer.rank(prompts[lo:lo + batch], CANDIDATES, step_nodes=step_nodes,
-                                        max_nodes=SEARCH_NODES)
-            sync()
-            r["bigrec"] = n / (time.perf_counter() - t0)
-        model.generation_config.min_new_tokens = args.new_tokens  # fixed length, as in the generate check
-        d.update(peak_gib=mem.gib, trie_nodes=trie.num_nodes,
-                 certified=sum(x.certified >= CANDIDATES for x in rankings),
-                 distinct_top1=len({x.leaves[0] for x in rankings}))
-        with time_limit(args.timeout, "reference beam search"), torch.no_grad():
+            model.generation_config.min_new_tokens = args.new_tokens  # fixed length, as in the generate check
             on_device = OnDevice(tok, device)
             reference_generate(model, on_device, prompts[:batch], NUM_BEAMS, args.new_tokens)  # warm-up
             sync()
@@ -72,14 +56,42 @@ def likelihood_check(shape: str, base: str, sizes: dict, args, step_nodes: int =
             for lo in range(0, n, batch):
                 reference_generate(model, on_device, prompts[lo:lo + batch], NUM_BEAMS, args.new_tokens)
             sync()
-            r["reference"] = n / (time.perf_counter() - t0)
-        r["ratio"] = r["bigrec"] / r["reference"]
+            reference = n / (time.perf_counter() - t0)
+        scorer = TitleScorer(model, tok, trie, batch_size=batch)
     except Exception as exc:
-        fail(r, exc)
-    model = None
-    free_memory()
-    r["seconds"] = time.perf_counter() - started
-    return r
+        setup_error = exc
+    try:
+        for step in args.step_nodes:
+            r = row("likelihood", f"{shape}: likelihood ranking, {step} nodes a step", shape, "rows/s")
+            d = r["details"]
+            d.update(rows=n, batch=batch, catalog=len(catalog), candidates=CANDIDATES, search_nodes=SEARCH_NODES,
+                     step_nodes=step, beams=NUM_BEAMS, new_tokens=args.new_tokens)
+            try:
+                if setup_error is not None:
+                    raise setup_error
+                d.update(dtype=str(model.dtype).removeprefix("torch."), trie_nodes=trie.num_nodes)
+                r["reference"] = reference
+                with time_limit(args.timeout, "likelihood ranking"), PeakMemory() as mem:
+                    scorer.rank(prompts[:batch], CANDIDATES, step_nodes=step, max_nodes=SEARCH_NODES)  # warm-up
+                    sync()
+                    t0 = time.perf_counter()
+                    rankings = []
+                    for lo in range(0, n, batch):
+                        rankings += scorer.rank(prompts[lo:lo + batch], CANDIDATES, step_nodes=step,
+                                                max_nodes=SEARCH_NODES)
+                    sync()
+                    r["bigrec"] = n / (time.perf_counter() - t0)
+                d.update(peak_gib=mem.gib, certified=sum(x.certified >= CANDIDATES for x in rankings),
+                         distinct_top1=len({x.leaves[0] for x in rankings}))
+                r["ratio"] = r["bigrec"] / reference
+            except Exception as exc:
+                fail(r, exc)
+            r["seconds"] = time.perf_counter() - started
+            started = time.perf_counter()
+            yield r
+    finally:
+        model = scorer = None
+        free_memory()
 
 
 @contextlib.contextmanager
