@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo's small settings (tests/test_demo.py's), for the run built here and for bench_quality's.
+# The demo's small settings: the tests' demo runs (tests/test_demo.py), the run built here, bench_quality's.
 DEMO_SMALL = {"sample": 32, "num_epochs": 1, "batch_size": 8, "micro_batch_size": 8, "val_rows": 8,
               "test_rows": 12, "valid_rows": 10, "num_beams": 2, "constrained_beams": 3, "gen_batch_size": 4,
               "max_new_tokens": 12, "sasrec_epochs": 3, "precision": "fp32"}
@@ -68,14 +68,13 @@ def scripts() -> list[str]:
 def build_inputs(work: Path) -> dict[str, str]:
     """The tiny model, the small dataset and a finished demo run on them: the placeholders' values."""
     from bigrec.cli import main as cli
-    from test_demo import write_small_movielens
+    from test_demo import demo_args, write_small_movielens
     from tiny import make_tiny_model
 
     model = make_tiny_model(work / "model", "llama")
     source = write_small_movielens(work)
     run = work / "run"
-    argv = ["demo", "--run_dir", str(run), "--base_model", model, "--source", str(source), "--decoding", "all",
-            *[x for k, v in DEMO_SMALL.items() for x in (f"--{k}", str(v))]]
+    argv = demo_args(run, model, source, decoding="all")
     if cli(argv) != 0:
         raise SystemExit(f"run_small: the small demo failed: {' '.join(argv)}")
     return {"model": model, "source": str(source), "run": str(run), "work": str(work)}

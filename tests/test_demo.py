@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from run_small import DEMO_SMALL
 
 from bigrec.app.run_manifest import RunManifest
 from bigrec.cli import main
@@ -29,9 +30,7 @@ def write_small_movielens(root: Path, users: int = 40, items: int = 25, per_user
 
 
 def demo_args(run_dir: Path, model: str, source: Path, **over) -> list[str]:
-    opts = {"run_dir": run_dir, "base_model": model, "source": source, "sample": 32, "num_epochs": 1,
-            "batch_size": 8, "micro_batch_size": 8, "val_rows": 8, "test_rows": 12, "valid_rows": 10,
-            "num_beams": 2, "constrained_beams": 3, "gen_batch_size": 4, "max_new_tokens": 12, "sasrec_epochs": 3, "precision": "fp32", **over}
+    opts = {"run_dir": run_dir, "base_model": model, "source": source, **DEMO_SMALL, **over}
     return ["demo", *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
 
 
