@@ -74,8 +74,7 @@ def run_recipe(name: str, args, over: dict, first: Path | None = None) -> demo.C
         seed_from(first, run_dir)
     values = dict(run_dir=str(run_dir), dataset=args.dataset, source=args.source, decoding="free",
                   test_rows=args.test_rows, valid_rows=args.valid_rows, seed=args.seed, data_seed=args.data_seed)
-    cfg = build(demo.Config, {**values, **over, **dict(item.split("=", 1) for item in args.set)},
-                "bench_quality")
+    cfg = build(demo.Config, {**values, **over, **args.settings}, "bench_quality")
     started = time.perf_counter()
     demo.run(cfg)
     print(f"[{name}] {run_dir} ready in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
@@ -138,6 +137,7 @@ def main() -> None:
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set {item}: expected KEY=VALUE")
+    args.settings = dict(item.split("=", 1) for item in args.set)
     recipes = [r for r in args.recipes.split(",") if r]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
