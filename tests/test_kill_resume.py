@@ -9,6 +9,7 @@ uninterrupted run's duration.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -30,10 +31,14 @@ from run_fixture import build_run
 SRC = str(Path(__file__).parents[1] / "src")
 
 
+def sub_env() -> dict[str, str]:
+    """This environment with src/ first on PYTHONPATH (anything already there stays after it)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+
+
 def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bigrec", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))})
+                            stderr=subprocess.DEVNULL, env=sub_env())
 
 
 def timed_run(argv: list[str]) -> float:
@@ -72,20 +77,15 @@ def kill_at_random(argv: list[str], seed: int, begun: Callable[[], bool] | None 
     return False
 
 
-_IMPORTS: dict[str, float] = {}
-
-
+@functools.cache
 def import_seconds(stage: str) -> float:
     """How long a fresh interpreter takes to import ``bigrec.cli`` and the stage's module: before
     then a kill lands in the imports, not in the stage."""
-    if stage not in _IMPORTS:
-        from bigrec.cli import STAGES
+    from bigrec.cli import STAGES
 
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-c", f"import bigrec.cli, {STAGES[stage][0]}"], check=True,
-                       env={**os.environ, "PYTHONPATH": SRC})
-        _IMPORTS[stage] = time.monotonic() - started
-    return _IMPORTS[stage]
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", f"import bigrec.cli, {STAGES[stage][0]}"], check=True, env=sub_env())
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
