@@ -45,6 +45,7 @@ SMALL: dict[str, list[str]] = {
                              "--base_model", "{model}", "--sample", "32", "--valid_rows", "8", "--points", "1",
                              "--num_beams", "2", "--sasrec_epochs", "2", "--set", "batch_size=8",
                              "--set", "micro_batch_size=8", "--set", "val_rows=8", "--run_dir", "{work}/curve"],
+    "bench_loss": ["--base_model", "{model}", "--positions", "64", "--chunks", "16,64", "--repeats", "1"],
     "bench_likelihood": ["--run", "{run}", "--valid_rows", "4", "--test_rows", "6", "--knobs", "w0,w0-new",
                          "--beam_rows", "2", "--batch_size", "4", "--out", "{work}/likelihood/{{run}}"],
     "bench_new_titles": ["--adapter", "{run}/adapter", "--rows", "{run}/inputs/valid.json", "--data", "{run}/data",

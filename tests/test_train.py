@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from bigrec.cli import main
 from bigrec.config import ConfigError, parse
 from bigrec.data.prompts import DOMAINS, instruction_row, prompt_for_row
-from bigrec.llm.labelled_logits import LabelledLogits
+from bigrec.llm.labelled_logits import LabelledLogits, Workspace, chunked_cross_entropy, plain_linear_head
 from bigrec.llm.models import load_model, load_tokenizer
 from bigrec.llm.sft_data import IGNORE_INDEX, Collator, PackingCollator, SFTDataset, encode_row, load_rows
 from bigrec.stages.train import Config, lora_config, run
@@ -111,17 +112,21 @@ def test_config_flags_and_yaml(tmp_path):
         parse(Config, [])
 
 
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("chunk", [0, 2])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
-def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture, train_on_inputs):
-    """Logits only at labelled positions: the same loss and LoRA gradients as full logits."""
+def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture, train_on_inputs, chunk, lora):
+    """Logits only at labelled positions, all at once or two rows at a time: the same loss and
+    gradients as full logits, for a LoRA adapter and for every weight (the head tied to the embedding)."""
     model_dir = request.getfixturevalue(fixture)
     tok = load_tokenizer(model_dir, padding_side="right")
     data = SFTDataset(make_rows(3), tok, 256, train_on_inputs, "train")
     batch = Collator(tok.pad_token_id)([data[i] for i in range(3)])
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora_config(Config(
-        train_data_path=["x"], lora_target_modules=["q_proj", "v_proj"])))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if lora:
+        model = get_peft_model(model, lora_config(Config(train_data_path=["x"], lora_target_modules=["q_proj", "v_proj"])))
     model.train(False)
 
     def loss_and_grads(fn):
@@ -131,21 +136,78 @@ def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     full, full_grads = loss_and_grads(lambda: model(**batch).loss)
-    labelled = LabelledLogits(model)
+    labelled = LabelledLogits(model, chunk)
+    assert labelled.chunk == chunk  # the probe finds these heads plain
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def sparse():
         with labelled.positions(batch["labels"]):
             outputs = model(**inputs)
-        assert outputs.logits.shape[0] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # [K, vocab]
-        return labelled.loss(outputs, batch["labels"])
+            assert outputs.logits.shape[0] == (0 if chunk else positions)  # [K, vocab], or none when chunked
+            return labelled.loss(outputs, batch["labels"])
 
     part, part_grads = loss_and_grads(sparse)
     torch.testing.assert_close(part, full)
+    assert len(part_grads) == len(full_grads) > 0
     for a, b in zip(part_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     labelled.remove()
     assert model(**inputs).logits.shape[:2] == batch["input_ids"].shape  # the hook is gone
+
+
+def test_chunked_loss_in_bf16_matches_autocasts_linear_and_reuses_its_buffers():
+    """Under bf16 the chunked loss is as near the float32 truth as autocast's linear + float32
+    cross-entropy, over chunks that do not divide the rows, and a second call allocates no new buffers."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(300, 24) * 0.3)
+    hidden = torch.randn(37, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (37,))
+
+    def grads(fn):
+        weight.grad = hidden.grad = None
+        loss = fn()
+        loss.backward()
+        return loss.detach(), weight.grad.clone(), hidden.grad.clone()
+
+    def autocast_linear():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = F.linear(hidden, weight)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / 37
+
+    exact = grads(lambda: F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum") / 37)
+    usual = grads(autocast_linear)
+    workspace = Workspace()
+    chunked = grads(lambda: chunked_cross_entropy(hidden, weight, targets, 8, torch.bfloat16, workspace) / 37)
+    before = {name: buffer.data_ptr() for name, buffer in workspace.buffers.items()}
+    again = grads(lambda: chunked_cross_entropy(hidden, weight, targets, 8, torch.bfloat16, workspace) / 37)
+    assert {name: buffer.data_ptr() for name, buffer in workspace.buffers.items()} == before
+    assert set(before) == {"weight", "products", "logits", "d_weight"}
+    for got, other in zip(chunked, again, strict=True):
+        torch.testing.assert_close(got, other, rtol=0, atol=0)
+    torch.testing.assert_close(chunked[0], usual[0], rtol=1e-6, atol=1e-6)  # the loss sums float32 logits alike
+    for got, ref, truth in zip(chunked[1:], usual[1:], exact[1:], strict=True):
+        assert (got - truth).norm() <= 1.5 * (ref - truth).norm()
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=1e-3)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, 5), exact[0] * 37)
+
+
+def test_chunked_loss_only_where_the_logits_are_the_heads_plain_product(tiny_model_dir):
+    """A head whose output a hook changes, or a model that soft-caps its logits after the head
+    (Gemma 2), keeps the head's own path: chunk 0."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert plain_linear_head(model, model.get_output_embeddings())
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: output * 2)
+    assert not plain_linear_head(model, model.get_output_embeddings())
+    assert LabelledLogits(model, 4).chunk == 0
+    handle.remove()
+    for softcap, plain in ((1.0, False), (None, True)):
+        torch.manual_seed(0)
+        gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                               final_logit_softcapping=softcap))
+        assert plain_linear_head(gemma, gemma.get_output_embeddings()) is plain
 
 
 @pytest.mark.parametrize("train_on_inputs", [False, True])

@@ -85,6 +85,10 @@ class Config:
                                   "loss; fewer tokens through the model)", keyed_at_default=False)
     sparse_logits: bool = option(True, "compute LM-head logits only where the loss needs them (same loss, "
                                        "less time and memory); false = the model's own loss on full logits")
+    loss_chunk: int = option(512, "with --sparse_logits: labelled positions whose logits the loss makes at a "
+                                  "time, in reused buffers, from the LM head's weight (same loss; no "
+                                  "[positions x vocabulary] tensors); 0 = all at once through the head",
+                             minimum=0, keyed_at_default=False)
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
@@ -163,11 +167,12 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
                             "(trainer_state.json), a run folder with one, nor an adapter (adapter_config.json)")
 
 
-# Settings a resumed run may change: where it stops, how often it saves or evaluates, packing (the same loss).
+# Settings a resumed run may change: where it stops, how often it saves or evaluates, packing and the loss's
+# chunking (the same loss).
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
-                               "stop_after_epoch", "packing"})
+                               "stop_after_epoch", "packing", "loss_chunk"})
 
 
 def data_digest(train_rows: list, val_rows: list) -> str:
@@ -356,7 +361,7 @@ def run(config: Config) -> dict[str, Any]:
                         "train_rows": len(train_set), "val_rows": len(val_set) if val_set else 0,
                         "train_tokens": train_set.num_tokens(), "data": selection}}
     best_dir = out / BEST_DIR
-    labelled = LabelledLogits(model) if config.sparse_logits else None
+    labelled = LabelledLogits(model, config.loss_chunk) if config.sparse_logits else None
     per_epoch = steps_per_epoch(len(train_set), config, world)
     marks = EpochMarks(per_epoch, evaluate=val_set is not None and not config.eval_steps,
                        snapshot_dir=str(out / SNAPSHOT_DIR), snapshot_epochs=tuple(config.snapshot_epochs),
