@@ -31,7 +31,6 @@ Prints a table and writes ``curve.png`` (validation NDCG@10 against wall-minutes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,28 +38,36 @@ from pathlib import Path
 from common import K10
 
 from bigrec import io
+from bigrec.config import ConfigError, build, load_yaml
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo
 
 log = logging.getLogger("bench_learning_curve")
 
-# The demo's schedule (lr 5e-4, batch 16, response-only loss) and the paper's (the reference
-# train.py: batch 128, lr 1e-4, 20 warm-up steps, loss on the prompt too, group_by_length), each
-# planned over up to 50 epochs with early stopping (patience 5) on the validation loss of
-# ``val_rows`` rows. The reference uses its 5,000-row validation file; here an evaluation of
-# 5,000 rows would cost more than the epoch it follows, so fewer rows decide the stop.
-DEMO = dict(batch_size=16, micro_batch_size=8, learning_rate=5e-4, warmup_steps=16, train_on_inputs=False,
-            group_by_length=False, num_epochs=50, early_stopping_patience=5, val_rows=128)
-PAPER = dict(batch_size=128, micro_batch_size=8, learning_rate=1e-4, warmup_steps=20, train_on_inputs=True,
-             group_by_length=True, num_epochs=50, early_stopping_patience=5, val_rows=512)
-RECIPES = {
-    "demo": {**DEMO, "num_epochs": 1},  # `bigrec demo`'s default: its decay planned over one epoch
-    "demo-long": DEMO,
-    "demo-long-prompt": {**DEMO, "train_on_inputs": True},
-    "paper": PAPER,
-    "paper-response": {**PAPER, "train_on_inputs": False},
-}
+# A recipe is a demo config: "demo" (the demo's defaults: batch 16, lr 5e-4, loss on the response
+# only, one epoch), a shipped one (src/bigrec/configs: demo-long and demo-long-prompt plan the
+# demo's schedule over up to 50 epochs; paper and paper-response are the reference train.py's
+# batch 128, lr 1e-4, 20 warm-up steps, group_by_length) or a YAML file's path. The curve trains
+# with its TRAINING settings, so `bigrec demo --config NAME` trains the same way. Early stopping
+# (patience 5) watches the validation loss of ``val_rows`` rows: the reference uses its 5,000-row
+# validation file, but here an evaluation of 5,000 rows would cost more than the epoch it follows.
+KNOWN = ("demo", "demo-long", "demo-long-prompt", "paper", "paper-response")
+TRAINING = ("batch_size", "micro_batch_size", "learning_rate", "warmup_steps", "train_on_inputs", "group_by_length",
+            "num_epochs", "early_stopping_patience", "val_rows")
+
+
+def recipe(name: str, sample: int, overrides: dict | None = None) -> dict:
+    """The training settings of recipe ``name`` for ``sample`` training rows, ``overrides`` (a
+    ``--set`` mapping of TRAINING keys, strings allowed) on top; the demo's warm-up rule resolved."""
+    unknown = sorted(set(overrides or {}) - set(TRAINING))
+    if unknown:
+        raise ConfigError(f"unknown recipe setting(s) {', '.join(unknown)}; known: {', '.join(TRAINING)}")
+    values = {} if name == "demo" else load_yaml(name)
+    cfg = build(demo.Config, {**values, **(overrides or {}), "sample": sample}, f"recipe {name}")
+    return {**{key: getattr(cfg, key) for key in TRAINING}, "warmup_steps": demo.warmup_steps(cfg)}
+
+
 POINTS = (1, 2, 4, 8, 16, 32, 50)
 
 
@@ -140,8 +147,8 @@ class Curve:
         return out
 
     def points_dir_any(self) -> Path:
-        for recipe in RECIPES:
-            folder = self.root / recipe / "points"
+        for name in KNOWN:
+            folder = self.root / name / "points"
             if any(folder.glob("*/metrics.details.json")):
                 return folder
         return self.root / "none"
@@ -178,7 +185,7 @@ def response_loss(base_model: str, adapter: Path, rows: list[dict], cutoff_len: 
                 with labelled.positions(inputs["labels"]):
                     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
                 n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += float(LabelledLogits.loss(out, inputs["labels"])) * n
+                total += float(labelled.loss(out, inputs["labels"])) * n
                 tokens += n
     finally:
         labelled.remove()
@@ -390,7 +397,8 @@ def plot(recipes: list[Recipe], baselines: dict, path: Path, rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="demo-long", help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default="demo-long",
+                        help=f"comma-separated demo configs: {', '.join(KNOWN)}, another shipped one or a YAML path")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--source", default=None)
     parser.add_argument("--base_model", default="smollm2-135m")
@@ -415,34 +423,32 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir = args.run_dir.format(dataset=args.dataset, seed=args.seed)
     args.points = sorted({int(p) for p in args.points.split(",") if p})
     names = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in names if r not in RECIPES]
-    if unknown:
-        parser.error(f"unknown recipe: {', '.join(unknown)}")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in DEMO:
-            parser.error(f"--set {item}: unknown key {key!r}; known: {', '.join(DEMO)}")
-        overrides[key] = type(DEMO[key])(json.loads(value.lower()) if isinstance(DEMO[key], bool) else value)
+    overrides = dict(item.partition("=")[::2] for item in args.set)
+    settings = {}
+    for name in names:
+        try:
+            settings[name] = recipe(name, args.sample, overrides)
+        except ConfigError as error:
+            parser.error(f"recipe {name}: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     curve = Curve(args)
-    recipes = [Recipe(curve, name, {**RECIPES[name], **overrides}) for name in names]
+    recipes = [Recipe(curve, name, settings[name]) for name in names]
     if args.train_only:
         curve.prepare()
-        for recipe in recipes:
-            recipe.record()
-            recipe.train_only()
+        for run in recipes:
+            run.record()
+            run.train_only()
         return 0
     if args.score_only:
         curve.prepare()
-        for recipe in recipes:
-            recipe.score_snapshots()
+        for run in recipes:
+            run.score_snapshots()
     elif not args.report_only:
         curve.prepare()
-        for recipe in recipes:
-            recipe.record()
-            recipe.run()
+        for run in recipes:
+            run.record()
+            run.run()
     if args.report_only:
         baselines = io.read_json(curve.root / "baselines.json") if (curve.root / "baselines.json").is_file() else {}
     else:

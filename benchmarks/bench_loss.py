@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [("all at once", run(at_once))]
     for chunk in (int(c) for c in args.chunks.split(",")):
         workspace = Workspace()
-        rows.append((f"chunk {chunk}", run(lambda: chunked_cross_entropy(hidden, weight, targets, chunk, dtype,
-                                                                         workspace) / args.positions)))
+        rows.append((f"chunk {chunk}", run(lambda chunk=chunk, workspace=workspace: chunked_cross_entropy(
+            hidden, weight, targets, chunk, dtype, workspace) / args.positions)))
 
     def error(got, truth):
         return ((got - truth).norm() / truth.norm()).item()

@@ -91,3 +91,22 @@ def test_train_only_keeps_the_rows_of_data_seed_and_draws_its_own_training_rows(
     rows = {key: (d / "inputs" / "valid_6.json").read_text() for key, (d, _) in runs.items()}
     assert rows[1, 42] == rows[2, 42] != rows[2, 7]
     assert runs[2, 7][1]["seed"] == 2 and runs[2, 7][1]["data_seed"] == 7
+
+
+def test_recipes_are_demo_configs_with_the_curves_old_settings():
+    """The curve's recipes are demo configs (shipped YAML, `bigrec demo --config NAME`): at 1,024
+    rows they give the settings the curve's results were measured with."""
+    demo = dict(batch_size=16, micro_batch_size=8, learning_rate=5e-4, warmup_steps=16, train_on_inputs=False,
+                group_by_length=False, num_epochs=50, early_stopping_patience=5, val_rows=128)
+    paper = dict(batch_size=128, micro_batch_size=8, learning_rate=1e-4, warmup_steps=20, train_on_inputs=True,
+                 group_by_length=True, num_epochs=50, early_stopping_patience=5, val_rows=512)
+    expected = {"demo": {**demo, "num_epochs": 1}, "demo-long": demo, "demo-long-prompt": {**demo, "train_on_inputs": True},
+                "paper": paper, "paper-response": {**paper, "train_on_inputs": False}}
+    assert set(expected) == set(curve.KNOWN)
+    for name, settings in expected.items():
+        assert curve.recipe(name, 1024) == settings, name
+    assert curve.recipe("demo-long", 64)["warmup_steps"] == 1  # the demo's rule: a quarter epoch of 4 steps
+    assert curve.recipe("paper", 64, {"num_epochs": "3", "train_on_inputs": "false"}) == {
+        **paper, "num_epochs": 3, "train_on_inputs": False}
+    with pytest.raises(curve.ConfigError, match="sample"):
+        curve.recipe("demo", 1024, {"sample": "5"})  # the curve's --sample draws the rows

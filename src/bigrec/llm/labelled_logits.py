@@ -18,9 +18,9 @@ bias, scale or soft-cap after it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import logging
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch

@@ -276,6 +276,11 @@ class Paths:
         return self.run / model / "scores" / f"{split}_5000.safetensors"
 
 
+def warmup_steps(cfg: Config) -> int:
+    """The warm-up the demo trains with: ``--warmup_steps``, else a quarter of an epoch, at most 20."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4))
+
+
 def decodings_of(cfg: Config) -> list[str]:
     return {"both": ["free", "constrained"], "all": ["free", "constrained", "likelihood"]}.get(cfg.decoding,
                                                                                              [cfg.decoding])
@@ -306,7 +311,7 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
         num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
         precision=cfg.precision, group_by_length=cfg.group_by_length,
         early_stopping_patience=cfg.early_stopping_patience,
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else min(20, max(1, cfg.sample // cfg.batch_size // 4)))
+        warmup_steps=warmup_steps(cfg))
     def tune() -> None:
         # The adapter folder's checkpoints resume only a run of these settings on these rows; train
         # would refuse another's, and the demo owns the folder, so it starts afresh instead.
