@@ -73,6 +73,19 @@ def lm_alone(run: Path, protocol_suffix: str, input_dir: Path, output: Path) -> 
     return build(evaluate.Config, {**kept, "input_dir": str(input_dir), "output": str(output)})
 
 
+def other_ranks(folder: Path, suffix: str, test_rows: list[dict]) -> list[int]:
+    """The target ranks of another result of this script (its chosen setting's test evaluation,
+    under the protocol of ``suffix``), after checking that it ranked the same rows."""
+    chosen = io.read_json(folder / "summary.json")["chosen"]
+    theirs = io.read_json(folder / "test" / chosen / "test.json")
+    def key(row: dict) -> tuple:  # user, target and history: the same rows in either layout
+        return row.get("user_id"), row.get("item_id"), tuple(row.get("history_item_id") or ()), row.get("output")
+
+    if [key(r) for r in theirs] != [key(r) for r in test_rows]:
+        raise SystemExit(f"--compare {folder}: its test rows are not this run's")
+    return io.read_json(folder / "test" / chosen / f"metrics{suffix}.details.json")["files"]["test.json"]["ranks"]["test.json"]
+
+
 def same_rows(demo_rows: Path, other: Path | None, dst: Path, n: int) -> None:
     """The first ``n`` of the demo's rows into ``dst``; from ``other`` (the same rows in another layout)
     when given, after checking that user, target and history agree row by row."""
@@ -115,7 +128,14 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="--layout timeline: the timeline-prepared data folder")
     parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
     parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=FOLDER",
+                        help="pair the test ranks with another result of this script on the same rows (e.g. "
+                             "full-ep2=runs/likelihood/demo/full-ep2); repeatable")
     args = parser.parse_args()
+    compare = dict(item.partition("=")[::2] for item in args.compare)
+    for name, folder in compare.items():
+        if not (Path(folder) / "summary.json").is_file():
+            parser.error(f"--compare {name}={folder}: no finished result there (no summary.json)")
     run = Path(args.run)
     if (args.layout == "timeline") != (args.data is not None):
         parser.error("--layout timeline and --data go together")
@@ -202,6 +222,12 @@ def main() -> None:
             own = infos[label]["ranks"]["test.json"]
             diff = paired_difference(torch.as_tensor(own), torch.as_tensor(ranks), TOPK)
             pair = f"BIGRec ({label}) minus BIGRec (free decoding, the demo's)"
+            part["paired"][pair] = diff
+            print(f"- {describe_pairs({pair: diff})[0]}")
+        for name, other in compare.items():
+            diff = paired_difference(torch.as_tensor(infos[label]["ranks"]["test.json"]),
+                                     torch.as_tensor(other_ranks(Path(other), suffix, test_rows)), TOPK)
+            pair = f"BIGRec ({label}) minus {name}"
             part["paired"][pair] = diff
             print(f"- {describe_pairs({pair: diff})[0]}")
         diag = infos[label].get("diagnostics") or {}
