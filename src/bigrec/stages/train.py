@@ -89,6 +89,9 @@ class Config:
                                   "time, in reused buffers, from the LM head's weight (same loss; no "
                                   "[positions x vocabulary] tensors); 0 = all at once through the head",
                              minimum=0, keyed_at_default=False)
+    trim_heap: bool = option(True, "on a CPU: after each optimizer step, return the free pages of the C heap to "
+                                   "the kernel (glibc malloc_trim), so that a long run's memory does not grow",
+                             changes_output=False)
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
@@ -172,7 +175,7 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
-                               "stop_after_epoch", "packing", "loss_chunk"})
+                               "stop_after_epoch", "packing", "loss_chunk", "trim_heap"})
 
 
 def data_digest(train_rows: list, val_rows: list) -> str:
@@ -324,6 +327,7 @@ def run(config: Config) -> dict[str, Any]:
         JsonlLog,
         KeepBest,
         QuietProgress,
+        TrimHeap,
         best_loss,
         best_step,
     )
@@ -375,6 +379,8 @@ def run(config: Config) -> dict[str, Any]:
                             labelled=labelled)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
+    if config.trim_heap and not use_cuda():
+        trainer.add_callback(TrimHeap)
     if checkpoint is None and trainer.is_world_process_zero():
         for old in (best_dir, out / SNAPSHOT_DIR):  # a fresh run must not inherit an old run's best or snapshots
             shutil.rmtree(old, ignore_errors=True)
