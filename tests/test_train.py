@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, TrainerState
 
 from bigrec.cli import main
 from bigrec.config import ConfigError, parse
@@ -505,8 +505,11 @@ def test_trim_heap_hands_freed_heap_pages_back():
     blocks = [bytearray(b"x" * 65536) for _ in range(4096)]  # 256 MiB in heap-sized blocks, every page touched
     del blocks[::2]  # free every other one: holes inside the heap, not at its top
     before = rss_mib()
-    trim = TrimHeap()
-    trim.on_step_end(None, None, None)
+    trim = TrimHeap(every=3)
+    for step in (1, 2):
+        trim.on_step_end(None, TrainerState(global_step=step), None)
+    assert trim.trims == 0 and before - rss_mib() < 16  # no trim yet: the holes stay resident
+    trim.on_step_end(None, TrainerState(global_step=3), None)
     assert trim.trims == 1
     assert before - rss_mib() > 64  # most of the 128 MiB of holes leave the process
     del blocks

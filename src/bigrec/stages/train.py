@@ -89,9 +89,9 @@ class Config:
                                   "time, in reused buffers, from the LM head's weight (same loss; no "
                                   "[positions x vocabulary] tensors); 0 = all at once through the head",
                              minimum=0, keyed_at_default=False)
-    trim_heap: bool = option(True, "on a CPU: after each optimizer step, return the free pages of the C heap to "
-                                   "the kernel (glibc malloc_trim), so that a long run's memory does not grow",
-                             changes_output=False)
+    trim_heap: int = option(10, "on a CPU: every N optimizer steps, return the free pages of the C heap to the "
+                                "kernel (glibc malloc_trim), so that a long run's memory stays bounded; 0 = never",
+                            minimum=0, changes_output=False)
     precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
@@ -380,7 +380,7 @@ def run(config: Config) -> dict[str, Any]:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     if config.trim_heap and not use_cuda():
-        trainer.add_callback(TrimHeap)
+        trainer.add_callback(TrimHeap(config.trim_heap))
     if checkpoint is None and trainer.is_world_process_zero():
         for old in (best_dir, out / SNAPSHOT_DIR):  # a fresh run must not inherit an old run's best or snapshots
             shutil.rmtree(old, ignore_errors=True)
