@@ -147,8 +147,8 @@ class Curve:
         return out
 
     def points_dir_any(self) -> Path:
-        for name in KNOWN:
-            folder = self.root / name / "points"
+        """A recipe's points folder with a scored point (any recipe: they score the same rows)."""
+        for folder in sorted(self.root.glob("*/points")):
             if any(folder.glob("*/metrics.details.json")):
                 return folder
         return self.root / "none"

@@ -73,15 +73,18 @@ def lm_alone(run: Path, protocol_suffix: str, input_dir: Path, output: Path) -> 
     return build(evaluate.Config, {**kept, "input_dir": str(input_dir), "output": str(output)})
 
 
+def row_identity(row: dict) -> list:
+    """User, target and history: what makes two rows the same row, in either layout (their
+    prompts and answers are written differently)."""
+    return [row.get(key) for key in ("user_id", "item_id", "history_item_id")]
+
+
 def other_ranks(folder: Path, suffix: str, test_rows: list[dict]) -> list[int]:
     """The target ranks of another result of this script (its chosen setting's test evaluation,
     under the protocol of ``suffix``), after checking that it ranked the same rows."""
     chosen = io.read_json(folder / "summary.json")["chosen"]
     theirs = io.read_json(folder / "test" / chosen / "test.json")
-    def key(row: dict) -> tuple:  # user, target and history: the same rows in either layout
-        return row.get("user_id"), row.get("item_id"), tuple(row.get("history_item_id") or ()), row.get("output")
-
-    if [key(r) for r in theirs] != [key(r) for r in test_rows]:
+    if [row_identity(r) for r in theirs] != [row_identity(r) for r in test_rows]:
         raise SystemExit(f"--compare {folder}: its test rows are not this run's")
     return io.read_json(folder / "test" / chosen / f"metrics{suffix}.details.json")["files"]["test.json"]["ranks"]["test.json"]
 
@@ -93,9 +96,8 @@ def same_rows(demo_rows: Path, other: Path | None, dst: Path, n: int) -> None:
         demo.first_rows(demo_rows, dst, n)
         return
     theirs, ours = io.read_json(demo_rows)[:n], io.read_json(other)[:n]
-    key = ("user_id", "item_id", "history_item_id")
     for pos, (a, b) in enumerate(zip(theirs, ours, strict=False)):
-        if [a.get(k) for k in key] != [b.get(k) for k in key]:
+        if row_identity(a) != row_identity(b):
             raise SystemExit(f"{other}: row {pos} is not the demo's row {pos} of {demo_rows} (user, target or "
                              "history differ); prepare it from the same dataset with the same seed")
     if len(ours) < min(n, len(theirs)):

@@ -105,10 +105,10 @@ class Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < math.prod(shape):
-            buffer = self.buffers[name] = torch.empty(math.prod(shape), dtype=dtype, device=device)
-        return buffer[:math.prod(shape)].view(shape)
+        size, buffer = math.prod(shape), self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

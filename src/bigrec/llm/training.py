@@ -8,6 +8,7 @@ Importing this module imports transformers (slow); ``bigrec train`` imports it w
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -106,14 +107,19 @@ class Clock(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"wall_s": (t := self.totals())["wall_s"], "cpu_s": t["cpu_s"]}}
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def trim_heap() -> bool:
     """Hand the free pages inside glibc's heap back to the kernel (``malloc_trim(0)``); False where
     there is no glibc or nothing was returned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.malloc_trim(0))
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
 
 
 class TrimHeap(TrainerCallback):

@@ -171,7 +171,7 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
 
 
 # Settings a resumed run may change: where it stops, how often it saves or evaluates, packing and the loss's
-# chunking (the same loss).
+# chunking (the same loss), heap trimming (no output at all).
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
