@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -238,7 +239,31 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert "BIGRec (likelihood)" in table and "SASRec" in table
     rows = json.loads((run_dir / "results" / "likelihood" / "test.json").read_text())
-    assert all(len(r["predict"]) == len(set(r["predict"])) == 20 for r in rows)  # the default 20 titles, each once
     assert "## Decoding: likelihood" in (run_dir / "report.md").read_text()
-    assert RunManifest.load(run_dir).base_model
+    inputs = {r["row"]: r for r in json.loads((run_dir / "inputs" / "test.json").read_text())}
+    for r in rows:  # the default 20 titles, each once; none of the row's own history (--likelihood_new_titles)
+        history = set(inputs[r["row"]]["history_item_id"])
+        assert len(r["predict"]) == len(set(r["predict"])) == min(20, 25 - len(history))
+        assert not {i for ids in r["predict_ids"] for i in ids} & history
+    # likelihood alone: recommend and serve rank by it, with the prior and the history left out
+    manifest = RunManifest.load(run_dir)
+    assert (manifest.decoding, manifest.prior_weight, manifest.exclude_history) == ("likelihood", 0.5, True)
+    assert manifest.ranking_note.startswith("likelihood ranking chosen on validation NDCG@10")
+    from bigrec.app.recommender import Recommender
+
+    rec = Recommender.from_run(run_dir, device="cpu")
+    (result,) = rec.recommend([[0, 1, 2]], k=5)
+    assert result.decoding == "likelihood" and len(result.items) == 5 and not {0, 1, 2} & {i.id for i in result.items}
+    # beside free decoding (its stages reused), run.yaml keeps whichever validation prefers
+    assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,likelihood", prior_weight=0.5)) == 0
+    manifest = RunManifest.load(run_dir)
+    note = manifest.ranking_note
+    assert "plain BIGRec" in note and "likelihood ranking" in note and "BIGRec + CI" in note
+    found = re.findall(r"(plain BIGRec|BIGRec \+ CI \([^)]*\)|likelihood ranking) (\d+\.\d+)",
+                       note.split("NDCG@10 (", 1)[1])
+    scores = {name: float(value) for name, value in found}
+    assert len(scores) >= 3
+    best = max(scores, key=scores.get)
+    assert note.startswith(best) and manifest.decoding == ("likelihood" if best == "likelihood ranking" else "free")
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free", prior_weight=0.5)) == 1
+    assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,greedy")) == 1

@@ -260,3 +260,88 @@ def test_prompt_titles_follow_the_run(run_dir, tmp_path):
     assert '"The Usual Suspects (1995)"' in natural.prompt(["Usual Suspects, The (1995)"])
     plain = Recommender.from_run(run_dir, device="cpu")
     assert '"Usual Suspects, The (1995)"' in plain.prompt(["Usual Suspects, The (1995)"])
+
+
+def title_logprobs(model, tok, prompt: str, titles: list[str]) -> torch.Tensor:
+    """Each title scored by its own forward pass after ``prompt``: the sum of its response tokens' log-probs."""
+    from bigrec.llm.layouts import get_layout
+
+    head = tok(prompt)["input_ids"]
+    out = []
+    for title in titles:
+        tail = get_layout("window").response_ids(tok, title)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([head + tail])).logits[0].float(), -1)
+        out.append(sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)))
+    return torch.tensor(out)
+
+
+@pytest.fixture(scope="module")
+def ranked(run_dir, tmp_path_factory):
+    """The fixture run with run.yaml saying decoding: likelihood."""
+    tmp = tmp_path_factory.mktemp("likelihood-run")
+    return Recommender.from_run(sibling_run(run_dir, tmp, decoding="likelihood"), device="cpu")
+
+
+def test_likelihood_run_ranks_every_title_by_its_log_probability(ranked):
+    """Each title's score is its own log-probability given the history's prompt (one forward per title,
+    with the adapter merged), best first; nothing is generated. Past the history's own titles the first
+    taught answer comes first; the second is 12 tokens under the tiny tokenizer, so beam search, which
+    normalises by length, finds it, but an unnormalised sum ranks it low."""
+    distinct = list(dict.fromkeys(TITLES))
+    (new,) = ranked.recommend([TAUGHT[0][0]], k=1, exclude_history=True)
+    assert [i.title for i in new.items] == [TAUGHT[0][1]]
+    for history, _ in TAUGHT:
+        (result,) = ranked.recommend([history], k=len(TITLES))
+        assert result.decoding == "likelihood" and result.generated == [] and result.grounded == ""
+        assert result.items[0].distance is None
+        truth = title_logprobs(ranked.gen_model, ranked.tokenizer, ranked.prompt(history), distinct)
+        order = [distinct[i] for i in torch.argsort(-truth, stable=True).tolist()]
+        assert list(dict.fromkeys(i.title for i in result.items)) == order
+        assert sorted(i.id for i in result.items) == list(range(len(TITLES)))  # both Heat ids, next to each other
+        for item in result.items:
+            assert item.score == pytest.approx(-float(truth[distinct.index(item.title)]), abs=2e-4)
+        assert "likelihood" in result.ranking and "the run's ranking" not in result.ranking
+
+
+def test_likelihood_run_prior_exclusions_batches_and_no_ci(run_dir, tmp_path, ranked):
+    """prior_weight subtracts the empty-history log-probability; exclude_history defaults to run.yaml's;
+    an answer does not depend on its batch; CI is refused, since nothing is grounded."""
+    history = ["Heat (1995)", "Babe (1995)"]
+    with_prior = Recommender.from_run(sibling_run(run_dir, tmp_path, decoding="likelihood", prior_weight=0.5,
+                                                  exclude_history=True), device="cpu")
+    (result,) = with_prior.recommend([history], k=len(TITLES))
+    assert {i.id for i in result.items} == set(range(len(TITLES))) - {HEAT, HEAT_TWIN, 7}  # the run's default
+    row = with_prior._row(history)
+    empty = with_prior.layout.empty_history_prompt(row)
+    titles = [i.title for i in result.items]
+    truth = (title_logprobs(with_prior.gen_model, with_prior.tokenizer, with_prior.prompt(history), titles)
+             - 0.5 * title_logprobs(with_prior.gen_model, with_prior.tokenizer, empty, titles))
+    assert [i.score for i in result.items] == pytest.approx((-truth).tolist(), abs=3e-4)
+    assert [i.score for i in result.items] == sorted(i.score for i in result.items)
+    (kept,) = with_prior.recommend([history], k=len(TITLES), exclude_history=False)
+    assert {HEAT, HEAT_TWIN, 7} <= {i.id for i in kept.items}
+    alone = [ranked.recommend([h], k=k)[0] for h, k in ((history, 3), ([0, 5], 5))]
+    together = ranked.recommend_queries([Query(history, k=3), Query([0, 5], k=5)])
+    assert [[i.id for i in r.items] for r in together] == [[i.id for i in r.items] for r in alone]
+    assert [len(r.items) for r in together] == [3, 5]
+    assert not ranked.has_ci and ranked.describe()["decoding"] == "likelihood"
+    with pytest.raises(ValueError, match="ranks by likelihood"):
+        ranked.recommend([history], use_ci=True)
+
+
+def test_cli_recommend_with_a_likelihood_run(ranked, capsys):
+    assert main(["recommend", "--run", str(ranked.run_dir), "--history", "Toy Story (1995)",
+                 "--history", "Heat (1995)", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "generated:" not in out and "top 3 (-log p(title | history)):" in out
+    assert out.split("top 3 (-log p(title | history)):\n")[1].splitlines()[0].endswith("Casino (1995)")
+
+
+def test_manifest_refuses_unknown_decodings_and_layouts(run_dir, tmp_path):
+    for key, value in (("decoding", "greedy"), ("layout", "grid")):
+        path = tmp_path / key
+        path.mkdir()
+        (path / "run.yaml").write_text(f"base_model: base\n{key}: {value}\n")
+        with pytest.raises(ValueError, match=rf"run.yaml: {key} '{value}' is not one of"):
+            RunManifest.load(path)

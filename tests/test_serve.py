@@ -179,6 +179,26 @@ def test_use_ci_without_sasrec_is_422(rec):
         assert httpx.post(f"{base}/recommend", json={"history": [0]}, timeout=60).status_code == 200
 
 
+def test_a_likelihood_run_is_served(rec):
+    """A run that ranks by likelihood answers with the recommender's own ranking, no distances and
+    nothing generated, and refuses use_ci by name."""
+    import dataclasses
+
+    manifest = dataclasses.replace(rec.manifest, decoding="likelihood")
+    ranked = Recommender(rec.run_dir, manifest, rec.catalog, rec.items, rec.gen_model, rec.embed_model,
+                         rec.tokenizer, sasrec=rec.sasrec, max_history=rec.max_history)
+    (expected,) = ranked.recommend([[0, 5]], k=4)
+    with serving(ranked) as base:
+        body = httpx.post(f"{base}/recommend", json={"history": [0, 5], "k": 4}, timeout=60).json()
+        assert body["decoding"] == "likelihood" and body["generated"] == "" and body["beams"] == []
+        assert [i["id"] for i in body["items"]] == [i.id for i in expected.items]
+        assert all(i["distance"] is None for i in body["items"])
+        assert body["items"][0]["score"] == pytest.approx(expected.items[0].score)
+        response = httpx.post(f"{base}/recommend", json={"history": [0], "use_ci": True}, timeout=60)
+        assert response.status_code == 422 and "ranks by likelihood" in response.json()["message"]
+        assert httpx.get(f"{base}/health", timeout=60).json()["run"]["decoding"] == "likelihood"
+
+
 def test_items_search(client):
     assert client.get("/items", params={"q": "heat"}).json() == {
         "query": "heat", "items": [{"id": HEAT, "title": "Heat (1995)"}, {"id": HEAT_TWIN, "title": "Heat (1995)"}]}

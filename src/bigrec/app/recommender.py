@@ -21,6 +21,13 @@ One :meth:`Recommender.recommend_queries` call runs the two BIGRec steps for a w
    same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (``bigrec.grounding.reweighting.reweight``).
 
 A lower score is better in both cases.
+
+A run whose ``run.yaml`` says ``decoding: likelihood`` skips steps 2 and 3: every catalogue title
+is scored by its log-probability given the prompt (:mod:`bigrec.llm.likelihood`, the run's
+``search_nodes``), minus ``prior_weight`` times its no-history log-probability, and the items come
+in that order, scored by the negative of it; nothing is generated or grounded, so there are no
+distances and no CI. The run's ``layout`` writes the prompts (and the titles the model is scored
+on) as the model was trained.
 """
 
 from __future__ import annotations
@@ -36,17 +43,11 @@ import yaml
 
 from bigrec.app.run_manifest import RunManifest
 from bigrec.data.catalog import Catalog, read_catalog
-from bigrec.data.prompts import (
-    DOMAINS,
-    Domain,
-    instruction_row,
-    natural_title,
-    normalize_title,
-    prompt_for_row,
-)
+from bigrec.data.prompts import DOMAINS, Domain, natural_title, normalize_title
 from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import blend, reweight
 from bigrec.io import read_json
+from bigrec.llm.layouts import get_layout
 from bigrec.llm.models import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ class Match:
 class Item:
     id: int
     title: str
-    score: float  # what the ranking sorts by, lower is better: L2 distance, or re-weighted with use_ci
-    distance: float  # L2 distance between the grounded text's and the title's embeddings
+    score: float  # what the ranking sorts by, lower is better: L2 distance, re-weighted with use_ci, or -log p
+    distance: float | None  # L2 distance between the grounded text's and the title's embeddings (None: likelihood)
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,21 @@ class Query:
     history: list[str | int]  # oldest first; catalogue ids (int) or titles (str)
     k: int = 10
     use_ci: bool | None = None  # None: the run's default (run.yaml use_ci, chosen on validation)
-    exclude_history: bool = False  # drop history items (and ids sharing their titles) from the ranking
+    exclude_history: bool | None = None  # drop history items (and ids sharing their titles); None: the run's default
     baselines: bool = False  # also SASRec's and popularity's top k for the same history
 
 
 @dataclass
 class Result:
     history: list[Match]
-    generated: list[str]  # every beam, best first, cut at the end of its title
-    grounded: str  # the text whose embedding ranked the items (the top beam, normalised)
+    generated: list[str]  # every beam, best first, cut at the end of its title (empty: likelihood ranking)
+    grounded: str  # the text whose embedding ranked the items (the top beam, normalised; empty: likelihood)
     items: list[Item]
     use_ci: bool = False
     ranking: str = ""  # which ranking this is, and why (the run's validated default or the caller's choice)
     baselines: dict[str, list[Scored]] | None = None  # "sasrec", "popularity" -> top k (with Query.baselines)
     timing: dict[str, float] = field(default_factory=dict)
+    decoding: str = "free"  # free (generated, then grounded) or likelihood (every title scored; nothing generated)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +153,13 @@ class Recommender:
         self.prefill_dtype = resolve_dtype(manifest.precision, gen_model.device, "prefill")
         self.max_history = max_history
         self.domain: Domain = DOMAINS[manifest.domain]
+        self.layout = get_layout(manifest.layout, manifest.prompt_template, self.domain.plural)
+        self.scorer = None
+        if manifest.decoding == "likelihood":
+            from bigrec.llm.likelihood import TitleScorer
+
+            self.scorer = TitleScorer(gen_model, tokenizer, self.layout.trie(tokenizer, catalog.titles),
+                                      autocast=self.prefill_dtype)
         self._casefold: dict[str, int] = {}
         for item_id, title in enumerate(catalog.titles):
             self._casefold.setdefault(title.casefold(), item_id)
@@ -251,14 +260,14 @@ class Recommender:
 
     # --- the two steps -----------------------------------------------------------------------
 
-    def prompt(self, titles: list[str]) -> str:
+    def _row(self, titles: list[str]) -> dict[str, str]:
         if self.manifest.prompt_titles == "natural":  # as the model was trained (bigrec prepare --prompt_titles)
             titles = [natural_title(t) for t in titles]
-        row = instruction_row(self.domain, titles[-self.max_history:], "")
-        template = self.manifest.prompt_template
-        if template == "alpaca":
-            return prompt_for_row(row)
-        return prompt_for_row(row, template=template, category=self.domain.plural)
+        return self.layout.row(self.domain, titles[-self.max_history:], "")
+
+    def prompt(self, titles: list[str]) -> str:
+        """The prompt for a history of catalogue titles, as the run's layout wrote it in training."""
+        return self.layout.prompt(self._row(titles))
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         from bigrec.grounding.embedding import embed_texts
@@ -267,7 +276,7 @@ class Recommender:
         return embed_texts(self.embed_model, self.tokenizer, texts, grounding=grounding_of(self.manifest))
 
     def recommend(self, histories: list[list[str | int]], k: int = 10, use_ci: bool | None = None,
-                  exclude_history: bool = False) -> list[Result]:
+                  exclude_history: bool | None = None) -> list[Result]:
         """Top-``k`` catalogue items for each history (oldest item first)."""
         return self.recommend_queries([Query(list(h), k, use_ci, exclude_history) for h in histories])
 
@@ -281,15 +290,34 @@ class Recommender:
         if any(q.use_ci for q in queries):
             self._check_ci()
         use_ci = [self.default_ci if q.use_ci is None else q.use_ci for q in queries]
-        from bigrec.llm.generation import generate_batch
-
         t0 = time.perf_counter()
         matches = self.match([q.history for q in queries])
+        exclude = [self.manifest.exclude_history if q.exclude_history is None else q.exclude_history
+                   for q in queries]
         t1 = time.perf_counter()
+        rank = self._rank_by_likelihood if self.scorer is not None else self._generate_and_ground
+        results = rank(queries, matches, use_ci, exclude)
+        t2 = time.perf_counter()
+        wanted = [r for r, q in enumerate(queries) if q.baselines]
+        if wanted:
+            lists = self.baseline_lists([[m.id for m in matches[r]] for r in wanted], [queries[r] for r in wanted])
+            for r, found in zip(wanted, lists, strict=True):
+                results[r].baselines = found
+        timing = {"match_s": t1 - t0, "rank_s": t2 - t1, "baselines_s": time.perf_counter() - t2,
+                  "batch": len(queries)}
+        for result in results:
+            result.timing = dict(timing)
+        return results
+
+    def _generate_and_ground(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
+                             exclude: list[bool]) -> list[Result]:
+        """The paper's two steps for the batch: one beam-search call, then every item by L2 distance."""
+        from bigrec.llm.generation import generate_batch
+
         prompts = [self.prompt([m.title for m in row]) for row in matches]
         beams = generate_batch(self.gen_model, self.tokenizer, prompts, self.manifest.num_beams,
-                               self.manifest.max_new_tokens, prefill_dtype=self.prefill_dtype)
-        t2 = time.perf_counter()
+                               self.manifest.max_new_tokens, prefill_dtype=self.prefill_dtype,
+                               stop_token_id=self.layout.stop_token(self.tokenizer))
         grounded = [_grounding_text(b, row) for b, row in zip(beams, matches, strict=True)]
         dist = l2_distances(self._embed(grounded), self.items)  # [B, N]
         score = dist.clone()
@@ -302,7 +330,7 @@ class Recommender:
         results = []
         for r, q in enumerate(queries):
             row = score[r]
-            if q.exclude_history:
+            if exclude[r]:
                 row = row.clone()
                 row[self.seen_ids([m.id for m in matches[r]])] = float("inf")
             order = torch.argsort(row, stable=True)[: q.k].tolist()  # ties: lower id first
@@ -310,15 +338,36 @@ class Recommender:
                      if row[i] != float("inf")]
             results.append(Result(matches[r], beams[r], grounded[r], items, use_ci[r],
                                   self.ranking_label(use_ci[r], q.use_ci is None)))
-        wanted = [r for r, q in enumerate(queries) if q.baselines]
-        if wanted:
-            lists = self.baseline_lists([[m.id for m in matches[r]] for r in wanted], [queries[r] for r in wanted])
-            for r, found in zip(wanted, lists, strict=True):
-                results[r].baselines = found
-        t3 = time.perf_counter()
-        timing = {"match_s": t1 - t0, "generate_s": t2 - t1, "rank_s": t3 - t2, "batch": len(queries)}
-        for result in results:
-            result.timing = dict(timing)
+        return results
+
+    def _rank_by_likelihood(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
+                            exclude: list[bool]) -> list[Result]:
+        """Every title by its log-probability given the prompt (minus the run's prior), best first.
+
+        Queries asking for the same k are searched together, so an answer does not depend on what
+        else shared its batch (past ``search_nodes`` the places beyond a row's exact top depend on k)."""
+        scorer, trie, m = self.scorer, self.scorer.trie, self.manifest
+        rows = [self._row([x.title for x in row]) for row in matches]
+        prompts = [self.layout.prompt(row) for row in rows]
+        prior = None
+        if m.prior_weight:
+            prior = [m.prior_weight * scorer.prior(self.layout.empty_history_prompt(row)) for row in rows]
+        excluded = [sorted({int(trie.item_leaf[i]) for i in self.seen_ids([x.id for x in matches[r]])} - {-1})
+                    if exclude[r] else [] for r in range(len(queries))]
+        rankings: list = [None] * len(queries)
+        for k in sorted({q.k for q in queries}):
+            group = [r for r, q in enumerate(queries) if q.k == k]
+            found = scorer.rank([prompts[r] for r in group], k, None if prior is None else [prior[r] for r in group],
+                                [excluded[r] for r in group], max_nodes=m.search_nodes)
+            for r, ranking in zip(group, found, strict=True):
+                rankings[r] = ranking
+        results = []
+        for r, q in enumerate(queries):
+            items = [Item(i, self.catalog.titles[i], -score, None)
+                     for leaf, score in zip(rankings[r].leaves, rankings[r].scores, strict=True)
+                     for i in trie.leaf_items[leaf]][: q.k]
+            results.append(Result(matches[r], [], "", items, False, self.ranking_label(False, q.use_ci is None),
+                                  decoding="likelihood"))
         return results
 
     def seen_ids(self, history: list[int]) -> list[int]:
@@ -355,6 +404,9 @@ class Recommender:
         return out
 
     def _check_ci(self) -> None:
+        if self.scorer is not None:
+            raise ValueError(f"use_ci re-weights grounded distances, and the run {self.run_dir} ranks by likelihood "
+                             "(run.yaml: decoding: likelihood)")
         if self.sasrec is None:
             raise ValueError(f"use_ci needs a SASRec model, and the run {self.run_dir} has none "
                              "(run.yaml: sasrec is unset)")
@@ -364,7 +416,7 @@ class Recommender:
 
     @property
     def has_ci(self) -> bool:
-        return self.sasrec is not None and self.manifest.ci_gamma is not None
+        return self.scorer is None and self.sasrec is not None and self.manifest.ci_gamma is not None
 
     @property
     def default_ci(self) -> bool:
@@ -372,6 +424,11 @@ class Recommender:
         return bool(self.manifest.use_ci) and self.has_ci
 
     def ranking_label(self, use_ci: bool, by_default: bool) -> str:
+        if self.scorer is not None:
+            prior = f", minus {self.manifest.prior_weight} x its no-history log-probability" \
+                if self.manifest.prior_weight else ""
+            name = f"BIGRec (likelihood: every title by its log-probability given the history{prior})"
+            return name + (f", the run's ranking: {self.manifest.ranking_note}" if self.manifest.ranking_note else "")
         how = ("re-weighted by SASRec's scores" if self.manifest.ci_blend_weight is None
                else f"blended with SASRec's scores, weight {self.manifest.ci_blend_weight}")
         name = f"BIGRec + CI (distances {how})" if use_ci else "BIGRec (L2 distance to the generated title)"
@@ -387,6 +444,8 @@ class Recommender:
         return {"run": str(self.run_dir), "base_model": m.base_model, "adapter": m.adapter, "items": len(self.catalog),
                 "dataset": dataset, "sasrec_available": self.sasrec is not None,
                 "popularity_available": self.popularity is not None,
+                "decoding": m.decoding, "layout": m.layout, "prior_weight": m.prior_weight,
+                "search_nodes": m.search_nodes, "exclude_history_by_default": m.exclude_history,
                 "domain": m.domain, "num_beams": m.num_beams, "max_new_tokens": m.max_new_tokens,
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
                 "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,

@@ -13,8 +13,10 @@ from pathlib import Path
 import yaml
 
 from bigrec.io import write_yaml
+from bigrec.llm.layouts import LAYOUTS
 
 MANIFEST = "run.yaml"
+DECODINGS = ("free", "likelihood")  # what recommend and serve rank by
 
 
 @dataclass
@@ -39,6 +41,18 @@ class RunManifest:
     ci_blend_weight: float | None = None  # set: CI re-weights as the blend (1-w) minmax(d) - w minmax(s), not the paper's
     ranking_note: str | None = None  # how that choice was made, shown with every recommendation
     popularity_gamma: float | None = None
+    layout: str = "window"  # the training text's layout (bigrec.llm.layouts): how prompts and titles are written
+    decoding: str = "free"  # free: beam search + L2 grounding (the paper's); likelihood: every title by its log-probability
+    prior_weight: float = 0.0  # likelihood: minus this times log p(title | an empty history)
+    search_nodes: int = 3072  # likelihood: the most title tokens a history's search feeds the model
+    exclude_history: bool = False  # leave the history's titles out where a request does not say
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("decoding", self.decoding, DECODINGS), ("layout", self.layout, LAYOUTS)):
+            if value not in allowed:
+                raise ValueError(f"{MANIFEST}: {name} {value!r} is not one of {', '.join(allowed)}")
+        if self.prior_weight < 0 or self.search_nodes < 1:
+            raise ValueError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunManifest:
@@ -52,7 +66,10 @@ class RunManifest:
             raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
         if "base_model" not in data:
             raise ValueError(f"{path}: missing key 'base_model'")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {str(exc).removeprefix(MANIFEST + ': ')}") from None
 
     def save(self, run_dir: str | Path) -> None:
         write_yaml(Path(run_dir) / MANIFEST, dataclasses.asdict(self))

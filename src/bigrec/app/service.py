@@ -2,7 +2,7 @@
 
 Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
-- ``POST /recommend`` ``{"history": [titles or ids], "k": 10, "use_ci": null, "exclude_history": false}``
+- ``POST /recommend`` ``{"history": [titles or ids], "k": 10, "use_ci": null, "exclude_history": null}``
   (``use_ci`` null or absent: the ranking the run chose on validation; the answer's ``ranking`` says which)
   -> the generated text, the history matches and the top-k items (id, title, score, distance);
 - ``GET /items?q=...&limit=20``: catalogue titles containing ``q`` (ignoring case);
@@ -113,8 +113,10 @@ class MatchOut(BaseModel):
 class ItemOut(BaseModel):
     id: int
     title: str
-    score: float = Field(description="ranking score, lower is better (distance, or re-weighted with use_ci)")
-    distance: float = Field(description="L2 distance to the generated text's embedding")
+    score: float = Field(description="ranking score, lower is better (distance, re-weighted with use_ci, or "
+                                     "the negative log-probability with likelihood ranking)")
+    distance: float | None = Field(description="L2 distance to the generated text's embedding (null: likelihood "
+                                               "ranking, which generates nothing)")
 
 class ScoredOut(BaseModel):
     id: int
@@ -122,13 +124,15 @@ class ScoredOut(BaseModel):
     score: float = Field(description="the model's score, higher is better")
 
 class RecommendResponse(BaseModel):
-    generated: str = Field(description="the top beam, cut at the end of its title")
+    generated: str = Field(description="the top beam, cut at the end of its title (empty: likelihood ranking)")
     beams: list[str]
-    grounded: str = Field(description="the text whose embedding ranked the items")
+    grounded: str = Field(description="the text whose embedding ranked the items (empty: likelihood ranking)")
     history: list[MatchOut]
     items: list[ItemOut]
     use_ci: bool
     ranking: str = Field(description="which ranking this is and why")
+    decoding: str = Field(description="free: generated, then grounded by distance; likelihood: every title "
+                                      "scored by its log-probability")
     baselines: dict[str, list[ScoredOut]] | None = Field(None, description="with baselines: sasrec and "
                                                                            "popularity top k, where the run has them")
     batch_size: int = Field(description="requests that shared this generation call")
@@ -181,7 +185,8 @@ def recommend_request(limits: Limits, prompt_history: int) -> type[BaseModel]:
         k: int = Field(10, ge=1, le=limits.max_k, description="how many items to return")
         use_ci: bool | None = Field(None, description="re-weight distances by the run's SASRec scores; null: the "
                                                       "ranking the run chose on validation")
-        exclude_history: bool = Field(False, description="leave the history's items out")
+        exclude_history: bool | None = Field(None, description="leave the history's items out; null: the run's "
+                                                               "default (run.yaml exclude_history)")
         baselines: bool = Field(False, description="also SASRec's and popularity's top k for the same history")
 
     return RecommendRequest
@@ -258,7 +263,9 @@ def create_app(rec, limits: Limits | None = None):
             return unprocessable([{"loc": loc, "msg": exc.reason, "type": "value_error"}])
         if body.use_ci and not rec.has_ci:
             return unprocessable([{"loc": ["body", "use_ci"], "type": "value_error",
-                                   "msg": "this run has no SASRec model (or no ci_gamma) to re-weight with"}])
+                                   "msg": "this run ranks by likelihood, and CI re-weights grounded distances"
+                                   if rec.scorer is not None else
+                                   "this run has no SASRec model (or no ci_gamma) to re-weight with"}])
         try:
             result = await batcher.submit(RecQuery(list(body.history), body.k, body.use_ci, body.exclude_history,
                                                    body.baselines))
@@ -267,7 +274,8 @@ def create_app(rec, limits: Limits | None = None):
         out = result.to_dict()
         return {"generated": result.generated[0] if result.generated else "", "beams": result.generated,
                 "grounded": result.grounded, "history": out["history"], "items": out["items"],
-                "use_ci": result.use_ci, "ranking": result.ranking, "baselines": out["baselines"],
+                "use_ci": result.use_ci, "ranking": result.ranking, "decoding": result.decoding,
+                "baselines": out["baselines"],
                 "batch_size": int(result.timing.get("batch", 1))}
 
     return app

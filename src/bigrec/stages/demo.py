@@ -62,11 +62,16 @@ class Config:
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
     num_beams: int = option(4, "beams per row (free decoding)", minimum=1)
-    decoding: str = option("both", "free beam search, catalogue-constrained beam search, both side by side, "
-                                   "likelihood ranking of every title, or all three",
-                           choices=["free", "constrained", "both", "likelihood", "all"])
+    decoding: str = option("both", "comma-separated, side by side: free (beam search + L2 grounding), constrained "
+                                   "(beam search over catalogue titles), likelihood (every title ranked by its "
+                                   "log-probability); both = free,constrained; all = the three")
     prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
                                  keyed_at_default=False)
+    likelihood_new_titles: bool = option(True, "likelihood: leave each row's history titles out of its ranking "
+                                               "(better on ml-100k's validation rows)", keyed_at_default=False)
+    search_nodes: int = option(3072, "likelihood: the most title tokens a row's search feeds the model (a flat "
+                                     "model needs many; fewer is faster, with fewer places certified exact)",
+                               minimum=1, keyed_at_default=False)
     constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
     gen_batch_size: int = option(16, "rows per generate call", minimum=1)
@@ -90,6 +95,12 @@ class Config:
                                  keyed_at_default=False)
 
     def validate(self) -> None:
+        from bigrec.llm.decoders import DECODINGS
+
+        unknown = [d for d in decodings_of(self) if d not in DECODINGS]
+        if unknown or not decodings_of(self):
+            raise ConfigError(f"--decoding {self.decoding!r}: expected a comma-separated list of "
+                              f"{', '.join(DECODINGS)}, or both, or all")
         if self.prior_weight < 0:
             raise ConfigError(f"--prior_weight must be at least 0, got {self.prior_weight}")
         if self.prior_weight and "likelihood" not in decodings_of(self):
@@ -221,23 +232,30 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
 
 
-def default_ranking(info: dict) -> tuple[bool, float | None, str | None]:
+def default_ranking(infos: dict[str, dict]) -> tuple[str, bool, float | None, str | None]:
     """What recommend/serve rank by: plain BIGRec, BIGRec + CI by the paper's formula or by the
-    blend, whichever has the best validation NDCG@10 (the validation rows chose gamma and the
-    weight too; the test rows never enter). Returns (use CI, blend weight or None, why)."""
-    if "CI" not in info or "valid_plain" not in info:
-        return False, None, None
+    blend (on free decoding, which they run; the constrained run's figures where there is none), or
+    likelihood ranking, whichever has the best validation NDCG@10 (the validation rows chose gamma
+    and the weight too; the test rows never enter). Returns (decoding, use CI, blend weight or None, why)."""
     from bigrec.evaluation.metrics import TOPK
 
     j = TOPK.index(10)
-    found = {"plain BIGRec": (info["valid_plain"]["NDCG"][j], False, None),
-             "BIGRec + CI (the paper's formula)": (info["CI"]["valid_single"]["NDCG"][j], True, None)}
-    if "blend" in info["CI"]:
-        weight = info["CI"]["blend"]["weight"]
-        found[f"BIGRec + CI (blend, weight {weight})"] = (info["CI"]["blend"]["valid_ndcg10"], True, weight)
+    found: dict[str, tuple[float, str, bool, float | None]] = {}
+    info = infos.get("free") or infos.get("constrained") or {}
+    if "CI" in info and "valid_plain" in info:
+        found["plain BIGRec"] = (info["valid_plain"]["NDCG"][j], "free", False, None)
+        found["BIGRec + CI (the paper's formula)"] = (info["CI"]["valid_single"]["NDCG"][j], "free", True, None)
+        if "blend" in info["CI"]:
+            weight = info["CI"]["blend"]["weight"]
+            found[f"BIGRec + CI (blend, weight {weight})"] = (info["CI"]["blend"]["valid_ndcg10"], "free", True, weight)
+    if "valid_plain" in infos.get("likelihood", {}):
+        found["likelihood ranking"] = (infos["likelihood"]["valid_plain"]["NDCG"][j], "likelihood", False, None)
+    if not found:
+        return "free", False, None, None
     best = max(found, key=lambda name: found[name][0])
-    why = ", ".join(f"{name} {value:.4f}" for name, (value, _, _) in found.items())
-    return found[best][1], found[best][2], f"{best} chosen on validation NDCG@10 ({why})"
+    why = ", ".join(f"{name} {value:.4f}" for name, (value, *_) in found.items())
+    _, decoding, use_ci, weight = found[best]
+    return decoding, use_ci, weight, f"{best} chosen on validation NDCG@10 ({why})"
 
 
 def first_rows(src: Path, dst: Path, n: int) -> None:
@@ -282,8 +300,10 @@ def warmup_steps(cfg: Config) -> int:
 
 
 def decodings_of(cfg: Config) -> list[str]:
-    return {"both": ["free", "constrained"], "all": ["free", "constrained", "likelihood"]}.get(cfg.decoding,
-                                                                                             [cfg.decoding])
+    """The decodings ``--decoding`` names, in its order, each once."""
+    named = {"both": ["free", "constrained"], "all": ["free", "constrained", "likelihood"]}
+    return list(dict.fromkeys(d for part in cfg.decoding.split(",") if part.strip()
+                              for d in named.get(part.strip(), [part.strip()])))
 
 
 def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
@@ -343,6 +363,8 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
                 catalog=str(data / "id2name.txt") if decoding != "free" else None,
                 prior_weight=cfg.prior_weight if decoding == "likelihood" else 0.0,
+                exclude_history=decoding == "likelihood" and cfg.likelihood_new_titles,
+                **({"search_nodes": cfg.search_nodes} if decoding == "likelihood" else {}),
                 discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
                        lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
@@ -422,20 +444,22 @@ def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, 
 
 
 def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
-    """run.yaml for recommend and serve; they decode freely, so the gammas and the ranking come from
-    the free run when there is one."""
+    """run.yaml for recommend and serve: the ranking chosen on validation (:func:`default_ranking`);
+    their gammas come from the free run when there is one, as they decode freely."""
     from bigrec.app.run_manifest import RunManifest
     from bigrec.grounding.options import grounding_of, grounding_options
 
     gammas_from = infos.get("free") or infos.get("constrained") or infos["likelihood"]
-    use_ci, weight, note = default_ranking(gammas_from)
+    decoding, use_ci, weight, note = default_ranking(infos)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
                 adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
                 precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles,
                 **grounding_options(grounding_of(cfg)),
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
-                use_ci=use_ci, ci_blend_weight=weight, ranking_note=note).save(run_dir)
+                use_ci=use_ci, ci_blend_weight=weight, ranking_note=note, decoding=decoding,
+                prior_weight=cfg.prior_weight if decoding == "likelihood" else 0.0, search_nodes=cfg.search_nodes,
+                exclude_history=decoding == "likelihood" and cfg.likelihood_new_titles).save(run_dir)
 
 
 def run(cfg: Config) -> int:

@@ -6,7 +6,8 @@ the parts are regrouped into catalogue titles such as "Usual Suspects, The (1995
 ``--user ID``: that
 user's latest row in the prepared data (test, else valid, else train), by default with the
 row's target appended, so the recommendation is for what comes after everything known.
-Prints the history matches, the generated text and the top-k items with their distances
+Prints the history matches, the generated text and the top-k items with their distances, or
+with a run that ranks by likelihood the top-k items with their negative log-probabilities
 (``--json`` prints the same as JSON).
 """
 
@@ -34,7 +35,8 @@ class Config:
     k: int = option(10, "how many items to recommend", aliases=("-k",), minimum=1)
     use_ci: bool | None = option(None, "re-weight the distances by the run's SASRec scores (needs ci_gamma in "
                                        "run.yaml); default: the ranking the run chose on validation (run.yaml use_ci)")
-    exclude_history: bool = option(False, "leave the history's items out of the recommendations")
+    exclude_history: bool | None = option(None, "leave the history's items out of the recommendations "
+                                                "(default: the run's, run.yaml exclude_history)")
     json: bool = option(False, "print the result as JSON")
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
 
@@ -85,10 +87,13 @@ def format_result(result, catalog, held_out: int | None = None) -> str:
             lines.append(f"  {n:>2}. {given} -> #{m.id} {m.title} (matched ignoring case)")
         else:
             lines.append(f"  {n:>2}. #{m.id} {m.title}")
-    lines.append(f"generated: {result.generated[0] if result.generated else ''}")
-    for n, text in enumerate(result.generated[1:], start=2):
-        lines.append(f"  beam {n}: {text}")
-    label = "score (re-weighted by SASRec)" if result.use_ci else "distance"
+    ranked = result.decoding == "likelihood"  # nothing generated: every title scored
+    if not ranked:
+        lines.append(f"generated: {result.generated[0] if result.generated else ''}")
+        for n, text in enumerate(result.generated[1:], start=2):
+            lines.append(f"  beam {n}: {text}")
+    label = ("-log p(title | history)" if ranked else
+             "score (re-weighted by SASRec)" if result.use_ci else "distance")
     lines.append(f"ranking: {result.ranking}")
     lines.append(f"top {len(result.items)} ({label}):")
     width = len(str(len(catalog) - 1))
