@@ -262,14 +262,14 @@ def test_prompt_titles_follow_the_run(run_dir, tmp_path):
     assert '"Usual Suspects, The (1995)"' in plain.prompt(["Usual Suspects, The (1995)"])
 
 
-def title_logprobs(model, tok, prompt: str, titles: list[str]) -> torch.Tensor:
+def title_logprobs(model, tok, prompt: str, titles: list[str], layout: str = "window") -> torch.Tensor:
     """Each title scored by its own forward pass after ``prompt``: the sum of its response tokens' log-probs."""
     from bigrec.llm.layouts import get_layout
 
     head = tok(prompt)["input_ids"]
     out = []
     for title in titles:
-        tail = get_layout("window").response_ids(tok, title)
+        tail = get_layout(layout).response_ids(tok, title)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([head + tail])).logits[0].float(), -1)
         out.append(sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)))
@@ -328,6 +328,25 @@ def test_likelihood_run_prior_exclusions_batches_and_no_ci(run_dir, tmp_path, ra
     assert not ranked.has_ci and ranked.describe()["decoding"] == "likelihood"
     with pytest.raises(ValueError, match="ranks by likelihood"):
         ranked.recommend([history], use_ci=True)
+
+
+def test_a_timeline_run_writes_its_prompts_and_titles_as_timelines(run_dir, tmp_path):
+    """layout: timeline (a model trained on users' timelines): the prompt is the history as timeline
+    lines, and titles are scored as lines ending at the separator."""
+    from bigrec.data.prompts import DOMAINS
+    from bigrec.llm.layouts import get_layout
+
+    lines = Recommender.from_run(sibling_run(run_dir, tmp_path, decoding="likelihood", layout="timeline"),
+                                 device="cpu")
+    history = ["Toy Story (1995)", "Heat (1995)"]
+    timeline = get_layout("timeline")
+    assert lines.prompt(history) == timeline.prompt(timeline.row(DOMAINS["movie"], history, ""))
+    assert lines.prompt(history).endswith("Toy Story (1995)\nHeat (1995)\n")
+    (result,) = lines.recommend([history], k=len(TITLES))
+    distinct = list(dict.fromkeys(TITLES))
+    truth = title_logprobs(lines.gen_model, lines.tokenizer, lines.prompt(history), distinct, "timeline")
+    assert list(dict.fromkeys(i.title for i in result.items)) == [distinct[i] for i in
+                                                                  torch.argsort(-truth, stable=True).tolist()]
 
 
 def test_cli_recommend_with_a_likelihood_run(ranked, capsys):

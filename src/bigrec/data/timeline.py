@@ -46,8 +46,10 @@ def lines(titles: list[str]) -> str:
 
 
 def timeline_row(domain: Domain, history_titles: list[str], target_title: str) -> dict[str, str]:
-    """A row in the timeline layout: the header, the history's lines, the unquoted target."""
-    lines([target_title])
+    """A row in the timeline layout: the header, the history's lines, the unquoted target (empty: a
+    query row, only its prompt is used, as ``recommend`` asks for the next title)."""
+    if target_title:
+        lines([target_title])
     return {"instruction": header(domain), "input": lines(history_titles), "output": target_title}
 
 
