@@ -132,3 +132,23 @@ def test_a_title_taught_to_the_model_ranks_first(tiny_model_dir):
     model.eval()
     ranking = TitleScorer(model, tok, trie).rank([prompt], top=3)[0]
     assert trie.titles[ranking.leaves[0]] == taught and ranking.certified >= 1
+
+
+def test_bf16_weights_are_cast_once_with_the_same_scores(loaded):
+    """Under bf16 autocast the body's linear weights are held in bf16 for a call: the same scores as
+    autocast casting them at every step, and the model's own fp32 weights are back afterwards."""
+    model, tok = loaded
+    trie = Trie.build(tok, TITLES)
+    scorer = TitleScorer(model, tok, trie, autocast=torch.bfloat16, chunk_tokens=5, batch_size=2)
+    before = {name: p for name, p in model.named_parameters()}
+    ids = scorer._encode(prompts()[:2])
+    fed = scorer.fed_for(torch.arange(len(trie.titles)))
+    every_step = scorer.cumulative(scorer.edge_logprobs(ids, fed))[:, scorer.leaf_node]  # no cast held
+    assert torch.equal(scorer.exact(prompts()[:2]), every_step)
+    with scorer._cast_weights():
+        dtypes = {m.weight.dtype for m in scorer.body.modules() if isinstance(m, torch.nn.Linear)}
+        assert dtypes == {torch.bfloat16} and model.get_output_embeddings().weight.dtype == torch.float32
+    assert all(p is before[name] for name, p in model.named_parameters())  # the very same parameters
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ranked = scorer.rank(prompts()[:2], 5)
+    assert [r.leaves for r in ranked] == [torch.argsort(-row, stable=True)[:5].tolist() for row in every_step]
