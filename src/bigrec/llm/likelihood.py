@@ -100,9 +100,10 @@ class TitleScorer:
     def _cast_weights(self) -> Iterator[None]:
         """Under autocast to a lower precision, the body's linear layers hold their weights (and biases)
         in it for the call, cast once and kept. Autocast would cast every weight again at every search
-        step, and caches casts only of weights that require gradients: the casts were a third of the
-        ranking's time on a CPU. The products are the same, as autocast casts them the same way; the
-        embedding and the LM head (often the embedding's weight) are left alone."""
+        step (it caches casts only of weights that require gradients). This is the recommender's case,
+        whose fp32 weights the embedding shares; ``generate`` loads them in the autocast dtype already.
+        The products are the same, as autocast casts them the same way; the embedding and the LM head
+        (often the embedding's weight) are left alone."""
         weights = next(self.model.parameters()).dtype
         if self.autocast is None or self.autocast == weights:
             yield
