@@ -31,7 +31,8 @@ def write_small_movielens(root: Path, users: int = 40, items: int = 25, per_user
 
 
 def demo_args(run_dir: Path, model: str, source: Path, **over) -> list[str]:
-    opts = {"run_dir": run_dir, "base_model": model, "source": source, **DEMO_SMALL, **over}
+    # free and constrained decoding unless a test says otherwise (the default's likelihood ranking has its own test)
+    opts = {"run_dir": run_dir, "base_model": model, "source": source, "decoding": "both", **DEMO_SMALL, **over}
     return ["demo", *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
 
 

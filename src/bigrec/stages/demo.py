@@ -1,14 +1,17 @@
 """``bigrec demo``: the whole pipeline on the bundled default, with a side-by-side report.
 
-prepare ml-100k -> LoRA-tune SmolLM2-135M on 1,024 sampled examples -> generate for test (and
-validation) rows, with free and with catalogue-constrained beam search (``--decoding``) ->
+prepare ml-100k -> LoRA-tune SmolLM2-135M on 1,024 sampled examples -> for test (and
+validation) rows, free beam search (the paper's) and likelihood ranking of every title, or
+catalogue-constrained beam search (``--decoding``) ->
 index the catalogue -> SASRec (on all training rows and on the same sampled rows BIGRec is
 tuned on: the paper's few-shot comparison) and popularity -> evaluate BIGRec, BIGRec +
 popularity and BIGRec + CI for each decoding, the baselines and a content baseline (the last
 history title, grounded the same way) on the same rows, with 95% bootstrap intervals and paired
 differences, under the reference protocol and with each user's seen items left out ->
-report.md, metrics (``metrics/comparison.json`` holds both protocols), plot. Each decoding has its own stages (``generate_test_free``, ``evaluate_constrained``, ...)
-and its own folders (``results/<decoding>/``, ``metrics/bigrec_<decoding>.json``).
+report.md, metrics (``metrics/comparison.json`` holds both protocols), plot, and ``run.yaml`` with
+the ranking that won on validation for recommend and serve. Each decoding has its own stages
+(``generate_test_free``, ``evaluate_likelihood``, ...) and its own folders (``results/<decoding>/``,
+``metrics/bigrec_<decoding>.json``).
 
 Every stage records the settings it ran with (``stages/<name>.json``); a rerun skips a stage
 whose settings and upstream stages are unchanged and whose outputs exist, so a finished demo
@@ -62,16 +65,17 @@ class Config:
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
     num_beams: int = option(4, "beams per row (free decoding)", minimum=1)
-    decoding: str = option("both", "comma-separated, side by side: free (beam search + L2 grounding), constrained "
-                                   "(beam search over catalogue titles), likelihood (every title ranked by its "
-                                   "log-probability); both = free,constrained; all = the three")
+    decoding: str = option("free,likelihood", "comma-separated, side by side: free (beam search + L2 grounding, the "
+                                              "paper's), constrained (beam search over catalogue titles), likelihood "
+                                              "(every title ranked by its log-probability); both = free,constrained; "
+                                              "all = the three")
     prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
                                  keyed_at_default=False)
     likelihood_new_titles: bool = option(True, "likelihood: leave each row's history titles out of its ranking "
                                                "(better on ml-100k's validation rows)", keyed_at_default=False)
-    search_nodes: int = option(3072, "likelihood: the most title tokens a row's search feeds the model (a flat "
-                                     "model needs many; fewer is faster, with fewer places certified exact)",
-                               minimum=1, keyed_at_default=False)
+    search_nodes: int = option(512, "likelihood: the most title tokens a row's search feeds the model (the few-shot "
+                                    "adapter's flat distribution would need thousands to certify its top 10; "
+                                    "fewer is faster)", minimum=1)
     constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
     max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
     gen_batch_size: int = option(16, "rows per generate call", minimum=1)
@@ -505,9 +509,11 @@ def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: fl
                      + (f" (nearest of the first {cfg.ground_beams} beams)" if cfg.ground_beams > 1 else ""),
              "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
                             "first, then the rest by L2 distance to the top beam",
-             "likelihood": "every title ranked by its log-probability (the best 100 scored exactly)"
+             "likelihood": "every title ranked by its log-probability (a best-first search of the catalogue's "
+                           f"trie, at most {cfg.search_nodes} title tokens a row)"
                            + (f", minus {cfg.prior_weight} x its no-history log-probability" if cfg.prior_weight
-                              else "")}
+                              else "")
+                           + (", the row's history titles left out" if cfg.likelihood_new_titles else "")}
     tuning = (f"LoRA on {cfg.sample} sampled examples, {cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, "
               f"lr {cfg.learning_rate}, loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}"
               if cfg.adapter is None else f"the LoRA adapter from {cfg.adapter} (trained on {cfg.sample} examples)")
