@@ -352,8 +352,7 @@ class Recommender:
         prior = None
         if m.prior_weight:
             prior = [m.prior_weight * scorer.prior(self.layout.empty_history_prompt(row)) for row in rows]
-        excluded = [sorted({int(trie.item_leaf[i]) for i in self.seen_ids([x.id for x in matches[r]])} - {-1})
-                    if exclude[r] else [] for r in range(len(queries))]
+        excluded = [trie.leaves_of([x.id for x in matches[r]]) if exclude[r] else [] for r in range(len(queries))]
         rankings: list = [None] * len(queries)
         for k in sorted({q.k for q in queries}):
             group = [r for r, q in enumerate(queries) if q.k == k]

@@ -144,8 +144,7 @@ def banned_leaves(trie: Trie, items: Sequence[Sequence[int]], device) -> torch.T
     marks = torch.zeros(len(items) + 1, m, dtype=torch.long)  # per row its excluded leaves; last row: all
     marks[-1, trie.leaf_node] = 1
     for r, ids in enumerate(items):
-        leaves = [int(trie.item_leaf[int(i)]) for i in ids if 0 <= int(i) < trie.num_items]
-        marks[r, [int(trie.leaf_node[lf]) for lf in leaves if lf >= 0]] = 1
+        marks[r, [int(trie.leaf_node[lf]) for lf in trie.leaves_of(ids)]] = 1
     cum = torch.nn.functional.pad(torch.cumsum(marks, 1), (1, 0))
     below = cum[:, trie.subtree_end[:m]] - cum[:, :m]  # marked leaves in each node's subtree (preorder)
     banned = torch.zeros(len(items), m + 1, dtype=torch.bool)

@@ -264,8 +264,7 @@ class LikelihoodDecoder:
             prior = [cfg.prior_weight * self.scorer.prior(self.layout.empty_history_prompt(r)) for r in rows]
         excluded = None
         if cfg.exclude_history:
-            excluded = [sorted({int(trie.item_leaf[i]) for i in history_ids(r) if 0 <= i < trie.num_items}
-                               - {-1}) for r in rows]
+            excluded = [trie.leaves_of(history_ids(r)) for r in rows]
         rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
         self.certified.extend(r.certified for r in rankings)
         return [{"predict": [trie.titles[leaf] for leaf in r.leaves],

@@ -83,6 +83,12 @@ class Trie:
     def num_nodes(self) -> int:
         return len(self.children)
 
+    def leaves_of(self, item_ids: Sequence[int]) -> list[int]:
+        """The leaves of these items' titles, sorted, each once (ids outside the catalogue, and items
+        whose title is not in the trie, have none)."""
+        return sorted({leaf for i in item_ids if 0 <= int(i) < self.num_items
+                       if (leaf := int(self.item_leaf[int(i)])) >= 0})
+
     @property
     def dead(self) -> int:
         """The node of any prefix that left the trie (or ended): no token is allowed after it."""
