@@ -241,6 +241,11 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     assert "BIGRec (likelihood)" in table and "SASRec" in table
     rows = json.loads((run_dir / "results" / "likelihood" / "test.json").read_text())
     assert "## Decoding: likelihood" in (run_dir / "report.md").read_text()
+    # only the plain ranking: re-weighting would order only what lies below the ranked titles
+    metrics = json.loads((run_dir / "metrics" / "bigrec_likelihood.json").read_text())
+    assert "test.json" in metrics and not [name for name in metrics if "+" in name], list(metrics)
+    assert not (run_dir / "metrics" / "bigrec_likelihood_fewshot_ci.json").exists()
+    assert not [name for name in table if name.startswith("BIGRec (likelihood) +")], list(table)
     inputs = {r["row"]: r for r in json.loads((run_dir / "inputs" / "test.json").read_text())}
     for r in rows:  # the default 20 titles, each once; none of the row's own history (--likelihood_new_titles)
         history = set(inputs[r["row"]]["history_item_id"])

@@ -127,6 +127,23 @@ def test_evaluate_end_to_end(data, tiny_model_dir, capsys):
     assert len(list(out.glob("index.*.safetensors"))) == 1  # the index was reused
 
 
+def test_validation_results_are_evaluated_without_reweighting(data, tiny_model_dir):
+    """--valid_input_dir alone: the validation rows' plain metrics (what the demo's run.yaml is chosen
+    on) equal those of evaluating them as a test file, and nothing is re-weighted."""
+    (data / "results" / "reference.json").unlink()
+    metrics = run(Config(base_model=tiny_model_dir, catalog=str(data / "id2name.txt"),
+                         input_dir=str(data / "results"), valid_input_dir=str(data / "valid"),
+                         output=str(data / "out" / "metrics.json"), precision="fp32"))
+    assert list(metrics) == ["topk", "test.json"]
+    details = json.loads((data / "out" / "metrics.details.json").read_text())["files"]["test.json"]
+    assert details["valid_file"].endswith("valid.json")
+    as_test = run(Config(base_model=tiny_model_dir, catalog=str(data / "id2name.txt"),
+                         input_dir=str(data / "valid"), output=str(data / "out" / "valid_metrics.json"),
+                         precision="fp32"))
+    assert details["valid_plain"] == as_test["valid.json"]
+    assert details["valid_plain"]["HR"][0] == pytest.approx(2 / 4)  # "Babe (1995)", and "Mortal Kombat" nearest its title
+
+
 def test_grounding_options(data, tiny_model_dir):
     """Mean pooling of a middle layer over natural titles: its own index, and a generation in
     natural order ("The Usual Suspects") grounds to the catalogue's "Usual Suspects, The"."""

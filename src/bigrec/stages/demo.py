@@ -4,8 +4,8 @@ prepare ml-100k -> LoRA-tune SmolLM2-135M on 1,024 sampled examples -> for test 
 validation) rows, free beam search (the paper's) and likelihood ranking of every title, or
 catalogue-constrained beam search (``--decoding``) ->
 index the catalogue -> SASRec (on all training rows and on the same sampled rows BIGRec is
-tuned on: the paper's few-shot comparison) and popularity -> evaluate BIGRec, BIGRec +
-popularity and BIGRec + CI for each decoding, the baselines and a content baseline (the last
+tuned on: the paper's few-shot comparison) and popularity -> evaluate BIGRec, and BIGRec +
+popularity and BIGRec + CI for the beam decodings, the baselines and a content baseline (the last
 history title, grounded the same way) on the same rows, with 95% bootstrap intervals and paired
 differences, under the reference protocol and with each user's seen items left out ->
 report.md, metrics (``metrics/comparison.json`` holds both protocols), plot, and ``run.yaml`` with
@@ -416,17 +416,23 @@ def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, 
     for decoding in decodings_of(cfg):
         results = paths.results / decoding
         generated = (f"generate_test_{decoding}", f"generate_valid_{decoding}", "index")
+        # A likelihood ranking puts its ranked candidates (the top 20) first, so re-weighting would order
+        # only what lies below them and print copies of the plain rows: only the plain ranking is evaluated.
+        reweight = decoding != "likelihood"
         for protocol, suffix in PROTOCOLS.items():
             metrics_paths[protocol][decoding] = metrics_path = paths.run / "metrics" / f"bigrec_{decoding}{suffix}.json"
             eval_cfg = evaluate.Config(
                 catalog=catalog, input_dir=str(results / "test.json"), output=str(metrics_path),
                 base_model=cfg.base_model, valid_input_dir=str(results / "valid.json"),
-                popularity=str(paths.data / "train.csv"), ci_scores=str(paths.scores("sasrec", "test")),
-                valid_ci_scores=str(paths.scores("sasrec", "valid")), index_path=str(paths.index),
-                precision=cfg.precision, last_title=True, ground_beams=cfg.ground_beams,
+                popularity=str(paths.data / "train.csv") if reweight else None,
+                ci_scores=str(paths.scores("sasrec", "test")) if reweight else None,
+                valid_ci_scores=str(paths.scores("sasrec", "valid")) if reweight else None,
+                index_path=str(paths.index), precision=cfg.precision, last_title=True, ground_beams=cfg.ground_beams,
                 exclude_history=protocol == "unseen", **grounding_options(grounding_of(cfg)))
             stages.run(f"evaluate_{decoding}{suffix}", stage_settings(eval_cfg), [metrics_path],
                        lambda c=eval_cfg: evaluate.run(c), after=(*generated, "popularity", "sasrec"))
+            if not reweight:
+                continue
             # CI from the SASRec trained on BIGRec's own sampled rows: claim 2 on the same few samples
             few_path = fewshot_paths[protocol][decoding] = metrics_path.with_name(
                 f"bigrec_{decoding}_fewshot_ci{suffix}.json")

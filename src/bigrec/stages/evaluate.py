@@ -72,8 +72,8 @@ class Config:
     input_dir: str = option(help="folder of result JSON files from bigrec generate (or one file)")
     output: str = option(help="metrics JSON to write; .details.json, .png and .config.yaml go beside it")
     base_model: str = option(DEFAULT_MODEL, "base model that embeds generations and titles (no adapter)")
-    valid_input_dir: str | None = option(None, "validation results for choosing gamma: same file names as "
-                                               "--input_dir, or a single file for all")
+    valid_input_dir: str | None = option(None, "validation results (for choosing gamma, and evaluated plain "
+                                               "beside it): same file names as --input_dir, or a single file for all")
     popularity: str | None = option(None, "train.csv of the prepared data (or its folder): re-weight by popularity")
     ci_scores: str | None = option(None, "a conventional model's score matrix for the test rows (.safetensors "
                                          "or .npy), or a folder of them (bigrec baseline's scores/)")
@@ -118,11 +118,12 @@ Weights = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, dict]]]
 
 
 def read_weights(config: Config, tests: list[Results], catalog: Catalog) -> tuple[Weights, dict[str, Results]]:
-    """The re-weightings' scores for every test file and its validation results (read before the slow part)."""
+    """The re-weightings' scores for every test file, and its validation results wherever
+    ``--valid_input_dir`` names them (read before the slow part)."""
     n = len(catalog)
     weights: Weights = {}
     pairs: dict[str, Results] = {}
-    if config.popularity or config.ci_scores:
+    if config.valid_input_dir:
         valids = [read_results(p, catalog) for p in result_files(config.valid_input_dir)]
         pairs = {t.name: pair_valid(t, valids) for t in tests}
     if config.popularity:
@@ -175,7 +176,7 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
     info: dict = {"diagnostics": diagnostics(test, catalog)}
     log.info("%s: %d rows grounded in %.1fs (%.1fs embedding generations that are not titles)", test.name,
              len(test.rows), time.perf_counter() - start, embed.seconds - embedded)
-    if weights:
+    if valid is not None:  # validation's plain metrics choose between rankings (the demo's run.yaml)
         info["valid_file"] = str(valid.path)
         valid_exclude = excluded(valid, config, n)
         valid_dist, valid_ranks, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude,
