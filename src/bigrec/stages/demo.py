@@ -110,6 +110,12 @@ class Config:
         if self.prior_weight and "likelihood" not in decodings_of(self):
             raise ConfigError("--prior_weight applies to --decoding likelihood (or all)")
 
+    def likelihood_options(self, decoding: str) -> dict:
+        """The prior and the history exclusion a decoding ranks with: generation and run.yaml alike."""
+        likelihood = decoding == "likelihood"
+        return {"prior_weight": self.prior_weight if likelihood else 0.0,
+                "exclude_history": likelihood and self.likelihood_new_titles}
+
 
 class Stages:
     """Run a stage unless its recorded key (settings + upstream keys) matches and outputs exist.
@@ -366,8 +372,7 @@ def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
                 precision=cfg.precision, decoding=decoding,
                 num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
                 catalog=str(data / "id2name.txt") if decoding != "free" else None,
-                prior_weight=cfg.prior_weight if decoding == "likelihood" else 0.0,
-                exclude_history=decoding == "likelihood" and cfg.likelihood_new_titles,
+                **cfg.likelihood_options(decoding),
                 **({"search_nodes": cfg.search_nodes} if decoding == "likelihood" else {}),
                 discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
@@ -468,8 +473,7 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 use_ci=use_ci, ci_blend_weight=weight, ranking_note=note, decoding=decoding,
-                prior_weight=cfg.prior_weight if decoding == "likelihood" else 0.0, search_nodes=cfg.search_nodes,
-                exclude_history=decoding == "likelihood" and cfg.likelihood_new_titles).save(run_dir)
+                search_nodes=cfg.search_nodes, **cfg.likelihood_options(decoding)).save(run_dir)
 
 
 def run(cfg: Config) -> int:
