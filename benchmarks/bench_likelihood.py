@@ -11,6 +11,7 @@ search on the first test rows in the same process, for rows/s side by side.
     python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --adapter DIR --name lora-ep2
     python benchmarks/bench_likelihood.py --run runs/quality/ml-100k/demo --base_model runs/full/ft/snapshots/epoch-1 \
         --layout timeline --data runs/full/data --name full-ep1       # a model trained on timelines
+    python benchmarks/bench_likelihood.py ... --name full-ep1 --valid_only   # validation only: choose a snapshot
 
 With ``--layout timeline`` the rows come from ``--data``, a folder prepared with ``--layout timeline``
 from the same dataset and seed: its seeded 5,000-row samples hold the demo's rows in the same order
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="--layout timeline: the timeline-prepared data folder")
     parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
     parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
+    parser.add_argument("--valid_only", action="store_true",
+                        help="rank the validation rows only and write valid_summary.json (to choose between "
+                             "snapshots before one is tested; a later run with the same --name reuses the ranking)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=FOLDER",
                         help="pair the test ranks with another result of this script on the same rows (e.g. "
                              "full-ep2=runs/likelihood/demo/full-ep2); repeatable")
@@ -178,6 +182,10 @@ def main() -> None:
         print(f"validation, {name}: NDCG@10 {chosen[name]:.4f}", flush=True)
     best = max(chosen, key=lambda name: chosen[name])
     print(f"{best} chosen on {args.valid_rows} validation rows", flush=True)
+    if args.valid_only:
+        io.write_json(out / "valid_summary.json", {"validation_ndcg10": chosen, "chosen": best,
+                                                   "valid_rows": args.valid_rows, "rows_per_second": speeds})
+        return
 
     folder = out / "test" / best
     test_path = run / "inputs" / "test.json"
