@@ -146,7 +146,14 @@ def test_run_without_sasrec_refuses_use_ci(run_dir, tmp_path):
     other = Recommender.from_run(sibling_run(run_dir, tmp_path, sasrec=None), device="cpu")
     assert not other.has_ci and other.sasrec is None
     assert other.recommend([[0, 5]], k=2)[0].items[0].id == CASINO
-    with pytest.raises(ValueError, match="use_ci needs a SASRec model"):
+    with pytest.raises(ValueError, match="use_ci: this run has no SASRec model"):
+        other.recommend([[0, 5]], use_ci=True)
+
+
+def test_run_without_ci_gamma_refuses_use_ci(run_dir, tmp_path):
+    other = Recommender.from_run(sibling_run(run_dir, tmp_path, ci_gamma=None, use_ci=False), device="cpu")
+    assert other.sasrec is not None and not other.has_ci and "ci_gamma" in other.ci_unavailable
+    with pytest.raises(ValueError, match=r"use_ci: this run has no ci_gamma in run.yaml .*\(" + str(other.run_dir)):
         other.recommend([[0, 5]], use_ci=True)
 
 

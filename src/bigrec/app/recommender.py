@@ -402,20 +402,25 @@ class Recommender:
             out.append(found)
         return out
 
-    def _check_ci(self) -> None:
+    @property
+    def ci_unavailable(self) -> str | None:
+        """Why this run cannot re-weight by SASRec (None when it can): one wording for the
+        Python API's error and the service's 422, which names no server path."""
         if self.scorer is not None:
-            raise ValueError(f"use_ci re-weights grounded distances, and the run {self.run_dir} ranks by likelihood "
-                             "(run.yaml: decoding: likelihood)")
+            return "CI re-weights grounded distances, and this run ranks by likelihood (run.yaml: decoding: likelihood)"
         if self.sasrec is None:
-            raise ValueError(f"use_ci needs a SASRec model, and the run {self.run_dir} has none "
-                             "(run.yaml: sasrec is unset)")
+            return "this run has no SASRec model to re-weight with (run.yaml: sasrec is unset)"
         if self.manifest.ci_gamma is None:
-            raise ValueError(f"use_ci needs ci_gamma in {self.run_dir}/run.yaml (chosen on validation by "
-                             "bigrec evaluate); it is unset")
+            return "this run has no ci_gamma in run.yaml (chosen on validation by bigrec evaluate)"
+        return None
+
+    def _check_ci(self) -> None:
+        if self.ci_unavailable:
+            raise ValueError(f"use_ci: {self.ci_unavailable} ({self.run_dir})")
 
     @property
     def has_ci(self) -> bool:
-        return self.scorer is None and self.sasrec is not None and self.manifest.ci_gamma is not None
+        return self.ci_unavailable is None
 
     @property
     def default_ci(self) -> bool:

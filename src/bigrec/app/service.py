@@ -262,10 +262,7 @@ def create_app(rec, limits: Limits | None = None):
             loc = ["body", "history"] + ([exc.index] if exc.index is not None else [])
             return unprocessable([{"loc": loc, "msg": exc.reason, "type": "value_error"}])
         if body.use_ci and not rec.has_ci:
-            return unprocessable([{"loc": ["body", "use_ci"], "type": "value_error",
-                                   "msg": "this run ranks by likelihood, and CI re-weights grounded distances"
-                                   if rec.scorer is not None else
-                                   "this run has no SASRec model (or no ci_gamma) to re-weight with"}])
+            return unprocessable([{"loc": ["body", "use_ci"], "type": "value_error", "msg": rec.ci_unavailable}])
         try:
             result = await batcher.submit(RecQuery(list(body.history), body.k, body.use_ci, body.exclude_history,
                                                    body.baselines))
