@@ -337,6 +337,30 @@ def test_likelihood_run_prior_exclusions_batches_and_no_ci(run_dir, tmp_path, ra
         ranked.recommend([history], use_ci=True)
 
 
+def test_a_likelihood_run_answers_as_generate_ranked_in_evaluation(run_dir, tmp_path):
+    """At precision auto (bf16 prompt and title passes on a CPU that has it, the embedding in fp32),
+    recommend scores a history exactly as `bigrec generate --decoding likelihood` scored the same
+    row when the run was evaluated: the same weights in the same dtype, so the served ranking is
+    the evaluated one, near ties included."""
+    from bigrec.stages import generate
+
+    served = Recommender.from_run(sibling_run(run_dir, tmp_path, decoding="likelihood", precision="auto"),
+                                  device="cpu")
+    history = ["Toy Story (1995)", "Heat (1995)", "Babe (1995)"]
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{**served._row(history), "output": '"Casino (1995)"'}]))
+    generate.run(generate.Config(base_model=str(run_dir / "base"), lora_weights=str(run_dir / "adapter"),
+                                 catalog=str(run_dir / "data" / "id2name.txt"), test_data_path=str(rows),
+                                 result_json_data=str(tmp_path / "ranked.json"), decoding="likelihood",
+                                 precision="auto", candidates=6))
+    (evaluated,) = json.loads((tmp_path / "ranked.json").read_text())
+    (result,) = served.recommend([history], k=len(TITLES), exclude_history=False)
+    titles = list(dict.fromkeys(i.title for i in result.items))[:6]
+    scores = [next(i.score for i in result.items if i.title == t) for t in titles]
+    assert titles == evaluated["predict"]
+    assert [round(-s, 6) for s in scores] == evaluated["predict_scores"]
+
+
 def test_a_timeline_run_writes_its_prompts_and_titles_as_timelines(run_dir, tmp_path):
     """layout: timeline (a model trained on users' timelines): the prompt is the history as timeline
     lines, and titles are scored as lines ending at the separator."""

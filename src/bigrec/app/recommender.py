@@ -181,9 +181,16 @@ class Recommender:
         catalog = read_catalog(catalog_path)
         embed_model, tokenizer = load_model(base, manifest.precision, device=device)
         adapter = manifest.path(run_dir, "adapter")
-        # decode and embedding compute in one dtype (resolve_dtype), so generation shares every weight
-        # the adapter leaves alone with the embedding model
-        gen_model = with_merged_adapter(embed_model, adapter) if adapter is not None else embed_model
+        if manifest.decoding == "likelihood" and \
+                resolve_dtype(manifest.precision, embed_model.device, "prefill") != embed_model.dtype:
+            # Loaded as `bigrec generate --decoding likelihood` loads it (weights in the prefill's dtype,
+            # bf16 where native), so the served ranking is the evaluated one, near ties included.
+            gen_model = load_model(base, manifest.precision, str(adapter) if adapter is not None else None,
+                                   device=str(embed_model.device), phase="prefill")[0]
+        else:
+            # decode and embedding compute in one dtype (resolve_dtype), so generation shares every
+            # weight the adapter leaves alone with the embedding model
+            gen_model = with_merged_adapter(embed_model, adapter) if adapter is not None else embed_model
         items = ensure_index(base, catalog_path, manifest.path(run_dir, "index"), manifest.precision,
                              model=embed_model, tokenizer=tokenizer, grounding=grounding_of(manifest))
         sasrec = None
