@@ -240,7 +240,12 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
     assert "BIGRec (likelihood)" in table and "SASRec" in table
     rows = json.loads((run_dir / "results" / "likelihood" / "test.json").read_text())
-    assert "## Decoding: likelihood" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Decoding: likelihood" in report
+    share = json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json").read_text())[
+        "files"]["test.json"]["diagnostics"]["certified_top10_share"]
+    assert share == sum(r["predict_certified"] >= min(10, len(r["predict"])) for r in rows) / len(rows)
+    assert f"the top 10 is provably exact in {share:.1%} of rows" in report
     # only the plain ranking: re-weighting would order only what lies below the ranked titles
     metrics = json.loads((run_dir / "metrics" / "bigrec_likelihood.json").read_text())
     assert "test.json" in metrics and not [name for name in metrics if "+" in name], list(metrics)

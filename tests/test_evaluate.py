@@ -144,6 +144,15 @@ def test_validation_results_are_evaluated_without_reweighting(data, tiny_model_d
     assert details["valid_plain"]["HR"][0] == pytest.approx(2 / 4)  # "Babe (1995)", and "Mortal Kombat" nearest its title
 
 
+def test_certified_share_counts_rows_whose_top10_is_exact():
+    from bigrec.evaluation.results import certified_share
+
+    rows = [{"predict": ["t"] * 20, "predict_certified": 20}, {"predict": ["t"] * 20, "predict_certified": 9},
+            {"predict": ["t"] * 3, "predict_certified": 3}, {"predict": ["t"] * 20, "predict_certified": 10}]
+    assert certified_share(rows) == 3 / 4  # a ranking shorter than 10 counts when all of it is exact
+    assert certified_share([{"predict": ["t"]}]) is None  # not a likelihood ranking
+
+
 def test_grounding_options(data, tiny_model_dir):
     """Mean pooling of a middle layer over natural titles: its own index, and a generation in
     natural order ("The Usual Suspects") grounds to the catalogue's "Usual Suspects, The"."""

@@ -167,7 +167,17 @@ def diagnostics(results: Results, catalog: Catalog) -> dict:
             "unknown_targets_skipped": len(results.unknown_targets or []),
             "distinct_top1_share": len([t for t in counts if t]) / n,
             "exact_title_top1_share": sum(c for t, c in counts.items() if t and catalog.is_title(t)) / n,
-            "most_frequent_top1": [[t, c] for t, c in counts.most_common(10)]}
+            "most_frequent_top1": [[t, c] for t, c in counts.most_common(10)],
+            "certified_top10_share": certified_share(results.rows)}
+
+
+def certified_share(rows: list[dict], k: int = 10) -> float | None:
+    """The share of likelihood-ranked rows whose first ``k`` places are provably exact
+    (``predict_certified``; elsewhere the search ran out of its budget); None for other decodings."""
+    certified = [(r.get("predict_certified"), len(r.get("predict") or ())) for r in rows]
+    if not rows or any(c is None for c, _ in certified):
+        return None
+    return sum(c >= min(k, n) for c, n in certified) / len(rows)
 
 
 

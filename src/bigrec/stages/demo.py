@@ -513,6 +513,13 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def certified_line(share: float, search_nodes: int) -> str:
+    """Where likelihood ranking's budget cut its search: a ranking past it is not the exact one."""
+    return (f"Likelihood search: the top 10 is provably exact in {share:.1%} of rows; elsewhere the search ran out "
+            f"of its {search_nodes} title tokens a row (--search_nodes) and ranks the titles it did not reach by "
+            "their bound")
+
+
 def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: float) -> str:
     """The report's first paragraph: data, model, training, rows, decodings, grounding, wall time."""
     beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding"
@@ -555,6 +562,8 @@ def write_report_html(run_dir: Path, cfg: Config, infos: dict[str, dict], timing
                  f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles", f"{diag['empty_top1']} are empty"]
         if copies is not None:
             facts.append(f"{copies:.1%} copy a title from the user's own history")
+        if diag.get("certified_top10_share") is not None:
+            facts.append(certified_line(diag["certified_top10_share"], cfg.search_nodes))
         facts.append("most frequent: " + "; ".join(f"“{t}” ×{c}" for t, c in diag["most_frequent_top1"][:10]))
         for kind in ("popularity", "CI"):
             if kind in info:
@@ -611,6 +620,8 @@ def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dic
                f"; {diag['history_copy_top1_share']:.1%} copy a title from the user's own history."),
             "- Most frequent top-1 generations: "
             + "; ".join(f"\"{t}\" x{c}" for t, c in diag["most_frequent_top1"][:10]),
+            f"- {certified_line(diag['certified_top10_share'], cfg.search_nodes)}."
+            if diag.get("certified_top10_share") is not None else "",
             "- Re-weighting gammas (chosen on validation):" if any(k in info for k in ("popularity", "CI")) else "",
         ]
         for kind in ("popularity", "CI"):

@@ -211,6 +211,9 @@ def log_diagnostics(details: dict) -> None:
     for name, info in details["files"].items():
         d = info["diagnostics"]
         copies = d["history_copy_top1_share"]
+        if d.get("certified_top10_share") is not None:
+            log.info("%s: top 10 provably exact in %.1f%% of rows (elsewhere the search ran out of --search_nodes)",
+                     name, 100 * d["certified_top10_share"])
         log.info("%s (%s decoding): distinct top-1 %.1f%%, exact catalogue titles %.1f%%, copies of a history title "
                  "%s, empty %d; most frequent: %s", name, d["decoding"], 100 * d["distinct_top1_share"],
                  100 * d["exact_title_top1_share"], "n/a" if copies is None else f"{100 * copies:.1f}%", d["empty_top1"],
