@@ -152,3 +152,39 @@ def test_bf16_weights_are_cast_once_with_the_same_scores(loaded):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ranked = scorer.rank(prompts()[:2], 5)
     assert [r.leaves for r in ranked] == [torch.argsort(-row, stable=True)[:5].tolist() for row in every_step]
+
+
+def test_packed_gqa_sdpa_equals_sdpa_with_repeated_keys():
+    """Each key/value head's query heads stacked along the query axis under a tiled mask: the same
+    attention as transformers' SDPA path, which repeats the keys and values."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from bigrec.llm.likelihood import _packed_gqa_sdpa
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    query, key, value = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    mask = torch.rand(2, 1, 5, 11) > 0.5
+    mask[..., 0] = True  # every query attends somewhere
+    ours, _ = _packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (2, 5, 6, 8)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_grouped_query_models_attend_packed_with_the_same_scores(loaded):
+    """The tiny models are grouped-query: the scorer's calls attend through the packed SDPA, score as
+    transformers' own SDPA does, and leave the model on SDPA."""
+    from bigrec.llm.likelihood import PACKED_SDPA
+
+    model, tok = loaded
+    scorer = TitleScorer(model, tok, Trie.build(tok, TITLES), chunk_tokens=5, batch_size=2)
+    assert scorer._gqa_config is not None and model.config._attn_implementation == "sdpa"
+    with scorer._packed_attention():
+        assert model.config._attn_implementation == PACKED_SDPA
+    packed, ranked = scorer.exact(prompts()), scorer.rank(prompts(), 5)
+    assert model.config._attn_implementation == "sdpa"
+    scorer._gqa_config = None  # transformers' own SDPA, keys and values repeated
+    assert torch.allclose(packed, scorer.exact(prompts()), atol=1e-5)
+    assert [r.leaves for r in ranked] == [r.leaves for r in scorer.rank(prompts(), 5)]

@@ -37,6 +37,37 @@ import torch
 from bigrec.llm.kv_cache import cache_kwarg, decoder_of
 from bigrec.llm.trie import Trie
 
+PACKED_SDPA = "bigrec_packed_gqa_sdpa"
+
+
+def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA for grouped-query attention under a custom mask, without repeating the keys and values.
+
+    transformers repeats each key/value head for its query heads whenever a mask is given (its SDPA
+    path may skip that only without one), which copies a row's whole cache at every layer and step,
+    the largest cost of a long search (docs/performance.md). Here each key/value head's query heads
+    are stacked along the query axis instead, and the mask tiled to match: the same products, with
+    a copy of the queries and the mask only."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, heads, q, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups * q, dim), key, value,
+        attn_mask=attention_mask.repeat(1, 1, groups, 1), dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, _packed_gqa_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the prompts' masks, made as SDPA's
+
 
 @dataclass
 class Ranking:
@@ -58,6 +89,9 @@ class TitleScorer:
         self.head = model.get_output_embeddings()
         self.cache_arg = cache_kwarg(model)
         self.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"  # SDPA takes booleans
+        # grouped-query attention's layers, whose SDPA calls go through _packed_gqa_sdpa
+        self._gqa_config = next((m.config for m in self.body.modules() if getattr(m, "num_key_value_groups", 1) > 1
+                                 and getattr(m, "config", None) is not None), None) if self.bool_mask else None
         m = trie.num_nodes
         self.node_token = torch.full((m,), -1, dtype=torch.long)
         self.node_token[trie.edge_child] = trie.edge_token
@@ -121,6 +155,20 @@ class TitleScorer:
         finally:
             for module, params in originals:
                 module._parameters.update(params)
+
+    @contextlib.contextmanager
+    def _packed_attention(self) -> Iterator[None]:
+        """For the call, a grouped-query model's SDPA layers attend through :func:`_packed_gqa_sdpa`."""
+        config = self._gqa_config
+        if config is None:
+            yield
+            return
+        _register_packed_sdpa()
+        config._attn_implementation = PACKED_SDPA
+        try:
+            yield
+        finally:
+            config._attn_implementation = "sdpa"
 
     def _prompts(self, prompt_ids: list[list[int]]):
         """Encode the left-padded prompts once: (saved per-layer keys and values, the cache object,
@@ -266,7 +314,7 @@ class TitleScorer:
         fed = self.fed_for(leaves)
         rows = []
         ids = self._encode(prompts)
-        with self._cast_weights():
+        with self._cast_weights(), self._packed_attention():
             for lo in range(0, len(ids), self.batch_size):
                 rows.append(self.cumulative(self.edge_logprobs(ids[lo:lo + self.batch_size], fed))
                             [:, self.leaf_node[leaves]])
@@ -298,7 +346,7 @@ class TitleScorer:
             for r, k in enumerate(rows):
                 if excluded is not None and excluded[k]:
                     allowed[r, torch.tensor(list(excluded[k]), dtype=torch.long)] = False
-            with self._cast_weights():
+            with self._cast_weights(), self._packed_attention():
                 out.extend(self._search([ids[k] for k in rows], min(top, n), shift, allowed, step_nodes, max_nodes))
         return out
 
