@@ -216,6 +216,7 @@ def test_shared_prompt_layer_matches_a_dynamic_layer_through_beam_reorders():
         plain.reorder_cache(order)
         assert torch.equal(shared.keys, plain.keys) and torch.equal(shared.values, plain.values), step
         assert shared.get_seq_length() == plain.get_seq_length() == prompt + step + 1
+    assert shared._k.shape[2] == 2 * (prompt + 2)  # outgrown once: doubled, not grown by one token
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -4,7 +4,8 @@ transformers encodes each prompt once per beam and grows the cache by concatenat
 prompts' shared prefix (one template's preamble) is encoded once for the batch, the rest once
 per row, and each full-attention layer keeps one copy of the prompt for all of a row's beams
 (:class:`SharedPromptLayer`). Free decoding (``bigrec generate``) and constrained decoding
-(:mod:`bigrec.llm.constrained`) both use it.
+(:mod:`bigrec.llm.constrained`) both use it; likelihood ranking's search uses the layer with one
+"beam" a row, for its in-place growth.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ class SharedPromptLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]
-        if end > self._k.shape[2]:  # more tokens than planned: grow (never in bigrec's own calls)
-            grow = end - self._k.shape[2]
+        if end > self._k.shape[2]:  # more tokens than planned: double (likelihood ranking's longer searches)
+            grow = max(end, 2 * self._k.shape[2]) - self._k.shape[2]
             self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], 2)
             self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], 2)
         self._k[:, :, self.length:end] = key_states

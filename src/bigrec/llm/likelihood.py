@@ -33,8 +33,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
-from bigrec.llm.kv_cache import cache_kwarg, decoder_of
+from bigrec.llm.kv_cache import SharedPromptLayer, cache_kwarg, decoder_of
 from bigrec.llm.trie import Trie
 
 PACKED_SDPA = "bigrec_packed_gqa_sdpa"
@@ -377,6 +378,11 @@ class TitleScorer:
         slot = torch.full((b, m), -1, dtype=torch.long)  # each fed node's place in the cache after the prompt
         saved, cache, p, lengths, real, last = self._prompts(prompt_ids)
         del saved
+        # fed nodes are written in place after the prompt instead of concatenated (a copy of the
+        # whole cache per layer and step); the buffer doubles if a long search outgrows it
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [SharedPromptLayer(layer.keys, layer.values, 1, min(max_nodes, 1024))
+                            for layer in cache.layers]
         score[:, self.root_children] = self._root_logprobs(last)
         device, fed = self.model.device, 0
 
