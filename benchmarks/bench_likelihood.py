@@ -38,6 +38,7 @@ from bigrec.evaluation.comparison import describe_pairs
 from bigrec.evaluation.intervals import paired_difference
 from bigrec.evaluation.metrics import TOPK
 from bigrec.evaluation.report import with_interval
+from bigrec.evaluation.results import certified_share
 from bigrec.llm.layouts import LAYOUTS
 from bigrec.stages import demo, evaluate, generate
 
@@ -248,7 +249,7 @@ def main() -> None:
     summary["distinct_top1"] = len(set(tops)) / len(tops)
     print(f"\ndistinct top-1 titles: {summary['distinct_top1']:.1%}")
     if label == "likelihood":
-        summary["certified_top10"] = sum(r["predict_certified"] >= 10 for r in results) / len(results)
+        summary["certified_top10"] = certified_share(results)
         print(f"top 10 certified exact in {summary['certified_top10']:.1%} of rows")
     for name, value in speeds.items():
         print(f"rows/s, {name}: {value:.2f}")

@@ -29,6 +29,7 @@ best ``-w * prior`` under each prefix.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.reshape(b, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def _register_packed_sdpa() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
