@@ -424,14 +424,13 @@ def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, 
         # A likelihood ranking puts its ranked candidates (the top 20) first, so re-weighting would order
         # only what lies below them and print copies of the plain rows: only the plain ranking is evaluated.
         reweight = decoding != "likelihood"
+        reweighting = dict(popularity=str(paths.data / "train.csv"), ci_scores=str(paths.scores("sasrec", "test")),
+                           valid_ci_scores=str(paths.scores("sasrec", "valid"))) if reweight else {}
         for protocol, suffix in PROTOCOLS.items():
             metrics_paths[protocol][decoding] = metrics_path = paths.run / "metrics" / f"bigrec_{decoding}{suffix}.json"
             eval_cfg = evaluate.Config(
                 catalog=catalog, input_dir=str(results / "test.json"), output=str(metrics_path),
-                base_model=cfg.base_model, valid_input_dir=str(results / "valid.json"),
-                popularity=str(paths.data / "train.csv") if reweight else None,
-                ci_scores=str(paths.scores("sasrec", "test")) if reweight else None,
-                valid_ci_scores=str(paths.scores("sasrec", "valid")) if reweight else None,
+                base_model=cfg.base_model, valid_input_dir=str(results / "valid.json"), **reweighting,
                 index_path=str(paths.index), precision=cfg.precision, last_title=True, ground_beams=cfg.ground_beams,
                 exclude_history=protocol == "unseen", **grounding_options(grounding_of(cfg)))
             stages.run(f"evaluate_{decoding}{suffix}", stage_settings(eval_cfg), [metrics_path],
