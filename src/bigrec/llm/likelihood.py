@@ -29,6 +29,7 @@ best ``-w * prior`` under each prefix.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,48 @@ from bigrec.llm.trie import Trie
 PACKED_SDPA = "bigrec_packed_gqa_sdpa"
 
 
+@dataclass
+class _TreeKeys:
+    """What a search step's queries attend to: the prompt's real tokens (``prompt_mask`` [B, 1, 1, P],
+    0 or -inf), then the cache positions ``keys`` [B, U] of every node some query of the row needs
+    (their union), of which each query may see those in ``allowed`` [B, 1, W, U]: its ancestors and itself."""
+
+    prompt_mask: torch.Tensor
+    keys: torch.Tensor
+    allowed: torch.Tensor
+
+
+_TREE_KEYS: contextvars.ContextVar[_TreeKeys | None] = contextvars.ContextVar("bigrec_tree_keys", default=None)
+
+
+def _tree_attention(query, key, value, tree: _TreeKeys, scaling: float | None) -> torch.Tensor:
+    """Attention of a search step's trie nodes over the prompt and the nodes they descend from only.
+
+    A dense mask makes every node attend over every node fed so far, almost all masked: at 3,072
+    nodes that was half a search's time. Here the step's queries attend over the prompt, then over
+    the union of their ancestors gathered from the cache, each with SDPA's CPU flash kernel (which
+    returns its log-sum-exp too), and the two softmaxes are merged by their log-sum-exps: the same
+    attention up to rounding. Returns [B, W, H, D] as transformers' attention functions do."""
+    b, heads, w, dim = query.shape
+    kv, dv = key.shape[1], value.shape[-1]
+    groups, prompt, u = heads // kv, tree.prompt_mask.shape[-1], tree.keys.shape[-1]
+    scale = scaling if scaling is not None else dim ** -0.5
+    # in the dtype SDPA would compute in: autocast's, which a raw kernel call does not apply
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    packed = query.reshape(b, kv, groups * w, dim).to(dtype)  # each key/value head's query heads, stacked
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out_p, lse_p = flash(packed, key[:, :, :prompt].to(dtype), value[:, :, :prompt].to(dtype),
+                         attn_mask=tree.prompt_mask.to(dtype), scale=scale)
+    at = tree.keys[:, None, :, None].to(key.device)
+    near_k = key.gather(2, at.expand(b, kv, u, dim)).to(dtype)
+    near_v = value.gather(2, at.expand(b, kv, u, dv)).to(dtype)
+    near_mask = torch.zeros(tree.allowed.shape, dtype=dtype).masked_fill_(~tree.allowed, float("-inf"))
+    out_t, lse_t = flash(packed, near_k, near_v, attn_mask=near_mask.repeat(1, 1, groups, 1).to(key.device), scale=scale)
+    total = torch.logaddexp(lse_p, lse_t)
+    out = out_p.float() * (lse_p - total).exp()[..., None] + out_t.float() * (lse_t - total).exp()[..., None]
+    return out.to(dtype).reshape(b, heads, w, dv).transpose(1, 2).contiguous()
+
+
 def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """SDPA for grouped-query attention under a custom mask, without repeating the keys and values.
 
@@ -49,9 +92,13 @@ def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     path may skip that only without one), which copies a row's whole cache at every layer and step,
     the largest cost of a long search (docs/performance.md). Here each key/value head's query heads
     are stacked along the query axis instead, and the mask tiled to match: the same products, with
-    a copy of the queries and the mask only."""
+    a copy of the queries and the mask only. In a search step (:data:`_TREE_KEYS` set), the mask is
+    a placeholder and the step attends as :func:`_tree_attention` says."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    tree = _TREE_KEYS.get()
+    if tree is not None:
+        return _tree_attention(query, key, value, tree, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     if groups == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -92,9 +139,11 @@ class TitleScorer:
         self.head = model.get_output_embeddings()
         self.cache_arg = cache_kwarg(model)
         self.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"  # SDPA takes booleans
-        # grouped-query attention's layers, whose SDPA calls go through _packed_gqa_sdpa
-        self._gqa_config = next((m.config for m in self.body.modules() if getattr(m, "num_key_value_groups", 1) > 1
-                                 and getattr(m, "config", None) is not None), None) if self.bool_mask else None
+        # the SDPA attention layers' config: their calls go through _packed_gqa_sdpa
+        self._sdpa_config = next((m.config for m in self.body.modules() if hasattr(m, "num_key_value_groups")
+                                  and getattr(m, "config", None) is not None), None) if self.bool_mask else None
+        # search steps attend over their ancestors only (:func:`_tree_attention`, on SDPA's CPU kernel)
+        self.tree_attention = self._sdpa_config is not None and model.device.type == "cpu"
         m = trie.num_nodes
         self.node_token = torch.full((m,), -1, dtype=torch.long)
         self.node_token[trie.edge_child] = trie.edge_token
@@ -161,8 +210,8 @@ class TitleScorer:
 
     @contextlib.contextmanager
     def _packed_attention(self) -> Iterator[None]:
-        """For the call, a grouped-query model's SDPA layers attend through :func:`_packed_gqa_sdpa`."""
-        config = self._gqa_config
+        """For the call, an SDPA model's attention layers attend through :func:`_packed_gqa_sdpa`."""
+        config = self._sdpa_config
         if config is None:
             yield
             return
@@ -362,6 +411,23 @@ class TitleScorer:
             best.scatter_reduce_(1, self.node_parent[level].expand(best.shape[0], -1), best[:, level], "amax")
         return best
 
+    @staticmethod
+    def _tree_keys(prompt_mask: torch.Tensor, at: torch.Tensor, ok: torch.Tensor, p: int) -> _TreeKeys:
+        """The step's :class:`_TreeKeys` from each query's nodes: places after the prompt ``at``
+        [B, W, A], where ``ok``. The row's union comes first in cache order, then padding."""
+        b, w, _ = at.shape
+        rows = torch.arange(b)[:, None, None].expand_as(at)
+        needed = torch.zeros((b, int(at.max()) + 1), dtype=torch.bool)
+        needed[rows[ok], at[ok]] = True
+        u = int(needed.sum(1).max())
+        keys = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :u]  # needed places first, in order
+        local = torch.zeros(needed.shape, dtype=torch.long)
+        local.scatter_(1, keys, torch.arange(u).expand(b, u))
+        allowed = torch.zeros((b, w, u), dtype=torch.bool)
+        query = torch.arange(w)[None, :, None].expand_as(at)
+        allowed[rows[ok], query[ok], local[rows[ok], at[ok]]] = True
+        return _TreeKeys(prompt_mask, keys + p, allowed[:, None])
+
     @torch.no_grad()
     def _search(self, prompt_ids: list[list[int]], top: int, shift: torch.Tensor, allowed: torch.Tensor,
                 step_nodes: int, max_nodes: int) -> list[Ranking]:
@@ -403,23 +469,37 @@ class TitleScorer:
             pri, picks = frontier.topk(width, dim=1)
             real_pick = (pri > float("-inf")) & active[:, None]
             picks = torch.where(real_pick, picks, 0)
-            mask = torch.zeros((b, width, p + fed + width), dtype=torch.bool)
-            mask[:, :, :p] = real[:, None, :]
-            mask[:, :, p + fed:] = torch.eye(width, dtype=torch.bool)  # each attends to itself
+            # the cache positions each pick attends to after the prompt: itself (padding too, so that
+            # no query sees nothing), then its ancestors, all fed in earlier steps
+            own = p + fed + torch.arange(width).expand(b, width)
+            index, valid = [own], [torch.ones((b, width), dtype=torch.bool)]
             ancestor = self.node_parent[picks]
             rows = torch.arange(b)[:, None].expand(b, width)
             while bool((ancestor > 0).any()):
                 keep = (ancestor > 0) & real_pick
-                col = p + slot[rows, ancestor.clamp(min=0)]
-                mask[rows[keep], torch.arange(width).expand(b, width)[keep], col[keep]] = True
+                index.append(torch.where(keep, p + slot[rows, ancestor.clamp(min=0)], p))
+                valid.append(keep)
                 ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
             ids = torch.where(real_pick, self.node_token[picks], 0)
             positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
-            attn = self._attention_mask(mask)
-            with self._autocast():
-                hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                   position_ids=positions.to(device), use_cache=True,
-                                   **{self.cache_arg: cache}).last_hidden_state
+            if self.tree_attention and self._sdpa_config is not None:  # steps go through _packed_gqa_sdpa
+                attn = torch.zeros((b, 1, 1, p)).masked_fill_(~real[:, None, None], float("-inf"))
+                tree = _TREE_KEYS.set(self._tree_keys(attn, torch.stack(index, 2) - p, torch.stack(valid, 2), p))
+            else:
+                mask = torch.zeros((b, width, p + fed + width), dtype=torch.bool)
+                mask[:, :, :p] = real[:, None, :]
+                at, ok = torch.stack(index, 2), torch.stack(valid, 2)
+                query_row, query_col, _ = torch.nonzero(ok, as_tuple=True)
+                mask[query_row, query_col, at[ok]] = True
+                attn, tree = self._attention_mask(mask), None
+            try:
+                with self._autocast():
+                    hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                       position_ids=positions.to(device), use_cache=True,
+                                       **{self.cache_arg: cache}).last_hidden_state
+            finally:
+                if tree is not None:
+                    _TREE_KEYS.reset(tree)
             r_idx, c_idx = torch.nonzero(real_pick, as_tuple=True)
             nodes = picks[r_idx, c_idx]
             expanded[r_idx, nodes] = True
