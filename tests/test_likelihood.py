@@ -203,11 +203,12 @@ def test_tree_attention_equals_sdpa_under_the_dense_mask():
 
 
 def test_the_search_scores_the_same_with_tree_attention_or_a_dense_mask(loaded):
-    """Search steps attend over their ancestors' gathered keys (the default on a CPU) or over the
-    whole cache under a dense mask: the same rankings and scores in fp32."""
+    """Search steps attend over their ancestors' gathered keys (on a CPU, once a search has fed
+    ``tree_from`` nodes) or over the whole cache under a dense mask: the same rankings and scores in fp32."""
     model, tok = loaded
     scorer = TitleScorer(model, tok, Trie.build(tok, TITLES), batch_size=2)
     assert scorer.tree_attention
+    scorer.tree_from = 0
     tree = scorer.rank(prompts(), 6, step_nodes=3)
     scorer.tree_attention = False
     dense = scorer.rank(prompts(), 6, step_nodes=3)

@@ -143,7 +143,9 @@ class TitleScorer:
         self._sdpa_config = next((m.config for m in self.body.modules() if hasattr(m, "num_key_value_groups")
                                   and getattr(m, "config", None) is not None), None) if self.bool_mask else None
         # search steps attend over their ancestors only (:func:`_tree_attention`, on SDPA's CPU kernel)
+        # once this many nodes are fed: below, one call over the dense mask costs less than its two
         self.tree_attention = self._sdpa_config is not None and model.device.type == "cpu"
+        self.tree_from = 1024
         m = trie.num_nodes
         self.node_token = torch.full((m,), -1, dtype=torch.long)
         self.node_token[trie.edge_child] = trie.edge_token
@@ -482,7 +484,7 @@ class TitleScorer:
                 ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
             ids = torch.where(real_pick, self.node_token[picks], 0)
             positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
-            if self.tree_attention and self._sdpa_config is not None:  # steps go through _packed_gqa_sdpa
+            if self.tree_attention and self._sdpa_config is not None and fed >= self.tree_from:
                 attn = torch.zeros((b, 1, 1, p)).masked_fill_(~real[:, None, None], float("-inf"))
                 tree = _TREE_KEYS.set(self._tree_keys(attn, torch.stack(index, 2) - p, torch.stack(valid, 2), p))
             else:
