@@ -56,6 +56,9 @@ SMALL: dict[str, list[str]] = {
                       "--run_dir", "{work}/quality/{{recipe}}", "--set", "base_model={model}",
                       *[x for k, v in DEMO_SMALL.items() if k not in ("test_rows", "valid_rows")
                         for x in ("--set", f"{k}={v}")]],
+    "bench_rank": ["--run", "{run}", "--base_model", "{model}", "--precision", "fp32", "--rows", "4",
+                   "--nodes", "8,32", "--repeats", "1", "--tree_from", "0", "--ref_rows", "2",
+                   "--ref_max_new_tokens", "8"],
     "bench_serve": ["--run", "{run}", "--clients", "2", "--requests", "5", "--warmup", "1"],
     "bench_train": ["--sample", "16", "--val_rows", "4", "--data", "{run}/data", "--base_model", "{model}",
                     "--workdir", "{work}/train"],

@@ -1,0 +1,121 @@
+"""Likelihood ranking's speed: the trie search with tree attention against a dense mask, at node
+budgets, beside the reference recipe's beam search on the same rows; prints figures, asserts nothing.
+
+    .venv/bin/python benchmarks/bench_rank.py --run runs/quality/ml-100k/demo [--rows 16] [--nodes 512,3072]
+        [--repeats 2] [--ref_rows 8] [--tree_from 1024]
+
+The rows are the first ``--rows`` of the run's validation rows (``inputs/valid.json``, the window
+layout). The model is loaded as ``bigrec generate --decoding likelihood`` loads it (weights in the
+prefill's dtype: bf16 where the CPU has it natively, at precision auto), and
+:meth:`bigrec.llm.likelihood.TitleScorer.rank` ranks the top 20 of every row in one batch, no prior,
+no titles left out. For each budget the two attentions alternate ``--repeats`` times in this process
+(the search attends through the gathered ancestors once ``--tree_from`` nodes are fed; the dense mask
+from the start); the best time of each is printed with the ratio, and how many rows' top 20 and
+top 10 agree (bf16 rounding moves a budget-cut ranking; in fp32 the two agree).
+
+The reference recipe (BIGRec's ``inference.py``, restated in ``bench_generate.py``: fp32, the adapter
+unmerged, 4 beams, ``--ref_max_new_tokens``, no stopping criteria) decodes the first ``--ref_rows``
+of the same rows, and each ranking's rows/s prints as a ratio against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_generate import reference_generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished bigrec demo run folder (adapter, data, inputs)")
+    parser.add_argument("--base_model", default="smollm2-135m")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--nodes", default="512,3072", help="search budgets (title tokens a row), comma-separated")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each attention per budget")
+    parser.add_argument("--tree_from", type=int, default=None, help="nodes fed before tree attention (the scorer's default)")
+    parser.add_argument("--ref_rows", type=int, default=8, help="rows the reference recipe decodes (0: skip it)")
+    parser.add_argument("--ref_batch_size", type=int, default=8)
+    parser.add_argument("--ref_max_new_tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from bigrec.data.catalog import read_catalog
+    from bigrec.llm.layouts import get_layout
+    from bigrec.llm.likelihood import TitleScorer
+    from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model, resolve_dtype
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    run = Path(args.run)
+    adapter = str(run / "adapter") if (run / "adapter" / "adapter_config.json").is_file() else None
+    base = resolve_base_model(args.base_model)
+    rows = json.loads((run / "inputs" / "valid.json").read_text())[:args.rows]
+    layout = get_layout("window")
+    prompts = [layout.prompt(r) for r in rows]
+    model, tok = load_model(base, args.precision, adapter, device="cpu", phase="prefill")
+    catalog = read_catalog(run / "data" / "id2name.txt")
+    scorer = TitleScorer(model, tok, layout.trie(tok, catalog.titles),
+                         autocast=resolve_dtype(args.precision, "cpu", "prefill"), batch_size=len(prompts))
+    if args.tree_from is not None:
+        scorer.tree_from = args.tree_from
+    print(f"model {base}, adapter {adapter or 'none'}; {len(rows)} rows, {len(catalog.titles)} titles; "
+          f"weights {str(next(model.parameters()).dtype).removeprefix('torch.')}; tree attention "
+          f"{'from ' + str(scorer.tree_from) + ' fed nodes' if scorer.tree_attention else 'unavailable (dense only)'}; "
+          f"{torch.get_num_threads()} threads", flush=True)
+    scorer.rank(prompts[:1], 20, max_nodes=64)  # warm-up
+
+    results = []
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        best: dict[str, float] = {}
+        rankings = {}
+        for _ in range(args.repeats):
+            for name in ("dense", "tree"):
+                scorer.tree_attention = name == "tree"
+                start = time.perf_counter()
+                rankings[name] = scorer.rank(prompts, 20, max_nodes=nodes)
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / len(prompts))
+        same20 = sum(a.leaves == b.leaves for a, b in zip(rankings["dense"], rankings["tree"], strict=True))
+        same10 = sum(a.leaves[:10] == b.leaves[:10] for a, b in zip(rankings["dense"], rankings["tree"], strict=True))
+        results.append((nodes, best, same20, same10))
+        print(f"  {nodes} nodes: dense {best['dense']:.3f}, tree {best['tree']:.3f} s a row", flush=True)
+    del model, scorer
+
+    ref_rps = None
+    if args.ref_rows:
+        ref_tok = load_tokenizer(base, padding_side="left")
+        ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        ref_model.config.pad_token_id = ref_tok.pad_token_id
+        if adapter:
+            ref_model = PeftModel.from_pretrained(ref_model, adapter)
+        ref_model.eval()
+        ref_prompts = prompts[:args.ref_rows]
+        start = time.perf_counter()
+        for lo in range(0, len(ref_prompts), args.ref_batch_size):
+            reference_generate(ref_model, ref_tok, ref_prompts[lo:lo + args.ref_batch_size], 4, args.ref_max_new_tokens)
+        ref_rps = len(ref_prompts) / (time.perf_counter() - start)
+
+    head = f"{'nodes':>6} {'dense s/row':>11} {'tree s/row':>10} {'tree/dense':>10} {'same top 20':>11} {'same top 10':>11}"
+    if ref_rps:
+        head += f" {'tree vs reference':>17}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for nodes, best, same20, same10 in results:
+        line = (f"{nodes:>6} {best['dense']:>11.3f} {best['tree']:>10.3f} {best['dense'] / best['tree']:>9.2f}x "
+                f"{same20:>5}/{len(rows):<5} {same10:>5}/{len(rows):<5}")
+        if ref_rps:
+            line += f" {1 / best['tree'] / ref_rps:>16.2f}x"
+        print(line)
+    if ref_rps:
+        print(f"reference recipe (4 beams, {args.ref_max_new_tokens} new tokens, fp32): {ref_rps:.3f} rows/s "
+              f"on {min(args.ref_rows, len(rows))} rows")
+
+
+if __name__ == "__main__":
+    main()
