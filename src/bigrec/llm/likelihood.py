@@ -15,7 +15,8 @@ A full catalogue is still ~10 tokens a title, and a row needs only its best titl
 on the score of every title below it (log-probabilities are <= 0), so expanding the best unexpanded
 prefixes until the ``top`` best finished titles beat every remaining bound gives the exact top
 ``top`` without touching most of the trie. Each step expands a few dozen prefixes of every row at
-once; their keys and values stay in the cache, so a trie node goes through the model once. A row
+once; their keys and values stay in the cache, so a trie node goes through the model once (and,
+once the cache is large, attends over its ancestors gathered from it, not the whole cache). A row
 that runs out of its node budget places the titles not reached by their bound, and ``certified``
 says how many of its first places are still provably exact. :meth:`TitleScorer.exact` scores a
 whole trie (the prior, and tests) in chunks over the prompt's cache instead.
