@@ -485,7 +485,8 @@ class TitleScorer:
                 ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
             ids = torch.where(real_pick, self.node_token[picks], 0)
             positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
-            if self.tree_attention and self._sdpa_config is not None and fed >= self.tree_from:
+            packed = self._sdpa_config is not None and self._sdpa_config._attn_implementation == PACKED_SDPA
+            if self.tree_attention and packed and fed >= self.tree_from:  # (inside _packed_attention)
                 attn = torch.zeros((b, 1, 1, p)).masked_fill_(~real[:, None, None], float("-inf"))
                 tree = _TREE_KEYS.set(self._tree_keys(attn, torch.stack(index, 2) - p, torch.stack(valid, 2), p))
             else:
