@@ -68,8 +68,13 @@ def run_evaluate(cfg: evaluate.Config) -> Path:
 
 
 def lm_alone(run: Path, protocol_suffix: str, input_dir: Path, output: Path) -> evaluate.Config:
-    """The demo's evaluation settings for this protocol, without re-weighting: the language model alone."""
-    settings = json.loads((run / "stages" / f"evaluate_free{protocol_suffix}.json").read_text())["settings"]
+    """The demo's evaluation settings for this protocol, without re-weighting: the language model alone.
+    Read from its free decoding's evaluation, or its likelihood ranking's in a run without one."""
+    stages = [run / "stages" / f"evaluate_{decoding}{protocol_suffix}.json" for decoding in ("free", "likelihood")]
+    stage = next((path for path in stages if path.is_file()), None)
+    if stage is None:
+        raise SystemExit(f"{run}: no finished evaluate_free{protocol_suffix} or evaluate_likelihood{protocol_suffix} stage")
+    settings = json.loads(stage.read_text())["settings"]
     drop = {"popularity", "ci_scores", "valid_ci_scores", "valid_input_dir", "compare", "report"}
     kept = {k: v for k, v in settings.items() if k not in drop}
     return build(evaluate.Config, {**kept, "input_dir": str(input_dir), "output": str(output)})
