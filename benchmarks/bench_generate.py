@@ -47,6 +47,22 @@ def default_test_data() -> str:
     return "/tmp/prep/ml-100k/test_5000.json"
 
 
+def reference_model(base: str, adapter: str | None, dtype: torch.dtype = torch.float32):
+    """The reference recipe's model and tokenizer: weights in ``dtype`` (the reference's fp32 on a CPU),
+    the adapter unmerged (``PeftModel``), left padding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bigrec.llm.models import load_tokenizer
+
+    tok = load_tokenizer(base, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model.config.pad_token_id = tok.pad_token_id
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tok
+
+
 def reference_generate(model, tok, prompts: list[str], num_beams: int, max_new_tokens: int) -> tuple[list[str], int]:
     """The reference recipe for one batch: top-1 texts (cut at the title's end) and the steps it ran."""
     from bigrec.llm.generation import cut_title
@@ -111,13 +127,11 @@ def main() -> None:
     peaks = measure_peaks()
     print(peaks.line(), flush=True)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from bigrec.data.prompts import normalize_title, prompt_for_row
     from bigrec.llm.generation import generate_batch
-    from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model, resolve_dtype
+    from bigrec.llm.models import load_model, resolve_base_model, resolve_dtype
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -153,12 +167,7 @@ def main() -> None:
     del model
 
     # The reference recipe.
-    ref_tok = load_tokenizer(base, padding_side="left")
-    ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    ref_model.config.pad_token_id = ref_tok.pad_token_id
-    if adapter:
-        ref_model = PeftModel.from_pretrained(ref_model, adapter)
-    ref_model.eval()
+    ref_model, ref_tok = reference_model(base, adapter)
     reference_generate(ref_model, ref_tok, prompts[:1], args.num_beams, 2)  # warm-up
     ref: list[str] = []
     steps: list[int] = []

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import reference_generate
+from bench_generate import reference_generate, reference_model
 
 
 def main() -> None:
@@ -43,14 +43,12 @@ def main() -> None:
     parser.add_argument("--ref_max_new_tokens", type=int, default=128)
     args = parser.parse_args()
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from bigrec.data.catalog import read_catalog
     from bigrec.llm.layouts import get_layout
     from bigrec.llm.likelihood import TitleScorer
-    from bigrec.llm.models import load_model, load_tokenizer, resolve_base_model, resolve_dtype
+    from bigrec.llm.models import load_model, resolve_base_model, resolve_dtype
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -90,12 +88,7 @@ def main() -> None:
 
     ref_rps = None
     if args.ref_rows:
-        ref_tok = load_tokenizer(base, padding_side="left")
-        ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        ref_model.config.pad_token_id = ref_tok.pad_token_id
-        if adapter:
-            ref_model = PeftModel.from_pretrained(ref_model, adapter)
-        ref_model.eval()
+        ref_model, ref_tok = reference_model(base, adapter)
         ref_prompts = prompts[:args.ref_rows]
         start = time.perf_counter()
         for lo in range(0, len(ref_prompts), args.ref_batch_size):

@@ -114,13 +114,11 @@ def title_end_never_stops():
 
 
 def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args) -> dict:
-    from bench_generate import reference_generate
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from bench_generate import reference_generate, reference_model
 
     from bigrec.data.prompts import normalize_title, prompt_for_row
     from bigrec.llm.generation import cut_title, generate_ids
-    from bigrec.llm.models import load_model, load_tokenizer, resolve_dtype
+    from bigrec.llm.models import load_model, resolve_dtype
 
     r = row("generate", f"{shape}: beam search", shape, "rows/s")
     started = time.perf_counter()
@@ -174,12 +172,8 @@ def generate_check(shape: str, base: str, adapter: str | None, sizes: dict, args
     try:
         dtype = resolve_dtype("auto", device)  # what bigrec generates in: fp32 on a CPU, bf16 on a GPU
         with time_limit(args.timeout, "reference generation"), PeakMemory() as mem:
-            ref_tok = load_tokenizer(base, padding_side="left")
-            ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-            ref_model.config.pad_token_id = ref_tok.pad_token_id
-            if adapter:
-                ref_model = PeftModel.from_pretrained(ref_model, adapter)
-            ref_model.to(device).eval()
+            ref_model, ref_tok = reference_model(base, adapter, dtype)
+            ref_model.to(device)
             ref_model.generation_config.min_new_tokens = new
             on_device = OnDevice(ref_tok, device)
             for lo in range(0, n, batch):  # warm-up: the same batches, as bigrec's
