@@ -33,7 +33,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -53,6 +53,16 @@ class _TreeKeys:
     prompt_mask: torch.Tensor
     keys: torch.Tensor
     allowed: torch.Tensor
+    _made: dict = field(default_factory=dict)
+
+    def masks(self, dtype: torch.dtype, groups: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt mask, near mask tiled for ``groups`` query heads, both additive in ``dtype``; key
+        index [B, 1, U, 1]) on ``device``: made for a step's first layer, the same for every other."""
+        if (dtype, groups) not in self._made:
+            near = torch.zeros(self.allowed.shape, dtype=dtype).masked_fill_(~self.allowed, float("-inf"))
+            self._made[dtype, groups] = (self.prompt_mask.to(device, dtype), near.repeat(1, 1, groups, 1).to(device),
+                                         self.keys[:, None, :, None].to(device))
+        return self._made[dtype, groups]
 
 
 _TREE_KEYS: contextvars.ContextVar[_TreeKeys | None] = contextvars.ContextVar("bigrec_tree_keys", default=None)
@@ -74,13 +84,12 @@ def _tree_attention(query, key, value, tree: _TreeKeys, scaling: float | None) -
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     packed = query.reshape(b, kv, groups * w, dim).to(dtype)  # each key/value head's query heads, stacked
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    prompt_mask, near_mask, at = tree.masks(dtype, groups, key.device)
     out_p, lse_p = flash(packed, key[:, :, :prompt].to(dtype), value[:, :, :prompt].to(dtype),
-                         attn_mask=tree.prompt_mask.to(dtype), scale=scale)
-    at = tree.keys[:, None, :, None].to(key.device)
+                         attn_mask=prompt_mask, scale=scale)
     near_k = key.gather(2, at.expand(b, kv, u, dim)).to(dtype)
     near_v = value.gather(2, at.expand(b, kv, u, dv)).to(dtype)
-    near_mask = torch.zeros(tree.allowed.shape, dtype=dtype).masked_fill_(~tree.allowed, float("-inf"))
-    out_t, lse_t = flash(packed, near_k, near_v, attn_mask=near_mask.repeat(1, 1, groups, 1).to(key.device), scale=scale)
+    out_t, lse_t = flash(packed, near_k, near_v, attn_mask=near_mask, scale=scale)
     total = torch.logaddexp(lse_p, lse_t)
     out = out_p.float() * (lse_p - total).exp()[..., None] + out_t.float() * (lse_t - total).exp()[..., None]
     return out.to(dtype).reshape(b, heads, w, dv).transpose(1, 2).contiguous()
@@ -485,14 +494,14 @@ class TitleScorer:
                 ancestor = torch.where(ancestor > 0, self.node_parent[ancestor.clamp(min=0)], 0)
             ids = torch.where(real_pick, self.node_token[picks], 0)
             positions = torch.where(real_pick, lengths[:, None] + self.depth[picks] - 1, 0)
+            at, ok = torch.stack(index, 2), torch.stack(valid, 2)
             packed = self._sdpa_config is not None and self._sdpa_config._attn_implementation == PACKED_SDPA
             if self.tree_attention and packed and fed >= self.tree_from:  # (inside _packed_attention)
                 attn = torch.zeros((b, 1, 1, p)).masked_fill_(~real[:, None, None], float("-inf"))
-                tree = _TREE_KEYS.set(self._tree_keys(attn, torch.stack(index, 2) - p, torch.stack(valid, 2), p))
+                tree = _TREE_KEYS.set(self._tree_keys(attn, at - p, ok, p))
             else:
                 mask = torch.zeros((b, width, p + fed + width), dtype=torch.bool)
                 mask[:, :, :p] = real[:, None, :]
-                at, ok = torch.stack(index, 2), torch.stack(valid, 2)
                 query_row, query_col, _ = torch.nonzero(ok, as_tuple=True)
                 mask[query_row, query_col, at[ok]] = True
                 attn, tree = self._attention_mask(mask), None
