@@ -278,3 +278,18 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     assert note.startswith(best) and manifest.decoding == ("likelihood" if best == "likelihood ranking" else "free")
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free", prior_weight=0.5)) == 1
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,greedy")) == 1
+
+
+def test_the_ranking_note_says_when_there_was_nothing_to_choose():
+    """A likelihood-only run has one ranking: its note must not claim validation chose it."""
+    from bigrec.stages.demo import default_ranking
+
+    ndcg = lambda v: {"NDCG": [0.0, 0.0, 0.0, v, 0.0, 0.0]}  # noqa: E731 (index 3 is NDCG@10)
+    only = default_ranking({"likelihood": {"valid_plain": ndcg(0.0123)}})
+    assert only == ("likelihood", False, None,
+                    "likelihood ranking, the only ranking this run made (validation NDCG@10 0.0123)")
+    free = {"valid_plain": ndcg(0.01), "CI": {"valid_single": ndcg(0.03)}}
+    both = default_ranking({"free": free, "likelihood": {"valid_plain": ndcg(0.02)}})
+    assert both[:3] == ("free", True, None)
+    assert both[3] == ("BIGRec + CI (the paper's formula) chosen on validation NDCG@10 "
+                       "(plain BIGRec 0.0100, BIGRec + CI (the paper's formula) 0.0300, likelihood ranking 0.0200)")
