@@ -259,7 +259,7 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     # likelihood alone: recommend and serve rank by it, with the prior and the history left out
     manifest = RunManifest.load(run_dir)
     assert (manifest.decoding, manifest.prior_weight, manifest.exclude_history) == ("likelihood", 0.5, True)
-    assert manifest.ranking_note.startswith("likelihood ranking chosen on validation NDCG@10")
+    assert manifest.ranking_note.startswith("likelihood ranking, the only ranking this run made (validation NDCG@10 ")
     from bigrec.app.recommender import Recommender
 
     rec = Recommender.from_run(run_dir, device="cpu")
