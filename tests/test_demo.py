@@ -282,9 +282,12 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
 
 def test_the_ranking_note_says_when_there_was_nothing_to_choose():
     """A likelihood-only run has one ranking: its note must not claim validation chose it."""
+    from bigrec.evaluation.metrics import TOPK
     from bigrec.stages.demo import default_ranking
 
-    ndcg = lambda v: {"NDCG": [0.0, 0.0, 0.0, v, 0.0, 0.0]}  # noqa: E731 (index 3 is NDCG@10)
+    def ndcg(at10: float) -> dict:
+        return {"NDCG": [at10 if k == 10 else 0.0 for k in TOPK]}
+
     only = default_ranking({"likelihood": {"valid_plain": ndcg(0.0123)}})
     assert only == ("likelihood", False, None,
                     "likelihood ranking, the only ranking this run made (validation NDCG@10 0.0123)")

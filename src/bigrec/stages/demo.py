@@ -264,9 +264,9 @@ def default_ranking(infos: dict[str, dict]) -> tuple[str, bool, float | None, st
         return "free", False, None, None
     best = max(found, key=lambda name: found[name][0])
     why = ", ".join(f"{name} {value:.4f}" for name, (value, *_) in found.items())
-    _, decoding, use_ci, weight = found[best]
+    value, decoding, use_ci, weight = found[best]
     if len(found) == 1:  # nothing to choose between: say so rather than "chosen"
-        return decoding, use_ci, weight, f"{best}, the only ranking this run made (validation NDCG@10 {why.split()[-1]})"
+        return decoding, use_ci, weight, f"{best}, the only ranking this run made (validation NDCG@10 {value:.4f})"
     return decoding, use_ci, weight, f"{best} chosen on validation NDCG@10 ({why})"
 
 
