@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("bigrec.stages.evaluate", "ground generations to items and compute all-rank NDCG/HR"),
     "baseline": ("bigrec.stages.baseline", "train and evaluate popularity or SASRec on the prepared splits"),
     "demo": ("bigrec.stages.demo", "the whole pipeline on the bundled default (SmolLM2-135M, ml-100k)"),
+    "package": ("bigrec.stages.package", "turn a bigrec train output and its prepared data into a run folder to serve"),
     "recommend": ("bigrec.stages.recommend", "recommend items for a history with a finished run"),
     "serve": ("bigrec.stages.serve", "HTTP recommendation service for a finished run"),
 }

@@ -43,7 +43,7 @@ import yaml
 
 from bigrec.app.run_manifest import RunManifest
 from bigrec.data.catalog import Catalog, read_catalog
-from bigrec.data.prompts import DOMAINS, Domain, natural_title, normalize_title
+from bigrec.data.prompts import Domain, natural_title, normalize_title
 from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import blend, reweight
 from bigrec.io import read_json
@@ -138,9 +138,6 @@ class Recommender:
 
     def __init__(self, run_dir: Path, manifest: RunManifest, catalog: Catalog, items: torch.Tensor,
                  gen_model, embed_model, tokenizer, sasrec=None, max_history: int = DEFAULT_MAX_HISTORY):
-        if manifest.domain not in DOMAINS:
-            raise ValueError(f"{run_dir}/run.yaml: unknown domain {manifest.domain!r}; "
-                             f"expected one of {', '.join(DOMAINS)}")
         self.run_dir = run_dir
         self.manifest = manifest
         self.catalog = catalog
@@ -152,7 +149,10 @@ class Recommender:
         # the prompt encoding's dtype (bf16 under autocast on a CPU with bf16, the weights held once)
         self.prefill_dtype = resolve_dtype(manifest.precision, gen_model.device, "prefill")
         self.max_history = max_history
-        self.domain: Domain = DOMAINS[manifest.domain]
+        try:
+            self.domain: Domain = manifest.wording()  # as bigrec prepare worded the training rows
+        except ValueError as exc:
+            raise ValueError(f"{run_dir}/{exc}") from None
         self.layout = get_layout(manifest.layout, manifest.prompt_template, self.domain.plural)
         self.scorer = None
         if manifest.decoding == "likelihood":

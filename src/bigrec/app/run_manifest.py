@@ -1,7 +1,12 @@
 """``run.yaml``: what a finished run folder holds, so recommend/serve rebuild everything from it.
 
 Paths in the manifest are relative to the run folder, so a run folder can be moved or copied
-to another machine as a whole.
+to another machine as a whole (with what its paths point at, where they lead out of it).
+
+``domain`` words the prompts as ``bigrec prepare`` worded the training rows: the name of a
+:data:`bigrec.data.prompts.DOMAINS` entry, or the words themselves (``plural``, ``singular``,
+``verb``) for a category's wording such as "office products"; :func:`prepared_domain` reads
+them from a prepared data folder.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from bigrec.io import write_yaml
-from bigrec.llm.layouts import LAYOUTS
+from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
+from bigrec.io import read_json, write_yaml
+from bigrec.llm.layouts import LAYOUTS, get_layout
 
 MANIFEST = "run.yaml"
 DECODINGS = ("free", "likelihood")  # what recommend and serve rank by
@@ -27,7 +33,7 @@ class RunManifest:
     data: str | None = "data"  # prepared dataset folder, for --user lookups and popularity
     adapter: str | None = "adapter"  # LoRA adapter folder; None = the base model alone
     sasrec: str | None = "sasrec"  # SASRec model folder (bigrec.baselines), for use_ci
-    domain: str = "movie"  # prompt wording (bigrec.data.prompts.DOMAINS)
+    domain: str | dict = "movie"  # prompt wording: a DOMAINS name, or {plural, singular, verb} (prepared_domain)
     prompt_template: str = "alpaca"
     prompt_titles: str = "catalogue"  # titles in prompts as the catalogue writes them, or "natural" (bigrec prepare)
     precision: str = "auto"
@@ -53,6 +59,21 @@ class RunManifest:
                 raise ValueError(f"{MANIFEST}: {name} {value!r} is not one of {', '.join(allowed)}")
         if self.prior_weight < 0 or self.search_nodes < 1:
             raise ValueError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
+        self.wording()  # an unknown name or malformed words are an error on load, not on the first request
+
+    def wording(self) -> Domain:
+        """The prompts' wording that ``domain`` names or spells out."""
+        if isinstance(self.domain, str):
+            if self.domain not in DOMAINS:
+                raise ValueError(f"{MANIFEST}: unknown domain {self.domain!r}; expected one of {', '.join(DOMAINS)} "
+                                 "or {plural, singular, verb}")
+            return DOMAINS[self.domain]
+        keys = ("plural", "singular", "verb")
+        if not isinstance(self.domain, dict) or sorted(self.domain) != sorted(keys) or not all(
+                isinstance(self.domain[k], str) and self.domain[k].strip() for k in keys):
+            raise ValueError(f"{MANIFEST}: domain must be a name ({', '.join(DOMAINS)}) or a mapping of "
+                             f"plural, singular and verb to words, got {self.domain!r}")
+        return Domain(**{k: self.domain[k] for k in keys})
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunManifest:
@@ -78,3 +99,37 @@ class RunManifest:
         """The absolute path of a manifest entry, or None when the entry is unset."""
         value = getattr(self, field)
         return None if value is None else (Path(run_dir) / value).resolve()
+
+
+def domain_value(domain: Domain) -> str | dict:
+    """``domain`` as run.yaml writes it: the DOMAINS name where it is one, else its words."""
+    for name, known in DOMAINS.items():
+        if known == domain:
+            return name
+    return dataclasses.asdict(domain)
+
+
+def prepared_domain(data_dir: str | Path) -> Domain:
+    """The wording ``bigrec prepare`` gave the rows of ``data_dir``: from its config.yaml's
+    ``domain_wording`` (every prepare records it; :func:`bigrec.data.prompts.domain_for_plural` rebuilds
+    the rest as prepare built it), checked against the wording of the folder's test rows."""
+    data_dir = Path(data_dir)
+    record_path = data_dir / "config.yaml"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path}: not found; give a data folder that bigrec prepare wrote")
+    record = yaml.safe_load(record_path.read_text()) or {}
+    plural = record.get("domain_wording") if isinstance(record, dict) else None
+    if not isinstance(plural, str) or not plural.strip():
+        raise ValueError(f"{record_path}: no 'domain_wording' (the prompts' wording bigrec prepare used)")
+    try:
+        domain = domain_for_plural(plural)
+    except ValueError as exc:
+        raise ValueError(f"{record_path}: {exc}") from None
+    sample = data_dir / f"test_{record.get('sample_rows', 5000)}.json"
+    if sample.is_file():  # a few thousand rows at most (test.json may hold millions)
+        rows = read_json(sample)
+        wanted = get_layout(record.get("layout", "window")).row(domain, [], "")["instruction"]
+        if rows and isinstance(rows[0], dict) and rows[0].get("instruction") != wanted:
+            raise ValueError(f"{sample}: its rows' instruction {rows[0].get('instruction')!r} is not worded as "
+                             f"{record_path} records (domain_wording {plural!r})")
+    return domain

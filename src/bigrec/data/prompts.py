@@ -78,6 +78,20 @@ def domain_for_category(category: str) -> Domain:
     return Domain(f"{noun} products", f"{noun} product", "bought") if noun else DOMAINS["product"]
 
 
+def domain_for_plural(plural: str) -> Domain:
+    """The wording whose plural is ``plural``, as ``bigrec prepare`` builds it (``DOMAINS`` or
+    :func:`domain_for_category`): prepare records only the plural (``domain_wording`` in its
+    config.yaml), and the two ways it words a domain determine the rest from it."""
+    for domain in DOMAINS.values():
+        if domain.plural == plural:
+            return domain
+    noun = plural.removesuffix(" products")
+    if noun and noun != plural:
+        return Domain(plural, f"{noun} product", "bought")
+    raise ValueError(f"domain wording {plural!r} is neither one of {', '.join(d.plural for d in DOMAINS.values())} "
+                     "nor a category's '... products'")
+
+
 def normalize_title(title: object) -> str:
     """The one title normalisation: unescape HTML, strip spaces and surrounding quotes."""
     text = html.unescape(str(title)).strip()

@@ -462,13 +462,13 @@ def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, 
 def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
     """run.yaml for recommend and serve: the ranking chosen on validation (:func:`default_ranking`);
     their gammas come from the free run when there is one, as they decode freely."""
-    from bigrec.app.run_manifest import RunManifest
+    from bigrec.app.run_manifest import RunManifest, domain_value, prepared_domain
     from bigrec.grounding.options import grounding_of, grounding_options
 
     gammas_from = infos.get("free") or infos.get("constrained") or infos["likelihood"]
     decoding, use_ci, weight, note = default_ranking(infos)
     RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
-                adapter="adapter", sasrec="sasrec", domain="movie" if cfg.dataset.startswith("ml-") else "product",
+                adapter="adapter", sasrec="sasrec", domain=domain_value(prepared_domain(run_dir / "data")),
                 precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles,
                 **grounding_options(grounding_of(cfg)),
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
