@@ -128,6 +128,8 @@ def test_run_yaml_records_the_trained_model_and_the_prepared_wording(packaged):
     assert not Path(manifest.base_model).is_absolute() and not Path(manifest.data).is_absolute()
     assert manifest.path(served, "catalog") == (packaged["data"] / "id2name.txt").resolve()
     assert (served / manifest.index).is_file()
+    index_record = yaml.safe_load((served / "index.config.yaml").read_text())
+    assert index_record["output"] == str(served / "index.safetensors") and index_record["precision"] == "fp32"
     if packaged["dataset"] == "ml-100k":
         assert manifest.domain == "movie" and manifest.prompt_titles == "natural"
     else:  # the category's own wording, not the generic "products"
@@ -167,6 +169,19 @@ def test_served_prompts_and_likelihood_top10_are_the_evaluated_ones(packaged, tm
     for r in certified:
         assert [item.id for item in answers[r].items] == evaluated[r], r
     assert all(a.decoding == "likelihood" for a in answers)
+
+
+def test_packaging_again_reuses_a_matching_index_and_rebuilds_another(packaged, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(packaged["served"], again)
+    index = (again / "index.safetensors").read_bytes()
+    args = ["package", "--train_dir", str(packaged["trained"]), "--data", str(packaged["data"]), "--out", str(again)]
+    assert main(args) == 0
+    manifest = RunManifest.load(again)
+    assert manifest.decoding == "free" and (again / "index.safetensors").read_bytes() == index
+    assert (again / manifest.data).resolve() == packaged["data"].resolve()  # relative to the new folder
+    assert main([*args, "--pooling", "mean"]) == 0  # another grounding: the index is made again
+    assert RunManifest.load(again).pooling == "mean" and (again / "index.safetensors").read_bytes() != index
 
 
 # --- refusals: one line naming the file or field; nothing half-written --------------------------------

@@ -196,6 +196,8 @@ def run(config: Config) -> Path:
         except IndexMismatchError:
             index_cfg.overwrite = True
             index_stage.run(index_cfg)
+        # the index's record names where the index ends up, not the staging folder
+        write_yaml(stage / "index.config.yaml", {**to_dict(index_cfg), "output": str(out / INDEX)})
         manifest = RunManifest(
             base_model=_relative(base_dir, out) if base_dir.is_dir() else trained.base_model,
             adapter=_relative(train_dir, out) if trained.lora else None,
