@@ -220,6 +220,25 @@ def test_unfinished_training_and_a_layout_mismatch_are_refused_naming_the_field(
     assert not out.exists()
 
 
+def test_a_lora_on_other_base_weights_or_a_lost_base_is_refused(small_data, tiny_model_dir, tiny_qwen_dir, tmp_path,
+                                                                 capsys):
+    from bigrec.llm.models import model_fingerprint
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    record = {"stage": "train", "status": "done", "base_model": model_fingerprint(tiny_model_dir),
+              "config": {"base_model": str(tmp_path / "gone"), "lora": True, "layout": "window", "precision": "fp32"}}
+    record["base_model"]["resolved"] = str(tmp_path / "gone-too")  # neither recorded path is there
+    (adapter / "config.yaml").write_text(yaml.safe_dump(record))
+    args = ["package", "--train_dir", str(adapter), "--data", str(small_data), "--out", str(tmp_path / "served")]
+    assert main(args) == 1
+    assert "config.base_model" in capsys.readouterr().err and not (tmp_path / "served").exists()
+    assert main([*args, "--base_model", tiny_qwen_dir]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "base_model.sha256" in err and "other weights" in err
+
+
 def test_a_failure_while_writing_leaves_the_old_run_folder_as_it_was(small_data, tiny_model_dir, tmp_path):
     out = tmp_path / "served"
     out.mkdir()
