@@ -39,7 +39,7 @@ from common import K10
 
 from bigrec import io
 from bigrec.config import ConfigError, build, load_yaml
-from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
 from bigrec.stages import demo
 
@@ -111,8 +111,6 @@ class Curve:
         trained again when its settings or the data change. Written to ``baselines.json``."""
         import shutil
 
-        import torch
-
         from bigrec.data.catalog import read_catalog, row_target
         from bigrec.evaluation.metrics import target_id_lists, target_ranks
         from bigrec.evaluation.scores import load_scores
@@ -142,7 +140,7 @@ class Curve:
             return out  # the last-title line comes with the first scored point
         info = next(iter(io.read_json(content)["files"].values()))
         key = next(k for k in info["ranks"] if k.endswith("last history title"))
-        out["Last history title (content)"] = summarise(torch.tensor(info["ranks"][key]))
+        out["Last history title (content)"] = summarise(details_ranks(info, key))
         io.write_json(self.root / "baselines.json", out)
         return out
 
@@ -323,12 +321,11 @@ class Recipe:
         evaluate.run(evaluate.Config(catalog=str(curve.data / "id2name.txt"), input_dir=str(result),
                                      output=str(metrics), base_model=args.base_model, index_path=str(curve.index),
                                      last_title=True, **curve.grounding()))
-        import torch
 
         info = next(iter(io.read_json(metrics.with_name("metrics.details.json"))["files"].values()))
         diag = info["diagnostics"]
         point = {"recipe": self.name, "label": label, **meta,
-                 "response_loss": loss, **summarise(torch.tensor(info["ranks"]["valid.json"])),
+                 "response_loss": loss, **summarise(details_ranks(info, "valid.json")),
                  "distinct_top1": diag["distinct_top1_share"], "exact_title_top1": diag["exact_title_top1_share"],
                  "history_copy_top1": diag["history_copy_top1_share"],
                  "most_frequent_top1": diag["most_frequent_top1"][:3],

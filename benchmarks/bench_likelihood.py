@@ -28,7 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from common import K10
 
@@ -36,7 +35,7 @@ from bigrec import io
 from bigrec.config import build, to_dict
 from bigrec.evaluation.comparison import describe_pairs
 from bigrec.evaluation.intervals import paired_difference
-from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.metrics import TOPK, Ranks, details_ranks
 from bigrec.evaluation.report import with_interval
 from bigrec.evaluation.results import certified_share
 from bigrec.llm.layouts import LAYOUTS
@@ -86,14 +85,15 @@ def row_identity(row: dict) -> list:
     return [row.get(key) for key in ("user_id", "item_id", "history_item_id")]
 
 
-def other_ranks(folder: Path, suffix: str, test_rows: list[dict]) -> list[int]:
+def other_ranks(folder: Path, suffix: str, test_rows: list[dict]) -> Ranks:
     """The target ranks of another result of this script (its chosen setting's test evaluation,
     under the protocol of ``suffix``), after checking that it ranked the same rows."""
     chosen = io.read_json(folder / "summary.json")["chosen"]
     theirs = io.read_json(folder / "test" / chosen / "test.json")
     if [row_identity(r) for r in theirs] != [row_identity(r) for r in test_rows]:
         raise SystemExit(f"--compare {folder}: its test rows are not this run's")
-    return io.read_json(folder / "test" / chosen / f"metrics{suffix}.details.json")["files"]["test.json"]["ranks"]["test.json"]
+    return details_ranks(io.read_json(folder / "test" / chosen / f"metrics{suffix}.details.json")["files"]["test.json"],
+                         "test.json")
 
 
 def same_rows(demo_rows: Path, other: Path | None, dst: Path, n: int) -> None:
@@ -234,15 +234,14 @@ def main() -> None:
             print(f"- {line}")
         free = run / "metrics" / f"bigrec_free{suffix}.details.json"
         if free.is_file() and args.test_rows is None:  # the demo's free decoding on the same rows
-            ranks = io.read_json(free)["files"]["test.json"]["ranks"]["test.json"]
-            own = infos[label]["ranks"]["test.json"]
-            diff = paired_difference(torch.as_tensor(own), torch.as_tensor(ranks), TOPK)
+            ranks = details_ranks(io.read_json(free)["files"]["test.json"], "test.json")
+            diff = paired_difference(details_ranks(infos[label], "test.json"), ranks, TOPK)
             pair = f"BIGRec ({label}) minus BIGRec (free decoding, the demo's)"
             part["paired"][pair] = diff
             print(f"- {describe_pairs({pair: diff})[0]}")
         for name, other in compare.items():
-            diff = paired_difference(torch.as_tensor(infos[label]["ranks"]["test.json"]),
-                                     torch.as_tensor(other_ranks(Path(other), suffix, test_rows)), TOPK)
+            diff = paired_difference(details_ranks(infos[label], "test.json"),
+                                     other_ranks(Path(other), suffix, test_rows), TOPK)
             pair = f"BIGRec ({label}) minus {name}"
             part["paired"][pair] = diff
             print(f"- {describe_pairs({pair: diff})[0]}")

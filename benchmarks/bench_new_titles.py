@@ -31,7 +31,7 @@ from pathlib import Path
 from common import K10
 
 from bigrec import io
-from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
 
 VARIANTS = {  # file stem -> (decoding, exclude_history)
@@ -60,8 +60,7 @@ def generate_all(args, results: Path) -> None:
 
 
 def evaluate_all(args, results: Path, out: Path) -> dict[str, dict]:
-    """Per protocol: {run name: {"ranks": tensor, "copies": share or None}}."""
-    import torch
+    """Per protocol: {run name: {"ranks": Ranks, "copies": share or None}}."""
 
     from bigrec.stages import evaluate
 
@@ -77,12 +76,12 @@ def evaluate_all(args, results: Path, out: Path) -> dict[str, dict]:
         runs = {}
         for name, info in io.read_json(details)["files"].items():
             stem = Path(name).stem
-            for key, ranks in info["ranks"].items():
+            for key in info["ranks"]:
                 label = LAST if key.endswith(LAST) else stem
                 if label == LAST and LAST in runs:
                     continue
                 copies = info["diagnostics"]["history_copy_top1_share"] if label != LAST else None
-                runs[label] = {"ranks": torch.tensor(ranks), "copies": copies}
+                runs[label] = {"ranks": details_ranks(info, key), "copies": copies}
         found[protocol] = runs
     return found
 

@@ -116,12 +116,19 @@ def test_popularity_counts_and_stage(tmp_path):
     result = read_json(out / "metrics.json")
     assert result["topk"] == list(metrics.TOPK) and set(result) == {"topk", "popularity"}
     assert len(result["popularity"]["NDCG"]) == len(result["popularity"]["HR"]) == len(metrics.TOPK)
-    # expected by hand: rank each test target among counts, ties broken towards the lower id
+    # expected by hand: each test target's title at its best count, ties with other items broken at random
     test = pd.read_csv(folder / "test.csv")
-    order = sorted(range(5), key=lambda i: (-counts[i].item(), i))
-    ranks = [min(order.index(j) for j in range(5) if ["A", "B", "C", "D", "B"][j] == ["A", "B", "C", "D", "B"][t])
-             for t in test["item_id"]]
-    assert result["popularity"]["HR"][0] == pytest.approx(sum(r == 0 for r in ranks) / len(ranks))
+    titles = ["A", "B", "C", "D", "B"]
+    c = counts.tolist()
+    first, tied_rows = [], 0
+    for t in test["item_id"]:
+        best = max(c[j] for j in range(5) if titles[j] == titles[t])
+        better = sum(1 for j in range(5) if c[j] > best)
+        level = sum(1 for j in range(5) if c[j] == best and titles[j] != titles[t])
+        first.append(1 / (level + 1) if better == 0 else 0.0)  # the chance of rank 0
+        tied_rows += level > 0
+    assert result["popularity"]["HR"][0] == pytest.approx(sum(first) / len(first))
+    assert result["popularity"]["tied_targets"] == tied_rows
     assert Popularity.from_dir(out).counts.tolist() == counts.tolist()
     matrix = load_scores(out / "scores" / "test.safetensors")
     assert matrix.scores.shape == (len(test), 5) and matrix.scores.dtype == torch.float16

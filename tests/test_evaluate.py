@@ -316,7 +316,7 @@ def test_constrained_results_rank_their_beams_first(cdata, tiny_model_dir):
     ranks = expected_constrained_ranks(index, CTEST)
     # By hand: row 0 ranks Heat's two ids, then its target (beam 2); row 1's target is beam 1; row 3's is beam 2.
     assert ranks[[0, 1, 3]].tolist() == [2, 0, 1]
-    assert ranks[2] >= 2  # two beam items ahead of a target no beam named
+    assert ranks.better[2] >= 2  # two beam items ahead of a target no beam named
     from bigrec.evaluation.metrics import ndcg_hr
 
     expected = ndcg_hr(ranks, TOPK)
@@ -412,6 +412,10 @@ def test_seen_items_content_baseline_intervals_and_paired_comparison(data, tiny_
         if predict[0] == '""':
             assert plain["ranks"]["test.json"][r] >= len(TITLES)  # an empty generation is a miss
     assert unseen["ranks"]["test.json last history title"] != plain["ranks"]["test.json last history title"]
+    # Heat's two ids lie at one distance: for a Heat target they are one answer, never a tie
+    assert plain["tied"] == {name: [0] * len(TEST) for name in plain["ranks"]}
+    assert plain["tied_targets"] == {name: 0 for name in plain["ranks"]}
+    assert "Targets tied with other items, of 6 rows" in printed and "Targets tied with other items" in page
 
     metrics = json.loads((out / "plain.json").read_text())
     for name, iv in plain["intervals"].items():

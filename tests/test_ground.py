@@ -100,10 +100,36 @@ def test_grid_ranks_equal_brute_force(kind):
         unseen = grid_ranks(dist, scores, targets, gammas, exclude=exclude)
         for g, gamma in enumerate(gammas):
             weighted = reweight(dist, scores.double(), gamma)
-            assert torch.equal(fast[g], target_ranks(weighted, targets))
+            assert fast[g].equal(target_ranks(weighted, targets))
             # seen items left out: the brute force with them pushed to the very end
-            assert torch.equal(unseen[g], target_ranks(weighted.masked_fill(exclude, float("inf")), targets))
-        assert (unseen <= fast).all() and (unseen < fast).any()
+            assert unseen[g].equal(target_ranks(weighted.masked_fill(exclude, float("inf")), targets))
+        assert (unseen.better <= fast.better).all() and (unseen.better < fast.better).any()
+
+
+@pytest.mark.parametrize("kind", ["popularity", "per_row"])
+def test_grid_ranks_count_ties_as_the_brute_force_does(kind):
+    """Items with the target's distance and score tie it at every gamma, and so do items at the
+    row's smallest distance when the target is there too; ids sharing the target's title never do."""
+    gen = torch.Generator().manual_seed(4)
+    rows, items = 24, 60
+    dist = torch.rand(rows, items, generator=gen, dtype=torch.float64)
+    dist[:, 30:] = dist[:, :30]  # item j + 30 lies exactly where item j does
+    dist[::4, 5] = dist[::4, 7] = dist[::4].amin(1)  # every fourth row: two items at the nearest distance
+    if kind == "popularity":
+        scores = torch.randint(0, 4, (30,), generator=gen).repeat(2)  # and is as popular: a tie
+        scores[40] += 1  # one copy is more popular: no tie with item 10
+    else:
+        scores = torch.rand(rows, 30, generator=gen, dtype=torch.float64).repeat(1, 2)
+    ids = torch.randint(0, 30, (rows,), generator=gen)
+    ids[::4] = 5
+    shared = [[int(t), (int(t) + 1) % 30] if r % 3 else [int(t)] for r, t in enumerate(ids)]  # two ids, one title
+    gammas = [0.0, 0.05, 0.5, 1.0, 7.0]
+    for targets in (ids, shared):
+        fast = grid_ranks(dist, scores, targets, gammas)
+        assert (fast.tied > 0).any()
+        for g, gamma in enumerate(gammas):
+            brute = target_ranks(reweight(dist, scores.double(), gamma), targets)
+            assert fast[g].equal(brute), gamma
 
 
 def test_search_gamma_by_hand():
@@ -155,7 +181,7 @@ def test_grid_ranks_with_leading_items_match_rank_with_beams_brute_force():
             gammas = [0.01, 0.3, 1.0, 4.0, 60.0]
             got = grid_ranks(dist, scores, targets, gammas, first)
             for g, ranks in zip(gammas, got, strict=True):
-                assert torch.equal(ranks, target_ranks(rank_with_beams(first, reweight(dist, scores, g)), targets))
+                assert ranks.equal(target_ranks(rank_with_beams(first, reweight(dist, scores, g)), targets))
     # a target among the beams keeps its place at every gamma
     assert grid_ranks(DIST, SCORES, TARGETS, [0.1, 50.0], [[3, 2], [1]]).tolist() == [[1, 0], [1, 0]]
     with pytest.raises(ValueError, match="leading item ids"):
@@ -169,7 +195,7 @@ def test_blend_ranks_weights_the_other_model_in():
     the paper's formula never lets happen."""
     targets = torch.tensor([2, 1])
     plain = blend_ranks(DIST, SCORES, targets, [0.0])[0]
-    assert torch.equal(plain, target_ranks(DIST, targets))
+    assert plain.equal(target_ranks(DIST, targets))
     ranks = blend_ranks(DIST, SCORES, targets, [0.0, 0.5, 0.95])
     assert ranks[:, 0].tolist() == [2, 0, 0]  # row A: the popular target overtakes the two nearer items
     assert ranks[:, 1].tolist() == [1, 3, 3]  # row B: the less popular target falls behind items 2 and 3

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bigrec.evaluation.intervals import bootstrap_ci, paired_difference, row_gains
-from bigrec.evaluation.metrics import ndcg_hr
+from bigrec.evaluation.metrics import Ranks, ndcg_hr
 
 
 def test_row_gains_average_to_the_metrics():
@@ -14,6 +14,20 @@ def test_row_gains_average_to_the_metrics():
     for key in ("NDCG", "HR"):
         assert gains[key].mean(0).tolist() == pytest.approx(expected[key])
     assert gains["NDCG"][1, 0] == 0 and gains["NDCG"][1, 1] == pytest.approx(1 / math.log2(3))
+
+
+def test_row_gains_of_tied_ranks_are_expectations():
+    ranks = Ranks(torch.tensor([0, 0, 8, 2000]), torch.tensor([0, 3, 3, 7]))  # places 0, 0..3, 8..11, 2000..2007
+    gains = row_gains(ranks, (1, 10))
+    g = [1 / math.log2(p + 2) for p in range(12)]
+    assert gains["HR"].tolist() == [[1.0, 1.0], [0.25, 1.0], [0.0, 0.5], [0.0, 0.0]]
+    assert gains["NDCG"][:, 1].tolist() == pytest.approx([1.0, sum(g[:4]) / 4, (g[8] + g[9]) / 4, 0.0])
+    expected = ndcg_hr(ranks, (1, 10))
+    for key in ("NDCG", "HR"):
+        assert gains[key].mean(0).tolist() == pytest.approx(expected[key])
+    assert paired_difference(ranks, ranks.clone(), (1, 10))["NDCG"]["diff"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="tie counts"):
+        row_gains(ranks.expected)  # an expected rank alone cannot give the expected metric
 
 
 def test_constant_rows_have_a_point_interval():

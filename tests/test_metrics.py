@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 from bigrec.evaluation.metrics import (
     TOPK,
+    Ranks,
+    details_ranks,
     ndcg_hr,
     ndcg_hr_many,
+    row_metrics,
     seen_mask,
     target_id_lists,
     target_ranks,
@@ -51,10 +56,111 @@ def test_hand_computed_ranks_and_metrics():
     assert m["NDCG"][2] == pytest.approx((1 + 0.5 + 1 / math.log2(5)) / 3)
 
 
-def test_higher_is_better_and_ties_favour_target():
+def test_higher_is_better_and_ties_take_the_expected_rank():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.9]])
     assert target_ranks(scores, torch.tensor([2]), higher_is_better=True).tolist() == [2]
-    assert target_ranks(scores, torch.tensor([3]), higher_is_better=True).tolist() == [0]  # tie with item 1
+    tied = target_ranks(scores, torch.tensor([3]), higher_is_better=True)  # level with item 1: rank 0 or 1
+    assert (tied.better.tolist(), tied.tied.tolist(), tied.tolist()) == ([0], [1], [0.5])
+    m = ndcg_hr(tied, topk=(1, 2))
+    assert m["HR"] == [0.5, 1.0]
+    assert m["NDCG"] == [0.5, pytest.approx((1 + 1 / math.log2(3)) / 2)]
+
+
+def test_constant_scorer_gets_the_metrics_of_a_uniformly_random_rank():
+    """Every item level: the target is equally likely at ranks 0..N-1, and N = 4 is small enough by hand."""
+    rows, items = 7, 4
+    ranks = target_ranks(torch.zeros(rows, items), torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+    assert ranks.better.tolist() == [0] * rows and ranks.tied.tolist() == [3] * rows
+    assert ranks.tolist() == [1.5] * rows and ranks.tied_targets() == rows
+    m = ndcg_hr(ranks, topk=(1, 3, 5))
+    assert m["HR"] == [1 / 4, 3 / 4, 1.0]
+    g = [1.0, 1 / math.log2(3), 0.5, 1 / math.log2(5)]
+    assert m["NDCG"] == [0.25, pytest.approx(sum(g[:3]) / 4, rel=1e-15), pytest.approx(sum(g) / 4, rel=1e-15)]
+    # the same for a larger catalogue, against the closed form of a random ranking over N items
+    from bigrec.stages.demo import random_ndcg_hr
+
+    big = ndcg_hr(target_ranks(torch.ones(3, 137), torch.tensor([5, 0, 136]), higher_is_better=True))
+    expected = random_ndcg_hr(137, TOPK)
+    assert big["HR"] == [min(k, 137) / 137 for k in TOPK]
+    assert big["NDCG"] == pytest.approx(expected["NDCG"], rel=1e-14)
+    # the optimistic rank (0) would give NDCG@1 = 1; the rank's mean (68) plugged in would give 0
+    assert big["NDCG"][0] == pytest.approx(1 / 137, rel=1e-15)
+
+
+def test_shared_titles_take_the_best_rank_and_do_not_tie_with_the_target():
+    titles = ["A", "B", "A", "C", "A"]
+    lists = target_id_lists(torch.tensor([0, 0, 3]), titles)  # "A" is ids 0, 2 and 4
+    dist = torch.tensor([[0.9, 0.1, 0.1, 0.5, 0.1],   # A's best (ids 2, 4) level with B only: rank 0 or 1
+                         [0.9, 0.3, 0.2, 0.5, 0.9],   # A at 0.2 (id 2), nothing level
+                         [0.9, 0.5, 0.5, 0.5, 0.1]])  # C at 0.5: A (id 4) ahead, B and A's ids 0.5 level
+    ranks = target_ranks(dist, lists)
+    assert ranks.better.tolist() == [0, 0, 1]
+    assert ranks.tied.tolist() == [1, 0, 2]  # row 2: C ties with B and with id 2 (another title, counted)
+    assert ranks.tied_targets() == 2
+    # one id alone, not its title: the title's other ids at its distance count as ties
+    assert target_ranks(dist, torch.tensor([2, 0, 3])).tied.tolist() == [2, 1, 2]
+
+
+def brute_force_metrics(dist: torch.Tensor, target_lists: list[list[int]], topk=TOPK,
+                        exclude: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Every ordering of each row's ranked items consistent with its distances, equally likely.
+
+    The target's title counts as one entry at its best id's distance (its other ids are not
+    ranked against it); every other id is an item of its own. The metric of a row is its mean
+    over the orderings, the result the mean over rows.
+    """
+    ndcg, hr = [[] for _ in topk], [[] for _ in topk]
+    for r, ids in enumerate(target_lists):
+        best = min(float(dist[r, i]) for i in ids)
+        entries = [("target", best)] + [(j, float(dist[r, j])) for j in range(dist.shape[1])
+                                        if j not in ids and not (exclude is not None and exclude[r, j])]
+        places = []
+        for order in itertools.permutations(entries):
+            if all(order[i][1] <= order[i + 1][1] for i in range(len(order) - 1)):
+                places.append(next(p for p, e in enumerate(order) if e[0] == "target"))
+        for j, k in enumerate(topk):
+            ndcg[j].append(math.fsum(1 / math.log2(p + 2) for p in places if p < k) / len(places))
+            hr[j].append(sum(p < k for p in places) / len(places))
+    return {"NDCG": [math.fsum(v) / len(v) for v in ndcg], "HR": [math.fsum(v) / len(v) for v in hr]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_partial_ties_match_every_ordering(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows, items = 12, 7
+    dist = torch.randint(0, 3, (rows, items), generator=gen).double()  # three levels: many partial ties
+    dist[0] = torch.arange(items).double()  # and one row with none
+    titles = ["a", "b", "a", "c", "d", "e", "d"]
+    targets = target_id_lists(torch.randint(0, items, (rows,), generator=gen), titles)
+    exclude = seen_mask([torch.randint(0, items, (2,), generator=gen).tolist() for _ in range(rows)], targets, items)
+    for left_out in (None, exclude):
+        ranks = target_ranks(dist, targets, exclude=left_out)
+        assert 0 < ranks.tied_targets() < rows
+        got, want = ndcg_hr(ranks, (1, 2, 3, 5)), brute_force_metrics(dist, targets, (1, 2, 3, 5), left_out)
+        for key in ("NDCG", "HR"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12)
+        per_row = row_metrics(ranks, (1, 2, 3, 5))  # the bootstrap's per-row values average to the same
+        for key in ("NDCG", "HR"):
+            assert per_row[key].mean(0).tolist() == pytest.approx(want[key], rel=1e-12)
+
+
+def test_tied_rows_sum_exactly_and_ranks_round_trip_through_a_details_file():
+    ranks = Ranks(torch.tensor([0, 3, 2, 0, 60, 49]), torch.tensor([4, 0, 1, 0, 9, 2]))
+    got = ndcg_hr(ranks, (1, 50))
+    # by hand: row 0 is at 0..4, row 2 at 2..3, row 5 at 49..51 (one place of three below 50)
+    assert got["HR"] == [float((Fraction(1, 5) + 1) / 6), float((4 + Fraction(1, 3)) / 6)]
+    gain = [Fraction(1 / math.log2(p + 2)) for p in range(50)]
+    by_hand = sum(gain[:5]) / 5 + gain[3] + (gain[2] + gain[3]) / 2 + gain[0] + gain[49] / 3
+    assert got["NDCG"][1] == float(by_hand) / 6  # summed exactly, rounded once
+    expected, tied = ranks.to_lists()
+    assert expected == [2.0, 3.0, 2.5, 0.0, 64.5, 50.0]
+    back = details_ranks({"ranks": {"run": expected}, "tied": {"run": tied}}, "run")
+    assert back.equal(ranks)
+    assert details_ranks({"ranks": {"run": [3, 0]}}, "run").equal(Ranks.strict([3, 0]))  # no tie counts: none
+    with pytest.raises(ValueError, match="tie counts"):
+        ndcg_hr(torch.tensor([2.5, 1.0]))
+    many = ndcg_hr_many(Ranks.stack([ranks, ranks[[1, 0, 3, 2, 5, 4]]]), (1, 50))
+    assert many[0][0] == many[0][1] == got["NDCG"] and many[1][0] == got["HR"]
 
 
 def test_duplicate_titles_take_best_rank():
@@ -117,7 +223,8 @@ def test_full_size_runs():
     targets = torch.randint(0, 20000, (5000,), generator=gen)
     ranks = target_ranks(dist, targets)
     assert ranks.shape == (5000,)
-    assert int(ranks[0]) == int((dist[0] < dist[0, targets[0]]).sum())
+    assert int(ranks.better[0]) == int((dist[0] < dist[0, targets[0]]).sum())
+    assert ranks.tied_targets() == int((ranks.tied > 0).sum())  # float32 draws: a few level pairs at most
     m = ndcg_hr(ranks)
     assert 0 < m["HR"][-1] < 0.02 and m["NDCG"] == sorted(m["NDCG"])
 

@@ -55,16 +55,21 @@ def test_ndcg_and_hr_equal_a_brute_force_count(problem, higher_is_better):
     dist, targets, exclude = problem
     ranks = target_ranks(dist, targets, higher_is_better=higher_is_better, exclude=exclude)
     metrics = ndcg_hr(ranks, TOPK)
-    for r, ids in enumerate(targets):  # rank: items strictly better than the target's best id
+    ndcg, hr = [[] for _ in TOPK], [[] for _ in TOPK]
+    for r, ids in enumerate(targets):  # items strictly better than the target's best id, and level with it
         values = dist[r].tolist()
         best = max(values[i] for i in ids) if higher_is_better else min(values[i] for i in ids)
-        better = sum(1 for j, v in enumerate(values) if (v > best if higher_is_better else v < best)
-                     and not (exclude is not None and exclude[r, j]))
-        assert ranks[r] == better
-    for j, k in enumerate(TOPK):
-        gains = [1 / math.log2(int(x) + 2) if x < k else 0.0 for x in ranks]
-        assert metrics["NDCG"][j] == math.fsum(gains) / len(gains)
-        assert metrics["HR"][j] == sum(1 for x in ranks if x < k) / len(ranks)
+        ranked = [(j, v) for j, v in enumerate(values) if not (exclude is not None and exclude[r, j])]
+        better = sum(1 for _, v in ranked if (v > best if higher_is_better else v < best))
+        tied = sum(1 for j, v in ranked if v == best and j not in ids)  # the title's own ids are not ties
+        assert (int(ranks.better[r]), int(ranks.tied[r])) == (better, tied)
+        places = range(better, better + tied + 1)  # equally likely under random tie-breaking
+        for j, k in enumerate(TOPK):
+            ndcg[j].append(math.fsum(1 / math.log2(p + 2) for p in places if p < k) / len(places))
+            hr[j].append(sum(1 for p in places if p < k) / len(places))
+    for j in range(len(TOPK)):
+        assert metrics["NDCG"][j] == pytest.approx(math.fsum(ndcg[j]) / len(targets), rel=1e-12, abs=1e-15)
+        assert metrics["HR"][j] == pytest.approx(math.fsum(hr[j]) / len(targets), rel=1e-12, abs=1e-15)
 
 
 @FAST

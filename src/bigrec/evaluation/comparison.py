@@ -1,7 +1,7 @@
 """Rankings side by side on the same rows: metrics, 95% intervals and paired differences.
 
 Every result that ranks the catalogue for the same test rows (BIGRec's grounding, a baseline's
-scores, the content baseline) reduces to one rank per row. Holding those ranks in one place
+scores, the content baseline) reduces to one rank per row (with its ties, :class:`Ranks`). Holding those ranks in one place
 lets every method get its interval from the same bootstrap draws, and any two of them a paired
 difference: the honest way to say that one beats another on these rows.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bigrec.evaluation.intervals import bootstrap_ci, paired_difference
-from bigrec.evaluation.metrics import TOPK, ndcg_hr
+from bigrec.evaluation.metrics import TOPK, Ranks, as_ranks, ndcg_hr
 from bigrec.evaluation.report import with_interval
 
 
@@ -23,11 +23,13 @@ class Comparison:
     """Per-row ranks [R] of named results on the same R rows, plus metric-only entries (expected values)."""
 
     rows: int
-    ranks: dict[str, torch.Tensor] = field(default_factory=dict)
+    ranks: dict[str, Ranks] = field(default_factory=dict)
     expected: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
-    def add(self, name: str, ranks: torch.Tensor | Sequence[int]) -> None:
-        ranks = torch.as_tensor(ranks, dtype=torch.long)
+    def add(self, name: str, ranks: Ranks | torch.Tensor | Sequence[int]) -> None:
+        """``ranks``: :class:`Ranks` (integer ranks are taken as untied; read a details file's
+        with :func:`bigrec.evaluation.metrics.details_ranks`)."""
+        ranks = as_ranks(ranks)
         if ranks.shape != (self.rows,):
             raise ValueError(f"{name}: {tuple(ranks.shape)} ranks, expected one per row ({self.rows})")
         self.ranks[name] = ranks

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.metrics import TOPK, Ranks, row_metrics
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -20,14 +20,10 @@ SEED = 0
 _CHUNK = 1 << 22  # resample indices held at once (32 MB of int64)
 
 
-def row_gains(ranks: torch.Tensor, topk: Sequence[int] = TOPK) -> dict[str, torch.Tensor]:
-    """Per-row NDCG@K and HR@K, float64 [R, len(topk)] each, from 0-based target ranks [R]."""
-    if ranks.dim() != 1 or not len(ranks):
-        raise ValueError(f"ranks must be 1-D and non-empty, got shape {tuple(ranks.shape)}")
-    r = ranks.double().unsqueeze(1)  # [R, 1]
-    ks = torch.tensor([float(k) for k in topk], dtype=torch.float64)  # [K]
-    hit = r < ks
-    return {"NDCG": torch.where(hit, 1.0 / torch.log2(r + 2), torch.zeros(())), "HR": hit.double()}
+def row_gains(ranks: Ranks | torch.Tensor, topk: Sequence[int] = TOPK) -> dict[str, torch.Tensor]:
+    """Per-row expected NDCG@K and HR@K, float64 [R, len(topk)] each, from the targets' :class:`Ranks`
+    [R] (ties broken at random, :func:`bigrec.evaluation.metrics.row_metrics`)."""
+    return row_metrics(ranks, topk)
 
 
 def _resampled_means(values: torch.Tensor, resamples: int, seed: int) -> torch.Tensor:
@@ -56,7 +52,7 @@ def _check(level: float, resamples: int) -> None:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
 
 
-def bootstrap_ci(ranks: torch.Tensor, topk: Sequence[int] = TOPK, *, resamples: int = RESAMPLES,
+def bootstrap_ci(ranks: Ranks | torch.Tensor, topk: Sequence[int] = TOPK, *, resamples: int = RESAMPLES,
                  level: float = LEVEL, seed: int = SEED) -> dict[str, list[list[float]]]:
     """``{"NDCG": [[low, high] per K], "HR": [...]}``: the interval of each metric's mean over rows."""
     _check(level, resamples)
@@ -67,7 +63,7 @@ def bootstrap_ci(ranks: torch.Tensor, topk: Sequence[int] = TOPK, *, resamples: 
     return {"NDCG": bounds[:k], "HR": bounds[k:]}
 
 
-def paired_difference(ranks: torch.Tensor, other: torch.Tensor, topk: Sequence[int] = TOPK, *,
+def paired_difference(ranks: Ranks | torch.Tensor, other: Ranks | torch.Tensor, topk: Sequence[int] = TOPK, *,
                       resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> dict:
     """Metric of ``ranks`` minus that of ``other`` on the same rows, with its paired interval.
 
@@ -85,7 +81,7 @@ def paired_difference(ranks: torch.Tensor, other: torch.Tensor, topk: Sequence[i
     return {"NDCG": {"diff": mean[:k], "ci": bounds[:k]}, "HR": {"diff": mean[k:], "ci": bounds[k:]}}
 
 
-def rank_intervals(ranks: dict[str, torch.Tensor], other: torch.Tensor | None) -> dict[str, dict]:
+def rank_intervals(ranks: dict[str, Ranks], other: Ranks | None) -> dict[str, dict]:
     """Per run: its bootstrap interval and, with ``other`` ranks, the paired difference against them."""
     out = {}
     for run, r in ranks.items():

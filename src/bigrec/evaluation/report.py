@@ -57,6 +57,13 @@ def format_table(metrics: Mapping[str, Mapping], topk: Sequence[int] = TOPK,
     return "\n".join([line(header), line(["-" * width0] + ["-" * w for w in widths]), *map(line, body)])
 
 
+def tied_line(tied_targets: Mapping[str, int], rows: int) -> str:
+    """One line: per run, how many of its ``rows`` targets shared their score with another item
+    (their metrics are the expectation over the tie's orders)."""
+    counts = ", ".join(f"{run} {n}" for run, n in tied_targets.items())
+    return f"Targets tied with other items, of {rows} rows (metrics average over the tie orders): {counts}"
+
+
 def with_interval(value: float, bounds: Sequence[float] | None = None, signed: bool = False) -> str:
     """``0.0123 [0.0100, 0.0150]``, signed (``+0.0012 [-0.0005, +0.0031]``) for differences; the
     bare value without bounds."""
@@ -181,6 +188,8 @@ def write_evaluation_report(output: Path, metrics: dict, details: dict) -> Path:
                 f"<li>{escape(run)} minus {escape(Path(info['compare']['scores']).name)}: NDCG@10 "
                 f"{with_interval(iv['paired']['NDCG']['diff'][k10], iv['paired']['NDCG']['ci'][k10], signed=True)}</li>"
                 for run, iv in info["intervals"].items()) + "</ul>")
+        if "tied_targets" in info:
+            body.append(f"<p>{escape(tied_line(info['tied_targets'], len(info['rows'])))}</p>")
         body.append(html_table(["diagnostic", "value"], [[k, v] for k, v in info["diagnostics"].items()], 2))
     return write_html(output.with_suffix(".html"), f"bigrec evaluate: {output.name}", body,
                       {"NDCG@K and HR@K": output.with_suffix(".png")})

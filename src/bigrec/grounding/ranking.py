@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bigrec.evaluation.metrics import TOPK, target_ranks
+from bigrec.evaluation.metrics import Ranks, miss_rank, target_ranks
 from bigrec.evaluation.results import Results, need_histories
 from bigrec.grounding.embedding import Embedder
 
@@ -57,7 +57,7 @@ def l2_distances(queries: torch.Tensor, items: torch.Tensor, chunk_rows: int = 1
 
 
 def ground(texts: list[str], targets: list[list[int]], items: torch.Tensor, embed: Embedder,
-           exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, Ranks, torch.Tensor]:
     """L2 distances [R, N] of each text to every item, the targets' ranks [R] and the empty mask [R].
 
     An empty text is a miss: its rank is beyond the catalogue and every K. ``exclude`` [R, N]:
@@ -66,7 +66,7 @@ def ground(texts: list[str], targets: list[list[int]], items: torch.Tensor, embe
     dist = l2_distances(embed(texts), items)
     ranks = target_ranks(dist, targets, exclude=exclude)
     empty = torch.tensor([not t for t in texts])
-    ranks[empty] = max(items.shape[0], *TOPK)
+    ranks[empty] = miss_rank(items.shape[0])
     return dist, ranks, empty
 
 
@@ -94,7 +94,7 @@ def nearest_beam_distances(beams: list[list[str]], items: torch.Tensor, embed: E
 
 
 def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclude: torch.Tensor | None = None,
-                   beams: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]] | None]:
+                   beams: int = 1) -> tuple[torch.Tensor, Ranks, torch.Tensor, list[list[int]] | None]:
     """:func:`ground` of the top generations (with ``beams`` > 1, of the nearest of the first
     ``beams``); rows with ``predict_ids`` rank their beams' items first.
 
@@ -104,7 +104,7 @@ def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclu
     if beams > 1:
         dist, empty = nearest_beam_distances(results.beams, items, embed, beams)
         ranks = target_ranks(dist, results.targets, exclude=exclude)
-        ranks[empty] = max(items.shape[0], *TOPK)
+        ranks[empty] = miss_rank(items.shape[0])
     else:
         dist, ranks, empty = ground(results.top1, results.targets, items, embed, exclude)
     if not any(results.has_ids or []):
@@ -112,12 +112,12 @@ def ground_results(results: Results, items: torch.Tensor, embed: Embedder, exclu
     first = results.first if exclude is None else [
         [i for i in ids if not exclude[r, i]] for r, ids in enumerate(results.first)]
     has = torch.tensor(results.has_ids)
-    ranks = torch.where(has, target_ranks(rank_with_beams(first, dist), results.targets, exclude=exclude), ranks)
+    ranks = target_ranks(rank_with_beams(first, dist), results.targets, exclude=exclude).where(has, ranks)
     return dist, ranks, empty & ~has, first
 
 
 
-def last_title_ranks(results: Results, items: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+def last_title_ranks(results: Results, items: torch.Tensor, exclude: torch.Tensor | None) -> Ranks:
     """Ranks [R] of the content baseline: every item by L2 distance to the row's last history title.
 
     The index row of that item is the title embedded exactly as a generation of it would be.
@@ -126,5 +126,5 @@ def last_title_ranks(results: Results, items: torch.Tensor, exclude: torch.Tenso
     histories = need_histories(results, "--last_title")
     last = torch.tensor([h[-1] if h else 0 for h in histories])
     ranks = target_ranks(l2_distances(items[last], items), results.targets, exclude=exclude)
-    ranks[torch.tensor([not h for h in histories])] = max(items.shape[0], *TOPK)
+    ranks[torch.tensor([not h for h in histories])] = miss_rank(items.shape[0])
     return ranks

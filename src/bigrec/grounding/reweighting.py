@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from bigrec.evaluation.metrics import TOPK, Targets, ndcg_hr_many, target_index, target_ranks
+from bigrec.evaluation.metrics import (
+    TOPK,
+    Ranks,
+    Targets,
+    ndcg_hr_many,
+    target_index,
+    target_ranks,
+)
 
 # Weight of the other model in :func:`blend_ranks`: 0 (distance alone) to 0.95, never the other model alone.
 BLEND_GRID: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(20))
@@ -73,6 +80,39 @@ def _thresholds(a: torch.Tensor, b: torch.Tensor, col: torch.Tensor) -> tuple[to
     return (da / db).nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf")), db >= 0
 
 
+def _same(a: torch.Tensor, b: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Where (a, b) equals (a_t, b_t), or both a are -inf (minmax distance 0): level at every gamma."""
+    return ((a == a_t) & (b == b_t)) | (torch.isinf(a) & torch.isinf(a_t))
+
+
+def _level_counts(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor, live: torch.Tensor, counted: torch.Tensor,
+                  grid: torch.Tensor) -> torch.Tensor:
+    """Items level with the row's best target id at every gamma of ``grid`` -> [C, G].
+
+    An item whose (a, b) equals a target id's (or that, like it, lies at minmax distance 0) has
+    the same re-weighted distance at every gamma; it ties the target wherever that id is the
+    best of the target's ids. Items only level at one isolated gamma (a crossing that falls
+    exactly on a grid point) are not counted: the interval search does not see them either.
+    ``live`` [C, M] marks real target ids, ``counted`` [C, N] the items that are ranked here.
+    """
+    rows, num_items = a.shape
+    own = torch.zeros(rows, num_items, dtype=torch.long).scatter_add_(1, cols, live.long()) > 0
+    others = counted * (~own).long()  # ranked items that are not one of the target's ids
+    a_t, b_t = a.gather(1, cols), b.gather(1, cols)  # [C, M]
+    if cols.shape[1] == 1:
+        return (_same(a, b, a_t, b_t).long() * others).sum(1, keepdim=True).expand(rows, len(grid))
+    level = (a_t.unsqueeze(2) - grid * b_t.unsqueeze(2)).masked_fill_(~live.unsqueeze(2), float("inf"))  # [C, M, G]
+    best = (level == level.amin(1, keepdim=True)) & live.unsqueeze(2)
+    out = torch.zeros(rows, len(grid), dtype=torch.long)
+    for m in range(cols.shape[1]):  # one pass per target id column
+        earlier = (_same(a_t[:, :m], b_t[:, :m], a_t[:, m : m + 1], b_t[:, m : m + 1]) & live[:, :m]).any(1)
+        if m and bool(earlier.all()):
+            continue  # every row has counted this id's level items already
+        count = (_same(a, b, a_t[:, m : m + 1], b_t[:, m : m + 1]).long() * others).sum(1)  # [C]
+        out += torch.where(best[:, m] & ~earlier.unsqueeze(1), count.unsqueeze(1), 0)
+    return out
+
+
 def _first_items(first: Sequence[Sequence[int]], idx: torch.Tensor, mask: torch.Tensor,
                  num_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows' leading items as a mask [R, N], their count [R] and the target's place among them [R] (-1: not there)."""
@@ -94,8 +134,8 @@ def _first_items(first: Sequence[Sequence[int]], idx: torch.Tensor, mask: torch.
 
 
 def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gammas: Sequence[float],
-               first: Sequence[Sequence[int]] | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> [G, R].
+               first: Sequence[Sequence[int]] | None = None, exclude: torch.Tensor | None = None) -> Ranks:
+    """Target ranks under ``reweight(dist, scores, g)`` for every g in ``gammas`` -> :class:`Ranks` [G, R].
 
     ``first`` (per row, item ids in order; constrained beams) ranks those items ahead of all
     others, as :func:`bigrec.grounding.ranking.rank_with_beams` does on the re-weighted distances: a
@@ -109,7 +149,8 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     them, an intersection of intervals. Each item adds +1 where its interval starts on the
     sorted grid and -1 where it ends, and a cumulative sum gives the counts. Computed in
     float64 (more exact than a float32 brute force, which underflows at large gamma); the two
-    can differ only on near-ties.
+    can differ only on near-ties. Ties are the items level with the target at every gamma
+    (:func:`_level_counts`).
     """
     _check_scores(dist, scores)
     if torch.isnan(dist).any() or torch.isnan(scores).any():
@@ -126,6 +167,7 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
     n_grid, inf = len(order), float("inf")
     log_w = minmax_rows(scores.double()).log1p() if scores.dim() == 1 else None  # [N] in [0, log 2]
     ranks = torch.empty(rows, n_grid, dtype=torch.long)
+    tied = torch.empty(rows, n_grid, dtype=torch.long)
     step = max(1, _BLOCK // max(num_items, 1))
     for lo in range(0, rows, step):  # row chunks bound memory; no per-row Python work
         a = minmax_rows(dist[lo : lo + step].double()).log_()  # [C, N], -inf at the nearest item
@@ -151,13 +193,16 @@ def grid_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, gamma
             diff.scatter_add_(1, start, counted).scatter_add_(1, end, -counted)
         block = diff[:, :n_grid].cumsum(1)
         block[torch.isinf(a.gather(1, cols)).any(1)] = 0  # a target at minmax distance 0: nothing beats it
+        level = _level_counts(a, b, cols, mask[lo : lo + step], counted, grid)
         if ahead is not None:
             hit = place[lo : lo + step, None]
             block = torch.where(hit >= 0, hit, block + lead[lo : lo + step, None])
+            level = torch.where(hit >= 0, 0, level)  # leading items have distinct places
         ranks[lo : lo + step] = block
+        tied[lo : lo + step] = level
     back = torch.empty(n_grid, dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(n_grid)
-    return ranks[:, back].T.contiguous()
+    return Ranks(ranks[:, back].T.contiguous(), tied[:, back].T.contiguous())
 
 
 @dataclass(frozen=True)
@@ -247,7 +292,7 @@ def blend(dist: torch.Tensor, scores: torch.Tensor, weight: float) -> torch.Tens
 
 
 def blend_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, weights: Sequence[float],
-                exclude: torch.Tensor | None = None) -> torch.Tensor:
+                exclude: torch.Tensor | None = None) -> Ranks:
     """Target ranks [W, R] under ``(1 - w) * minmax(d) - w * minmax(s)`` for every w in ``weights``.
 
     A variant of the paper's re-weighting, reported beside it, never in its place. The paper's
@@ -257,7 +302,7 @@ def blend_ranks(dist: torch.Tensor, scores: torch.Tensor, targets: Targets, weig
     """
     _check_scores(dist, scores)
     d, s = minmax_rows(dist.double()), minmax_rows(scores.double())
-    return torch.stack([target_ranks((1 - w) * d - w * s, targets, exclude=exclude) for w in weights])
+    return Ranks.stack([target_ranks((1 - w) * d - w * s, targets, exclude=exclude) for w in weights])
 
 
 def _keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -318,7 +363,7 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
     search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
                           TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep),
                           exclude=kept(valid_exclude, valid_keep))
-    single_ranks = torch.full((len(keep),), max(dist.shape[1], *TOPK), dtype=torch.long)
+    single_ranks = Ranks.miss(len(keep), dist.shape[1])
     if keep.any():
         out = apply_gamma(dist[keep], _keep(scores, keep), _rows(targets, keep), search,
                           first=None if first is None else _rows(first, keep), exclude=kept(exclude, keep))

@@ -5,7 +5,9 @@ per row, the best rank among the ids sharing the target's title, no masking of h
 
 Outputs in ``--output_dir``:
 
-- ``metrics.json``: test metrics, ``{"topk": [...], "<model>": {"NDCG": [...], "HR": [...]}}``;
+- ``metrics.json``: test metrics, ``{"topk": [...], "<model>": {"NDCG": [...], "HR": [...], "tied_targets": n}}``
+  (``tied_targets``: rows whose target shares its score with another item; their metrics are the
+  expectation under random tie-breaking);
   ``valid_metrics.json``: the same for the validation split.
 - ``model.json`` + ``model.safetensors``: the model (``SASRec.from_dir`` / ``Popularity.from_dir``).
 - ``scores/{valid,test,valid_5000,test_5000}.safetensors``: per-row score matrices
@@ -88,10 +90,13 @@ def score_rows(scorer: Scorer, contexts: torch.Tensor, batch_size: int) -> torch
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
-def evaluate(scores: torch.Tensor, targets: torch.Tensor, titles: list[str]) -> dict[str, list[float]]:
-    """All-rank NDCG/HR at ``metrics.TOPK``; a target's rank is the best among ids with its title."""
+def evaluate(scores: torch.Tensor, targets: torch.Tensor, titles: list[str]) -> dict:
+    """All-rank NDCG/HR at ``metrics.TOPK`` and ``tied_targets``, the targets level with another item.
+
+    A target's rank is the best among ids with its title; a tie with other items (popularity counts
+    tie often) takes each metric's expectation under random tie-breaking."""
     ranks = metrics.target_ranks(scores, metrics.target_id_lists(targets, titles), higher_is_better=True)
-    return metrics.ndcg_hr(ranks, metrics.TOPK)
+    return {**metrics.ndcg_hr(ranks, metrics.TOPK), "tied_targets": ranks.tied_targets()}
 
 
 def sample_rows(data_dir: Path, name: str, data: Prepared) -> tuple[np.ndarray, list[dict]] | None:
@@ -119,12 +124,11 @@ def export(stage: Path, name: str, scores: torch.Tensor, idx: np.ndarray, data: 
 
 
 def popularity_scorer(data: Prepared) -> tuple[Popularity, Scorer]:
-    """Counts of train targets; for ranking, ties are broken towards the lower id (a strict order)."""
+    """Counts of train targets, as they are: items with equal counts are tied, and the metrics
+    count such ties at their expected value rather than breaking them by id."""
     model = Popularity(item_counts(data.splits["train"].targets, data.num_items))
-    order = torch.argsort(-model.counts, stable=True)
-    strict = torch.empty(data.num_items)
-    strict[order] = torch.arange(data.num_items, 0, -1, dtype=torch.float32)  # best item scores N
-    return model, lambda contexts: strict.unsqueeze(0).expand(len(contexts), -1)
+    counts = model.counts.float()
+    return model, lambda contexts: counts.unsqueeze(0).expand(len(contexts), -1)
 
 
 def train_sasrec(config: Config, data: Prepared, device: torch.device) -> tuple[SASRec, dict]:
@@ -207,7 +211,8 @@ def _run(config: Config) -> dict:
         if train_rows is not None:
             write_json(stage / "train_rows.json", train_rows)
     at = {k: results["test"]["NDCG"][topk.index(k)] for k in (1, 10)}
-    log.info("%s test NDCG@1 %.4f NDCG@10 %.4f; %s (%.0fs in all)", config.model, at[1], at[10], out_dir,
+    log.info("%s test NDCG@1 %.4f NDCG@10 %.4f (%d of %d targets tied); %s (%.0fs in all)", config.model, at[1],
+             at[10], results["test"]["tied_targets"], len(data.splits["test"]), out_dir,
              time.perf_counter() - start)
     return {**results["test"], **{k: v for k, v in info.items() if k != "epochs"}}
 

@@ -188,7 +188,7 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
 
     from bigrec.data.catalog import read_catalog, row_target
     from bigrec.evaluation.comparison import Comparison
-    from bigrec.evaluation.metrics import TOPK, seen_mask, target_id_lists, target_ranks
+    from bigrec.evaluation.metrics import TOPK, details_ranks, seen_mask, target_id_lists, target_ranks
     from bigrec.evaluation.scores import load_scores
 
     catalog = read_catalog(run_dir / "data" / "id2name.txt")
@@ -213,19 +213,19 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
                  f"{test_name} +CI blend (weight by NDCG@10)": f"{label} + CI blend (SASRec)"}
         for key, name in names.items():
             if key in info["ranks"]:
-                cmp.add(name, info["ranks"][key])
+                cmp.add(name, details_ranks(info, key))
         if fewshot_paths and decoding in fewshot_paths:
             few = io.read_json(fewshot_paths[decoding].with_name(fewshot_paths[decoding].stem + ".details.json"))
-            few_ranks = few["files"][test_name]["ranks"]
+            few_info = few["files"][test_name]
             for key, name in ((f"{test_name} +CI (gamma by NDCG@10)", f"{label} + CI (SASRec, same {sample} examples)"),
                               (f"{test_name} +CI blend (weight by NDCG@10)",
                                f"{label} + CI blend (SASRec, same {sample} examples)")):
-                if key in few_ranks:
-                    cmp.add(name, few_ranks[key])
+                if key in few_info["ranks"]:
+                    cmp.add(name, details_ranks(few_info, key))
         if decoding == "free" and reference_path is not None:
             ref = io.read_json(reference_path.with_name(reference_path.stem + ".details.json"))
-            cmp.add("BIGRec (free), reference grounding", ref["files"][test_name]["ranks"][test_name])
-    content = next((info["ranks"][k] for info in infos.values() for k in info["ranks"] if k.endswith(
+            cmp.add("BIGRec (free), reference grounding", details_ranks(ref["files"][test_name], test_name))
+    content = next((details_ranks(info, k) for info in infos.values() for k in info["ranks"] if k.endswith(
         "last history title")), None)
     for model, label in (("sasrec", "SASRec"), (FEW_SHOT, few_shot), ("popularity", "Popularity")):
         scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)

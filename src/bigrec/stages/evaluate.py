@@ -24,8 +24,10 @@ own name (``+CI blend``, :func:`bigrec.grounding.reweighting.blend_ranks`, weigh
 
 Every ranking (plain, single-gamma re-weighting, blend, ``--last_title``) also gets a 95% bootstrap
 interval per metric@K, and with ``--compare`` a paired difference against another model's
-scores on the same rows (:mod:`bigrec.evaluation.intervals`); the details keep each row's rank so that
-any two results on the same rows can be compared later. ``--exclude_history`` leaves each
+scores on the same rows (:mod:`bigrec.evaluation.intervals`); the details keep each row's expected rank
+and tie count so that any two results on the same rows can be compared later. A target level with
+other items (not of its own title) takes every metric's expectation under random tie-breaking
+(:mod:`bigrec.evaluation.metrics`); how many targets were tied is counted per run and printed. ``--exclude_history`` leaves each
 row's history items out of every ranking (:func:`bigrec.evaluation.metrics.seen_mask`); the default is
 the reference protocol, which ranks them.
 """
@@ -45,7 +47,7 @@ from bigrec import io
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.evaluation.intervals import bootstrap_ci, rank_intervals
-from bigrec.evaluation.metrics import TOPK, ndcg_hr, seen_mask, target_ranks
+from bigrec.evaluation.metrics import TOPK, Ranks, ndcg_hr, seen_mask, target_ranks
 from bigrec.evaluation.report import write_evaluation_report
 from bigrec.evaluation.results import (
     Results,
@@ -140,7 +142,7 @@ def read_weights(config: Config, tests: list[Results], catalog: Catalog) -> tupl
     return weights, pairs
 
 
-def compared_ranks(config: Config, tests: list[Results], n: int) -> dict[str, tuple[torch.Tensor, str]]:
+def compared_ranks(config: Config, tests: list[Results], n: int) -> dict[str, tuple[Ranks, str]]:
     """Per test file, the ``--compare`` model's ranks of the targets and the score file they came from."""
     others = {}
     for t in tests if config.compare else ():
@@ -157,12 +159,12 @@ def plain_ranks(test: Results, config: Config, items: torch.Tensor, embed: Embed
         has = torch.tensor(test.has_ids)  # constrained rows already rank every beam's items
         for k in range(1, max(len(b) for b in test.beams)):
             texts = [b[min(k, len(b) - 1)] for b in test.beams]
-            ranks = torch.where(has, ranks, torch.minimum(ranks, ground(texts, test.targets, items, embed, exclude)[1]))
+            ranks = ranks.where(has, ranks.best_of(ground(texts, test.targets, items, embed, exclude)[1]))
     return dist, ranks, empty, first
 
 
 def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.Tensor, embed: Embedder,
-                  weights: Weights, valid: Results | None, other: tuple[torch.Tensor, str] | None) -> tuple[dict, dict]:
+                  weights: Weights, valid: Results | None, other: tuple[Ranks, str] | None) -> tuple[dict, dict]:
     """Every ranking of one result file -> (metrics per run, the file's details: diagnostics,
     re-weighting choices, intervals and per-row ranks)."""
     n = len(catalog)
@@ -201,9 +203,12 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
         log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
     info["intervals"] = rank_intervals(row_ranks, other[0] if other else None)
     if other is not None:
-        info["compare"] = {"scores": other[1], "ci": bootstrap_ci(other[0], TOPK)}
+        info["compare"] = {"scores": other[1], "ci": bootstrap_ci(other[0], TOPK),
+                           "tied_targets": other[0].tied_targets()}
     info["rows"] = [r.get("row") for r in test.rows]
-    info["ranks"] = {run: r.tolist() for run, r in row_ranks.items()}
+    info["ranks"] = {run: r.tolist() for run, r in row_ranks.items()}  # expected ranks under random tie-breaking
+    info["tied"] = {run: r.tied.tolist() for run, r in row_ranks.items()}  # per row, other items level with the target
+    info["tied_targets"] = {run: r.tied_targets() for run, r in row_ranks.items()}
     return runs, info
 
 
@@ -221,7 +226,7 @@ def log_diagnostics(details: dict) -> None:
 
 
 def run(config: Config) -> dict:
-    from bigrec.evaluation.report import format_intervals, format_table, metrics_json, plot_metrics
+    from bigrec.evaluation.report import format_intervals, format_table, metrics_json, plot_metrics, tied_line
     from bigrec.llm.models import load_model
 
     output = Path(config.output)
@@ -263,5 +268,6 @@ def run(config: Config) -> dict:
     for info in details["files"].values():
         against = Path(info["compare"]["scores"]).name if "compare" in info else None
         sys.stdout.write("\n" + format_intervals(metrics, info["intervals"], TOPK, (10,), against) + "\n")
+        sys.stdout.write(tied_line(info["tied_targets"], len(info["rows"])) + "\n")
     log_diagnostics(details)
     return metrics
