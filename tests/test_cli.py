@@ -1,4 +1,5 @@
-"""The command line: SIGTERM unwinds a stage and leaves no half-written files."""
+"""The command line: SIGTERM unwinds a stage and leaves no half-written files; an error in the input is one
+line naming it, any other error names its type and shows its traceback with -v."""
 
 from __future__ import annotations
 
@@ -34,3 +35,79 @@ def test_sigterm_unwinds_and_removes_staging_and_temporary_files(tmp_path, monke
     assert "terminated; finished work is kept" in capsys.readouterr().err
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the stage's only
+
+
+def _stage(monkeypatch, run) -> None:
+    """Plug ``run`` into the real ``bigrec`` entry point as the stage ``fake``."""
+    @dataclass
+    class Config:
+        out: str = option("x", "unused")
+
+    module = types.ModuleType("fake_stage")
+    module.Config, module.run = Config, run
+    monkeypatch.setitem(sys.modules, "fake_stage", module)
+    monkeypatch.setitem(cli.STAGES, "fake", ("fake_stage", "a stage with a fault"))
+
+
+def test_input_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    catalog = tmp_path / "id2name.txt"
+    catalog.write_text("Heat (1995)\t0\nno tab here\n", encoding="utf-8")
+    for verbose in ([], ["-v"]):
+        code = cli.main([*verbose, "evaluate", "--catalog", str(catalog), "--input_dir", str(tmp_path),
+                         "--output", str(tmp_path / "m.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and "Traceback" not in "\n".join(err)
+        assert err[-1] == f"bigrec evaluate: error: {catalog}, line 2: expected 'title<TAB>id', found no tab"
+    results = tmp_path / "results.json"
+    results.write_text('[{"predict": "Heat", "output": "\\"Heat (1995)\\""}]', encoding="utf-8")
+    catalog.write_text("Heat (1995)\t0\n", encoding="utf-8")
+    assert cli.main(["evaluate", "--catalog", str(catalog), "--input_dir", str(results),
+                     "--output", str(tmp_path / "m.json")]) == 1
+    assert capsys.readouterr().err.strip() == (f"bigrec evaluate: error: {results}, row 0: field 'predict' must be a "
+                                               "non-empty list of strings, got 'Heat'")
+    assert cli.main(["evaluate", "--catalog", str(tmp_path / "nowhere.txt"), "--input_dir", str(results),
+                     "--output", str(tmp_path / "m.json")]) == 1
+    assert capsys.readouterr().err.strip() == f"bigrec evaluate: error: catalogue not found: {tmp_path / 'nowhere.txt'}"
+
+
+def test_an_internal_error_says_so_and_shows_its_traceback_with_v(monkeypatch, capsys):
+    """A ValueError or KeyError from bigrec's own code is a fault, not the user's input: its type
+    is named, and -v prints where it happened."""
+    import torch
+
+    from bigrec.evaluation.metrics import ndcg_hr
+
+    def faulty_metrics(config):
+        return ndcg_hr(torch.zeros(0, dtype=torch.long))  # an internal check that fails
+
+    _stage(monkeypatch, faulty_metrics)
+    assert cli.main(["fake"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bigrec fake: internal error: ValueError: ranks must be [groups, rows] with rows > 0, got shape "
+                   "(1, 0) (rerun with -v for the traceback)"]
+    assert cli.main(["-v", "fake"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in faulty_metrics" in err and "in ndcg_hr_many" in err
+    assert err.strip().splitlines()[-1].startswith("bigrec fake: internal error: ValueError: ranks must be")
+
+    def faulty_lookup(config):
+        return {"a": 1}["b"]
+
+    _stage(monkeypatch, faulty_lookup)
+    assert cli.main(["fake"]) == 1
+    assert capsys.readouterr().err.strip() == ("bigrec fake: internal error: KeyError: 'b' "
+                                               "(rerun with -v for the traceback)")
+
+
+def test_a_bad_data_file_fails_in_one_line_from_the_shell(tmp_path):
+    import subprocess
+
+    data = tmp_path / "mydata"
+    data.mkdir()
+    (data / "mydata.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\n", encoding="utf-8")
+    (data / "mydata.item").write_text("item_id:token\ttitle:token_seq\ni1\tHeat\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "bigrec", "-v", "prepare", "--dataset", "recbole-atomic",
+                           "--source", str(data), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigrec prepare: error: ") and "mydata.inter" in last and "line 2" in last, last

@@ -13,10 +13,12 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 
 from bigrec import __version__
 from bigrec.config import ConfigError, add_dataclass_arguments, from_args
+from bigrec.io import InputError
 
 # subcommand -> (module, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -32,6 +34,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("bigrec.stages.serve", "HTTP recommendation service for a finished run"),
 }
 
+
+# Errors in what the user gave (options, config files, data files, rows, fields, a named file or
+# folder that is missing or unwritable): one line naming it, no traceback. Anything else is a
+# fault to report, with its type, and its traceback under -v.
+INPUT_ERRORS = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                FileExistsError)
 
 # Stages that handle SIGTERM themselves (uvicorn shuts the service down gracefully).
 OWN_SIGNAL_HANDLING = {"serve"}
@@ -84,12 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(module.Config, args)
         with _sigterm_unwinds(args.stage):
             result = module.run(config)
-    except (ConfigError, OSError, ValueError, KeyError) as exc:  # OSError: unwritable folder, full disk, ...
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"bigrec {args.stage}: error: {message}", file=sys.stderr)
+    except INPUT_ERRORS as exc:
+        print(f"bigrec {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"bigrec {args.stage}: {how}; finished work is kept and a rerun resumes", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a fault of bigrec or of what it runs on, not of the input: say which
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if args.verbose else " (rerun with -v for the traceback)"
+        print(f"bigrec {args.stage}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        return 1
     return int(result) if isinstance(result, int) else 0

@@ -201,7 +201,12 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     check_bounds(obj, source)
     post = getattr(obj, "validate", None)
     if callable(post):
-        post()
+        try:
+            post()
+        except ConfigError:
+            raise
+        except ValueError as exc:  # validate() checks option values: a wrong one is the user's to fix
+            raise ConfigError(str(exc)) from exc
     return obj
 
 

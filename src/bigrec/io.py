@@ -60,6 +60,11 @@ def write_yaml(path: str | Path, data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
+class InputError(ValueError):
+    """A file, row, field or value the user gave is wrong. The message names what and where;
+    ``bigrec`` prints it as one line, without a traceback, since the fix is in the input."""
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -67,7 +72,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
+        raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
 
 
 def _pid_alive(pid: int) -> bool:

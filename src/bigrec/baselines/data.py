@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from bigrec.data.catalog import read_catalog
+from bigrec.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def load_prepared(data_dir: str | Path, train_rows: list[int] | None = None) -> 
         bad = (part.targets < 0) | (part.targets >= len(titles))
         if len(part) and bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{data_dir}/{part.name}.csv row {row}: item id outside the catalogue")
+            raise InputError(f"{data_dir}/{part.name}.csv row {row}: item id outside the catalogue")
     segments: list[list[int]] = []
     current: dict[str, int] = {}  # user -> its current segment
     detached = 0
@@ -180,7 +181,7 @@ def training_windows(data: Prepared, max_len: int) -> tuple[torch.Tensor, torch.
     is_target = np.zeros(len(data.flat), dtype=bool)
     is_target[flat_pos] = True
     if not len(part):
-        raise ValueError("train.csv has no rows to train on")
+        raise InputError("train.csv has no rows to train on")
     seg_of = np.searchsorted(data.starts, np.arange(len(data.flat)), side="right") - 1  # offset -> segment
     seg_list = seg_of.tolist()
     ends: list[int] = []

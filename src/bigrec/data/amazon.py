@@ -19,6 +19,7 @@ import pandas as pd
 from bigrec.data.interactions import Interactions
 from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
+from bigrec.io import InputError
 
 HTML_TAG = re.compile(r"<\s*/?\s*[a-zA-Z][^>]*>")
 MAX_TITLE_WORDS = 20
@@ -30,7 +31,7 @@ def month_start(text: str, label: str) -> int:
         year, month = (int(p) for p in text.split("-")[:2])
         return int(datetime(year, month, 1, tzinfo=UTC).timestamp())
     except (ValueError, TypeError):
-        raise ValueError(f"--{label}: expected YYYY-MM, got {text!r}") from None
+        raise InputError(f"--{label}: expected YYYY-MM, got {text!r}") from None
 
 
 def clean_title(raw: object) -> str | None:
@@ -51,9 +52,9 @@ def _json_lines(source: Source, name: str):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{label}: line {lineno}: not valid JSON ({exc.msg})") from None
+            raise InputError(f"{label}: line {lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{label}: line {lineno}: expected a JSON object")
+            raise InputError(f"{label}: line {lineno}: expected a JSON object")
         yield lineno, obj
 
 
@@ -77,7 +78,7 @@ def read_amazon(source: Source, category: str | None = None, start: str | None =
     titles: dict[str, str] = {}
     for lineno, meta in _json_lines(source, meta_name):
         if "asin" not in meta:
-            raise ValueError(f"{source.label(meta_name)}: line {lineno}: missing field 'asin'")
+            raise InputError(f"{source.label(meta_name)}: line {lineno}: missing field 'asin'")
         title = clean_title(meta.get("title"))
         if title is not None:
             titles[str(meta["asin"])] = title
@@ -87,11 +88,11 @@ def read_amazon(source: Source, category: str | None = None, start: str | None =
     for lineno, review in _json_lines(source, reviews_name):
         for key in ("reviewerID", "asin", "unixReviewTime"):
             if key not in review:
-                raise ValueError(f"{source.label(reviews_name)}: line {lineno}: missing field {key!r}")
+                raise InputError(f"{source.label(reviews_name)}: line {lineno}: missing field {key!r}")
         try:
             ts = int(review["unixReviewTime"])
         except (TypeError, ValueError):
-            raise ValueError(f"{source.label(reviews_name)}: line {lineno}: unixReviewTime "
+            raise InputError(f"{source.label(reviews_name)}: line {lineno}: unixReviewTime "
                              f"{review['unixReviewTime']!r} is not an integer") from None
         if (lo is not None and ts < lo) or (hi is not None and ts > hi):
             continue

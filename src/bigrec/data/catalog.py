@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigrec.data.prompts import natural_title, normalize_title
+from bigrec.io import InputError
 
 
-class UnknownTargetError(ValueError):
+class UnknownTargetError(InputError):
     """A row's target title is not in the catalogue (evaluation counts and skips such rows)."""
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError):
     """The catalogue file, or a row's target, is wrong; the message names file and line or row."""
 
 

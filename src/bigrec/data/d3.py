@@ -17,6 +17,7 @@ import pandas as pd
 from bigrec.data.interactions import SplitExamples
 from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
+from bigrec.io import InputError
 
 SPLITS = ("train", "valid", "test")
 
@@ -33,13 +34,13 @@ def read_catalog_lines(text: str, label: str) -> list[tuple[str, str]]:
         elif len(parts) == 3:
             _, title, item = parts
         else:
-            raise ValueError(f"{label}: line {lineno}: expected 'title<TAB>id' or 'sid<TAB>title<TAB>id', "
+            raise InputError(f"{label}: line {lineno}: expected 'title<TAB>id' or 'sid<TAB>title<TAB>id', "
                              f"got {len(parts)} field(s)")
         if not item.strip().lstrip("-").isdigit():
-            raise ValueError(f"{label}: line {lineno}: item id {item!r} is not an integer")
+            raise InputError(f"{label}: line {lineno}: item id {item!r} is not an integer")
         out.append((item.strip(), normalize_title(title)))
     if not out:
-        raise ValueError(f"{label}: no catalogue lines")
+        raise InputError(f"{label}: no catalogue lines")
     return out
 
 
@@ -49,7 +50,7 @@ def _pick(source: Source, folder: str, category: str | None, required: bool) -> 
     if category:
         names = [n for n in names if n.rsplit("/", 1)[-1].startswith(category)]
     if len(names) > 1:
-        raise ValueError(f"{source.path}/{folder}: several files ({', '.join(names)}); pass --category to choose")
+        raise InputError(f"{source.path}/{folder}: several files ({', '.join(names)}); pass --category to choose")
     if not names:
         if required:
             raise FileNotFoundError(f"{source.path}: no {folder}/ file found")
@@ -63,9 +64,9 @@ def _literal_list(value: object, label: str, row: int, column: str) -> list:
     try:
         parsed = ast.literal_eval(str(value))
     except (ValueError, SyntaxError):
-        raise ValueError(f"{label}: row {row + 2}: column {column!r} is not a Python list literal") from None
+        raise InputError(f"{label}: row {row + 2}: column {column!r} is not a Python list literal") from None
     if not isinstance(parsed, list):
-        raise ValueError(f"{label}: row {row + 2}: column {column!r} is not a list")
+        raise InputError(f"{label}: row {row + 2}: column {column!r} is not a list")
     return parsed
 
 
@@ -89,10 +90,10 @@ def read_d3(source: Source, category: str | None = None) -> SplitExamples:
         label = source.label(name)
         frame = pd.read_csv(io.StringIO(source.read_text(name)), dtype=str, keep_default_na=False)
         if "user_id" not in frame.columns:
-            raise ValueError(f"{label}: missing column 'user_id'")
+            raise InputError(f"{label}: missing column 'user_id'")
         has_ids = "history_item_id" in frame.columns and "item_id" in frame.columns
         if not has_ids and not ("history_item_title" in frame.columns and "item_title" in frame.columns):
-            raise ValueError(f"{label}: missing columns 'history_item_id' and 'item_id' (or the title columns)")
+            raise InputError(f"{label}: missing columns 'history_item_id' and 'item_id' (or the title columns)")
         has_time = "timestamp" in frame.columns and "history_timestamp" in frame.columns
         rows = []
         for i, rec in enumerate(frame.to_dict("records")):
@@ -105,7 +106,7 @@ def read_d3(source: Source, category: str | None = None) -> SplitExamples:
                 item = by_title.get(normalize_title(rec["item_title"]), "?" + str(rec["item_title"]))
             for key in [*history, item]:
                 if key not in known:
-                    raise ValueError(f"{label}: row {i + 2}: item {key.lstrip('?')!r} is not in the info catalogue")
+                    raise InputError(f"{label}: row {i + 2}: item {key.lstrip('?')!r} is not in the info catalogue")
             if has_time:
                 h_time = [int(float(x)) for x in _literal_list(rec["history_timestamp"], label, i, "history_timestamp")]
                 time = int(float(rec["timestamp"]))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from bigrec.io import InputError
+
 # Columns of an interaction table. ``order`` is the row's position in the raw file: the
 # deterministic tie-break for interactions that share a timestamp (77% of ml-1m ratings do).
 INTERACTION_COLUMNS = ("user", "item", "rating", "timestamp", "order")
@@ -29,7 +31,7 @@ class Interactions:
     def __post_init__(self) -> None:
         missing = [c for c in INTERACTION_COLUMNS if c not in self.table.columns]
         if missing:
-            raise ValueError(f"{self.source}: interaction table lacks column(s) {', '.join(missing)}")
+            raise InputError(f"{self.source}: interaction table lacks column(s) {', '.join(missing)}")
 
 
 @dataclass

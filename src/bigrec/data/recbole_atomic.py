@@ -15,6 +15,7 @@ import pandas as pd
 from bigrec.data.interactions import Interactions
 from bigrec.data.prompts import normalize_title
 from bigrec.data.sources import Source
+from bigrec.io import InputError
 
 TITLE_FIELDS = ("title", "movie_title", "item_title", "name", "item_name")
 
@@ -25,7 +26,7 @@ def parse_atomic(text: str, label: str) -> tuple[list[str], list[list[str]]]:
     try:
         header = next(reader)
     except StopIteration:
-        raise ValueError(f"{label}: empty file, expected a header of name:type fields") from None
+        raise InputError(f"{label}: empty file, expected a header of name:type fields") from None
     names = [h.split(":", 1)[0].strip() for h in header]
     rows = []
     for lineno, row in enumerate(reader, start=2):
@@ -34,7 +35,7 @@ def parse_atomic(text: str, label: str) -> tuple[list[str], list[list[str]]]:
         if len(row) < len(names):
             row = row + [""] * (len(names) - len(row))
         if len(row) > len(names):
-            raise ValueError(f"{label}: line {lineno}: {len(row)} fields, header has {len(names)}")
+            raise InputError(f"{label}: line {lineno}: {len(row)} fields, header has {len(names)}")
         rows.append(row)
     return names, rows
 
@@ -44,7 +45,7 @@ def _field(names: list[str], candidates: tuple[str, ...], label: str, required: 
         if cand in names:
             return names.index(cand)
     if required:
-        raise ValueError(f"{label}: missing column {candidates[0]!r} (found {', '.join(names)})")
+        raise InputError(f"{label}: missing column {candidates[0]!r} (found {', '.join(names)})")
     return None
 
 
@@ -104,7 +105,7 @@ def _interaction_form(source: Source, inter: str) -> pd.DataFrame:
         ratings = [float(r[ir]) if ir is not None and r[ir].strip() else float("nan") for r in rows]
     except ValueError as exc:
         bad = next(n for n, r in enumerate(rows, start=2) if not _is_number(r[it]) or (ir is not None and r[ir].strip() and not _is_number(r[ir])))
-        raise ValueError(f"{label}: line {bad}: timestamp/rating is not a number ({exc})") from None
+        raise InputError(f"{label}: line {bad}: timestamp/rating is not a number ({exc})") from None
     return pd.DataFrame({
         "user": [r[iu].strip() for r in rows], "item": [r[ii].strip() for r in rows],
         "rating": ratings, "timestamp": ts, "order": range(len(rows)),

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigrec.data.prompts import Domain
+from bigrec.io import InputError
 
 SEP = "\n"  # ends every title of a timeline text; generation stops at it
 
@@ -41,7 +42,7 @@ def lines(titles: list[str]) -> str:
     """Titles as timeline lines, each followed by the separator."""
     for title in titles:
         if SEP in title or not title.strip():
-            raise ValueError(f"title {title!r} cannot be a timeline line (empty, or holds the separator)")
+            raise InputError(f"title {title!r} cannot be a timeline line (empty, or holds the separator)")
     return "".join(title + SEP for title in titles)
 
 
@@ -57,7 +58,7 @@ def check_row(row: dict, where: str = "row") -> None:
     """A timeline row holds its history as lines: an ``input`` that ends with the separator."""
     text = row.get("input")
     if not isinstance(text, str) or not text.endswith(SEP) or not text.strip():
-        raise ValueError(f"{where}: not a timeline-layout row (its 'input' must hold the history's titles, one "
+        raise InputError(f"{where}: not a timeline-layout row (its 'input' must hold the history's titles, one "
                          "per line); prepare the data with --layout timeline")
 
 
@@ -107,7 +108,7 @@ def user_timelines(rows: list[dict], where: str = "rows") -> tuple[list[Timeline
     for i, row in enumerate(rows):
         check_row(row, f"{where}, row {i}")
         if row.get("user_id") is None:
-            raise ValueError(f"{where}, row {i}: no 'user_id'; the timeline layout groups rows by user")
+            raise InputError(f"{where}, row {i}: no 'user_id'; the timeline layout groups rows by user")
         user = str(row["user_id"])
         history, target = history_titles(row), str(row["output"])
         ids = [*row["history_item_id"], row["item_id"]] if "history_item_id" in row and "item_id" in row else None

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bigrec.data.interactions import Interactions, SplitExamples
+from bigrec.io import InputError
 
 SPLITS = ("train", "valid", "test")
 
@@ -25,7 +26,7 @@ def build_catalog(inter: Interactions) -> tuple[pd.DataFrame, list[tuple[str, st
         notes.append(f"dropped {int((~titled).sum())} interactions with {missing} item(s) that have no title")
         table = table[titled]
     if table.empty:
-        raise ValueError(f"{inter.source}: no interactions left (no item with a title, or every row filtered)")
+        raise InputError(f"{inter.source}: no interactions left (no item with a title, or every row filtered)")
     present = set(table["item"].unique())
     order = [k for k in (inter.items or []) if k in present]
     seen = set(order)
@@ -38,7 +39,7 @@ def window_and_split(inter: Interactions, max_history: int = 10, min_history: in
                      ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
                      min_target_rating: float | None = None) -> SplitExamples:
     if max_history < 1 or min_history < 1 or min_history > max_history:
-        raise ValueError(f"need 1 <= min_history <= max_history, got min_history={min_history}, max_history={max_history}")
+        raise InputError(f"need 1 <= min_history <= max_history, got min_history={min_history}, max_history={max_history}")
     table, catalog, notes = build_catalog(inter)
     table = table.sort_values(["user", "timestamp", "order"], kind="stable").reset_index(drop=True)
     if table["timestamp"].dtype.kind == "f" and (table["timestamp"] % 1 == 0).all():
@@ -53,7 +54,7 @@ def window_and_split(inter: Interactions, max_history: int = 10, min_history: in
     if min_target_rating is not None:
         targets = targets[ratings[targets] >= min_target_rating]
     if len(targets) == 0:
-        raise ValueError(f"{inter.source}: no example: no user has {min_history} or more earlier interactions "
+        raise InputError(f"{inter.source}: no example: no user has {min_history} or more earlier interactions "
                          "before a target (lower --min_history?)")
     targets = targets[np.lexsort((order[targets], times[targets]))]  # by target time, then raw order
     items_l, ratings_l, times_l = items.tolist(), [None if r != r else r for r in ratings.tolist()], times.tolist()
@@ -74,7 +75,7 @@ def window_and_split(inter: Interactions, max_history: int = 10, min_history: in
 def split_by_time(frame: pd.DataFrame, ratios: tuple[float, float, float]) -> dict[str, pd.DataFrame]:
     """Cut time-sorted examples into consecutive train/valid/test blocks (the reference's int() cuts)."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise ValueError(f"--split_ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
+        raise InputError(f"--split_ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
     n = len(frame)
     a = int(n * ratios[0])
     b = int(n * (ratios[0] + ratios[1]))

@@ -17,6 +17,7 @@ from bigrec.config import ConfigError
 from bigrec.data.catalog import Catalog, UnknownTargetError, row_target
 from bigrec.data.prompts import normalize_title, title_forms
 from bigrec.evaluation.metrics import target_id_lists
+from bigrec.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,20 @@ def read_results(path: Path, catalog: Catalog) -> Results:
     """Rows with a non-empty ``predict`` list of strings and a target in the catalogue."""
     rows = io.read_json(path)
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
+        raise InputError(f"{path}: expected a JSON list of result rows, got {type(rows).__name__}")
     if not rows:
-        raise ValueError(f"{path}: no result rows")
+        raise InputError(f"{path}: no result rows")
     targets, beams, first, has_ids, kept, unknown, histories = [], [], [], [], [], [], []
     cut = 0
     for i, row in enumerate(rows):
         where = f"{path}, row {i}"
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object")
+            raise InputError(f"{where}: expected an object")
         predict = row.get("predict")
         if predict is None:
-            raise ValueError(f"{where}: no 'predict' field; run bigrec generate on this file first")
+            raise InputError(f"{where}: no 'predict' field; run bigrec generate on this file first")
         if not isinstance(predict, list) or not predict or not all(isinstance(p, str) for p in predict):
-            raise ValueError(f"{where}: field 'predict' must be a non-empty list of strings, got {predict!r}")
+            raise InputError(f"{where}: field 'predict' must be a non-empty list of strings, got {predict!r}")
         try:
             targets.append(row_target(row, catalog, where))
         except UnknownTargetError as exc:
@@ -105,7 +106,7 @@ def read_results(path: Path, catalog: Catalog) -> Results:
         log.warning("%s: %d of %d rows have a target that is not in the catalogue and are left out of the "
                     "metrics; first: %s", path, len(unknown), len(rows), unknown[0])
     if not kept:
-        raise ValueError(f"{path}: no row has a target in {catalog.path} ({unknown[0]})")
+        raise InputError(f"{path}: no row has a target in {catalog.path} ({unknown[0]})")
     return Results(path, kept, target_id_lists(targets, catalog.titles), beams, first, has_ids, unknown,
                    None if any(h is None for h in histories) else histories)
 
@@ -117,7 +118,7 @@ def _history_ids(ids: object, num_items: int, where: str) -> list[int] | None:
         return None
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_items
                                             for i in ids):
-        raise ValueError(f"{where}: field 'history_item_id' must be a list of catalogue ids (0..{num_items - 1}), "
+        raise InputError(f"{where}: field 'history_item_id' must be a list of catalogue ids (0..{num_items - 1}), "
                          f"got {ids!r}")
     return ids
 
@@ -125,7 +126,7 @@ def _history_ids(ids: object, num_items: int, where: str) -> list[int] | None:
 
 def need_histories(results: Results, why: str) -> list[list[int]]:
     if results.histories is None:
-        raise ValueError(f"{results.path}: {why} needs 'history_item_id' on every row (rows of bigrec prepare "
+        raise InputError(f"{results.path}: {why} needs 'history_item_id' on every row (rows of bigrec prepare "
                          "carry it)")
     return results.histories
 
@@ -135,11 +136,11 @@ def _beam_ids(ids: object, beams: int, num_items: int, where: str) -> list[int]:
     """A row's ``predict_ids`` (a list of id lists, one per beam), flattened in beam order."""
     if not isinstance(ids, list) or len(ids) != beams or not all(
             isinstance(b, list) and b and all(isinstance(i, int) and not isinstance(i, bool) for i in b) for b in ids):
-        raise ValueError(f"{where}: field 'predict_ids' must be a list of {beams} non-empty lists of item ids "
+        raise InputError(f"{where}: field 'predict_ids' must be a list of {beams} non-empty lists of item ids "
                          "(one per 'predict' beam)")
     flat = [i for b in ids for i in b]
     if not all(0 <= i < num_items for i in flat):
-        raise ValueError(f"{where}: 'predict_ids' {ids!r} holds ids outside the catalogue (0..{num_items - 1})")
+        raise InputError(f"{where}: 'predict_ids' {ids!r} holds ids outside the catalogue (0..{num_items - 1})")
     return flat
 
 

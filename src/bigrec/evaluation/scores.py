@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bigrec.io import atomic_path
+from bigrec.io import InputError, atomic_path
 
 if TYPE_CHECKING:
     from bigrec.evaluation.results import Results
@@ -67,23 +67,23 @@ class ScoreMatrix:
         picks = []
         for k, res in enumerate(result_rows):
             if "row" not in res:
-                raise ValueError(f"{self.source}: result row {k} has no 'row' key; cannot align scores")
+                raise InputError(f"{self.source}: result row {k} has no 'row' key; cannot align scores")
             row = int(res["row"])
             if self.rows is None:  # .npy: matrix row i is split row i
                 if not 0 <= row < self.scores.shape[0]:
-                    raise ValueError(f"{self.source}: row {row} outside the matrix's {self.scores.shape[0]} rows")
+                    raise InputError(f"{self.source}: row {row} outside the matrix's {self.scores.shape[0]} rows")
                 picks.append(row)
                 continue
             if not self._index:
                 self._index = {int(r): i for i, r in enumerate(self.rows.tolist())}
             i = self._index.get(row)
             if i is None:
-                raise ValueError(f"{self.source}: row {row} (result {k}) is not in the score matrix")
+                raise InputError(f"{self.source}: row {row} (result {k}) is not in the score matrix")
             if "item_id" in res and int(res["item_id"]) != int(self.item_ids[i]):
-                raise ValueError(f"{self.source}: row {row}: target item {res['item_id']} in the results, "
+                raise InputError(f"{self.source}: row {row}: target item {res['item_id']} in the results, "
                                  f"{int(self.item_ids[i])} in the score matrix")
             if "user_id" in res and self.user_ids is not None and str(res["user_id"]) != str(self.user_ids[i]):
-                raise ValueError(f"{self.source}: row {row}: user {res['user_id']!r} in the results, "
+                raise InputError(f"{self.source}: row {row}: user {res['user_id']!r} in the results, "
                                  f"{self.user_ids[i]!r} in the score matrix")
             picks.append(i)
         return self.scores[torch.tensor(picks, dtype=torch.long)].float()
@@ -114,21 +114,21 @@ def load_scores(path: str | Path) -> ScoreMatrix:
     if path.suffix == ".npy":
         array = np.load(path, allow_pickle=False)
         if array.ndim != 2:
-            raise ValueError(f"{path}: expected a 2-D [rows, items] matrix, got shape {array.shape}")
+            raise InputError(f"{path}: expected a 2-D [rows, items] matrix, got shape {array.shape}")
         return ScoreMatrix(scores=torch.from_numpy(np.ascontiguousarray(array)), source=str(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a bigrec score file (format {meta.get('format')!r})")
+                raise InputError(f"{path}: not a bigrec score file (format {meta.get('format')!r})")
             tensors = {key: handle.get_tensor(key) for key in ("scores", "row", "item_id")}
     except ValueError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors score file ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{path}: not a readable safetensors score file ({type(exc).__name__}: {exc})") from None
     users = json.loads(meta["user_ids"])
     if not (tensors["scores"].shape[0] == len(tensors["row"]) == len(tensors["item_id"]) == len(users)):
-        raise ValueError(f"{path}: scores, row, item_id and user_ids disagree in length")
+        raise InputError(f"{path}: scores, row, item_id and user_ids disagree in length")
     return ScoreMatrix(scores=tensors["scores"], rows=tensors["row"], item_ids=tensors["item_id"],
                        user_ids=users, split=meta.get("split"), source=str(path))
 
@@ -152,7 +152,7 @@ def ci_matrix(spec: Path, results: Results, role: str, num_items: int) -> tuple[
             problems.append(str(exc))
             continue
         if scores.shape[1] != num_items:
-            raise ValueError(f"{path}: {scores.shape[1]} item columns, but the catalogue has {num_items} items")
+            raise InputError(f"{path}: {scores.shape[1]} item columns, but the catalogue has {num_items} items")
         return scores, path
-    raise ValueError(f"no score matrix in {spec} matches the rows of {results.path}: "
+    raise InputError(f"no score matrix in {spec} matches the rows of {results.path}: "
                      + ("; ".join(problems[:3]) or "no .safetensors files"))

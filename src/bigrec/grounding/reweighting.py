@@ -25,6 +25,7 @@ from bigrec.evaluation.metrics import (
     target_index,
     target_ranks,
 )
+from bigrec.io import InputError
 
 # Weight of the other model in :func:`blend_ranks`: 0 (distance alone) to 0.95, never the other model alone.
 BLEND_GRID: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(20))
@@ -326,13 +327,13 @@ def popularity_scores(spec: str | Path, num_items: int) -> torch.Tensor:
     try:
         ids = pd.read_csv(path, usecols=["item_id"])["item_id"]
     except ValueError as exc:
-        raise ValueError(f"{path}: cannot read column 'item_id': {exc}") from exc
+        raise InputError(f"{path}: cannot read column 'item_id': {exc}") from exc
     if ids.isna().any():
-        raise ValueError(f"{path}: column 'item_id' has {int(ids.isna().sum())} empty values")
+        raise InputError(f"{path}: column 'item_id' has {int(ids.isna().sum())} empty values")
     try:
         return popularity_counts(torch.tensor(ids.to_numpy(dtype="int64")), num_items).float()
     except ValueError as exc:
-        raise ValueError(f"{path}: column 'item_id': {exc} (is this the catalogue's training split?)") from exc
+        raise InputError(f"{path}: column 'item_id': {exc} (is this the catalogue's training split?)") from exc
 
 
 
@@ -359,7 +360,7 @@ def reweighted(dist: torch.Tensor, empty: torch.Tensor, scores: torch.Tensor, ta
         return None if x is None else x[k]
 
     if not valid_keep.any():
-        raise ValueError("every top generation of the validation results is empty; cannot choose gamma")
+        raise InputError("every top generation of the validation results is empty; cannot choose gamma")
     search = search_gamma(valid_dist[valid_keep], _keep(valid_scores, valid_keep), _rows(valid_targets, valid_keep),
                           TOPK, GAMMA_GRID, first=None if valid_first is None else _rows(valid_first, valid_keep),
                           exclude=kept(valid_exclude, valid_keep))

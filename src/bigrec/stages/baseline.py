@@ -33,7 +33,7 @@ from bigrec.baselines.sasrec import SASRec, SASRecConfig, fit
 from bigrec.config import ConfigError, check_output_dir, option, to_dict
 from bigrec.evaluation import metrics
 from bigrec.evaluation.scores import save_scores
-from bigrec.io import read_json, staged_dir, write_json, write_yaml
+from bigrec.io import InputError, read_json, staged_dir, write_json, write_yaml
 from bigrec.llm.sft_data import sample_indices
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def sample_rows(data_dir: Path, name: str, data: Prepared) -> tuple[np.ndarray, 
         i = int(r["row"])
         if not 0 <= i < len(part) or str(part.user_ids[i]) != str(r["user_id"]) \
                 or int(part.targets[i]) != int(r["item_id"]):
-            raise ValueError(f"{path}: row {i} (user {r.get('user_id')!r}) does not match {part.name}.csv")
+            raise InputError(f"{path}: row {i} (user {r.get('user_id')!r}) does not match {part.name}.csv")
     return idx, rows
 
 
@@ -176,7 +176,7 @@ def _run(config: Config) -> dict:
         log.info("few-shot: %d train rows drawn with seed %d", len(train_rows), config.seed)
     data = load_prepared(data_dir, train_rows)
     if not len(data.splits["valid"]) or not len(data.splits["test"]):
-        raise ValueError(f"{data_dir}: valid.csv and test.csv need at least one row each")
+        raise InputError(f"{data_dir}: valid.csv and test.csv need at least one row each")
     log.info("read %s: %d items, %d/%d/%d rows (%.1fs)", data_dir, data.num_items,
              *(len(data.splits[s]) for s in ("train", "valid", "test")), time.perf_counter() - start)
     with staged_dir(out_dir, whole=True) as stage:

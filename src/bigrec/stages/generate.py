@@ -21,6 +21,7 @@ from typing import Any
 from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.data.prompts import TEMPLATES
+from bigrec.io import InputError
 from bigrec.llm.decoders import DECODINGS, layout_of, make_decoder
 from bigrec.llm.layouts import LAYOUTS
 from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
@@ -109,14 +110,14 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     string holding the user's history (a prompt without one asks for no recommendation)."""
     rows = io.read_json(path)
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of instruction rows, got {type(rows).__name__}")
+        raise InputError(f"{path}: expected a JSON list of instruction rows, got {type(rows).__name__}")
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{path}, row {i}: expected an object with an 'instruction' string")
+            raise InputError(f"{path}, row {i}: expected an object with an 'instruction' string")
         if not isinstance(row.get("input"), str) or not row["input"].strip():
-            raise ValueError(f"{path}, row {i}: no 'input' string with the user's history to recommend from")
+            raise InputError(f"{path}, row {i}: no 'input' string with the user's history to recommend from")
     return rows[:limit] if limit else rows
 
 
@@ -188,14 +189,14 @@ def _progress_rows(path: Path, settings: dict[str, Any], tolerate: bool) -> dict
         except json.JSONDecodeError:
             if lineno == len(lines):  # a write cut short by a kill: that row reruns
                 break
-            raise ValueError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
+            raise InputError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
         if "settings" in record:
             recorded = {**_LEGACY_SETTINGS, **record["settings"]}
             if recorded != settings:
                 if tolerate:
                     return None
                 changed = sorted(k for k in {*settings, *recorded} if recorded.get(k) != settings.get(k))
-                raise ValueError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
+                raise InputError(f"{path}: left by a run with other settings ({', '.join(changed)}); "
                                  "delete it to start afresh")
             continue
         done[int(record.pop("pos"))] = record

@@ -27,7 +27,7 @@ from bigrec.data.prompts import DOMAINS, Domain, domain_for_category, natural_ti
 from bigrec.data.recbole_atomic import read_recbole
 from bigrec.data.sources import Source
 from bigrec.data.windows import SPLITS, window_and_split
-from bigrec.io import staged_dir, write_json, write_json_rows, write_text, write_yaml
+from bigrec.io import InputError, staged_dir, write_json, write_json_rows, write_text, write_yaml
 from bigrec.llm.layouts import LAYOUT_HELP, LAYOUTS, Layout, get_layout
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Config:
     def validate(self) -> None:
         check_output_dir(self.out, "out")
         if self.domain is not None and self.domain not in DOMAINS:
-            raise ValueError(f"--domain: unknown {self.domain!r}; choose one of {', '.join(DOMAINS)}")
+            raise InputError(f"--domain: unknown {self.domain!r}; choose one of {', '.join(DOMAINS)}")
 
 
 def read_source(cfg: Config) -> SplitExamples:
@@ -72,7 +72,7 @@ def read_source(cfg: Config) -> SplitExamples:
     if cfg.dataset in ("ml-100k", "ml-1m", "ml-10m"):
         inter = read_movielens(cfg.dataset, source)
     elif source is None:
-        raise ValueError(f"--dataset {cfg.dataset} needs --source PATH (a local file, folder or archive)")
+        raise InputError(f"--dataset {cfg.dataset} needs --source PATH (a local file, folder or archive)")
     elif cfg.dataset == "amazon":
         inter = read_amazon(source, cfg.category, cfg.start, cfg.end, cfg.kcore, cfg.seed)
     elif cfg.dataset == "recbole-atomic":
@@ -178,7 +178,7 @@ def run(cfg: Config) -> dict:
     examples = read_source(cfg)
     if any(len(examples.splits[s]) == 0 for s in SPLITS):
         empty = [s for s in SPLITS if len(examples.splits[s]) == 0]
-        raise ValueError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
+        raise InputError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
                          f"({sum(len(f) for f in examples.splits.values())} examples in all)")
     domain = pick_domain(cfg, examples)
     tables = split_tables(examples, domain, get_layout(cfg.layout),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigrec.config import ConfigError, option
+from bigrec.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def user_history(data_dir: Path, user: str, max_history: int, include_target: bo
             target = int(part.targets[r])
             items = list(part.histories[r]) + ([target] if include_target else [])
             return UserHistory(items[-max_history:], split, r, None if include_target else target)
-    raise ValueError(f"user {user!r} has no row in {data_dir}/{{test,valid,train}}.csv")
+    raise InputError(f"user {user!r} has no row in {data_dir}/{{test,valid,train}}.csv")
 
 
 def parse_history(values: list[str], catalog) -> list[str | int]:
@@ -114,7 +115,7 @@ def run(config: Config) -> int:
     if config.user is not None:
         data_dir = rec.manifest.path(rec.run_dir, "data")
         if data_dir is None:
-            raise ValueError(f"{rec.run_dir}/run.yaml has no prepared data folder; --user needs one")
+            raise InputError(f"{rec.run_dir}/run.yaml has no prepared data folder; --user needs one")
         found = user_history(data_dir, config.user, rec.max_history, config.include_target)
         history: list[str | int] = list(found.items)
         held_out = found.held_out
