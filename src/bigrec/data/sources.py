@@ -7,7 +7,6 @@ to the cache folder (``$BIGREC_CACHE`` or ``~/.cache/bigrec``) and are reused.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import os
 import subprocess
@@ -125,9 +124,6 @@ class Source:
 
     def read_text(self, name: str, encoding: str = "utf-8") -> str:
         return self.read_bytes(name).decode(encoding)
-
-    def open_text(self, name: str, encoding: str = "utf-8") -> io.TextIOBase:
-        return io.StringIO(self.read_text(name, encoding))
 
     def label(self, name: str) -> str:
         """How to name a member in an error message."""
