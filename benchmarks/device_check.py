@@ -1,4 +1,4 @@
-"""Device check (issue 17): does bigrec work on a GPU, and how fast is it against the reference recipe?
+"""Device check: does bigrec work on a GPU, and how fast is it against the reference recipe?
 
     python benchmarks/device_check.py                     # on the GPU machine, default sizes
     python benchmarks/device_check.py --json out.json     # also write the rows as JSON

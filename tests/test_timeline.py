@@ -283,7 +283,7 @@ def test_the_default_layout_keys_no_stage_and_resumes_older_runs(tmp_path):
     assert "layout" not in generate.run_settings(cfg, data)
     assert generate.run_settings(build(generate.Config, {**to_dict(cfg), "layout": "timeline"}), data)["layout"] == \
         "timeline"
-    # a train run recorded before the option existed resumes at the default, and only there
+    # a train run whose recorded settings lack 'layout' resumes at the default, and only there
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
     old = {k: v for k, v in to_dict(train.Config(train_data_path=["t.json"])).items()

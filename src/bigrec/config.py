@@ -34,7 +34,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     option that leaves the stage's outputs as they are (where progress is logged): it is no part
     of the settings that decide whether a finished stage must rerun (:func:`stage_settings`);
     ``keyed_at_default=False`` leaves an option out of them while it holds its default, which
-    must be the behaviour from before the option existed (so adding it reruns nothing).
+    must be what a run whose recorded settings lack the option did (so adding it reruns nothing).
     """
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "split": split, "minimum": minimum,
             "changes_output": changes_output, "keyed_at_default": keyed_at_default}

@@ -159,8 +159,8 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
     return settings
 
 
-# Settings that progress files of earlier versions did not record: their values then.
-_LEGACY_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0,
+# Settings a progress file may not record: the value such a file stands for.
+_UNRECORDED_SETTINGS = {"decoding": "free", "prompt_template": "alpaca", "category": None, "length_penalty": 1.0,
                     "dtype": "float32", "prefill_dtype": "float32"}
 
 
@@ -191,7 +191,7 @@ def _progress_rows(path: Path, settings: dict[str, Any], tolerate: bool) -> dict
                 break
             raise InputError(f"{path}, line {lineno}: not valid JSON; delete the file to start afresh") from None
         if "settings" in record:
-            recorded = {**_LEGACY_SETTINGS, **record["settings"]}
+            recorded = {**_UNRECORDED_SETTINGS, **record["settings"]}
             if recorded != settings:
                 if tolerate:
                     return None

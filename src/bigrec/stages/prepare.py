@@ -196,7 +196,7 @@ def run(cfg: Config) -> dict:
         stats = stats_for(cfg, examples, tables, time.time() - started)
         write_json(stage / "stats.json", stats)
         settings = to_dict(cfg)
-        if cfg.layout == "window":  # the default: the file stays as it was before the option existed
+        if cfg.layout == "window":  # the default: a config.yaml without 'layout' means window
             del settings["layout"]
         write_yaml(stage / "config.yaml", {"stage": "prepare", **settings, "domain_wording": domain.plural})
     log.info("%s: %d users, %d items, %d interactions; examples %s -> %s (%.1fs)", cfg.dataset, stats["users"],
