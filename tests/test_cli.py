@@ -111,3 +111,27 @@ def test_a_bad_data_file_fails_in_one_line_from_the_shell(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("bigrec prepare: error: ") and "mydata.inter" in last and "line 2" in last, last
+
+
+def test_a_bad_run_yaml_is_one_line_naming_the_file_and_key(tmp_path, capsys):
+    """recommend and serve read run.yaml before loading any model: each mistake in it is the input's,
+    one line naming the file and the key (not an internal error)."""
+    manifest = tmp_path / "run.yaml"
+    cases = [("base_model: m\nbeams: 4\n", "unknown key(s) beams"),
+             ("base_model: m\ndecoding: greedy\n", "decoding 'greedy' is not one of free, likelihood"),
+             ("base_model: m\nlayout: grid\n", "layout 'grid' is not one of"),
+             ("base_model: m\ndomain: office\n", "unknown domain 'office'"),
+             ("base_model: m\nnum_beams: four\n", "num_beams 'four' is not a int"),
+             ("base_model: m\nuse_ci: 1\n", "use_ci 1 is not a bool"),
+             ("base_model: m\nprior_weight: -1\n", "prior_weight must be at least 0"),
+             ("decoding: free\n", "missing key 'base_model'"),
+             ("- base_model: m\n", "expected a mapping of keys to values, got list"),
+             ("base_model: [m\n", "not valid YAML")]
+    for stage in ("recommend", "serve"):
+        for text, says in cases:
+            manifest.write_text(text)
+            extra = ["--history", "Heat"] if stage == "recommend" else []
+            assert cli.main([stage, "--run", str(tmp_path), *extra]) == 1, text
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "internal error" not in err[0], err
+            assert err[0].startswith(f"bigrec {stage}: error: {manifest}: ") and says in err[0], (text, err)

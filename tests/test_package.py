@@ -209,6 +209,7 @@ def test_unfinished_training_and_a_layout_mismatch_are_refused_naming_the_field(
     unfinished = fake_train_dir(tmp_path / "a", Path(tiny_model_dir), status="training")
     assert main(["package", "--train_dir", str(unfinished), "--data", str(small_data), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
+    assert err.startswith("bigrec package: error: ") and "internal error" not in err  # the input's fault
     assert len(err.splitlines()) == 1 and f"{unfinished / 'config.yaml'}: status 'training'" in err
     timeline = fake_train_dir(tmp_path / "b", Path(tiny_model_dir))
     record = yaml.safe_load((timeline / "config.yaml").read_text())
@@ -216,7 +217,13 @@ def test_unfinished_training_and_a_layout_mismatch_are_refused_naming_the_field(
     (timeline / "config.yaml").write_text(yaml.safe_dump(record))
     assert main(["package", "--train_dir", str(timeline), "--data", str(small_data), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
+    assert err.startswith("bigrec package: error: ") and "internal error" not in err
     assert len(err.splitlines()) == 1 and "config.layout 'timeline'" in err and "'window'" in err
+    (timeline / "config.yaml").write_text("stage: train\nconfig: {lora: false\n")  # not valid YAML
+    assert main(["package", "--train_dir", str(timeline), "--data", str(small_data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bigrec package: error: {timeline / 'config.yaml'}: not valid YAML: line ")
+    assert len(err.splitlines()) == 1
     assert not out.exists()
 
 
@@ -237,6 +244,7 @@ def test_a_lora_on_other_base_weights_or_a_lost_base_is_refused(small_data, tiny
     assert main([*args, "--base_model", tiny_qwen_dir]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "base_model.sha256" in err and "other weights" in err
+    assert "internal error" not in err
 
 
 def test_a_failure_while_writing_leaves_the_old_run_folder_as_it_was(small_data, tiny_model_dir, tmp_path):

@@ -162,6 +162,23 @@ def test_index_of_another_precision_is_refused(run_dir, tmp_path):
         Recommender.from_run(sibling_run(run_dir, tmp_path, precision="bf16"), device="cpu")
 
 
+def test_a_run_folder_that_does_not_fit_is_one_input_error_line(run_dir, tmp_path, capsys):
+    """Another precision than its index's, or use_ci where the run has no SASRec: the run folder's
+    fault, printed as one line naming it, not as an internal error."""
+    bf16 = sibling_run(run_dir, tmp_path / f"{tmp_path.name}-bf16", precision="bf16")
+    assert main(["recommend", "--run", str(bf16), "--history", "0"]) == 1
+    err = capsys.readouterr().err  # the lines before the last are the loading's progress bars
+    last = err.strip().splitlines()[-1]
+    assert "internal error" not in err and last.startswith(f"bigrec recommend: error: {run_dir}/index.safetensors: "
+                                                           "embedded in float32, but this run uses bfloat16"), err
+    plain = sibling_run(run_dir, tmp_path / f"{tmp_path.name}-plain", sasrec=None)
+    assert main(["recommend", "--run", str(plain), "--history", "0", "--use_ci"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and err.strip().splitlines()[-1] == (
+        f"bigrec recommend: error: use_ci: this run has no SASRec model to re-weight with (run.yaml: sasrec is "
+        f"unset) ({plain})")
+
+
 def test_search(rec):
     assert rec.search("heat") == [(HEAT, "Heat (1995)"), (HEAT_TWIN, "Heat (1995)")]
     assert [t for _, t in rec.search("  SEVEN ")] == ["Seven (Se7en) (1995)"]
@@ -211,7 +228,9 @@ def test_cli_recommend_by_user(run_dir, capsys):
 
 def test_cli_errors(run_dir, capsys):
     assert main(["recommend", "--run", str(run_dir), "--history", "99"]) == 1
-    assert "history[0]: item id 99 is not in the catalogue" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("bigrec recommend: error: history[0]: item id 99 is not in "
+                                                   "the catalogue") and "internal error" not in err, err
     assert main(["recommend", "--run", str(run_dir), "--user", "no-such-user"]) == 1
     assert "user 'no-such-user' has no row" in capsys.readouterr().err
     assert main(["recommend", "--run", str(run_dir)]) == 1

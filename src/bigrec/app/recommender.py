@@ -46,7 +46,7 @@ from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.data.prompts import Domain, natural_title, normalize_title
 from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import blend, reweight
-from bigrec.io import read_json
+from bigrec.io import InputError, read_json
 from bigrec.llm.layouts import get_layout
 from bigrec.llm.models import resolve_dtype
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_HISTORY = 10  # bigrec prepare's default when the data folder does not say
 
 
-class HistoryError(ValueError):
+class HistoryError(InputError):
     """A history (or, with ``index``, one of its items) that cannot be used."""
 
     def __init__(self, message: str, index: int | None = None):
@@ -152,7 +152,7 @@ class Recommender:
         try:
             self.domain: Domain = manifest.wording()  # as bigrec prepare worded the training rows
         except ValueError as exc:
-            raise ValueError(f"{run_dir}/{exc}") from None
+            raise InputError(f"{run_dir}/{exc}") from None
         self.layout = get_layout(manifest.layout, manifest.prompt_template, self.domain.plural)
         self.scorer = None
         if manifest.decoding == "likelihood":
@@ -293,7 +293,7 @@ class Recommender:
             return []
         for q in queries:
             if q.k < 1:
-                raise ValueError(f"k must be at least 1, got {q.k}")
+                raise InputError(f"k must be at least 1, got {q.k}")
         if any(q.use_ci for q in queries):
             self._check_ci()
         use_ci = [self.default_ci if q.use_ci is None else q.use_ci for q in queries]
@@ -423,7 +423,7 @@ class Recommender:
 
     def _check_ci(self) -> None:
         if self.ci_unavailable:
-            raise ValueError(f"use_ci: {self.ci_unavailable} ({self.run_dir})")
+            raise InputError(f"use_ci: {self.ci_unavailable} ({self.run_dir})")
 
     @property
     def has_ci(self) -> bool:
@@ -474,10 +474,8 @@ def _grounding_text(beams: list[str], history: list[Match]) -> str:
 
 
 def _check_sasrec(path: Path, model, catalog: Catalog) -> None:
-    from bigrec.io import read_json
-
     meta = read_json(path / "model.json")
     digest = meta.get("catalog_digest")
     if model.config.num_items != len(catalog) or (digest and digest != catalog.digest):
-        raise ValueError(f"{path}: SASRec was trained on another catalogue ({model.config.num_items} items) "
+        raise InputError(f"{path}: SASRec was trained on another catalogue ({model.config.num_items} items) "
                          f"than {catalog.path} ({len(catalog)} items)")

@@ -18,10 +18,12 @@ from pathlib import Path
 import yaml
 
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
-from bigrec.io import read_json, write_yaml
+from bigrec.io import InputError, read_json, write_yaml
 from bigrec.llm.layouts import LAYOUTS, get_layout
 
 MANIFEST = "run.yaml"
+# the Python types a run.yaml value may have, by the name a field's annotation gives (a float may be written 1)
+_KINDS = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "None": type(None)}
 DECODINGS = ("free", "likelihood")  # what recommend and serve rank by
 
 
@@ -56,22 +58,22 @@ class RunManifest:
     def __post_init__(self) -> None:
         for name, value, allowed in (("decoding", self.decoding, DECODINGS), ("layout", self.layout, LAYOUTS)):
             if value not in allowed:
-                raise ValueError(f"{MANIFEST}: {name} {value!r} is not one of {', '.join(allowed)}")
+                raise InputError(f"{MANIFEST}: {name} {value!r} is not one of {', '.join(allowed)}")
         if self.prior_weight < 0 or self.search_nodes < 1:
-            raise ValueError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
+            raise InputError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
         self.wording()  # an unknown name or malformed words are an error on load, not on the first request
 
     def wording(self) -> Domain:
         """The prompts' wording that ``domain`` names or spells out."""
         if isinstance(self.domain, str):
             if self.domain not in DOMAINS:
-                raise ValueError(f"{MANIFEST}: unknown domain {self.domain!r}; expected one of {', '.join(DOMAINS)} "
+                raise InputError(f"{MANIFEST}: unknown domain {self.domain!r}; expected one of {', '.join(DOMAINS)} "
                                  "or {plural, singular, verb}")
             return DOMAINS[self.domain]
         keys = ("plural", "singular", "verb")
         if not isinstance(self.domain, dict) or sorted(self.domain) != sorted(keys) or not all(
                 isinstance(self.domain[k], str) and self.domain[k].strip() for k in keys):
-            raise ValueError(f"{MANIFEST}: domain must be a name ({', '.join(DOMAINS)}) or a mapping of "
+            raise InputError(f"{MANIFEST}: domain must be a name ({', '.join(DOMAINS)}) or a mapping of "
                              f"plural, singular and verb to words, got {self.domain!r}")
         return Domain(**{k: self.domain[k] for k in keys})
 
@@ -80,17 +82,26 @@ class RunManifest:
         path = Path(run_dir) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a finished run folder (no {MANIFEST}); run `bigrec demo` first")
-        data = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(map(str, data)) - set(fields))
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
+            raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}")
         if "base_model" not in data:
-            raise ValueError(f"{path}: missing key 'base_model'")
+            raise InputError(f"{path}: missing key 'base_model'")
+        for name, value in data.items():
+            kinds = [_KINDS[kind] for kind in str(fields[name].type).split(" | ")]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, tuple(kinds)):
+                raise InputError(f"{path}: {name} {value!r} is not a {fields[name].type}")
         try:
             return cls(**data)
         except ValueError as exc:
-            raise ValueError(f"{path}: {str(exc).removeprefix(MANIFEST + ': ')}") from None
+            raise InputError(f"{path}: {str(exc).removeprefix(MANIFEST + ': ')}") from None
 
     def save(self, run_dir: str | Path) -> None:
         write_yaml(Path(run_dir) / MANIFEST, dataclasses.asdict(self))
@@ -99,6 +110,13 @@ class RunManifest:
         """The absolute path of a manifest entry, or None when the entry is unset."""
         value = getattr(self, field)
         return None if value is None else (Path(run_dir) / value).resolve()
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: where and what (PyYAML's own message spans several lines)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (problem or " ".join(str(exc).split()))
 
 
 def domain_value(domain: Domain) -> str | dict:
@@ -117,19 +135,22 @@ def prepared_domain(data_dir: str | Path) -> Domain:
     record_path = data_dir / "config.yaml"
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path}: not found; give a data folder that bigrec prepare wrote")
-    record = yaml.safe_load(record_path.read_text()) or {}
+    try:
+        record = yaml.safe_load(record_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{record_path}: not valid YAML: {yaml_problem(exc)}") from None
     plural = record.get("domain_wording") if isinstance(record, dict) else None
     if not isinstance(plural, str) or not plural.strip():
-        raise ValueError(f"{record_path}: no 'domain_wording' (the prompts' wording bigrec prepare used)")
+        raise InputError(f"{record_path}: no 'domain_wording' (the prompts' wording bigrec prepare used)")
     try:
         domain = domain_for_plural(plural)
     except ValueError as exc:
-        raise ValueError(f"{record_path}: {exc}") from None
+        raise InputError(f"{record_path}: {exc}") from None
     sample = data_dir / f"test_{record.get('sample_rows', 5000)}.json"
     if sample.is_file():  # a few thousand rows at most (test.json may hold millions)
         rows = read_json(sample)
         wanted = get_layout(record.get("layout", "window")).row(domain, [], "")["instruction"]
         if rows and isinstance(rows[0], dict) and rows[0].get("instruction") != wanted:
-            raise ValueError(f"{sample}: its rows' instruction {rows[0].get('instruction')!r} is not worded as "
+            raise InputError(f"{sample}: its rows' instruction {rows[0].get('instruction')!r} is not worded as "
                              f"{record_path} records (domain_wording {plural!r})")
     return domain

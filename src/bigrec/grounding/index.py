@@ -28,8 +28,9 @@ FORMAT = "bigrec-index/1"
 
 
 
-class IndexMismatchError(ValueError):
-    """An index file made by another model, for another catalogue, or at another precision."""
+class IndexMismatchError(io.InputError):
+    """An index file made by another model, for another catalogue, or at another precision: the file
+    given is not this run's (an input error, one line)."""
 
 
 

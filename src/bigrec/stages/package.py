@@ -27,7 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from bigrec.app.run_manifest import DECODINGS, MANIFEST, RunManifest, domain_value, prepared_domain
+from bigrec.app.run_manifest import (
+    DECODINGS,
+    MANIFEST,
+    RunManifest,
+    domain_value,
+    prepared_domain,
+    yaml_problem,
+)
 from bigrec.config import ConfigError, check_output_dir, option, to_dict
 from bigrec.grounding.options import (
     grounding_of,
@@ -36,7 +43,7 @@ from bigrec.grounding.options import (
     pooling_option,
     title_text_option,
 )
-from bigrec.io import staged_dir, write_yaml
+from bigrec.io import InputError, staged_dir, write_yaml
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +84,9 @@ def _record(path: Path) -> dict:
     try:
         record = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise InputError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a mapping")
+        raise InputError(f"{path}: expected a mapping")
     return record
 
 
@@ -111,14 +118,14 @@ def read_train(train_dir: Path, base_override: str | None) -> Trained:
     path = train_dir / "config.yaml"
     record = _record(path)
     if record.get("stage") != "train" or not isinstance(record.get("config"), dict):
-        raise ValueError(f"{path}: not a `bigrec train` record (no 'stage: train' with its 'config')")
+        raise InputError(f"{path}: not a `bigrec train` record (no 'stage: train' with its 'config')")
     if record.get("status") not in FINISHED:
-        raise ValueError(f"{path}: status {record.get('status')!r}: training has not finished; its folder holds no "
+        raise InputError(f"{path}: status {record.get('status')!r}: training has not finished; its folder holds no "
                          "model to serve yet")
     config = record["config"]
     for key, kind in (("lora", bool), ("base_model", str)):
         if not isinstance(config.get(key), kind):
-            raise ValueError(f"{path}: config.{key} is missing or not a {kind.__name__}")
+            raise InputError(f"{path}: config.{key} is missing or not a {kind.__name__}")
     layout, precision = config.get("layout", "window"), config.get("precision", "auto")
     if config["lora"]:
         if not (train_dir / "adapter_config.json").is_file():
@@ -141,7 +148,7 @@ def read_train(train_dir: Path, base_override: str | None) -> Trained:
                                     "pass --base_model")
         theirs, ours = recorded.get("sha256"), model_fingerprint(base).get("sha256")
         if theirs and ours and theirs != ours:
-            raise ValueError(f"{path}: base_model.sha256 {theirs[:12]} is not the hash of {base} ({ours[:12]}): "
+            raise InputError(f"{path}: base_model.sha256 {theirs[:12]} is not the hash of {base} ({ours[:12]}): "
                              "the adapter was trained on other weights")
         how = f"LoRA adapter on {config['base_model']}"
     else:
@@ -161,10 +168,10 @@ def run(config: Config) -> Path:
     trained = read_train(train_dir, config.base_model)
     record = _record(data / "config.yaml")
     if record.get("stage") != "prepare":
-        raise ValueError(f"{data / 'config.yaml'}: not a `bigrec prepare` record (no 'stage: prepare')")
+        raise InputError(f"{data / 'config.yaml'}: not a `bigrec prepare` record (no 'stage: prepare')")
     prepared_layout = record.get("layout", "window")
     if prepared_layout != trained.layout:
-        raise ValueError(f"{train_dir / 'config.yaml'}: config.layout {trained.layout!r}, but {data / 'config.yaml'} "
+        raise InputError(f"{train_dir / 'config.yaml'}: config.layout {trained.layout!r}, but {data / 'config.yaml'} "
                          f"prepared the rows in layout {prepared_layout!r}")
     catalog = data / "id2name.txt"
     if not catalog.is_file():
