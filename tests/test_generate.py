@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -587,3 +588,39 @@ def test_constrained_run_with_the_no_history_prior(taught_dir, tmp_path):
             assert score == pytest.approx(float(logp[leaf] + w * (s[ids[0]] - s.max())), abs=2e-3)
         assert {t: sc for t, sc in zip(base["predict"], base["predict_scores"], strict=True)} != \
             {t: sc for t, sc in zip(row["predict"], row["predict_scores"], strict=True)}
+
+
+# --- the model's own generation_config.json -----------------------------------------------------
+
+SAMPLING = {"do_sample": True, "top_k": 2, "top_p": 0.5, "temperature": 0.3, "num_beams": 1,
+            "num_return_sequences": 1, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 8,
+            "max_new_tokens": 4, "length_penalty": -2.0, "early_stopping": True, "renormalize_logits": True}
+
+
+def test_a_models_sampling_config_changes_no_decoding(taught_dir, tmp_path):
+    """Instruction-tuned models ship a generation_config.json asking for sampling, a few beams, penalties:
+    free beam search, constrained beam search and likelihood ranking must give what they give without
+    it, predictions, ids and scores alike (bigrec's own settings decide the decoding)."""
+    sampling = tmp_path / "sampling-model"
+    shutil.copytree(taught_dir, sampling)
+    gen_config = json.loads((sampling / "generation_config.json").read_text())
+    (sampling / "generation_config.json").write_text(json.dumps({**gen_config, **SAMPLING}))
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(sampling).do_sample  # the copy's config is read as written
+    rows = [{**r, "item_id": CATALOG.index(t), "history_item_id": [CATALOG.index(h) for h in hist]}
+            for r, (hist, t) in zip(case_rows(repeat=2), CASES * 2, strict=True)]
+    write_rows(tmp_path / "test.json", rows)
+    write_catalog(tmp_path)
+    for decoding in ("free", "constrained", "likelihood"):
+        outputs = []
+        for model_dir in (taught_dir, str(sampling)):
+            torch.manual_seed(0)  # were anything sampled, the seed would not make the two runs agree
+            out = tmp_path / f"{decoding}-{Path(model_dir).name}.json"
+            outputs.append(json.loads(generate.run(config(tmp_path, model_dir, decoding=decoding,
+                                                          result_json_data=str(out))).read_text()))
+        plain, sampled = outputs
+        assert all(len(r["predict"]) == (3 if decoding != "likelihood" else len(set(CATALOG))) for r in plain)
+        if decoding != "free":
+            assert all(len(r["predict_ids"]) == len(r["predict_scores"]) == len(r["predict"]) for r in plain)
+        assert sampled == plain, decoding

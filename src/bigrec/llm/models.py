@@ -238,9 +238,31 @@ def load_model(base_model: str, precision: str = "auto", lora_weights: str | Non
         model = PeftModel.from_pretrained(model, lora_weights, is_trainable=for_training)
         if merge:
             model = model.merge_and_unload().to(dtype)
+    if not for_training:
+        only_token_ids(model)
     model.to(device)
     model.train(for_training)
     return model, tokenizer
+
+
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def only_token_ids(model) -> None:
+    """Reset the model's generation config to its special token ids (``GENERATION_TOKEN_IDS``).
+
+    Instruction-tuned models ship a ``generation_config.json`` asking for sampling (``do_sample``,
+    ``top_k``, ``top_p``, ``temperature``), a beam count, repetition penalties, a minimum length...
+    ``model.generate`` fills every setting a call leaves unset from it and runs the logits
+    processors it names, which would turn bigrec's beam search into another search (free decoding's
+    beams, constrained decoding's scores). What bigrec decodes is decided by bigrec's own options
+    alone; the token ids (the model's end-of-sequence tokens included) stay the model's.
+    """
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    if own is not None:
+        model.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in GENERATION_TOKEN_IDS})
 
 
 def with_merged_adapter(base, lora_weights: str | Path):
