@@ -17,6 +17,7 @@ from bigrec.llm.generation import cut_title, generate_batch, generate_ids, title
 from bigrec.llm.models import load_model
 from bigrec.stages import generate
 from bigrec.stages.generate import Config
+from tiny import make_tiny_model
 
 # history -> target; histories of different lengths so that length sorting reorders rows
 CASES = [(["Heat (1995)"], "Casino (1995)"),
@@ -624,3 +625,72 @@ def test_a_models_sampling_config_changes_no_decoding(taught_dir, tmp_path):
         if decoding != "free":
             assert all(len(r["predict_ids"]) == len(r["predict_scores"]) == len(r["predict"]) for r in plain)
         assert sampled == plain, decoding
+
+
+# --- resuming is keyed by the model's and the adapter's content -------------------------------------
+
+def progress_positions(result: Path) -> set[int]:
+    [progress] = generate.progress_files(result)
+    return {json.loads(line)["pos"] for line in progress.read_text().splitlines()[1:]}
+
+
+def test_an_adapter_retrained_at_the_same_path_does_not_resume_its_old_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """An interrupted run, then the adapter retrained in place (other weights, same path): the rerun
+    refuses the old rows (with --discard_stale_progress, the demo's, it starts over) and every row is
+    the new adapter's; with the adapter unchanged (even touched) the rerun resumes."""
+    from bigrec.io import InputError
+    from run_fixture import teach_adapter
+
+    rows = case_rows(repeat=2)
+    write_rows(tmp_path / "test.json", rows)
+    adapter = tmp_path / "adapter"
+    old_answers = [(h, t) for h, t in CASES]
+    new_answers = [(h, CASES[(i + 1) % len(CASES)][1]) for i, (h, _) in enumerate(CASES)]
+    teach_adapter(tiny_model_dir, adapter, steps=40, taught=old_answers)
+    cfg = config(tmp_path, tiny_model_dir, lora_weights=str(adapter))
+    old_fresh = json.loads(generate.run(config(tmp_path, tiny_model_dir, lora_weights=str(adapter),
+                                               result_json_data=str(tmp_path / "old.json"))).read_text())
+    real = interrupt_after_one_batch(monkeypatch, decoders.FreeDecoder, cfg)
+    monkeypatch.setattr(decoders.FreeDecoder, "__call__", real)
+    result = Path(cfg.result_json_data)
+    finished = progress_positions(result)
+    assert len(finished) == 2
+
+    teach_adapter(tiny_model_dir, adapter, steps=40, taught=new_answers)  # retrained in place
+    new_fresh = json.loads(generate.run(config(tmp_path, tiny_model_dir, lora_weights=str(adapter),
+                                               result_json_data=str(tmp_path / "new.json"))).read_text())
+    assert all(old_fresh[p]["predict"] != new_fresh[p]["predict"] for p in finished)  # the old rows would show
+    with pytest.raises(InputError, match=r"other settings \(lora_weights\)"):
+        generate.run(cfg)
+    assert not result.exists() and progress_positions(result) == finished  # refused: nothing written or lost
+    out = json.loads(generate.run(config(tmp_path, tiny_model_dir, lora_weights=str(adapter),
+                                         discard_stale_progress=True)).read_text())
+    assert out == new_fresh  # started over: no row of the old adapter
+
+    # the same adapter, its files touched (another mtime, the same bytes): the rerun resumes
+    result.unlink()
+    interrupt_after_one_batch(monkeypatch, decoders.FreeDecoder, cfg)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        os.utime(adapter / name, ns=(1_000_000_000, 1_000_000_000))
+    generated: list[str] = []
+
+    def counting(self, batch_rows, prompts):
+        generated.extend(prompts)
+        return real(self, batch_rows, prompts)
+
+    monkeypatch.setattr(decoders.FreeDecoder, "__call__", counting)
+    assert json.loads(generate.run(cfg).read_text()) == new_fresh
+    assert len(generated) == len(rows) - 2  # the finished rows were kept
+
+
+def test_a_model_folder_rewritten_at_the_same_path_does_not_resume(tmp_path, monkeypatch):
+    from bigrec.io import InputError
+
+    base = tmp_path / "model"
+    make_tiny_model(base, seed=0)
+    write_rows(tmp_path / "test.json", case_rows(repeat=2))
+    cfg = config(tmp_path, str(base))
+    interrupt_after_one_batch(monkeypatch, decoders.FreeDecoder, cfg)
+    make_tiny_model(base, seed=1)  # other weights, same folder and tokenizer
+    with pytest.raises(InputError, match=r"other settings \(base_model\)"):
+        generate.run(cfg)

@@ -317,17 +317,53 @@ def model_fingerprint(base_model: str) -> dict[str, Any]:
         info["name_or_path"] = config.get("_name_or_path") or info["resolved"]
         info["architecture"] = (config.get("architectures") or [None])[0]
         info["model_type"] = config.get("model_type")
-    digest = hashlib.sha256()
     files = [config_file] if config_file.is_file() else []
     files += sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    info["sha256"] = digest.hexdigest()
+    info["sha256"] = files_sha256(files)
     info["files"] = [f.name for f in files]
     return info
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_sha256(folder: str | Path) -> str:
+    """A hash of a LoRA adapter's content: its ``adapter_config.json`` and weights file(s).
+
+    What an adapter folder holds, not where it is: an adapter retrained at the same path gets
+    another hash, a copied or touched one the same.
+    """
+    folder = Path(folder)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"LoRA adapter not found: {folder} has no adapter_config.json")
+    weights = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f"LoRA adapter {folder}: no {' or '.join(ADAPTER_WEIGHTS)}")
+    return files_sha256([config, *weights])
+
+
+# files_sha256 results by each file's (path, inode, size, mtime, ctime): a model folder is hashed once
+# per process however many stages (demo, the service) ask, and hashed again once any file is rewritten
+_DIGESTS: dict[tuple, str] = {}
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 over each file's name and bytes, in the order given."""
+    key = []
+    for file in files:
+        st = file.stat()
+        key.append((str(file.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    key = tuple(key)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0")
+            with file.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def use_cuda() -> bool:

@@ -24,7 +24,7 @@ from bigrec.data.prompts import TEMPLATES
 from bigrec.io import InputError
 from bigrec.llm.decoders import DECODINGS, layout_of, make_decoder
 from bigrec.llm.layouts import LAYOUTS
-from bigrec.llm.models import DEFAULT_MODEL, resolve_dtype
+from bigrec.llm.models import DEFAULT_MODEL, adapter_sha256, model_fingerprint, resolve_dtype
 
 OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified")  # what generate adds to a row (replacing old ones)
 
@@ -130,10 +130,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def model_key(base_model: str) -> str:
+    """The base model as a resume key: a model folder by the hash of its weights and config
+    (:func:`bigrec.llm.models.model_fingerprint`), so weights rewritten at the same path do not
+    resume; a bundled name (a pinned version) or a hub id by its name."""
+    if Path(base_model).expanduser().is_dir():
+        return "sha256:" + model_fingerprint(base_model)["sha256"]
+    return base_model
+
+
 def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[str, Any]:
-    """What must match for a rerun to reuse finished rows."""
-    settings = {"data_sha256": _sha256(data_path), "base_model": config.base_model,
-                "lora_weights": config.lora_weights, "num_beams": config.num_beams,
+    """What must match for a rerun to reuse finished rows. The model and the adapter are keyed by
+    their content, not their paths: an adapter retrained at the same path makes the rows of the
+    old one stale."""
+    settings = {"data_sha256": _sha256(data_path), "base_model": model_key(config.base_model),
+                "lora_weights": "sha256:" + adapter_sha256(config.lora_weights) if config.lora_weights else None,
+                "num_beams": config.num_beams,
                 "max_new_tokens": config.max_new_tokens, "precision": config.precision,
                 "dtype": str(resolve_dtype(config.precision, device, "decode")).removeprefix("torch."),
                 "prefill_dtype": str(resolve_dtype(config.precision, device, "prefill")).removeprefix("torch."),
