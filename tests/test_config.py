@@ -45,7 +45,8 @@ def test_options_that_leave_outputs_alone_are_no_part_of_stage_settings():
     cfg = TrainConfig(train_data_path=["t.json"], output_dir="o", report_to=["tensorboard"])
     assert to_dict(cfg)["report_to"] == ["tensorboard"] and "report_to" not in stage_settings(cfg)
     # options added later leave the settings of earlier runs alone while they hold their defaults
-    later = {"snapshot_epochs", "stop_after_epoch", "layout", "timeline_overlap", "packing", "loss_chunk"}
+    later = {"snapshot_epochs", "stop_after_epoch", "layout", "timeline_overlap", "packing", "loss_chunk",
+             "fused_adamw"}
     quiet = {"report_to", "trim_heap"}  # they change no output
     assert stage_settings(cfg) == {k: v for k, v in to_dict(cfg).items() if k not in quiet and k not in later}
 

@@ -312,6 +312,32 @@ def test_training_on_packed_rows_learns_what_padded_rows_do(tiny_model_dir, tmp_
     assert lora or any(not torch.equal(trained[True][k], base[k]) for k in base)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_unpadded_single_rows_and_fused_adamw_learn_what_padded_batches_do(tiny_model_dir, tmp_path, lora):
+    """Micro-batches of one unpadded row (full-data's default) and the fused AdamW kernel: the same
+    steps as padded micro-batches of four with the multi-tensor AdamW, so the same weights."""
+    rows = make_rows(8)
+    for i in (1, 4, 6):
+        rows[i]["input"] = rows[i]["input"] * 2  # rows of two lengths: the batches of four are padded
+    data = write_rows(tmp_path / "d.json", rows)
+    tok = load_tokenizer(tiny_model_dir, padding_side="right")
+    single = Collator(tok.pad_token_id)([SFTDataset(rows[:1], tok, 400, False, "train")[0]])
+    assert single["input_ids"].shape[1] % 8 and bool(single["attention_mask"].all())  # one row: no padding
+    trained, losses = {}, {}
+    for micro, fused in ((4, False), (1, True)):
+        out = tmp_path / f"micro-{micro}"
+        run(tiny_config(tiny_model_dir, out, [data], lora=lora, lora_dropout=0.0, max_steps=3, micro_batch_size=micro,
+                        fused_adamw=fused, cutoff_len=400))
+        trained[micro] = load_file(out / ("adapter_model.safetensors" if lora else "model.safetensors"))
+        losses[micro] = [r["loss"] for r in read_log(out) if "loss" in r]
+        # the log counts the tokens through the model without their padding: three passes over the rows
+        seen = [r["num_input_tokens_seen"] for r in read_log(out) if "loss" in r]
+        assert seen[-1] == 3 * SFTDataset(rows, tok, 400, True, "train").num_tokens()
+    torch.testing.assert_close(losses[1], losses[4], rtol=1e-5, atol=1e-6)
+    for name, weights in trained[1].items():
+        torch.testing.assert_close(weights, trained[4][name], rtol=1e-3, atol=1e-4)
+
+
 def test_keep_best_stops_and_saves(tiny_model_dir, tmp_path):
     from transformers import TrainerControl, TrainerState
 

@@ -89,6 +89,8 @@ class Config:
                                   "time, in reused buffers, from the LM head's weight (same loss; no "
                                   "[positions x vocabulary] tensors); 0 = all at once through the head",
                              minimum=0, keyed_at_default=False)
+    fused_adamw: bool = option(True, "AdamW as torch's fused kernel (one pass over each weight, CPU and GPU) instead "
+                                     "of its multi-tensor one; the same update", keyed_at_default=False)
     trim_heap: int = option(10, "on a CPU: every N optimizer steps, return the free pages of the C heap to the "
                                 "kernel (glibc malloc_trim), so that a long run's memory stays bounded; 0 = never",
                             minimum=0, changes_output=False)
@@ -170,12 +172,12 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
                             "(trainer_state.json), a run folder with one, nor an adapter (adapter_config.json)")
 
 
-# Settings a resumed run may change: where it stops, how often it saves or evaluates, packing and the loss's
-# chunking (the same loss), heap trimming (no output at all).
+# Settings a resumed run may change: where it stops, how often it saves or evaluates, packing, the loss's
+# chunking and the optimizer's kernel (the same loss and update), heap trimming (no output at all).
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
-                               "stop_after_epoch", "packing", "loss_chunk", "trim_heap"})
+                               "stop_after_epoch", "packing", "loss_chunk", "trim_heap", "fused_adamw"})
 
 
 def data_digest(train_rows: list, val_rows: list) -> str:
@@ -290,14 +292,16 @@ def training_arguments(config: Config, out: Path, compute: torch.dtype, has_vali
         output_dir=str(out), per_device_train_batch_size=config.micro_batch_size,
         per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=grad_acc,
         num_train_epochs=config.num_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps, optim="adamw_torch", lr_scheduler_type="linear",
+        warmup_steps=config.warmup_steps, optim="adamw_torch_fused" if config.fused_adamw else "adamw_torch", lr_scheduler_type="linear",
         logging_steps=1, eval_strategy=eval_strategy, eval_steps=config.eval_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         bf16=compute == torch.bfloat16, fp16=compute == torch.float16, use_cpu=not use_cuda(),
         seed=config.seed, data_seed=config.seed, report_to=config.report_to, prediction_loss_only=True,
         remove_unused_columns=False, ddp_find_unused_parameters=False if world > 1 else None,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        restore_callback_states_from_checkpoint=True, disable_tqdm=False)
+        restore_callback_states_from_checkpoint=True, disable_tqdm=False,
+        # the log's un-padded token count; on a GPU it would cost a host sync a micro-batch
+        include_num_input_tokens_seen="no" if use_cuda() else "non_padding")
 
 
 def save_result(trainer, tokenizer, out: Path, resolved: dict, summary: dict) -> None:
