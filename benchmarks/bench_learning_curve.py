@@ -14,7 +14,7 @@ are scored on the same rows and drawn as horizontal lines.
 
 Everything is kept under ``--run_dir``; a killed run resumes where it stopped, so one curve can
 span several sessions. The data, the scoring rows, the index, each baseline and each point are
-keyed like the demo's stages (``--run_dir``/stages, :class:`bigrec.stages.demo.Stages`): a rerun
+keyed like the demo's stages (``--run_dir``/stages, :class:`bigrec.runner.StageRunner`): a rerun
 skips what is up to date and redoes what a changed option touches (``--num_beams`` rescoring
 every point, ``--sasrec_epochs`` retraining SASRec), never reusing work done otherwise. Training
 keys itself: ``bigrec train`` refuses to continue a run with other settings or other rows.
@@ -41,6 +41,7 @@ from bigrec import io
 from bigrec.config import ConfigError, build, load_yaml
 from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
+from bigrec.runner import StageRunner
 from bigrec.stages import demo
 
 log = logging.getLogger("bench_learning_curve")
@@ -80,7 +81,7 @@ class Curve:
         self.data = self.root / "data"
         self.rows_path = self.root / "inputs" / f"valid_{args.valid_rows}.json"
         self.index = self.root / "index.safetensors"
-        self.stages = demo.Stages(self.root)
+        self.stages = StageRunner(self.root)
 
     def grounding(self) -> dict:
         return {"pooling": "mean", "embed_layer": -1, "title_text": "natural"}  # the demo's

@@ -113,7 +113,7 @@ def test_demo_comparison_holds_both_protocols_with_intervals(finished_demo):
 
 def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source)) == 0
     ran = [r.message for r in caplog.records if r.message.endswith("] running")]
     assert ran == []
@@ -121,7 +121,7 @@ def test_demo_rerun_reuses_every_stage(finished_demo, tiny_model_dir, caplog):
 
 def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
     assert ran == ["evaluate_constrained", "evaluate_constrained_fewshot_ci", "evaluate_constrained_fewshot_ci_unseen",
@@ -134,7 +134,7 @@ def test_demo_changed_setting_reruns_only_affected_stages(finished_demo, tiny_mo
 
 def test_demo_constrained_setting_reruns_only_constrained_stages(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, constrained_beams=2)) == 0
     ran = {r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running")}
     assert {"generate_test_constrained", "generate_valid_constrained", "evaluate_constrained"} <= ran
@@ -143,7 +143,7 @@ def test_demo_constrained_setting_reruns_only_constrained_stages(finished_demo, 
 
 def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free")) == 0
     assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
     table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
@@ -153,7 +153,7 @@ def test_demo_one_decoding_reuses_its_stages_and_reports_it_alone(finished_demo,
 
 def test_demo_grounding_setting_reruns_only_index_and_evaluation(finished_demo, tiny_model_dir, caplog):
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, test_rows=8, decoding="free", pooling="last",
                           title_text="bare")) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
@@ -176,7 +176,7 @@ def test_demo_with_a_given_adapter_tunes_nothing_and_reuses_data_and_baselines(f
     assert main(demo_args(run_dir, tiny_model_dir, source, **over)) == 0
     other = tmp_path / "run"
     shutil.copytree(run_dir, other)
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(other, tiny_model_dir, source, adapter=run_dir / "adapter", **over)) == 0
     ran = sorted(r.message.split("]")[0].lstrip("[") for r in caplog.records if r.message.endswith("] running"))
     assert ran == ["evaluate_free", "evaluate_free_fewshot_ci", "evaluate_free_fewshot_ci_unseen",
@@ -202,7 +202,7 @@ def test_demo_data_seed_picks_the_rows_and_seed_the_rest(finished_demo, tiny_mod
 
     run_dir, source = finished_demo
     assert main(demo_args(run_dir, tiny_model_dir, source)) == 0  # back to the defaults other tests changed
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, data_seed=42)) == 0
     assert [r.message for r in caplog.records if r.message.endswith("] running")] == []
     other = tmp_path / "other"
@@ -233,7 +233,7 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     """--decoding likelihood: only its generation and evaluation stages run; the table and the
     report show it beside the baselines, and run.yaml is still written."""
     run_dir, source = finished_demo
-    caplog.set_level("INFO", logger="bigrec.stages.demo")
+    caplog.set_level("INFO")
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="likelihood", prior_weight=0.5)) == 0
     ran = [r.message for r in caplog.records if r.message.endswith("] running")]
     assert ran and all("likelihood" in name for name in ran), ran

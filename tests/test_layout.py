@@ -47,7 +47,7 @@ def test_the_cli_names_a_stage_module_for_every_stage():
 def test_the_top_level_holds_only_the_entry_points_and_shared_plumbing():
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
     packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
-    assert modules == ["__init__.py", "__main__.py", "cli.py", "config.py", "io.py"]
+    assert modules == ["__init__.py", "__main__.py", "cli.py", "config.py", "io.py", "runner.py"]
     assert packages == ["app", "baselines", "data", "evaluation", "grounding", "llm", "stages"]
 
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from bigrec import io
 from bigrec.config import ConfigError, option, stage_settings, to_dict
 from bigrec.grounding.options import layer_option, pooling_option, title_text_option
 from bigrec.llm.models import DEFAULT_MODEL
+from bigrec.runner import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -115,62 +114,6 @@ class Config:
         likelihood = decoding == "likelihood"
         return {"prior_weight": self.prior_weight if likelihood else 0.0,
                 "exclude_history": likelihood and self.likelihood_new_titles}
-
-
-class Stages:
-    """Run a stage unless its recorded key (settings + upstream keys) matches and outputs exist.
-
-    Paths inside the run folder enter the key relative to it, so a run folder that is moved or
-    copied (``bench_quality --adapter`` starts from a copy) reruns nothing. Records written
-    before that rule (keys of the paths as given) are still honoured."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = str(run_dir)
-        self.dir = run_dir / "stages"
-        self.keys: dict[str, str] = {}
-        self.legacy_keys: dict[str, str] = {}
-        self.timings: dict[str, float] = {}
-
-    def portable(self, value: object) -> object:
-        if isinstance(value, list):
-            return [self.portable(v) for v in value]
-        if isinstance(value, str) and (value == self.run_dir or value.startswith(self.run_dir + "/")):
-            return "<run>" + value[len(self.run_dir):]
-        return value
-
-    def recorded(self, name: str) -> bool:
-        """Whether ``name`` has run before in this folder (with these settings or others)."""
-        return (self.dir / f"{name}.json").is_file()
-
-    @staticmethod
-    def key_of(settings: dict, after: dict) -> str:
-        payload = json.dumps({"settings": settings, "after": after}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def run(self, name: str, settings: dict, outputs: list[Path], fn: Callable[[], object],
-            after: tuple[str, ...] = ()) -> bool:
-        settings = json.loads(json.dumps(settings, default=str))
-        key = self.keys[name] = self.key_of({k: self.portable(v) for k, v in settings.items()},
-                                            {a: self.keys[a] for a in after})
-        legacy = self.legacy_keys[name] = self.key_of(settings, {a: self.legacy_keys[a] for a in after})
-        record = self.dir / f"{name}.json"
-        if record.is_file() and all(p.exists() for p in outputs):
-            done = json.loads(record.read_text())
-            if done.get("key") in (key, legacy):
-                log.info("[%s] up to date (settings unchanged), skipped", name)
-                self.timings[name] = 0.0
-                return False
-        log.info("[%s] running", name)
-        started = time.perf_counter()
-        fn()
-        self.timings[name] = time.perf_counter() - started
-        missing = [str(p) for p in outputs if not p.exists()]
-        if missing:
-            raise RuntimeError(f"stage {name} finished without writing {', '.join(missing)}")
-        io.write_json(record, {"key": key, "settings": settings,
-                               "seconds": round(self.timings[name], 1)})
-        log.info("[%s] done in %.1fs", name, self.timings[name])
-        return True
 
 
 FEW_SHOT = "sasrec_fewshot"  # the SASRec trained on the rows BIGRec is tuned on
@@ -318,7 +261,7 @@ def decodings_of(cfg: Config) -> list[str]:
                               for d in named.get(part.strip(), [part.strip()])))
 
 
-def tune_and_generate(cfg: Config, stages: Stages, paths: Paths) -> None:
+def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> None:
     """prepare -> the test and validation inputs -> LoRA tuning -> generation for each decoding and split."""
     from bigrec.stages import generate, prepare, train
 
@@ -390,7 +333,7 @@ def copy_adapter(src: Path, dst: Path) -> None:
     staging.rename(dst)
 
 
-def index_and_baselines(cfg: Config, stages: Stages, paths: Paths) -> None:
+def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths) -> None:
     """The item index, popularity, SASRec on every training row and SASRec on BIGRec's sampled rows."""
     from bigrec.grounding.options import grounding_of, grounding_options
     from bigrec.stages import baseline
@@ -407,7 +350,7 @@ def index_and_baselines(cfg: Config, stages: Stages, paths: Paths) -> None:
                    lambda c=b_cfg: baseline.run(c), after=("prepare",))
 
 
-def evaluations(cfg: Config, stages: Stages, paths: Paths) -> tuple[dict, dict, Path | None]:
+def evaluations(cfg: Config, stages: StageRunner, paths: Paths) -> tuple[dict, dict, Path | None]:
     """Every evaluation: per decoding and protocol, BIGRec with popularity and CI (full SASRec) and
     with CI from the few-shot SASRec; the paper's grounding beside ours where they differ.
 
@@ -485,7 +428,7 @@ def run(cfg: Config) -> int:
     started = time.perf_counter()
     paths = Paths(Path(cfg.run_dir))
     paths.run.mkdir(parents=True, exist_ok=True)
-    stages = Stages(paths.run)
+    stages = StageRunner(paths.run)
     tune_and_generate(cfg, stages, paths)
     index_and_baselines(cfg, stages, paths)
     metrics_paths, fewshot_paths, reference_path = evaluations(cfg, stages, paths)
