@@ -25,6 +25,7 @@ from bigrec.cli import main as cli
 from bigrec.data.catalog import read_catalog
 from bigrec.data.prompts import prompt_for_row
 from bigrec.llm.constrained import constrained_generate
+from bigrec.llm.defaults import PRECISION
 from bigrec.llm.models import load_model, resolve_base_model, resolve_dtype
 from bigrec.llm.trie import Trie, response_ids
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--beams", default="10,50")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--data", default="/tmp/prep/ml-100k")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default=PRECISION)
     parser.add_argument("--compare_prefill", action="store_true",
                         help="also time transformers' own prefill of every beam's copy of the prompt")
     args = parser.parse_args()

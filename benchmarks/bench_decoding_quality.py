@@ -22,6 +22,7 @@ from pathlib import Path
 from bigrec import io
 from bigrec.app.run_manifest import RunManifest
 from bigrec.grounding.options import grounding_of, grounding_options
+from bigrec.llm.defaults import CONSTRAINED_BEAMS, NUM_BEAMS
 from bigrec.stages import evaluate, generate
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--rows", type=int, default=500)
-    parser.add_argument("--beams", type=int, default=4, help="constrained beams (the demo's default)")
+    parser.add_argument("--beams", type=int, default=CONSTRAINED_BEAMS, help="constrained beams (the demo's default)")
     parser.add_argument("--valid_rows", type=int, default=100, help="validation rows for choosing the CF weight")
     parser.add_argument("--cf_weights", default="0.5,1,2")
     args = parser.parse_args()
@@ -79,8 +80,8 @@ def main() -> None:
 
     free, speed = demo_speed(run, "free", args.rows)
     if free is None:
-        free, speed = generated(run, "free", "test", args.rows, decoding="free", num_beams=4)
-    table["free (4 beams) + L2 grounding"] = {**scored(run, free, "free"), "rows/s": speed}
+        free, speed = generated(run, "free", "test", args.rows, decoding="free", num_beams=NUM_BEAMS)
+    table[f"free ({NUM_BEAMS} beams) + L2 grounding"] = {**scored(run, free, "free"), "rows/s": speed}
 
     plain, speed = demo_speed(run, "constrained", args.rows)
     if plain is None:

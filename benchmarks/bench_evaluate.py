@@ -46,6 +46,7 @@ import torch
 from peak import forward_flops, measure_peaks, share
 
 from bigrec.data.prompts import natural_title
+from bigrec.llm.defaults import EMBED_BATCH_SIZE, PRECISION
 
 TOPK = (1, 3, 5, 10, 20, 50)
 
@@ -142,8 +143,8 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/prep/ml-1m", help="prepared ml-1m (prepared here if absent)")
     parser.add_argument("--predictions", choices=["history", "natural", "random"], default="history")
     parser.add_argument("--base_model", default="smollm2-135m")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--batch_size", type=int, default=64, help="ours' texts per forward pass (evaluate's default)")
+    parser.add_argument("--precision", default=PRECISION)
+    parser.add_argument("--batch_size", type=int, default=EMBED_BATCH_SIZE, help="ours' texts per forward pass (evaluate's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/bench_evaluate")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from peak import forward_flops, measure_peaks, share
 
+from bigrec.llm.defaults import GENERATE_BATCH_SIZE, MAX_NEW_TOKENS, NUM_BEAMS, PRECISION
+
 DEFAULT_ADAPTER = Path("runs/demo/adapter")
 
 
@@ -109,19 +111,15 @@ def main() -> None:
     parser.add_argument("--base_model", default="smollm2-135m")
     parser.add_argument("--lora_weights", default=None,
                         help=f"adapter folder; default {DEFAULT_ADAPTER} if it holds an adapter, else none")
-    parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="ours' rows per generate call (default: bigrec generate's)")
+    parser.add_argument("--precision", default=PRECISION, help="ours' precision (the reference is always fp32)")
+    parser.add_argument("--batch_size", type=int, default=GENERATE_BATCH_SIZE,
+                        help="ours' rows per generate call (bigrec generate's default)")
     parser.add_argument("--ref_batch_size", type=int, default=8, help="the reference's rows per generate call")
-    parser.add_argument("--num_beams", type=int, default=4)
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="ours' upper bound (bigrec's default)")
+    parser.add_argument("--num_beams", type=int, default=NUM_BEAMS)
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="ours' upper bound (bigrec's default)")
     parser.add_argument("--ref_max_new_tokens", type=int, default=128, help="the reference's max_new_tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
-    if args.batch_size is None:
-        from bigrec.stages.generate import Config
-
-        args.batch_size = Config(test_data_path="", result_json_data="").batch_size
     if args.threads:
         torch.set_num_threads(args.threads)
     peaks = measure_peaks()

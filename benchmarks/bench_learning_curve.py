@@ -41,6 +41,7 @@ from bigrec import io
 from bigrec.config import ConfigError, build, load_yaml
 from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
+from bigrec.llm.defaults import NUM_BEAMS
 from bigrec.runner import StageRunner
 from bigrec.stages import demo
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of prepare's samples: the validation rows, the same for every --seed")
     parser.add_argument("--valid_rows", type=int, default=1000, help="validation rows every point is scored on")
     parser.add_argument("--points", default=",".join(map(str, POINTS)), help="epochs to score after")
-    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--num_beams", type=int, default=NUM_BEAMS)
     parser.add_argument("--sasrec_epochs", type=int, default=200)
     parser.add_argument("--save_steps", type=int, default=16, help="checkpoint every N optimizer steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

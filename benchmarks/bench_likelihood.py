@@ -38,6 +38,7 @@ from bigrec.evaluation.intervals import paired_difference
 from bigrec.evaluation.metrics import TOPK, Ranks, details_ranks
 from bigrec.evaluation.report import with_interval
 from bigrec.evaluation.results import certified_share
+from bigrec.llm.defaults import CANDIDATES, GENERATE_BATCH_SIZE, SEARCH_NODES
 from bigrec.llm.layouts import LAYOUTS
 from bigrec.stages import demo, evaluate, generate
 
@@ -130,12 +131,12 @@ def main() -> None:
     parser.add_argument("--valid_rows", type=int, default=500, help="validation rows that choose the weight")
     parser.add_argument("--test_rows", type=int, default=None, help="only the first N test rows (default: all; "
                                                                    "a claim needs at least 2,000)")
-    parser.add_argument("--candidates", type=int, default=20, help="generate --candidates")
-    parser.add_argument("--search_nodes", type=int, default=3072, help="generate --search_nodes")
+    parser.add_argument("--candidates", type=int, default=CANDIDATES, help="generate --candidates")
+    parser.add_argument("--search_nodes", type=int, default=SEARCH_NODES, help="generate --search_nodes")
     parser.add_argument("--layout", default="window", choices=list(LAYOUTS),
                         help="the layout the model was trained on")
     parser.add_argument("--data", default=None, help="--layout timeline: the timeline-prepared data folder")
-    parser.add_argument("--batch_size", type=int, default=16, help="generate --batch_size")
+    parser.add_argument("--batch_size", type=int, default=GENERATE_BATCH_SIZE, help="generate --batch_size")
     parser.add_argument("--beam_rows", type=int, default=64, help="test rows timed with free beam search (0: none)")
     parser.add_argument("--valid_only", action="store_true",
                         help="rank the validation rows only and write valid_summary.json (to choose between "

@@ -33,6 +33,7 @@ from common import K10
 from bigrec import io
 from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
+from bigrec.llm.defaults import NUM_BEAMS
 
 VARIANTS = {  # file stem -> (decoding, exclude_history)
     "free": ("free", False),
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--index", required=True, help="the item index (built if missing)")
     parser.add_argument("--out", required=True, help="folder for generations and metrics (reused by a rerun)")
     parser.add_argument("--base_model", default="smollm2-135m")
-    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--num_beams", type=int, default=NUM_BEAMS)
     parser.add_argument("--reuse", action="append", default=[], metavar="VARIANT=RESULT",
                         help="a finished generation of a variant with the same settings (copied, not rerun)")
     args = parser.parse_args()

@@ -28,14 +28,17 @@ from pathlib import Path
 import torch
 from bench_generate import reference_generate, reference_model
 
+from bigrec.llm.defaults import DEMO_SEARCH_NODES, PRECISION, SEARCH_NODES
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a finished bigrec demo run folder (adapter, data, inputs)")
     parser.add_argument("--base_model", default="smollm2-135m")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default=PRECISION)
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--nodes", default="512,3072", help="search budgets (title tokens a row), comma-separated")
+    parser.add_argument("--nodes", default=f"{DEMO_SEARCH_NODES},{SEARCH_NODES}",
+                        help="search budgets (title tokens a row), comma-separated: the demo's and generate's")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each attention per budget")
     parser.add_argument("--tree_from", type=int, default=None, help="nodes fed before tree attention (the scorer's default)")
     parser.add_argument("--ref_rows", type=int, default=8, help="rows the reference recipe decodes (0: skip it)")

@@ -23,7 +23,7 @@ from pathlib import Path
 from device import use_working_tree
 from device.inference import title_end_never_stops
 from device.measure import OnDevice, sync
-from device.shapes import SHAPES, TINY_DIMS, build_model, make_rows, make_titles
+from device.shapes import NUM_BEAMS, SHAPES, TINY_DIMS, build_model, make_rows, make_titles
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize",
          "cudaStreamWaitEvent")
@@ -87,18 +87,18 @@ def main() -> None:
     rows = make_rows(args.rows, make_titles(400, seed=1), seed=20)
     prompts = [prompt_for_row(x) for x in rows]
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}; "
-          f"{args.shape}{' (tiny)' if args.tiny else ''}, {args.rows} rows, 4 beams, {args.new_tokens} new tokens")
+          f"{args.shape}{' (tiny)' if args.tiny else ''}, {args.rows} rows, {NUM_BEAMS} beams, {args.new_tokens} new tokens")
     print(f"one small kernel + a host read of its result: {wait_price(device) * 1e6:.0f} us")
     with tempfile.TemporaryDirectory() as tmp:
         base = build_model(Path(tmp) / "model", arch, dims, 400 if args.tiny else 4000, device)
         model, tok = load_model(base, "auto", device=device)
         model.generation_config.min_new_tokens = args.new_tokens
         with title_end_never_stops():
-            profile("bigrec generate_ids", lambda: generate_ids(model, tok, prompts, 4, args.new_tokens), device,
+            profile("bigrec generate_ids", lambda: generate_ids(model, tok, prompts, NUM_BEAMS, args.new_tokens), device,
                     args.top)
         on_device = OnDevice(tok, device)
         profile("plain model.generate (the reference)",
-                lambda: reference_generate(model, on_device, prompts, 4, args.new_tokens), device, args.top)
+                lambda: reference_generate(model, on_device, prompts, NUM_BEAMS, args.new_tokens), device, args.top)
 
 
 if __name__ == "__main__":

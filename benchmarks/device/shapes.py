@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
 
+from device import REPO
 from device.measure import free_memory
+
+
+def _bigrec_defaults():
+    """bigrec's shared defaults (``src/bigrec/llm/defaults.py``), loaded by path: importing this module
+    must not need bigrec on the import path (``use_working_tree`` puts it there later)."""
+    spec = importlib.util.spec_from_file_location("bigrec_defaults", REPO / "src" / "bigrec" / "llm" / "defaults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DEFAULTS = _bigrec_defaults()
 
 # name -> (architecture, config values)
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -34,10 +48,10 @@ SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-NUM_BEAMS = 4
+NUM_BEAMS = DEFAULTS.NUM_BEAMS  # free beam search: bigrec generate's default
 
 
-CANDIDATES, SEARCH_NODES = 20, 3072  # likelihood ranking: bigrec generate's defaults
+CANDIDATES, SEARCH_NODES = DEFAULTS.CANDIDATES, DEFAULTS.SEARCH_NODES  # likelihood ranking: bigrec generate's defaults
 
 
 # micro-batches of the packed training sweep per shape (each fits an 80 GiB GPU without checkpointing)

@@ -19,6 +19,15 @@ import yaml
 
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
 from bigrec.io import InputError, read_json, write_yaml
+from bigrec.llm.defaults import (
+    DECODING,
+    EXCLUDE_HISTORY,
+    MAX_NEW_TOKENS,
+    NUM_BEAMS,
+    PRECISION,
+    PRIOR_WEIGHT,
+    SEARCH_NODES,
+)
 from bigrec.llm.layouts import LAYOUTS, get_layout
 
 MANIFEST = "run.yaml"
@@ -38,22 +47,22 @@ class RunManifest:
     domain: str | dict = "movie"  # prompt wording: a DOMAINS name, or {plural, singular, verb} (prepared_domain)
     prompt_template: str = "alpaca"
     prompt_titles: str = "catalogue"  # titles in prompts as the catalogue writes them, or "natural" (bigrec prepare)
-    precision: str = "auto"
+    precision: str = PRECISION
     pooling: str = "last"  # how the index and the generations are embedded (bigrec.grounding.embedding.Grounding)
     embed_layer: int = -1
     title_text: str = "bare"
-    num_beams: int = 4
-    max_new_tokens: int = 64
+    num_beams: int = NUM_BEAMS  # free: beams per request
+    max_new_tokens: int = MAX_NEW_TOKENS  # free: most generated tokens
     ci_gamma: float | None = None  # gamma for SASRec re-weighting, chosen on validation
     use_ci: bool = False  # the ranking recommend/serve give by default: the better on validation NDCG@10
     ci_blend_weight: float | None = None  # set: CI re-weights as the blend (1-w) minmax(d) - w minmax(s), not the paper's
     ranking_note: str | None = None  # how that choice was made, shown with every recommendation
     popularity_gamma: float | None = None
     layout: str = "window"  # the training text's layout (bigrec.llm.layouts): how prompts and titles are written
-    decoding: str = "free"  # free: beam search + L2 grounding (the paper's); likelihood: every title by its log-probability
-    prior_weight: float = 0.0  # likelihood: minus this times log p(title | an empty history)
-    search_nodes: int = 3072  # likelihood: the most title tokens a history's search feeds the model
-    exclude_history: bool = False  # leave the history's titles out where a request does not say
+    decoding: str = DECODING  # free: beam search + L2 grounding (the paper's); likelihood: every title by its log-probability
+    prior_weight: float = PRIOR_WEIGHT  # likelihood: minus this times log p(title | an empty history)
+    search_nodes: int = SEARCH_NODES  # likelihood: the most title tokens a history's search feeds the model
+    exclude_history: bool = EXCLUDE_HISTORY  # leave the history's titles out where a request does not say
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("decoding", self.decoding, DECODINGS), ("layout", self.layout, LAYOUTS)):

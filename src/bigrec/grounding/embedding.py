@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bigrec.data.prompts import natural_title
+from bigrec.llm.defaults import EMBED_BATCH_SIZE
 
 POOLINGS = ("last", "mean")
 
@@ -73,7 +74,7 @@ REFERENCE = Grounding()
 
 
 
-def embed_texts(model, tokenizer, texts: list[str], batch_size: int = 64,
+def embed_texts(model, tokenizer, texts: list[str], batch_size: int = EMBED_BATCH_SIZE,
                 grounding: Grounding = REFERENCE) -> torch.Tensor:
     """One vector per text, as ``grounding`` says -> [len(texts), D] float32.
 

@@ -20,6 +20,7 @@ import torch
 from bigrec import io
 from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.grounding.embedding import REFERENCE, Grounding, embed_texts
+from bigrec.llm.defaults import EMBED_BATCH_SIZE, PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def check_index(path: str | Path, meta: dict[str, str], embeddings: torch.Tensor
 
 
 
-def ensure_index(base_model: str, catalog_path: str | Path, cache_path: str | Path, precision: str = "auto",
-                 *, model=None, tokenizer=None, batch_size: int = 64, overwrite: bool = False,
+def ensure_index(base_model: str, catalog_path: str | Path, cache_path: str | Path, precision: str = PRECISION,
+                 *, model=None, tokenizer=None, batch_size: int = EMBED_BATCH_SIZE, overwrite: bool = False,
                  grounding: Grounding = REFERENCE) -> torch.Tensor:
     """Item embeddings [N, D]: a matching index at ``cache_path`` is reused, else built and saved.
 

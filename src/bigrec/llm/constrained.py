@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from bigrec.llm.defaults import CF_WEIGHT, CONSTRAINED_BEAMS, GHOST_THRESHOLD, LENGTH_PENALTY
 from bigrec.llm.kv_cache import cache_kwarg, shared_prompt
 from bigrec.llm.trie import Trie
 
@@ -68,7 +69,7 @@ class TrieLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, trie: Trie, prompt_len: int, num_beams: int, cf_values: torch.Tensor | None = None,
-                 cf_weight: float = 0.0, banned: torch.Tensor | None = None):
+                 cf_weight: float = CF_WEIGHT, banned: torch.Tensor | None = None):
         self.trie = trie
         self.banned = banned  # [rows, M + 1] bool: leaves (titles) a row may not end on
         self.prompt_len = prompt_len
@@ -178,10 +179,10 @@ def beam_search_only(model) -> Iterator[None]:
         model.generation_config = own
 
 
-def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, num_beams: int = 10,
-                         batch_size: int = 4, length_penalty: float = 1.0, length_correction: bool = False,
-                         cf_scores: torch.Tensor | None = None, cf_weight: float = 0.0,
-                         max_new_tokens: int | None = None, ghost_threshold: float = 0.99,
+def constrained_generate(model, tokenizer, prompts: Sequence[str], trie: Trie, num_beams: int = CONSTRAINED_BEAMS,
+                         batch_size: int = 4, length_penalty: float = LENGTH_PENALTY, length_correction: bool = False,
+                         cf_scores: torch.Tensor | None = None, cf_weight: float = CF_WEIGHT,
+                         max_new_tokens: int | None = None, ghost_threshold: float = GHOST_THRESHOLD,
                          share_prompt_cache: bool = True, stats: dict | None = None,
                          prefill_dtype: torch.dtype | None = None,
                          exclude_items: Sequence[Sequence[int]] | None = None) -> list[list[Beam]]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from bigrec.llm.defaults import LENGTH_PENALTY
 from bigrec.llm.kv_cache import cache_kwarg, shared_prompt
 
 
@@ -119,7 +120,7 @@ class TokenMarks:
 
 
 def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
-                 length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None,
+                 length_penalty: float = LENGTH_PENALTY, prefill_dtype: torch.dtype | None = None,
                  stop_token_id: int | None = None) -> torch.Tensor:
     """Generated token ids [len(prompts) * num_beams, T], beams of a row together, best first.
 
@@ -148,7 +149,7 @@ def generate_ids(model, tokenizer, prompts: list[str], num_beams: int, max_new_t
 
 
 def generate_batch(model, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
-                   length_penalty: float = 1.0, prefill_dtype: torch.dtype | None = None,
+                   length_penalty: float = LENGTH_PENALTY, prefill_dtype: torch.dtype | None = None,
                    stop_token_id: int | None = None) -> list[list[str]]:
     """``num_beams`` titles per prompt, each cut at the end of its title (or at ``stop_token_id``)."""
     ids = generate_ids(model, tokenizer, prompts, num_beams, max_new_tokens, length_penalty, prefill_dtype,

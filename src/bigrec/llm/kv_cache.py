@@ -15,6 +15,8 @@ import inspect
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from bigrec.llm.defaults import MAX_NEW_TOKENS
+
 
 def common_prefix(enc, pad_token_id: int) -> tuple[dict, int]:
     """Left-padded prompts re-laid as ``[shared prefix][padding][rest]`` -> (encoding, prefix length).
@@ -65,7 +67,7 @@ def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens:
 
 
 
-def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = 64, prefix_len: int = 0):
+def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = MAX_NEW_TOKENS, prefix_len: int = 0):
     """KV cache of the prompts without their last token, encoded once and shared by ``num_beams`` beams.
 
     Position ids follow the mask exactly as ``generate`` derives them, so ``generate(...,

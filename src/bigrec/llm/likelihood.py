@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from bigrec.llm.defaults import SEARCH_NODES
 from bigrec.llm.kv_cache import SharedPromptLayer, cache_kwarg, decoder_of
 from bigrec.llm.trie import Trie
 
@@ -392,7 +393,7 @@ class TitleScorer:
 
     def rank(self, prompts: Sequence[str], top: int, prior: Sequence[torch.Tensor | None] | None = None,
              excluded: Sequence[Sequence[int]] | None = None, step_nodes: int = 24,
-             max_nodes: int = 3072) -> list[Ranking]:
+             max_nodes: int = SEARCH_NODES) -> list[Ranking]:
         """The ``top`` best titles for each prompt, by a best-first search of the trie.
 
         ``prior``: per row, w * log p(title | no history) to subtract (None: none). ``excluded``:

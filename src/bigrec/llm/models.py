@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from bigrec.llm.defaults import PRECISION
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -202,7 +204,7 @@ def _pick_pad_token(tokenizer) -> str | None:
     return None
 
 
-def load_model(base_model: str, precision: str = "auto", lora_weights: str | None = None,
+def load_model(base_model: str, precision: str = PRECISION, lora_weights: str | None = None,
                device: str | None = None, for_training: bool = False,
                attn_implementation: str | None = None, phase: str = "embed") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a folder, hub id or bundled name (resolved here).

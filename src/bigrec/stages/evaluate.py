@@ -63,6 +63,7 @@ from bigrec.grounding.index import ensure_index
 from bigrec.grounding.options import grounding_of, layer_option, pooling_option, title_text_option
 from bigrec.grounding.ranking import ground, ground_results, last_title_ranks
 from bigrec.grounding.reweighting import popularity_scores, reweighted
+from bigrec.llm.defaults import EMBED_BATCH_SIZE, EXCLUDE_HISTORY, PRECISION
 from bigrec.llm.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,13 @@ class Config:
     ground_beams: int = option(1, "free decoding: rank every item by its distance to the nearest of the first N "
                                   "beams (ties in beam order); 1 = the paper's top generation only", minimum=1)
     index_path: str | None = option(None, "item index to reuse or build (default: beside --output)")
-    precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
-    batch_size: int = option(64, "texts per embedding forward pass", minimum=1)
+    precision: str = option(PRECISION, "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+    batch_size: int = option(EMBED_BATCH_SIZE, "texts per embedding forward pass", minimum=1)
     pooling: str = pooling_option()
     embed_layer: int = layer_option()
     title_text: str = title_text_option()
-    exclude_history: bool = option(False, "leave each row's history items out of the ranking (the reference "
-                                          "ranks them); needs rows with history_item_id")
+    exclude_history: bool = option(EXCLUDE_HISTORY, "leave each row's history items out of the ranking (the reference "
+                                                    "ranks them); needs rows with history_item_id")
     last_title: bool = option(False, "also rank by the user's last history title, grounded the same way: a "
                                      "content baseline with no generation")
     report: bool = option(False, "also write OUTPUT.html: the tables with intervals, diagnostics and the plot in "

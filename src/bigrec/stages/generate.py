@@ -23,6 +23,20 @@ from bigrec.config import option, to_dict
 from bigrec.data.prompts import TEMPLATES
 from bigrec.io import InputError
 from bigrec.llm.decoders import DECODINGS, layout_of, make_decoder
+from bigrec.llm.defaults import (
+    CANDIDATES,
+    CF_WEIGHT,
+    DECODING,
+    EXCLUDE_HISTORY,
+    GENERATE_BATCH_SIZE,
+    GHOST_THRESHOLD,
+    LENGTH_PENALTY,
+    MAX_NEW_TOKENS,
+    NUM_BEAMS,
+    PRECISION,
+    PRIOR_WEIGHT,
+    SEARCH_NODES,
+)
 from bigrec.llm.layouts import LAYOUTS
 from bigrec.llm.models import DEFAULT_MODEL, adapter_sha256, model_fingerprint, resolve_dtype
 
@@ -37,22 +51,22 @@ class Config:
     result_json_data: str = option(help="where to write the rows with 'predict' added (JSON)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or bundled name")
     lora_weights: str | None = option(None, "LoRA adapter folder (merged into the base model)")
-    batch_size: int = option(16, "rows per generate call (each row runs num_beams beams)", minimum=1)
-    num_beams: int = option(4, "beams per row; all of them are returned", minimum=1)
-    max_new_tokens: int = option(64, "upper bound on generated tokens; beams normally stop at the title's end", minimum=1)
+    batch_size: int = option(GENERATE_BATCH_SIZE, "rows per generate call (each row runs num_beams beams)", minimum=1)
+    num_beams: int = option(NUM_BEAMS, "beams per row; all of them are returned", minimum=1)
+    max_new_tokens: int = option(MAX_NEW_TOKENS, "upper bound on generated tokens; beams normally stop at the title's end", minimum=1)
     limit: int | None = option(None, "only the first N rows", minimum=1)
-    precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
-    decoding: str = option("free", "free beam search (the paper's), constrained to catalogue titles, or "
-                                   "likelihood: every title ranked by its log-probability", choices=list(DECODINGS))
-    candidates: int = option(20, "likelihood: titles ranked per row, by a best-first search of the trie that "
-                                 "stops once they are certain (predict_certified says where it did); metrics at "
-                                 "a larger K count only these", minimum=1,
+    precision: str = option(PRECISION, "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+    decoding: str = option(DECODING, "free beam search (the paper's), constrained to catalogue titles, or "
+                                     "likelihood: every title ranked by its log-probability", choices=list(DECODINGS))
+    candidates: int = option(CANDIDATES, "likelihood: titles ranked per row, by a best-first search of the trie that "
+                                         "stops once they are certain (predict_certified says where it did); metrics at "
+                                         "a larger K count only these", minimum=1,
                              keyed_at_default=False)
-    search_nodes: int = option(3072, "likelihood: the most title tokens a row's search feeds the model; beyond it "
-                                     "titles not yet reached are placed by their prefix's bound", minimum=1,
+    search_nodes: int = option(SEARCH_NODES, "likelihood: the most title tokens a row's search feeds the model; beyond it "
+                                             "titles not yet reached are placed by their prefix's bound", minimum=1,
                                keyed_at_default=False)
-    prior_weight: float = option(0.0, "likelihood and constrained: subtract this times log p(title | an empty "
-                                      "history) (constrained: as item scores through the trie, like --cf_scores)",
+    prior_weight: float = option(PRIOR_WEIGHT, "likelihood and constrained: subtract this times log p(title | an empty "
+                                               "history) (constrained: as item scores through the trie, like --cf_scores)",
                                  keyed_at_default=False)
     catalog: str | None = option(None, "constrained: catalogue file; None: id2name.txt beside --test_data_path")
     prompt_template: str = option("alpaca", "prompt the model was trained on: alpaca (bigrec, reference BIGRec) "
@@ -60,18 +74,18 @@ class Config:
                                   choices=list(TEMPLATES))
     category: str | None = option(None, "d3 template: the category word of the prompt, e.g. 'video games'; "
                                         "None: each row's 'category'")
-    length_penalty: float = option(1.0, "beam scores are divided by length ** length_penalty")
+    length_penalty: float = option(LENGTH_PENALTY, "beam scores are divided by length ** length_penalty")
     length_correction: bool = option(False, "constrained: D3's length correction (near-certain tokens do not "
                                             "count towards the length)")
-    ghost_threshold: float = option(0.99, "constrained, with --length_correction: tokens of at least this "
-                                          "probability are not counted")
+    ghost_threshold: float = option(GHOST_THRESHOLD, "constrained, with --length_correction: tokens of at least this "
+                                                     "probability are not counted")
     cf_scores: str | None = option(None, "constrained: a `bigrec baseline` score file (scores/*.safetensors) for "
                                          "these rows, to guide the search (D3's text-free assistant)")
-    cf_weight: float = option(0.0, "constrained: weight of the CF log-scores added to the beam scores")
-    exclude_history: bool = option(False, "recommend something new: never return a title of the row's own history "
-                                          "(history_item_id); constrained decoding masks those titles per row, free "
-                                          "decoding drops beams that copy one and reruns a row whose every beam "
-                                          "did with 2x, then 4x the beams", keyed_at_default=False)
+    cf_weight: float = option(CF_WEIGHT, "constrained: weight of the CF log-scores added to the beam scores")
+    exclude_history: bool = option(EXCLUDE_HISTORY, "recommend something new: never return a title of the row's own history "
+                                                    "(history_item_id); constrained decoding masks those titles per row, free "
+                                                    "decoding drops beams that copy one and reruns a row whose every beam "
+                                                    "did with 2x, then 4x the beams", keyed_at_default=False)
     layout: str = option("window", "the layout the model was trained on and the rows were prepared in (prepare "
                                    "--layout); timeline: the prompt is the history as timeline lines, a title ends "
                                    "at the line's separator", choices=list(LAYOUTS), keyed_at_default=False)

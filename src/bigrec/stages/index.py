@@ -13,6 +13,7 @@ from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.grounding.index import ensure_index
 from bigrec.grounding.options import grounding_of, layer_option, pooling_option, title_text_option
+from bigrec.llm.defaults import EMBED_BATCH_SIZE, PRECISION
 from bigrec.llm.models import DEFAULT_MODEL
 
 
@@ -21,8 +22,8 @@ class Config:
     catalog: str = option(help="catalogue file (id2name.txt: title<TAB>id lines)")
     output: str = option(help="index file to write (safetensors)")
     base_model: str = option(DEFAULT_MODEL, "base model that embeds the titles (no adapter, as the reference)")
-    precision: str = option("auto", "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
-    batch_size: int = option(64, "titles per forward pass")
+    precision: str = option(PRECISION, "auto (bf16 where native, else fp32), fp32, bf16 or fp16")
+    batch_size: int = option(EMBED_BATCH_SIZE, "titles per forward pass")
     pooling: str = pooling_option()
     embed_layer: int = layer_option()
     title_text: str = title_text_option()

@@ -44,6 +44,15 @@ from bigrec.grounding.options import (
     title_text_option,
 )
 from bigrec.io import InputError, staged_dir, write_yaml
+from bigrec.llm.defaults import (
+    DECODING,
+    EXCLUDE_HISTORY,
+    MAX_NEW_TOKENS,
+    NUM_BEAMS,
+    PRECISION,
+    PRIOR_WEIGHT,
+    SEARCH_NODES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +67,14 @@ class Config:
     out: str = option(help="the run folder to write (replaced whole; an existing folder must be a run folder)")
     base_model: str | None = option(None, "LoRA: the base model, where the path the train record names is gone "
                                           "(checked against the recorded weights' hash)")
-    decoding: str = option("free", "free: beam search, then every item by L2 distance (the paper's); likelihood: "
-                                   "every title by its log-probability given the history", choices=list(DECODINGS))
-    num_beams: int = option(4, "free: beams per request", minimum=1)
-    max_new_tokens: int = option(64, "free: most generated tokens", minimum=1)
-    search_nodes: int = option(3072, "likelihood: the most title tokens a history's search feeds the model "
-                                     "(as bigrec generate --search_nodes)", minimum=1)
-    prior_weight: float = option(0.0, "likelihood: minus this times log p(title | an empty history)", minimum=0)
-    exclude_history: bool = option(False, "leave the history's titles out unless a request says otherwise")
+    decoding: str = option(DECODING, "free: beam search, then every item by L2 distance (the paper's); likelihood: "
+                                     "every title by its log-probability given the history", choices=list(DECODINGS))
+    num_beams: int = option(NUM_BEAMS, "free: beams per request", minimum=1)
+    max_new_tokens: int = option(MAX_NEW_TOKENS, "free: most generated tokens", minimum=1)
+    search_nodes: int = option(SEARCH_NODES, "likelihood: the most title tokens a history's search feeds the model "
+                                             "(as bigrec generate --search_nodes)", minimum=1)
+    prior_weight: float = option(PRIOR_WEIGHT, "likelihood: minus this times log p(title | an empty history)", minimum=0)
+    exclude_history: bool = option(EXCLUDE_HISTORY, "leave the history's titles out unless a request says otherwise")
     precision: str | None = option(None, "auto, fp32, bf16 or fp16 (default: the one the model was trained in)",
                                    choices=["auto", "fp32", "bf16", "fp16"])
     sasrec: str | None = option(None, "a `bigrec baseline --model sasrec` folder on the same data, for the page's "
@@ -126,7 +135,7 @@ def read_train(train_dir: Path, base_override: str | None) -> Trained:
     for key, kind in (("lora", bool), ("base_model", str)):
         if not isinstance(config.get(key), kind):
             raise InputError(f"{path}: config.{key} is missing or not a {kind.__name__}")
-    layout, precision = config.get("layout", "window"), config.get("precision", "auto")
+    layout, precision = config.get("layout", "window"), config.get("precision", PRECISION)
     if config["lora"]:
         if not (train_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{train_dir}/adapter_config.json: not found, though {path} says config.lora: true")
