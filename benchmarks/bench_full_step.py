@@ -1,16 +1,16 @@
-"""Full fine-tuning speed (`--config full-data`): today's step against the defaults and the reference's way, one run.
+"""Full fine-tuning speed (`demo --config full-data`'s training): the step before, now and the reference's way, one run.
 
     .venv/bin/python benchmarks/bench_full_step.py [--data DIR] [--base_model smollm2-135m] [--steps 4]
         [--chunks 16] [--settings before,now,reference] [--workdir /tmp/bench_full_step]
 
-Every setting trains ``--steps`` optimizer steps of ``bigrec train --config full-data`` (every
-weight, timeline chunks of up to 512 tokens, ``--chunks`` chunks a step) from the same seed, so
-each step sees the same chunks in the same order; each runs in its own process. Settings (only
-what differs from ``full-data.yaml``):
+Every setting trains ``--steps`` optimizer steps of the training ``bigrec demo --config full-data``
+runs (every weight, timeline chunks of up to 512 tokens, ``--chunks`` chunks a step) from the same
+seed, so each step sees the same chunks in the same order; each runs in its own process. Settings
+(only what differs from the demo's training):
 
 * ``before``: the config as it was measured before these defaults: micro-batches of 8 chunks
   (padded to the longest, with an attention mask) and AdamW's multi-tensor kernel.
-* ``now``: ``full-data.yaml`` as it ships.
+* ``now``: as ``full-data.yaml`` ships.
 * ``reference``: the reference's way of computing a step: micro-batches of 4, the model's own loss
   over logits at every position (no ``--sparse_logits``), AdamW's multi-tensor kernel.
 
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -46,26 +47,27 @@ SETTINGS = {
 DEFAULT_SETTINGS = ("before", "now", "reference")
 
 
-def full_data_settings() -> dict:
-    from bigrec.config import load_yaml
-
-    return load_yaml("full-data")
-
-
 def child(args) -> None:
-    from bigrec.stages.train import LOG_NAME, Config, run
+    import dataclasses
 
-    settings = {**full_data_settings(), **SETTINGS[args.child]}
-    settings.pop("snapshot_epochs", None)
+    from bigrec.config import build, load_yaml
+    from bigrec.stages import demo
+    from bigrec.stages.train import LOG_NAME, run
+
     out = Path(args.workdir) / args.child
-    config = Config(base_model=args.base_model, train_data_path=[str(Path(args.data) / "train.json")],
-                    val_data_path=[], output_dir=str(out), resume_from_checkpoint="false",
-                    **{**settings, "batch_size": args.chunks, "max_steps": args.steps, "save_steps": 10 ** 6,
-                       "val_sample": -1})
+    # the training `bigrec demo --config full-data` runs, on this data, for --steps steps of --chunks chunks
+    recipe = build(demo.Config, {**load_yaml("full-data"), "base_model": args.base_model})
+    config = dataclasses.replace(
+        demo.train_config(recipe, demo.Paths(out)), train_data_path=[str(Path(args.data) / "train.json")],
+        val_data_path=[], output_dir=str(out), resume_from_checkpoint="false", batch_size=args.chunks,
+        max_steps=args.steps, save_steps=10 ** 6, snapshot_epochs=[], **SETTINGS[args.child])
+    config.validate()
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: no log or checkpoint of an earlier one
     run(config)
     logs = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     steps = [r for r in logs if "loss" in r and "step" in r]
-    result = {"settings": settings, "steps": steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    result = {"settings": {"micro_batch_size": config.micro_batch_size}, "steps": steps,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "compute": yaml.safe_load((out / "config.yaml").read_text())["run"]["compute_dtype"]}
     Path(args.result).write_text(json.dumps(result))
 

@@ -38,7 +38,7 @@ SMALL: dict[str, list[str]] = {
     "bench_decoding_quality": ["--run", "{run}", "--rows", "6", "--valid_rows", "4", "--cf_weights", "1"],
     "bench_evaluate": ["--rows", "32", "--data", "{run}/data", "--base_model", "{model}",
                        "--workdir", "{work}/evaluate"],
-    "bench_full_step": ["--source", "{source}", "--base_model", "{model}", "--steps", "3", "--chunks", "4",
+    "bench_full_step": ["--source", "{source}", "--base_model", "{model}", "--steps", "3", "--chunks", "8",
                         "--workdir", "{work}/full_step"],
     "bench_generate": ["--rows", "4", "--test_data", "{run}/data/test_5000.json", "--base_model", "{model}",
                        "--lora_weights", "{run}/adapter", "--max_new_tokens", "8", "--ref_max_new_tokens", "8"],

@@ -77,13 +77,18 @@ def test_a_float_option_must_be_a_finite_number(tmp_path, capsys, value):
     assert str(config) in err and "learning_rate" in err and "not a finite number" in err
 
 
-def test_shipped_full_data_config_trains_every_weight_on_every_user():
-    from bigrec.stages.train import Config as TrainConfig
+def test_shipped_full_data_config_is_the_demo_that_trains_every_weight_on_every_user(tmp_path):
+    from bigrec.stages import demo
 
-    cfg = parse(TrainConfig, ["--config", "full-data", "--train_data_path", "t.json", "--output_dir", "o"])
-    assert (cfg.layout, cfg.lora, cfg.sample, cfg.num_epochs) == ("timeline", False, -1, 5)
-    assert cfg.snapshot_epochs == [1, 2, 3, 4, 5] and cfg.early_stopping_patience == 0
-    assert parse(TrainConfig, ["--config", "full-data", "--train_data_path", "t.json", "--lora", "true"]).lora
+    cfg = parse(DemoConfig, ["--config", "full-data", "--run_dir", str(tmp_path / "run")])
+    assert (cfg.layout, cfg.lora, cfg.sample, cfg.num_epochs, cfg.select_epoch) == ("timeline", False, -1, 5, True)
+    assert cfg.decoding == "likelihood" and cfg.early_stopping_patience == 0
+    train = demo.train_config(cfg, demo.Paths(tmp_path / "run"))  # what bigrec train runs for it
+    assert (train.layout, train.lora, train.sample, train.micro_batch_size) == ("timeline", False, -1, 1)
+    assert train.snapshot_epochs == [1, 2, 3, 4, 5] and train.output_dir == str(tmp_path / "run" / "model")
+    assert parse(DemoConfig, ["--config", "full-data", "--lora", "true"]).lora  # flags override it
+    with pytest.raises(ConfigError, match="select_epoch"):
+        parse(DemoConfig, ["--config", "full-data", "--decoding", "free"])
 
 
 @pytest.mark.parametrize(("name", "field", "value"), [("demo-4096", "sample", 4096), ("demo-2ep", "num_epochs", 2),

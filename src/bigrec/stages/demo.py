@@ -45,7 +45,17 @@ class Config:
     dataset: str = option("ml-100k", "dataset for `bigrec prepare` (ml-100k and ml-1m work offline)")
     source: str | None = option(None, "local copy of the dataset (see `bigrec prepare --source`)")
     base_model: str = option(DEFAULT_MODEL, "base model: folder, hub id or the bundled 'smollm2-135m'")
-    sample: int = option(1024, "training examples drawn from train.json (the paper's few-shot setting)")
+    sample: int = option(1024, "training examples drawn from train.json (the paper's few-shot setting); with "
+                               "--layout timeline, users; -1 = all")
+    layout: str = option("window", "the training text's layout: window (one prompt per example, the paper's) or "
+                                   "timeline (each user's history as one text, loss on every target)",
+                         choices=["window", "timeline"], keyed_at_default=False)
+    lora: bool = option(True, "tune a LoRA adapter; false = every weight (full fine-tuning)", keyed_at_default=False)
+    select_epoch: bool = option(False, "keep a snapshot after every epoch, rank the validation rows by likelihood "
+                                       "with each, and use the epoch with the best validation NDCG@10",
+                                keyed_at_default=False)
+    save_steps: int = option(10, "training: a resumable checkpoint every N optimizer steps", minimum=1,
+                             changes_output=False)
     prompt_titles: str = option("catalogue", "titles in prompts and answers: as the catalogue writes them (the "
                                              "reference) or natural ('The Shining (1980)')",
                                 choices=["catalogue", "natural"])
@@ -108,6 +118,11 @@ class Config:
             raise ConfigError(f"--prior_weight must be at least 0, got {self.prior_weight}")
         if self.prior_weight and "likelihood" not in decodings_of(self):
             raise ConfigError("--prior_weight applies to --decoding likelihood (or all)")
+        if self.select_epoch and "likelihood" not in decodings_of(self):
+            raise ConfigError("--select_epoch ranks validation rows by likelihood: add likelihood to --decoding")
+        if self.adapter is not None and (not self.lora or self.select_epoch):
+            raise ConfigError("--adapter is a LoRA adapter trained elsewhere: it takes neither --lora false nor "
+                              "--select_epoch")
 
     def likelihood_options(self, decoding: str) -> dict:
         """The prior and the history exclusion a decoding ranks with: generation and run.yaml alike."""
@@ -122,11 +137,13 @@ CONTENT = "Last history title (content)"
 
 
 def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, Path], sample: int,
-                 reference_path: Path | None, fewshot_paths: dict[str, Path] | None = None) -> dict:
+                 reference_path: Path | None, fewshot_paths: dict[str, Path] | None = None,
+                 few_shot: str | None = None) -> dict:
     """Every method's per-row ranks on the demo's test rows under one protocol (the evaluate
     outputs say which): metrics, intervals, the paired differences the paper's claims rest on,
     and the evaluation details per decoding (``infos``). ``fewshot_paths``: per decoding, the
-    evaluation re-weighted by the few-shot SASRec's scores."""
+    evaluation re-weighted by the few-shot SASRec's scores; ``few_shot``: the few-shot SASRec's
+    label (default: it trained on the same ``sample`` rows as BIGRec)."""
     import torch
 
     from bigrec.data.catalog import read_catalog, row_target
@@ -140,7 +157,7 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     cmp = Comparison(len(test_rows))
     infos: dict[str, dict] = {}
     exclude = None
-    few_shot = f"SASRec (same {sample} examples)"
+    few_shot = few_shot or f"SASRec (same {sample} examples)"
     for decoding, metrics_path in metrics_paths.items():
         details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
         if details.get("exclude_history"):
@@ -240,7 +257,12 @@ class Paths:
     def __init__(self, run: Path):
         self.run = run
         self.data, self.adapter, self.results = run / "data", run / "adapter", run / "results"
+        self.model = run / "model"  # a fully tuned model (--lora false)
         self.index = run / "index.safetensors"
+
+    def tuned(self, cfg: Config) -> Path:
+        """The training's output folder: the adapter, or the fully tuned model."""
+        return self.adapter if cfg.lora else self.model
 
     def inputs(self, split: str) -> Path:
         return self.run / "inputs" / f"{split}.json"
@@ -261,14 +283,101 @@ def decodings_of(cfg: Config) -> list[str]:
                               for d in named.get(part.strip(), [part.strip()])))
 
 
-def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> None:
-    """prepare -> the test and validation inputs -> LoRA tuning -> generation for each decoding and split."""
-    from bigrec.stages import generate, prepare, train
+@dataclass(frozen=True)
+class Tuned:
+    """The tuned model generation and grounding use: a LoRA adapter on the base model, or a fully
+    tuned model folder; with ``--select_epoch``, the snapshot of the epoch chosen on validation."""
+
+    base_model: str  # what generation loads (the tuned folder itself after full fine-tuning)
+    adapter: str | None  # the LoRA adapter folder; None after full fine-tuning
+    epoch: int | None  # the chosen epoch, or None (the end of training)
+
+    def generation(self) -> dict:
+        return {"base_model": self.base_model, "lora_weights": self.adapter}
+
+
+def train_config(cfg: Config, paths: Paths):
+    """``bigrec train``'s config for the demo's tuning (also what ``bench_full_step`` times)."""
+    from bigrec.stages import train
+
+    return train.Config(
+        base_model=cfg.base_model, train_data_path=[str(paths.data / "train.json")],
+        val_data_path=[str(paths.data / "valid.json")], val_sample=cfg.val_rows, output_dir=str(paths.tuned(cfg)),
+        sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+        num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
+        precision=cfg.precision, group_by_length=cfg.group_by_length,
+        early_stopping_patience=cfg.early_stopping_patience, warmup_steps=warmup_steps(cfg), layout=cfg.layout,
+        lora=cfg.lora, save_steps=cfg.save_steps,
+        snapshot_epochs=list(range(1, cfg.num_epochs + 1)) if cfg.select_epoch else [])
+
+
+def generate_config(cfg: Config, paths: Paths, tuned: Tuned, decoding: str, split: str, result: Path):
+    from bigrec.stages import generate
+
+    return generate.Config(
+        test_data_path=str(paths.inputs(split)), result_json_data=str(result), **tuned.generation(),
+        batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens, precision=cfg.precision, decoding=decoding,
+        num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams, layout=cfg.layout,
+        catalog=str(paths.data / "id2name.txt") if decoding != "free" else None, **cfg.likelihood_options(decoding),
+        **({"search_nodes": cfg.search_nodes} if decoding == "likelihood" else {}),
+        discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
+
+
+def candidates_ndcg(path: Path, catalog_path: Path, k: int = 10) -> float:
+    """NDCG@k of a likelihood result file from its ranked candidates alone (``predict_ids``): a
+    target past them scores 0 at any k up to their number."""
+    from bigrec.data.catalog import read_catalog
+    from bigrec.evaluation.results import read_results
+
+    results = read_results(path, read_catalog(catalog_path))
+    gains = []
+    for first, targets in zip(results.first, results.targets, strict=True):
+        place = next((i for i, item in enumerate(first) if item in targets), None)
+        gains.append(1 / math.log2(place + 2) if place is not None and place < k else 0.0)
+    return sum(gains) / max(1, len(gains))
+
+
+def choose_epoch(cfg: Config, stages: StageRunner, paths: Paths) -> int:
+    """Rank the validation rows by likelihood with every epoch's snapshot; the epoch with the best
+    NDCG@10 (the earliest on a tie) is the one the test rows are ranked with."""
+    snapshots = paths.tuned(cfg) / "snapshots"
+    ranked = []
+    for epoch in range(1, cfg.num_epochs + 1):
+        folder = snapshots / f"epoch-{epoch}"
+        tuned = Tuned(cfg.base_model, str(folder), epoch) if cfg.lora else Tuned(str(folder), None, epoch)
+        result = paths.results / "epochs" / f"epoch-{epoch}" / "valid.json"
+        gen_cfg = generate_config(cfg, paths, tuned, "likelihood", "valid", result)
+        stages.run(f"generate_valid_likelihood_epoch{epoch}", stage_settings(gen_cfg), [result],
+                   lambda c=gen_cfg: generate_run(c), after=("inputs", "train"))
+        ranked.append(f"generate_valid_likelihood_epoch{epoch}")
+
+    def choose() -> None:
+        ndcg = {epoch: candidates_ndcg(paths.results / "epochs" / f"epoch-{epoch}" / "valid.json",
+                                       paths.data / "id2name.txt") for epoch in range(1, cfg.num_epochs + 1)}
+        best = max(ndcg, key=lambda e: (ndcg[e], -e))
+        io.write_json(paths.run / "epoch.json", {"epoch": best, "valid_ndcg10": ndcg, "valid_rows": cfg.valid_rows})
+        log.info("epoch %d chosen on validation NDCG@10 (%s)", best,
+                 ", ".join(f"epoch {e}: {v:.4f}" for e, v in ndcg.items()))
+
+    stages.run("choose_epoch", {"epochs": cfg.num_epochs}, [paths.run / "epoch.json"], choose, after=tuple(ranked))
+    return int(io.read_json(paths.run / "epoch.json")["epoch"])
+
+
+def generate_run(gen_cfg) -> None:
+    from bigrec.stages import generate
+
+    generate.run(gen_cfg)
+
+
+def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> Tuned:
+    """prepare -> the test and validation inputs -> tuning (LoRA or every weight; with
+    ``--select_epoch``, the epoch chosen on validation) -> generation for each decoding and split."""
+    from bigrec.stages import prepare, train
 
     data = paths.data
     prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source,
                               seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-                              prompt_titles=cfg.prompt_titles)
+                              prompt_titles=cfg.prompt_titles, layout=cfg.layout)
     stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
 
@@ -279,25 +388,20 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> None:
     stages.run("inputs", {"test_rows": cfg.test_rows, "valid_rows": cfg.valid_rows},
                [paths.inputs("test"), paths.inputs("valid")], make_inputs, after=("prepare",))
 
-    train_cfg = train.Config(
-        base_model=cfg.base_model, train_data_path=[str(data / "train.json")],
-        val_data_path=[str(data / "valid.json")], val_sample=cfg.val_rows, output_dir=str(paths.adapter),
-        sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-        num_epochs=cfg.num_epochs, learning_rate=cfg.learning_rate, train_on_inputs=cfg.train_on_inputs,
-        precision=cfg.precision, group_by_length=cfg.group_by_length,
-        early_stopping_patience=cfg.early_stopping_patience,
-        warmup_steps=warmup_steps(cfg))
+    train_cfg = train_config(cfg, paths)
+    tuned_dir = paths.tuned(cfg)
+
     def tune() -> None:
-        # The adapter folder's checkpoints resume only a run of these settings on these rows; train
-        # would refuse another's, and the demo owns the folder, so it starts afresh instead.
-        if paths.adapter.exists() and (other := train.other_run(train_cfg)):
-            log.info("[train] %s holds another run's training (%s): starting afresh", paths.adapter, "; ".join(other))
-            shutil.rmtree(paths.adapter)
+        # The folder's checkpoints resume only a run of these settings on these rows; train would
+        # refuse another's, and the demo owns the folder, so it starts afresh instead.
+        if tuned_dir.exists() and (other := train.other_run(train_cfg)):
+            log.info("[train] %s holds another run's training (%s): starting afresh", tuned_dir, "; ".join(other))
+            shutil.rmtree(tuned_dir)
         train.run(train_cfg)
 
     if cfg.adapter is None:
-        stages.run("train", stage_settings(train_cfg), [paths.adapter / "adapter_config.json"], tune,
-                   after=("prepare",))
+        done = tuned_dir / ("adapter_config.json" if cfg.lora else "config.json")
+        stages.run("train", stage_settings(train_cfg), [done], tune, after=("prepare",))
     else:
         given = Path(cfg.adapter)
         weights = given / "adapter_model.safetensors"
@@ -308,20 +412,28 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> None:
                    [paths.adapter / "adapter_config.json"], lambda: copy_adapter(given, paths.adapter),
                    after=("prepare",))
 
+    after = ("inputs", "train")
+    if cfg.select_epoch:
+        epoch = choose_epoch(cfg, stages, paths)
+        folder = str(tuned_dir / "snapshots" / f"epoch-{epoch}")
+        tuned = Tuned(cfg.base_model, folder, epoch) if cfg.lora else Tuned(folder, None, epoch)
+        after = ("inputs", "train", "choose_epoch")
+    else:
+        tuned = Tuned(cfg.base_model, str(tuned_dir), None) if cfg.lora else Tuned(str(tuned_dir), None, None)
+
     for decoding in decodings_of(cfg):
         for split in ("test", "valid"):
             result = paths.results / decoding / f"{split}.json"
-            gen_cfg = generate.Config(
-                test_data_path=str(paths.inputs(split)), result_json_data=str(result), base_model=cfg.base_model,
-                lora_weights=str(paths.adapter), batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens,
-                precision=cfg.precision, decoding=decoding,
-                num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams,
-                catalog=str(data / "id2name.txt") if decoding != "free" else None,
-                **cfg.likelihood_options(decoding),
-                **({"search_nodes": cfg.search_nodes} if decoding == "likelihood" else {}),
-                discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
+            gen_cfg = generate_config(cfg, paths, tuned, decoding, split, result)
+            if cfg.select_epoch and decoding == "likelihood" and split == "valid":
+                # the chosen epoch has ranked these rows already, with these settings
+                ranked = paths.results / "epochs" / f"epoch-{tuned.epoch}" / "valid.json"
+                stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
+                           lambda src=ranked, dst=result: io.write_json(dst, io.read_json(src)), after=after)
+                continue
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
-                       lambda c=gen_cfg: generate.run(c), after=("inputs", "train"))
+                       lambda c=gen_cfg: generate_run(c), after=after)
+    return tuned
 
 
 def copy_adapter(src: Path, dst: Path) -> None:
@@ -333,24 +445,42 @@ def copy_adapter(src: Path, dst: Path) -> None:
     staging.rename(dst)
 
 
-def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths) -> None:
-    """The item index, popularity, SASRec on every training row and SASRec on BIGRec's sampled rows."""
+def fewshot_rows(cfg: Config) -> int:
+    """The rows the few-shot SASRec trains on: BIGRec's sample, or the demo's 1,024 when BIGRec trains on all."""
+    return cfg.sample if cfg.sample > 0 else 1024
+
+
+def fewshot_label(cfg: Config) -> str:
+    same = "same " if cfg.sample > 0 else ""
+    return f"SASRec ({same}{fewshot_rows(cfg)} examples)"
+
+
+def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) -> None:
+    """The item index, popularity, SASRec on every training row and SASRec on BIGRec's sampled rows
+    (or on 1,024 of them when BIGRec trains on all). The index embeds titles with the model that
+    serves: the base model under a LoRA adapter, the tuned model itself after full fine-tuning."""
     from bigrec.grounding.options import grounding_of, grounding_options
     from bigrec.stages import baseline
     from bigrec.stages import index as index_stage
 
     idx_cfg = index_stage.Config(catalog=str(paths.data / "id2name.txt"), output=str(paths.index),
-                                 base_model=cfg.base_model, precision=cfg.precision, overwrite=True,
+                                 base_model=ground_model(cfg, tuned), precision=cfg.precision, overwrite=True,
                                  **grounding_options(grounding_of(cfg)))
-    stages.run("index", stage_settings(idx_cfg), [paths.index], lambda: index_stage.run(idx_cfg), after=("prepare",))
-    for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, cfg.sample)):
+    after = ("prepare",) if cfg.lora else ("prepare", "train", *(("choose_epoch",) if cfg.select_epoch else ()))
+    stages.run("index", stage_settings(idx_cfg), [paths.index], lambda: index_stage.run(idx_cfg), after=after)
+    for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, fewshot_rows(cfg))):
         b_cfg = baseline.Config(data=str(paths.data), output_dir=str(paths.run / model), model=model.split("_")[0],
                                 seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
         stages.run(model, stage_settings(b_cfg), [paths.scores(model, "test")],
                    lambda c=b_cfg: baseline.run(c), after=("prepare",))
 
 
-def evaluations(cfg: Config, stages: StageRunner, paths: Paths) -> tuple[dict, dict, Path | None]:
+def ground_model(cfg: Config, tuned: Tuned) -> str:
+    """The model whose embeddings ground titles: the base model, or the fully tuned one."""
+    return cfg.base_model if cfg.lora else tuned.base_model
+
+
+def evaluations(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) -> tuple[dict, dict, Path | None]:
     """Every evaluation: per decoding and protocol, BIGRec with popularity and CI (full SASRec) and
     with CI from the few-shot SASRec; the paper's grounding beside ours where they differ.
 
@@ -375,7 +505,7 @@ def evaluations(cfg: Config, stages: StageRunner, paths: Paths) -> tuple[dict, d
             metrics_paths[protocol][decoding] = metrics_path = paths.run / "metrics" / f"bigrec_{decoding}{suffix}.json"
             eval_cfg = evaluate.Config(
                 catalog=catalog, input_dir=str(results / "test.json"), output=str(metrics_path),
-                base_model=cfg.base_model, valid_input_dir=str(results / "valid.json"), **reweighting,
+                base_model=ground_model(cfg, tuned), valid_input_dir=str(results / "valid.json"), **reweighting,
                 index_path=str(paths.index), precision=cfg.precision, last_title=True, ground_beams=cfg.ground_beams,
                 exclude_history=protocol == "unseen", **grounding_options(grounding_of(cfg)))
             stages.run(f"evaluate_{decoding}{suffix}", stage_settings(eval_cfg), [metrics_path],
@@ -395,14 +525,14 @@ def evaluations(cfg: Config, stages: StageRunner, paths: Paths) -> tuple[dict, d
         return metrics_paths, fewshot_paths, None
     reference_path = paths.run / "metrics" / "bigrec_free_reference_grounding.json"
     ref_cfg = evaluate.Config(catalog=catalog, input_dir=str(paths.results / "free" / "test.json"),
-                              output=str(reference_path), base_model=cfg.base_model,
+                              output=str(reference_path), base_model=ground_model(cfg, tuned),
                               index_path=str(paths.run / "index.reference.safetensors"), precision=cfg.precision)
     stages.run("evaluate_free_reference_grounding", stage_settings(ref_cfg), [reference_path],
                lambda: evaluate.run(ref_cfg), after=("generate_test_free", "prepare"))
     return metrics_paths, fewshot_paths, reference_path
 
 
-def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
+def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict], tuned: Tuned) -> None:
     """run.yaml for recommend and serve: the ranking chosen on validation (:func:`default_ranking`);
     their gammas come from the free run when there is one, as they decode freely."""
     from bigrec.app.run_manifest import RunManifest, domain_value, prepared_domain
@@ -410,8 +540,12 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict]) -> None:
 
     gammas_from = infos.get("free") or infos.get("constrained") or infos["likelihood"]
     decoding, use_ci, weight, note = default_ranking(infos)
-    RunManifest(base_model=cfg.base_model, catalog="data/id2name.txt", index="index.safetensors", data="data",
-                adapter="adapter", sasrec="sasrec", domain=domain_value(prepared_domain(run_dir / "data")),
+    def inside(path: str) -> str:  # run.yaml's paths are relative to the run folder
+        return str(Path(path).resolve().relative_to(run_dir.resolve()))
+
+    RunManifest(base_model=cfg.base_model if cfg.lora else inside(tuned.base_model), catalog="data/id2name.txt",
+                index="index.safetensors", data="data", adapter=inside(tuned.adapter) if cfg.lora else None,
+                sasrec="sasrec", domain=domain_value(prepared_domain(run_dir / "data")), layout=cfg.layout,
                 precision=cfg.precision, num_beams=cfg.num_beams, prompt_titles=cfg.prompt_titles,
                 **grounding_options(grounding_of(cfg)),
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
@@ -429,14 +563,15 @@ def run(cfg: Config) -> int:
     paths = Paths(Path(cfg.run_dir))
     paths.run.mkdir(parents=True, exist_ok=True)
     stages = StageRunner(paths.run)
-    tune_and_generate(cfg, stages, paths)
-    index_and_baselines(cfg, stages, paths)
-    metrics_paths, fewshot_paths, reference_path = evaluations(cfg, stages, paths)
+    tuned = tune_and_generate(cfg, stages, paths)
+    index_and_baselines(cfg, stages, paths, tuned)
+    metrics_paths, fewshot_paths, reference_path = evaluations(cfg, stages, paths, tuned)
 
     # Side by side on the same test rows: the baselines' exported scores, aligned by row identity.
     test_rows = io.read_json(paths.inputs("test"))
-    compared = {protocol: side_by_side(paths.run, test_rows, metrics_paths[protocol], cfg.sample,
-                                       reference_path if protocol == "reference" else None, fewshot_paths[protocol])
+    compared = {protocol: side_by_side(paths.run, test_rows, metrics_paths[protocol], fewshot_rows(cfg),
+                                       reference_path if protocol == "reference" else None, fewshot_paths[protocol],
+                                       fewshot_label(cfg))
                 for protocol in PROTOCOLS}
     infos = compared["reference"].pop("infos")  # decoding -> the evaluation details of its test file
     compared["unseen"].pop("infos")
@@ -450,7 +585,7 @@ def run(cfg: Config) -> int:
     io.write_text(paths.run / "report.md", render_report(cfg, table, infos, stages.timings, elapsed,
                                                          format_table(table, TOPK), grounding, compared))
     write_report_html(paths.run, cfg, infos, stages.timings, elapsed, compared, grounding)
-    save_manifest(cfg, paths.run, infos)
+    save_manifest(cfg, paths.run, infos, tuned)
     print(format_table(table, TOPK))
     print(f"\nreport: {paths.run / 'report.md'}   plot: {paths.run / 'metrics' / 'side_by_side.png'}   "
           f"wall time {elapsed / 60:.1f} min")
@@ -464,6 +599,25 @@ def certified_line(share: float, search_nodes: int) -> str:
             "their bound")
 
 
+def tuning_summary(cfg: Config) -> str:
+    """How the model was tuned, in words, with the epoch chosen on validation where one was."""
+    if cfg.adapter is not None:
+        return f"the LoRA adapter from {cfg.adapter} (trained on {cfg.sample} examples)"
+    unit = "users' timelines" if cfg.layout == "timeline" else "examples"
+    rows = f"all training {unit}" if cfg.sample < 0 else f"{cfg.sample} sampled {unit}"
+    loss = ("every target of the timeline" if cfg.layout == "timeline"
+            else "prompt and response" if cfg.train_on_inputs else "the response only")
+    text = (f"{'LoRA' if cfg.lora else 'every weight tuned (full fine-tuning)'} on {rows}, {cfg.num_epochs} epoch(s) "
+            f"at batch {cfg.batch_size}, lr {cfg.learning_rate}, loss on {loss}")
+    chosen = Path(cfg.run_dir) / "epoch.json"
+    if cfg.select_epoch and chosen.is_file():
+        record = io.read_json(chosen)
+        scores = ", ".join(f"epoch {e}: {v:.4f}" for e, v in record["valid_ndcg10"].items())
+        text += (f"; epoch {record['epoch']} chosen on the validation rows' likelihood NDCG@10 "
+                 f"({record['valid_rows']} rows; {scores})")
+    return text
+
+
 def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: float) -> str:
     """The report's first paragraph: data, model, training, rows, decodings, grounding, wall time."""
     beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding"
@@ -475,9 +629,7 @@ def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: fl
                            + (f", minus {cfg.prior_weight} x its no-history log-probability" if cfg.prior_weight
                               else "")
                            + (", the row's history titles left out" if cfg.likelihood_new_titles else "")}
-    tuning = (f"LoRA on {cfg.sample} sampled examples, {cfg.num_epochs} epoch(s) at batch {cfg.batch_size}, "
-              f"lr {cfg.learning_rate}, loss on {'prompt and response' if cfg.train_on_inputs else 'the response only'}"
-              if cfg.adapter is None else f"the LoRA adapter from {cfg.adapter} (trained on {cfg.sample} examples)")
+    tuning = tuning_summary(cfg)
     return (f"Dataset {cfg.dataset}, base model {cfg.base_model}, {tuning}; "
             f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
             f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.")
