@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from bigrec.llm.defaults import PRECISION
+
 RECIPES = ("ours_demo", "ours_ref", "reference", "ours_demo_dense")
 DEFAULT_RECIPES = RECIPES[:3]
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
@@ -193,7 +195,7 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/prep/ml-100k", help="prepared ml-100k (prepared here if absent)")
     parser.add_argument("--base_model", default="smollm2-135m")
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated subset of {RECIPES}")
-    parser.add_argument("--precision", default="auto", help="ours' precision (the reference is always fp32)")
+    parser.add_argument("--precision", default=PRECISION, help="ours' precision (the reference is always fp32)")
     parser.add_argument("--attention", default="auto", help="ours' attention kernel (bigrec train --attention)")
     parser.add_argument("--cutoff_len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)

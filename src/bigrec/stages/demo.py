@@ -33,6 +33,15 @@ from pathlib import Path
 from bigrec import io
 from bigrec.config import ConfigError, option, stage_settings, to_dict
 from bigrec.grounding.options import layer_option, pooling_option, title_text_option
+from bigrec.llm.defaults import (
+    CONSTRAINED_BEAMS,
+    DEMO_SEARCH_NODES,
+    GENERATE_BATCH_SIZE,
+    MAX_NEW_TOKENS,
+    NUM_BEAMS,
+    PRECISION,
+    PRIOR_WEIGHT,
+)
 from bigrec.llm.models import DEFAULT_MODEL
 from bigrec.runner import StageRunner
 
@@ -73,22 +82,22 @@ class Config:
     val_rows: int = option(128, "validation rows for the early-stopping loss")
     test_rows: int = option(500, "test rows to generate for and evaluate on (fewer than 500 is noise)", minimum=1)
     valid_rows: int = option(200, "validation rows generated for choosing the re-weighting gamma", minimum=1)
-    num_beams: int = option(4, "beams per row (free decoding)", minimum=1)
+    num_beams: int = option(NUM_BEAMS, "beams per row (free decoding)", minimum=1)
     decoding: str = option("free,likelihood", "comma-separated, side by side: free (beam search + L2 grounding, the "
                                               "paper's), constrained (beam search over catalogue titles), likelihood "
                                               "(every title ranked by its log-probability); both = free,constrained; "
                                               "all = the three")
-    prior_weight: float = option(0.0, "likelihood: subtract this times log p(title | an empty history)",
+    prior_weight: float = option(PRIOR_WEIGHT, "likelihood: subtract this times log p(title | an empty history)",
                                  keyed_at_default=False)
     likelihood_new_titles: bool = option(True, "likelihood: leave each row's history titles out of its ranking "
                                                "(better on ml-100k's validation rows)", keyed_at_default=False)
-    search_nodes: int = option(512, "likelihood: the most title tokens a row's search feeds the model (the few-shot "
+    search_nodes: int = option(DEMO_SEARCH_NODES, "likelihood: the most title tokens a row's search feeds the model (the few-shot "
                                     "adapter's flat distribution would need thousands to certify its top 10; "
                                     "fewer is faster)", minimum=1)
-    constrained_beams: int = option(4, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
-    max_new_tokens: int = option(64, "upper bound on generated tokens (beams stop at the title's end)")
-    gen_batch_size: int = option(16, "rows per generate call", minimum=1)
-    precision: str = option("auto", "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
+    constrained_beams: int = option(CONSTRAINED_BEAMS, "beams per row (constrained decoding; each beam is one catalogue title)", minimum=1)
+    max_new_tokens: int = option(MAX_NEW_TOKENS, "upper bound on generated tokens (beams stop at the title's end)")
+    gen_batch_size: int = option(GENERATE_BATCH_SIZE, "rows per generate call", minimum=1)
+    precision: str = option(PRECISION, "auto (bf16 where the CPU or GPU has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     # Grounding: chosen on the validation generations of a demo run (benchmarks/bench_grounding.py);
     # the report also shows the reference's (last layer, last token, bare titles) on the same generations.

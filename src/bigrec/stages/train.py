@@ -29,6 +29,7 @@ import yaml
 
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.io import staged_dir, write_yaml
+from bigrec.llm.defaults import PRECISION
 from bigrec.llm.layouts import LAYOUT_HELP, LAYOUTS, Layout, get_layout
 from bigrec.llm.lora_dropout import use_bits_dropout
 from bigrec.llm.models import (
@@ -94,7 +95,7 @@ class Config:
     trim_heap: int = option(10, "on a CPU: every N optimizer steps, return the free pages of the C heap to the "
                                 "kernel (glibc malloc_trim), so that a long run's memory stays bounded; 0 = never",
                             minimum=0, changes_output=False)
-    precision: str = option("auto", "auto (bf16 where the hardware has it), fp32, bf16, fp16",
+    precision: str = option(PRECISION, "auto (bf16 where the hardware has it), fp32, bf16, fp16",
                             choices=["auto", "fp32", "bf16", "fp16"])
     attention: str = option("auto", "attention kernel: auto = the model's default (SDPA); eager may train "
                                     "faster on a CPU at a higher peak memory (docs/guide/training.md)",
