@@ -557,10 +557,50 @@ def test_likelihood_run_ranks_every_title_resumes_and_evaluates(taught_dir, tmp_
     (dict(decoding="constrained", prior_weight=1.0, cf_scores="x.safetensors"), "give one"),
     (dict(decoding="likelihood", prior_weight=-1.0), "--prior_weight must be at least 0"),
     (dict(decoding="likelihood", length_correction=True), "apply to --decoding constrained"),
+    (dict(decoding="likelihood", cf_scores="x.safetensors", cf_weight=1.0), "--cf_weight and --length_correction"),
 ])
 def test_likelihood_options_are_checked(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, "x", **kw)
+
+
+def test_likelihood_run_scores_sasrec_candidates_exactly(taught_dir, tmp_path):
+    """--cf_scores with likelihood ranking: each row also holds the titles of the score file's top
+    --candidates items (the history's titles passed over, as the ranking passes them over) with their
+    exact log-probabilities minus the prior, and its own fields are those of a run without the file."""
+    from bigrec.evaluation.scores import save_scores
+    from bigrec.llm.likelihood import TitleScorer
+    from bigrec.llm.trie import Trie
+
+    rows = [{**r, "item_id": CATALOG.index(t), "history_item_id": [CATALOG.index(h) for h in hist]}
+            for r, (hist, t) in zip(case_rows(), CASES, strict=True)]
+    write_rows(tmp_path / "test.json", rows)
+    write_catalog(tmp_path)
+    cf = torch.tensor([[8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                       [0.0, 0.0, 9.0, 0.0, 9.0, 0.0, 9.5, 0.0]])
+    save_scores(tmp_path / "cf.safetensors", cf, [r["row"] for r in rows], [r["item_id"] for r in rows],
+                [r["user_id"] for r in rows], "test")
+    w = 0.5
+    opts = dict(decoding="likelihood", candidates=2, exclude_history=True, prior_weight=w)
+    out = json.loads(generate.run(config(tmp_path, taught_dir, cf_scores=str(tmp_path / "cf.safetensors"),
+                                         **opts)).read_text())
+    plain = json.loads(generate.run(config(tmp_path, taught_dir, result_json_data=str(tmp_path / "plain.json"),
+                                           **opts)).read_text())
+    assert [{k: v for k, v in r.items() if not k.startswith("cf_")} for r in out] == plain
+    # by hand: row 0 (history Heat, id 1) -> ids 0, 2 (Toy Story, Casino: ids 2 and 6); row 1 (history
+    # Babe, Jumanji, Heat) -> ids 7, 6 (Mortal Kombat, Casino); row 2 (Toy Story, Babe) -> 6 and 2 are one title, then 4
+    assert [[sorted(ids) for ids in r["cf_ids"]] for r in out] == [[[0], [2, 6]], [[7], [2, 6]], [[2, 6], [4]]]
+    model, tok = load_model(taught_dir, precision="fp32", device="cpu")
+    trie = Trie.build(tok, CATALOG)
+    scorer = TitleScorer(model, tok, trie)
+    for row in out:
+        logp = scorer.exact([prompt_for_row(row)])[0] - w * scorer.prior(layout_of(config(
+            tmp_path, taught_dir, **opts)).empty_history_prompt(row))
+        assert row["cf_logp"] == pytest.approx([float(logp[trie.item_leaf[ids[0]]]) for ids in row["cf_ids"]],
+                                               abs=1e-4)
+        for ids, score in zip(row["predict_ids"], row["predict_scores"], strict=True):  # the same scale
+            if ids in row["cf_ids"]:
+                assert row["cf_logp"][row["cf_ids"].index(ids)] == pytest.approx(score, abs=1e-4)
 
 
 def test_constrained_run_with_the_no_history_prior(taught_dir, tmp_path):

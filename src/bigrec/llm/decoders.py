@@ -15,7 +15,10 @@ likelihood ranking ``candidates`` titles. The decodings (``--decoding``):
 * ``likelihood`` (:class:`LikelihoodDecoder`): no search; every catalogue title is scored by its
   log-probability given the prompt (:mod:`bigrec.llm.likelihood`), optionally minus
   ``prior_weight`` times its log-probability with an empty history; the best ``candidates`` are
-  written in order as ``predict``/``predict_ids``/``predict_scores``.
+  written in order as ``predict``/``predict_ids``/``predict_scores``. With a ``bigrec baseline``
+  score file (``cf_scores``), the row's SASRec top ``candidates`` titles (history left out where the
+  ranking leaves it out) have their titles scored exactly too, as ``cf_ids``/``cf_logp``, so that
+  evaluation can rank likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`) with no model.
 
 The layout the model was trained on (:mod:`bigrec.llm.layouts`, picked by :func:`layout_of`)
 gives the prompts, the trie's token ids and the token that ends a title: with ``timeline`` the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -93,11 +97,12 @@ class Decoder(Protocol):
 def make_decoder(config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None,
                  cf: RowScores | None = None) -> Decoder:
     """The decoder ``config.decoding`` names (free decoding with ``exclude_history``: :class:`NewTitles`);
-    ``cf``: the scores of ``config.cf_scores``, for constrained decoding."""
+    ``cf``: the scores of ``config.cf_scores`` (constrained decoding's guidance; likelihood ranking's
+    second list of candidates)."""
     if config.decoding == "constrained":
         return ConstrainedDecoder(config, model, tokenizer, prefill_dtype, cf)
     if config.decoding == "likelihood":
-        return LikelihoodDecoder(config, model, tokenizer, prefill_dtype)
+        return LikelihoodDecoder(config, model, tokenizer, prefill_dtype, cf)
     if config.decoding != "free":
         raise ValueError(f"unknown decoding {config.decoding!r}; expected one of {', '.join(DECODINGS)}")
     if config.exclude_history:
@@ -248,11 +253,18 @@ class ConstrainedDecoder:
 class LikelihoodDecoder:
     """Likelihood ranking of a batch of rows: the trie and the no-history priors are built once."""
 
-    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
+    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None,
+                 cf: RowScores | None = None):
         from bigrec.llm.likelihood import TitleScorer
 
+        if bool(config.cf_scores) != (cf is not None):
+            raise ValueError("likelihood ranking takes the scores of --cf_scores (cf) exactly when it is given")
         self.config, self.layout = config, layout_of(config)
-        _, self.trie = catalog_trie(config, self.layout, tokenizer)
+        catalog, self.trie = catalog_trie(config, self.layout, tokenizer)
+        if cf is not None and cf.num_items != len(catalog):
+            raise ValueError(f"{config.cf_scores}: {cf.num_items} item columns, but the catalogue "
+                             f"{catalog.path} has {len(catalog)} items")
+        self.cf = cf
         self.scorer = TitleScorer(model, tokenizer, self.trie, autocast=prefill_dtype,
                                   batch_size=config.batch_size)  # a generate batch is searched at once
         self.certified: list[int] = []
@@ -267,13 +279,41 @@ class LikelihoodDecoder:
             excluded = [trie.leaves_of(history_ids(r)) for r in rows]
         rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
         self.certified.extend(r.certified for r in rankings)
-        return [{"predict": [trie.titles[leaf] for leaf in r.leaves],
-                 "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
-                 "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
-                for r in rankings]
+        out = [{"predict": [trie.titles[leaf] for leaf in r.leaves],
+                "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
+                "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
+               for r in rankings]
+        if self.cf is not None:
+            scores = self.cf.align(rows)
+            for r, row_out in enumerate(out):
+                leaves = cf_leaves(trie, scores[r], cfg.candidates, excluded[r] if excluded else ())
+                logp = self.scorer.exact([prompts[r]], torch.tensor(leaves))[0] if leaves else torch.zeros(0)
+                if prior is not None and leaves:
+                    logp = logp - prior[r][leaves]
+                row_out.update(cf_ids=[list(trie.leaf_items[leaf]) for leaf in leaves],
+                               cf_logp=[round(float(v), 6) for v in logp])
+        return out
 
     def summary(self) -> str | None:
         if not self.certified:
             return None
         return (f"likelihood top 10 certified exact in {sum(c >= 10 for c in self.certified)} of "
                 f"{len(self.certified)} rows (elsewhere the search ran out of --search_nodes)")
+
+
+def cf_leaves(trie, scores: torch.Tensor, top: int, excluded: Sequence[int] = ()) -> list[int]:
+    """A conventional model's ``top`` best titles (trie leaves) for a row, each by its best item, in
+    the model's order (ties: the lower item id); items of the ``excluded`` leaves (the history's
+    titles) and items with no title in the trie are passed over. ``scores``: the row's item scores [N],
+    higher is better."""
+    leaf_of = trie.item_leaf
+    allowed = leaf_of >= 0
+    if len(excluded):
+        allowed &= ~torch.isin(leaf_of, torch.as_tensor(list(excluded), dtype=torch.long))
+    items = torch.nonzero(allowed).squeeze(1)
+    leaves: dict[int, None] = {}
+    for i in items[torch.argsort(-scores[items].float(), stable=True)].tolist():
+        leaves.setdefault(int(leaf_of[i]))
+        if len(leaves) == top:
+            break
+    return list(leaves)

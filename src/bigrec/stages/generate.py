@@ -40,7 +40,7 @@ from bigrec.llm.defaults import (
 from bigrec.llm.layouts import LAYOUTS
 from bigrec.llm.models import DEFAULT_MODEL, adapter_sha256, model_fingerprint, resolve_dtype
 
-OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified")  # what generate adds to a row (replacing old ones)
+OUTPUT_FIELDS = ("predict", "predict_ids", "predict_scores", "predict_certified", "cf_ids", "cf_logp")  # what generate adds to a row (replacing old ones)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ class Config:
                                             "count towards the length)")
     ghost_threshold: float = option(GHOST_THRESHOLD, "constrained, with --length_correction: tokens of at least this "
                                                      "probability are not counted")
-    cf_scores: str | None = option(None, "constrained: a `bigrec baseline` score file (scores/*.safetensors) for "
-                                         "these rows, to guide the search (D3's text-free assistant)")
+    cf_scores: str | None = option(None, "a `bigrec baseline` score file (scores/*.safetensors) for these rows; "
+                                         "constrained: guides the search (D3's text-free assistant); likelihood: "
+                                         "that model's top --candidates titles per row are scored exactly too "
+                                         "(cf_ids, cf_logp), for bigrec evaluate's likelihood + SASRec ranking")
     cf_weight: float = option(CF_WEIGHT, "constrained: weight of the CF log-scores added to the beam scores")
     exclude_history: bool = option(EXCLUDE_HISTORY, "recommend something new: never return a title of the row's own history "
                                                     "(history_item_id); constrained decoding masks those titles per row, free "
@@ -103,10 +105,10 @@ class Config:
             raise ValueError(f"--prior_weight must be at least 0, got {self.prior_weight}")
         if self.decoding == "free" and self.prior_weight:
             raise ValueError("--prior_weight applies to --decoding likelihood or constrained")
-        if self.prior_weight and self.cf_scores:
+        if self.prior_weight and self.cf_scores and self.decoding == "constrained":
             raise ValueError("--prior_weight and --cf_scores both guide constrained decoding; give one")
-        if self.decoding == "likelihood" and (self.cf_scores or self.length_correction):
-            raise ValueError("--cf_scores and --length_correction apply to --decoding constrained")
+        if self.decoding == "likelihood" and (self.cf_weight or self.length_correction):
+            raise ValueError("--cf_weight and --length_correction apply to --decoding constrained")
         if self.decoding == "free":
             used = [f"--{n}" for n in ("catalog", "cf_scores") if getattr(self, n)]
             used += ["--length_correction"] if self.length_correction else []
@@ -176,6 +178,8 @@ def run_settings(config: Config, data_path: Path, device: str = "cpu") -> dict[s
     if config.decoding == "likelihood":
         settings.update(candidates=config.candidates, search_nodes=config.search_nodes,
                         prior_weight=config.prior_weight)
+        if config.cf_scores:  # SASRec's candidates too; rows of a run without them are stale
+            settings["cf_scores_sha256"] = _sha256(Path(config.cf_scores))
     if config.decoding == "constrained":
         settings.update(length_correction=config.length_correction, ghost_threshold=config.ghost_threshold,
                         cf_scores_sha256=_sha256(Path(config.cf_scores)) if config.cf_scores else None,
@@ -290,7 +294,7 @@ def run(config: Config) -> Path:
                                       phase="prefill" if config.decoding == "likelihood" else "decode")
         prefill_dtype = resolve_dtype(config.precision, state.device, "prefill")
         cf = None
-        if config.decoding == "constrained" and config.cf_scores:
+        if config.decoding != "free" and config.cf_scores:
             from bigrec.evaluation.scores import load_scores
 
             cf = load_scores(config.cf_scores)
