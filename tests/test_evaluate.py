@@ -12,6 +12,7 @@ from bigrec.evaluation.scores import load_scores, save_scores
 from bigrec.grounding.embedding import Grounding, embed_texts
 from bigrec.grounding.index import load_index
 from bigrec.grounding.reweighting import GAMMA_GRID
+from bigrec.io import InputError
 from bigrec.llm.models import load_model
 from bigrec.stages.evaluate import Config, run
 
@@ -471,3 +472,61 @@ def test_a_runaway_generation_is_cut_before_it_is_embedded(data, tiny_model_dir,
     caplog.set_level("WARNING", logger="bigrec.stages.evaluate")
     assert main(args(data, tiny_model_dir)) == 0
     assert "1 rows hold a generation longer than 1000 characters" in caplog.text
+
+
+def likelihood_rows(cases, cf_logp=-5.0):
+    """Likelihood-ranked rows: the cases' titles at log-probabilities -1, -2, ..., and SASRec's one
+    candidate, the target's title, at ``cf_logp``."""
+    rows = constrained_rows(cases)
+    for row, (target, _) in zip(rows, cases, strict=True):
+        row["cf_ids"] = [[i for i, t in enumerate(TITLES) if t == TITLES[target]]]
+        row["cf_logp"] = [cf_logp]
+    return rows
+
+
+def test_likelihood_with_sasrec_candidates_chooses_the_weight_on_validation(cdata, tiny_model_dir):
+    """A perfect SASRec (one-hot on the target): on validation a target the LM named second needs
+    w > 1, one only SASRec named (log p -5 against the LM's best -1) w > 4 (a tie at 4): w = 8 is the
+    smallest weight that puts every target first, and the test rows are ranked with it."""
+    from bigrec.evaluation.metrics import ndcg_hr, target_id_lists
+    from bigrec.grounding.likelihood_cf import WEIGHT_GRID, blend_ranks, candidates_of
+
+    for folder, cases in (("cresults", CTEST), ("cvalid", CVALID)):
+        write(cdata / folder / f"{folder}.json", likelihood_rows(cases))
+    scores = write_reweighting_inputs(cdata, [1], CTEST, CVALID)
+    metrics = run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"),
+                         input_dir=str(cdata / "cresults"), valid_input_dir=str(cdata / "cvalid"),
+                         cf_scores=str(scores / "test.safetensors"), output=str(cdata / "out" / "metrics.json"),
+                         precision="fp32"))
+    name = "cresults.json +SASRec (weight by NDCG@10)"
+    details = json.loads((cdata / "out" / "metrics.details.json").read_text())["files"]["cresults.json"]
+    choice = details["likelihood_cf"]
+    assert choice["weight"] == 8.0 and choice["valid_ndcg10"] == 1.0 and choice["grid"] == list(WEIGHT_GRID)
+    assert choice["valid_cf_scores"].endswith("valid.safetensors")
+    assert choice["valid_grid_ndcg10"][:WEIGHT_GRID.index(8.0)] == sorted(choice["valid_grid_ndcg10"][:5])
+    assert max(choice["valid_grid_ndcg10"][:WEIGHT_GRID.index(8.0)]) < 1.0
+    assert metrics[name]["NDCG"] == [1.0] * len(TOPK) and details["ranks"][name] == [0.0] * 4
+    # the plain ranking is untouched: a target no list named lies past the LM's titles
+    assert metrics["cresults.json"]["HR"][0] == pytest.approx(1 / 4)
+    rows = likelihood_rows(CTEST)
+    expected = blend_ranks([candidates_of(r) for r in rows], load_scores(scores / "test.safetensors").scores,
+                           target_id_lists([t for t, _ in CTEST], TITLES), [0.0])[0]
+    assert expected.tolist() == [2.0, 0.0, 2.0, 1.0]  # w = 0: SASRec's title after the LM's (Heat: 2 ids)
+    assert ndcg_hr(expected, TOPK)["NDCG"][0] == pytest.approx(1 / 4)
+
+    # rows without SASRec's candidates evaluate as before; a validation file without them is refused
+    write(cdata / "cvalid" / "cvalid.json", constrained_rows(CVALID))
+    with pytest.raises(InputError, match="carry no SASRec candidates"):
+        run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"), input_dir=str(cdata / "cresults"),
+                   valid_input_dir=str(cdata / "cvalid"), cf_scores=str(scores),
+                   output=str(cdata / "out" / "m2.json"), precision="fp32"))
+    write(cdata / "cresults" / "cresults.json", [*likelihood_rows(CTEST[:2]), *constrained_rows(CTEST[2:])])
+    with pytest.raises(InputError, match="some rows carry SASRec's candidates"):
+        run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"), input_dir=str(cdata / "cresults"),
+                   valid_input_dir=str(cdata / "cvalid"), cf_scores=str(scores),
+                   output=str(cdata / "out" / "m3.json"), precision="fp32"))
+    write(cdata / "cresults" / "cresults.json", constrained_rows(CTEST))
+    plain = run(Config(base_model=tiny_model_dir, catalog=str(cdata / "id2name.txt"),
+                       input_dir=str(cdata / "cresults"), valid_input_dir=str(cdata / "cvalid"), cf_scores=str(scores),
+                       output=str(cdata / "out" / "m4.json"), precision="fp32"))
+    assert name not in plain and plain["cresults.json"] == metrics["cresults.json"]

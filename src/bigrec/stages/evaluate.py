@@ -22,7 +22,12 @@ same as counting the empty rows as misses.
 Beside the paper's re-weighting, each kind also gets a weighted-sum variant, reported under its
 own name (``+CI blend``, :func:`bigrec.grounding.reweighting.blend_ranks`, weight chosen on validation).
 
-Every ranking (plain, single-gamma re-weighting, blend, ``--last_title``) also gets a 95% bootstrap
+Likelihood rows generated with ``--cf_scores`` carry SASRec's candidates too (``cf_ids``, ``cf_logp``):
+with ``--cf_scores`` here (the same score files) they are also ranked as likelihood + SASRec,
+``log p(title) + w * minmax(s)`` over both lists' titles (:mod:`bigrec.grounding.likelihood_cf`), w chosen
+on the validation rows' NDCG@10 (``+SASRec (weight by NDCG@10)``).
+
+Every ranking (plain, single-gamma re-weighting, blend, likelihood + SASRec, ``--last_title``) also gets a 95% bootstrap
 interval per metric@K, and with ``--compare`` a paired difference against another model's
 scores on the same rows (:mod:`bigrec.evaluation.intervals`); the details keep each row's expected rank
 and tie count so that any two results on the same rows can be compared later. A target level with
@@ -60,9 +65,12 @@ from bigrec.evaluation.results import (
 from bigrec.evaluation.scores import ci_matrix
 from bigrec.grounding.embedding import REFERENCE, Embedder
 from bigrec.grounding.index import ensure_index
+from bigrec.grounding.likelihood_cf import WEIGHT_GRID, Candidates, candidates_of, choose_weight
+from bigrec.grounding.likelihood_cf import blend_ranks as blend_cf_ranks
 from bigrec.grounding.options import grounding_of, layer_option, pooling_option, title_text_option
 from bigrec.grounding.ranking import ground, ground_results, last_title_ranks
 from bigrec.grounding.reweighting import popularity_scores, reweighted
+from bigrec.io import InputError
 from bigrec.llm.defaults import EMBED_BATCH_SIZE, EXCLUDE_HISTORY, PRECISION
 from bigrec.llm.models import DEFAULT_MODEL
 
@@ -82,6 +90,11 @@ class Config:
                                          "or .npy), or a folder of them (bigrec baseline's scores/)")
     valid_ci_scores: str | None = option(None, "score matrix for the validation rows (default: searched "
                                                "beside --ci_scores)")
+    cf_scores: str | None = option(None, "likelihood rows that carry SASRec's candidates (generate --decoding "
+                                         "likelihood --cf_scores): the score matrix (or folder) generation read; "
+                                         "ranks them as likelihood + SASRec, the weight chosen on validation")
+    valid_cf_scores: str | None = option(None, "score matrix for the validation rows (default: searched beside "
+                                               "--cf_scores)")
     all_beams: bool = option(False, "ground every beam and keep each row's best rank (an oracle: plain metrics)")
     ground_beams: int = option(1, "free decoding: rank every item by its distance to the nearest of the first N "
                                   "beams (ties in beam order); 1 = the paper's top generation only", minimum=1)
@@ -103,6 +116,8 @@ class Config:
     def validate(self) -> None:
         if (self.popularity or self.ci_scores) and not self.valid_input_dir:
             raise ConfigError("--popularity and --ci_scores need --valid_input_dir: gamma is chosen on validation")
+        if self.cf_scores and not self.valid_input_dir:
+            raise ConfigError("--cf_scores needs --valid_input_dir: the weight is chosen on validation")
 
 
 def _slug(text: str) -> str:
@@ -143,6 +158,58 @@ def read_weights(config: Config, tests: list[Results], catalog: Catalog) -> tupl
     return weights, pairs
 
 
+def likelihood_candidates(results: Results) -> list[Candidates] | None:
+    """Each row's candidates for likelihood + SASRec (its ranked titles and SASRec's), or None for a
+    file whose rows carry no ``cf_ids``; a file where only some rows do is refused."""
+    try:
+        found = [candidates_of(row) if row.get("predict_ids") is not None else None for row in results.rows]
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"{results.path}: cf_ids and cf_logp must be a list of item id lists and a list of "
+                         f"as many numbers ({type(exc).__name__}: {exc})") from None
+    if all(c is None for c in found):
+        return None
+    if any(c is None for c in found):
+        raise InputError(f"{results.path}: some rows carry SASRec's candidates (cf_ids) and some do not; "
+                         "generate the file again")
+    return found
+
+
+def read_cf(config: Config, tests: list[Results], pairs: dict[str, Results],
+            n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Per test file whose rows carry SASRec's candidates: SASRec's scores for its rows and its
+    validation rows (``--cf_scores``), and where they came from."""
+    out = {}
+    if not config.cf_scores:
+        return out
+    spec = Path(config.cf_scores)
+    valid_spec = Path(config.valid_cf_scores) if config.valid_cf_scores else (spec.parent if spec.is_file() else spec)
+    for t in tests:
+        if likelihood_candidates(t) is None:
+            log.warning("%s: no row carries SASRec's candidates (cf_ids); --cf_scores does not apply to it", t.path)
+            continue
+        if likelihood_candidates(pairs[t.name]) is None:
+            raise InputError(f"{pairs[t.name].path}: its rows carry no SASRec candidates (cf_ids), those of "
+                             f"{t.path} do: generate the validation rows with --cf_scores too")
+        (scores, src), (valid_scores, valid_src) = ci_matrix(spec, t, "test", n), ci_matrix(
+            valid_spec, pairs[t.name], "valid", n)
+        out[t.name] = (scores, valid_scores, {"cf_scores": str(src), "valid_cf_scores": str(valid_src)})
+    return out
+
+
+def likelihood_cf_ranks(test: Results, valid: Results, scores: torch.Tensor, valid_scores: torch.Tensor,
+                        exclude: torch.Tensor | None, valid_exclude: torch.Tensor | None) -> tuple[Ranks, dict]:
+    """The test rows' ranks under likelihood + SASRec, w chosen on the validation rows by NDCG@10, and
+    what the choice saw (the grid, validation NDCG@10 at each weight, the weight and its NDCG@10)."""
+    try:
+        weight, ndcg = choose_weight(likelihood_candidates(valid), valid_scores, valid.targets, WEIGHT_GRID,
+                                     valid_exclude)
+        ranks = blend_cf_ranks(likelihood_candidates(test), scores, test.targets, [weight], exclude)[0]
+    except ValueError as exc:
+        raise InputError(f"{test.path}: likelihood + SASRec: {exc}") from None
+    return ranks, {"weight": weight, "grid": list(WEIGHT_GRID), "valid_grid_ndcg10": ndcg,
+                   "valid_ndcg10": ndcg[WEIGHT_GRID.index(weight)]}
+
+
 def compared_ranks(config: Config, tests: list[Results], n: int) -> dict[str, tuple[Ranks, str]]:
     """Per test file, the ``--compare`` model's ranks of the targets and the score file they came from."""
     others = {}
@@ -165,7 +232,8 @@ def plain_ranks(test: Results, config: Config, items: torch.Tensor, embed: Embed
 
 
 def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.Tensor, embed: Embedder,
-                  weights: Weights, valid: Results | None, other: tuple[Ranks, str] | None) -> tuple[dict, dict]:
+                  weights: Weights, valid: Results | None, other: tuple[Ranks, str] | None,
+                  cf: tuple[torch.Tensor, torch.Tensor, dict] | None = None) -> tuple[dict, dict]:
     """Every ranking of one result file -> (metrics per run, the file's details: diagnostics,
     re-weighting choices, intervals and per-row ranks)."""
     n = len(catalog)
@@ -202,6 +270,14 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
             out["blend"] = blend
         info[kind] = {**sources, **out}
         log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
+    if cf is not None:
+        scores, valid_scores, sources = cf
+        name = f"{test.name} +SASRec (weight by NDCG@10)"
+        row_ranks[name], choice = likelihood_cf_ranks(test, valid, scores, valid_scores, exclude, valid_exclude)
+        runs[name] = ndcg_hr(row_ranks[name], TOPK)
+        info["likelihood_cf"] = {**sources, **choice}
+        log.info("%s likelihood + SASRec: weight %s chosen on validation (NDCG@10 %.4f)", test.name,
+                 choice["weight"], choice["valid_ndcg10"])
     info["intervals"] = rank_intervals(row_ranks, other[0] if other else None)
     if other is not None:
         info["compare"] = {"scores": other[1], "ci": bootstrap_ci(other[0], TOPK),
@@ -237,6 +313,7 @@ def run(config: Config) -> dict:
     # every input is read and checked before the model loads
     tests = [read_results(p, catalog) for p in result_files(config.input_dir, {output, details_path})]
     weights, pairs = read_weights(config, tests, catalog)
+    cf = read_cf(config, tests, pairs, n)
     others = compared_ranks(config, tests, n)
     for t in tests if config.exclude_history or config.last_title else ():
         need_histories(t, "--exclude_history" if config.exclude_history else "--last_title")
@@ -255,7 +332,8 @@ def run(config: Config) -> dict:
                      "ground_beams": config.ground_beams, "exclude_history": config.exclude_history, "files": {}}
     for test in tests:
         file_runs, details["files"][test.name] = evaluate_file(test, config, catalog, items, embed, weights,
-                                                               pairs.get(test.name), others.get(test.name))
+                                                               pairs.get(test.name), others.get(test.name),
+                                                               cf.get(test.name))
         runs.update(file_runs)
 
     metrics = metrics_json(runs, TOPK)
