@@ -128,6 +128,8 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}table{border-collapse:collapse;margin:8px 0;font-size:13.5px}
 th,td{border-bottom:1px solid #d9dee6;padding:4px 8px;text-align:left}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #d9dee6}p.note{color:#5b6575;font-size:13px}
+details{margin:10px 0}summary{cursor:pointer;font-weight:600}
+.beats{color:#1e7d32}.beaten{color:#b3261e}.tied{color:#5b6575}
 """
 
 
@@ -155,15 +157,22 @@ def metrics_rows(metrics: Mapping[str, Mapping], intervals: Mapping[str, Mapping
     return ["run"] + [f"{key}@{k}" for key, k, _ in idx], rows
 
 
+def html_image(caption: str, png: str | Path) -> str:
+    """A PNG inside the page as a data URI (the file opens from disk, nothing is fetched)."""
+    import base64
+    from html import escape
+
+    data = base64.b64encode(Path(png).read_bytes()).decode()
+    return f'<img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
+
+
 def write_html(path: str | Path, title: str, body: Sequence[str], images: Mapping[str, Path] | None = None) -> Path:
     """One HTML file that opens from disk: ``body`` parts (already HTML) and PNGs embedded as data URIs."""
-    import base64
     from html import escape
 
     parts = [f"<h1>{escape(title)}</h1>", *body]
     for caption, png in (images or {}).items():
-        data = base64.b64encode(Path(png).read_bytes()).decode()
-        parts.append(f'<h2>{escape(caption)}</h2><img alt="{escape(caption)}" src="data:image/png;base64,{data}">')
+        parts.append(f"<h2>{escape(caption)}</h2>{html_image(caption, png)}")
     html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{HTML_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
     path = Path(path)
