@@ -60,7 +60,7 @@ test-browser: $(STAMP)
 
 # Schemathesis over bigrec serve on the tests' tiny run: the long run (the fast suite runs a short one).
 fuzz: $(STAMP)
-	$(BIN)/python tests/fuzz_serve.py --max_examples 100
+	PYTHONPATH=benchmarks $(BIN)/python tests/fuzz_serve.py --max_examples 100
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_small.py

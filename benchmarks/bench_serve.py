@@ -168,15 +168,19 @@ def main() -> None:
     parser.add_argument("--start_timeout", type=float, default=900)
     parser.add_argument("--soak", action="store_true", help="poisoned and 10 MB requests among the valid ones")
     args = parser.parse_args()
+    run = Path(args.run)
+    build = args.url is None and not (run / "run.yaml").is_file()
+    if build:  # the tests' tiny run folder: rerun with tests/ on PYTHONPATH (run_small's runs have it already)
+        from device import use_working_tree
+
+        use_working_tree()
     from peak import measure_peaks
 
     print(measure_peaks().line() + " (the machine the service shares; see bench_generate for its phases)",
           flush=True)
 
-    run = Path(args.run)
     tmp = None
-    if args.url is None and not (run / "run.yaml").is_file():
-        sys.path.insert(0, str(ROOT / "tests"))
+    if build:
         from run_fixture import build_run
 
         tmp = tempfile.TemporaryDirectory()

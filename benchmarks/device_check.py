@@ -4,8 +4,9 @@
     python benchmarks/device_check.py --json out.json     # also write the rows as JSON
     .venv/bin/python benchmarks/device_check.py --tiny --skip_tests   # here, on a CPU: tiny sizes
 
-Only the repository's working tree is needed: ``src/`` is put on the import path (and on
-``PYTHONPATH`` for the subprocesses), models are built from configs with random weights (no
+Only the repository's working tree is needed: the script reruns itself with ``src/``, ``tests/``
+and ``benchmarks/`` leading ``PYTHONPATH`` (``device.use_working_tree``; its subprocesses inherit
+it), models are built from configs with random weights (no
 download), the rows are made up from a list of titles (no dataset file). It prints one markdown
 table, a row per check, and exits non-zero if any check failed. Every check runs in its own
 ``try`` (a failure becomes a FAIL row with the error's first line) and under ``--timeout``

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=15, help="operators listed per side")
     args = parser.parse_args()
-    use_working_tree()  # src/ and tests/ on the path, quiet library logs
+    use_working_tree()  # reruns this script with src/ and tests/ on PYTHONPATH, quiet library logs
 
     import torch
     from bench_generate import reference_generate

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/run_small.py --only bench_serve    # some (comma-separated)
 
 In a work folder it builds a tiny random Llama with its tokenizer (``tests/tiny.py``), a small
-ml-100k-format dataset (``tests/test_demo.py``'s) and a finished ``bigrec demo`` run on them with
+ml-100k-format dataset (``benchmarks/common.py``'s, which the tests' demo runs use) and a finished
+``bigrec demo`` run on them with
 all three decodings. Then it runs each ``benchmarks/bench_*.py`` in its own process with the
 arguments in :data:`SMALL`, pointed at those, and prints a table: the script, its exit status, its
 seconds and the last line it printed. It exits non-zero if any failed, or if a benchmark has no
@@ -25,12 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import DEMO_SMALL, demo_args, write_small_movielens
 
-# The demo's small settings: the tests' demo runs (tests/test_demo.py), the run built here, bench_quality's.
-DEMO_SMALL = {"sample": 32, "num_epochs": 1, "batch_size": 8, "micro_batch_size": 8, "val_rows": 8,
-              "test_rows": 12, "valid_rows": 10, "num_beams": 2, "constrained_beams": 3, "gen_batch_size": 4,
-              "max_new_tokens": 12, "sasrec_epochs": 3, "precision": "fp32"}
+REPO = Path(__file__).resolve().parents[1]
 
 # script -> its arguments; {model}, {source}, {run} and {work} are filled in, {{...}} stays a pattern
 SMALL: dict[str, list[str]] = {
@@ -74,8 +72,7 @@ def scripts() -> list[str]:
 def build_inputs(work: Path) -> dict[str, str]:
     """The tiny model, the small dataset and a finished demo run on them: the placeholders' values."""
     from bigrec.cli import main as cli
-    from test_demo import demo_args, write_small_movielens
-    from tiny import make_tiny_model
+    from tiny import make_tiny_model  # tests/: on the path once main has run use_working_tree
 
     model = make_tiny_model(work / "model", "llama")
     source = write_small_movielens(work)
@@ -100,7 +97,7 @@ def run_one(script: str, values: dict[str, str], log_dir: Path) -> tuple[int, fl
 def main(argv: list[str] | None = None) -> int:
     from device import use_working_tree
 
-    use_working_tree()  # src/ and tests/ (the tiny model and dataset builders) on the import path
+    use_working_tree()  # reruns this script with src/ and tests/ (the tiny model builder) on PYTHONPATH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated benchmark names (default: every bench_*.py)")
     parser.add_argument("--workdir", help="where the inputs, outputs and logs go (default: a temporary folder, "

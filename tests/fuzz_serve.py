@@ -6,8 +6,11 @@ Starts ``bigrec serve`` on a free loopback port, on ``--run`` or on the tests' t
 (a tiny random model taught two answers, built in seconds), runs ``st run`` against it, and
 prints schemathesis's report and the counts. Exits with schemathesis's status (0: no failure).
 
-    python tests/fuzz_serve.py                    # make fuzz: the long run
-    python tests/fuzz_serve.py --max_examples 10  # the fast suite's short run (tests/test_fuzz.py)
+    PYTHONPATH=benchmarks python tests/fuzz_serve.py  # make fuzz: the long run
+    pytest tests/test_fuzz.py                         # the fast suite's short run (--max_examples 10)
+
+It imports ``common`` from benchmarks/: pytest puts benchmarks/ on the path (pyproject's
+``pythonpath``), ``make fuzz`` sets ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":  # run as a script: benchmarks/ is not on the path (pytest puts it there)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import free_port, wait_up
 
-from common import free_port, wait_up  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 

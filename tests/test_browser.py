@@ -146,15 +146,19 @@ def test_a_person_builds_a_history_and_gets_recommendations(browser, url, tmp_pa
 
 
 def test_the_demo_report_renders_from_disk(browser, tmp_path_factory, tiny_model_dir, tmp_path):
+    from common import demo_args, write_small_movielens
+
     from bigrec.cli import main
-    from test_demo import demo_args, write_small_movielens
 
     root = tmp_path_factory.mktemp("report")
     run_dir = root / "run"
     assert main(demo_args(run_dir, tiny_model_dir, write_small_movielens(root), decoding="free")) == 0
     browser.get((run_dir / "report.html").resolve().as_uri())
+    assert "SASRec (same 32 examples)" in browser.find_element(By.TAG_NAME, "body").text  # shown, not folded
+    for summary in browser.find_elements(By.TAG_NAME, "summary"):  # the folded tables open on a click
+        summary.click()
     tables = browser.find_elements(By.TAG_NAME, "table")
-    assert len(tables) >= 4 and "SASRec (same 32 examples)" in tables[0].text
+    assert len(tables) >= 4 and all(t.is_displayed() for t in tables)
     image = browser.find_element(By.TAG_NAME, "img")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) >= 500
     browser.save_screenshot(str(shots(tmp_path) / "report.png"))

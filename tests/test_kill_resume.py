@@ -248,7 +248,7 @@ def test_train_killed_at_random_continues_to_the_uninterrupted_adapter(tiny_mode
 def test_demo_killed_at_random_finishes_with_the_uninterrupted_metrics(tiny_model_dir, tmp_path):
     """SIGKILL anywhere after tuning (generation, index, baselines or evaluation): the same command
     finishes, and its comparison equals that of a demo that was never killed."""
-    from test_demo import demo_args, write_small_movielens
+    from common import demo_args, write_small_movielens
 
     source = write_small_movielens(tmp_path)
 

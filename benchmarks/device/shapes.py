@@ -13,7 +13,7 @@ from device.measure import free_memory
 
 def _bigrec_defaults():
     """bigrec's shared defaults (``src/bigrec/llm/defaults.py``), loaded by path: importing this module
-    must not need bigrec on the import path (``use_working_tree`` puts it there later)."""
+    must not need bigrec on the import path (``use_working_tree`` reruns the script with it there)."""
     spec = importlib.util.spec_from_file_location("bigrec_defaults", REPO / "src" / "bigrec" / "llm" / "defaults.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
