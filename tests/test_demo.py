@@ -222,36 +222,46 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
         "files"]["test.json"]["diagnostics"]["certified_top10_share"]
     assert share == sum(r["predict_certified"] >= min(10, len(r["predict"])) for r in rows) / len(rows)
     assert f"the top 10 is provably exact in {share:.1%} of rows" in report
-    # only the plain ranking: re-weighting would order only what lies below the ranked titles
+    # no re-weighting (it would order only what lies below the ranked titles): the plain ranking and
+    # likelihood + SASRec over both models' top titles, the weight chosen on validation
     metrics = json.loads((run_dir / "metrics" / "bigrec_likelihood.json").read_text())
-    assert "test.json" in metrics and not [name for name in metrics if "+" in name], list(metrics)
+    assert [name for name in metrics if "+" in name] == ["test.json +SASRec (weight by NDCG@10)"], list(metrics)
     assert not (run_dir / "metrics" / "bigrec_likelihood_fewshot_ci.json").exists()
-    assert not [name for name in table if name.startswith("BIGRec (likelihood) +")], list(table)
+    assert [name for name in table if name.startswith("BIGRec (likelihood) +")] == ["BIGRec (likelihood) + SASRec"]
+    comparison = json.loads((run_dir / "metrics" / "comparison.json").read_text())["protocols"]
+    for part in comparison.values():
+        assert {"BIGRec (likelihood) + SASRec minus SASRec",
+                "BIGRec (likelihood) + SASRec minus BIGRec (likelihood)"} <= set(part["paired"])
+        assert "BIGRec (likelihood) + SASRec" in part["intervals"]
     inputs = {r["row"]: r for r in json.loads((run_dir / "inputs" / "test.json").read_text())}
     for r in rows:  # the default 20 titles, each once; none of the row's own history (--likelihood_new_titles)
         history = set(inputs[r["row"]]["history_item_id"])
         assert len(r["predict"]) == len(set(r["predict"])) == min(20, 25 - len(history))
-        assert not {i for ids in r["predict_ids"] for i in ids} & history
+        assert not {i for ids in r["predict_ids"] + r["cf_ids"] for i in ids} & history  # nor of SASRec's
+        assert len(r["cf_ids"]) == len(r["cf_logp"]) == min(20, 25 - len(history))
     # likelihood alone: recommend and serve rank by it, with the prior and the history left out
     manifest = RunManifest.load(run_dir)
     assert (manifest.decoding, manifest.prior_weight, manifest.exclude_history) == ("likelihood", 0.5, True)
-    assert manifest.ranking_note.startswith("likelihood ranking, the only ranking this run made (validation NDCG@10 ")
+    assert "chosen on validation NDCG@10 (likelihood ranking " in manifest.ranking_note
+    assert manifest.use_ci == manifest.ranking_note.startswith("likelihood + SASRec")
+    assert manifest.likelihood_cf_weight == json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json")
+                                                       .read_text())["files"]["test.json"]["likelihood_cf"]["weight"]
     from bigrec.app.recommender import Recommender
 
     rec = Recommender.from_run(run_dir, device="cpu")
-    (result,) = rec.recommend([[0, 1, 2]], k=5)
+    (result,) = rec.recommend([[0, 1, 2]], k=5, use_ci=False)
     assert result.decoding == "likelihood" and len(result.items) == 5 and not {0, 1, 2} & {i.id for i in result.items}
     # beside free decoding (its stages reused), run.yaml keeps whichever validation prefers
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,likelihood", prior_weight=0.5)) == 0
     manifest = RunManifest.load(run_dir)
     note = manifest.ranking_note
     assert "plain BIGRec" in note and "likelihood ranking" in note and "BIGRec + CI" in note
-    found = re.findall(r"(plain BIGRec|BIGRec \+ CI \([^)]*\)|likelihood ranking) (\d+\.\d+)",
-                       note.split("NDCG@10 (", 1)[1])
+    found = re.findall(r"(plain BIGRec|BIGRec \+ CI \([^)]*\)|likelihood ranking|likelihood \+ SASRec \([^)]*\)) "
+                       r"(\d+\.\d+)", note.split("NDCG@10 (", 1)[1])
     scores = {name: float(value) for name, value in found}
-    assert len(scores) >= 3
+    assert len(scores) >= 4
     best = max(scores, key=scores.get)
-    assert note.startswith(best) and manifest.decoding == ("likelihood" if best == "likelihood ranking" else "free")
+    assert note.startswith(best) and manifest.decoding == ("likelihood" if best.startswith("likelihood") else "free")
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free", prior_weight=0.5)) == 1
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,greedy")) == 1
 
@@ -272,6 +282,14 @@ def test_the_ranking_note_says_when_there_was_nothing_to_choose():
     assert both[:3] == ("free", True, None)
     assert both[3] == ("BIGRec + CI (the paper's formula) chosen on validation NDCG@10 "
                        "(plain BIGRec 0.0100, BIGRec + CI (the paper's formula) 0.0300, likelihood ranking 0.0200)")
+    # likelihood + SASRec wins when its validation NDCG@10 is best: a likelihood run that blends (use CI)
+    blended = {"valid_plain": ndcg(0.02), "likelihood_cf": {"weight": 4.0, "valid_ndcg10": 0.05}}
+    assert default_ranking({"free": free, "likelihood": blended}) == (
+        "likelihood", True, None, "likelihood + SASRec (weight 4.0) chosen on validation NDCG@10 (plain BIGRec "
+        "0.0100, BIGRec + CI (the paper's formula) 0.0300, likelihood ranking 0.0200, likelihood + SASRec "
+        "(weight 4.0) 0.0500)")
+    assert default_ranking({"likelihood": {**blended, "likelihood_cf": {"weight": 0.0, "valid_ndcg10": 0.02}}})[:2] \
+        == ("likelihood", False)  # a tie goes to the plain ranking, found first
 
 
 def test_full_data_demo_tunes_every_weight_chooses_the_epoch_on_validation_and_serves_it(tiny_model_dir, tmp_path,
@@ -310,9 +328,25 @@ def test_full_data_demo_tunes_every_weight_chooses_the_epoch_on_validation_and_s
     rec = Recommender.from_run(run_dir, device="cpu")
     rows = json.loads((run_dir / "results" / "likelihood" / "test.json").read_text())
     inputs = {r["row"]: r for r in json.loads((run_dir / "inputs" / "test.json").read_text())}
-    results = rec.recommend([inputs[r["row"]]["history_item_id"] for r in rows], k=10)
+    histories = [inputs[r["row"]]["history_item_id"] for r in rows]
+    results = rec.recommend(histories, k=10, use_ci=False)
     for row, result in zip(rows, results, strict=True):  # 512 title tokens rank this catalogue exactly
         assert [i.id for i in result.items] == [ids[0] for ids in row["predict_ids"][:10]]
+    # likelihood + SASRec: served as evaluated, with the weight validation chose, where the likelihood
+    # top 20 is certified (every row here)
+    from bigrec.evaluation.scores import load_scores
+    from bigrec.grounding.likelihood_cf import candidates_of, top_items
+
+    details = json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json").read_text())["files"]["test.json"]
+    assert manifest.likelihood_cf_weight == details["likelihood_cf"]["weight"]
+    sasrec = load_scores(run_dir / "sasrec" / "scores" / "test_5000.safetensors").align(rows)
+    blended = rec.recommend(histories, k=10, use_ci=True)
+    certified = [r for r in range(len(rows)) if rows[r]["predict_certified"] == len(rows[r]["predict"])]
+    assert certified and all(b.use_ci and "+ SASRec" in b.ranking for b in blended)
+    for r in certified:
+        evaluated = top_items(candidates_of(rows[r]), sasrec[r], manifest.likelihood_cf_weight, 10,
+                              rec.seen_ids(histories[r]))
+        assert [i.id for i in blended[r].items] == [i for i, _ in evaluated], r
 
     caplog.set_level("INFO")
     assert main(args) == 0  # a rerun reuses every stage

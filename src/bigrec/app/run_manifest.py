@@ -20,6 +20,7 @@ import yaml
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
 from bigrec.io import InputError, read_json, write_yaml
 from bigrec.llm.defaults import (
+    CANDIDATES,
     DECODING,
     EXCLUDE_HISTORY,
     MAX_NEW_TOKENS,
@@ -63,6 +64,9 @@ class RunManifest:
     prior_weight: float = PRIOR_WEIGHT  # likelihood: minus this times log p(title | an empty history)
     search_nodes: int = SEARCH_NODES  # likelihood: the most title tokens a history's search feeds the model
     exclude_history: bool = EXCLUDE_HISTORY  # leave the history's titles out where a request does not say
+    likelihood_cf_weight: float | None = None  # likelihood: SASRec's weight in log p + w * minmax(s), chosen on
+    # validation (bigrec.grounding.likelihood_cf); with use_ci, a likelihood run answers with that blend
+    candidates: int = CANDIDATES  # likelihood + SASRec: the top titles of each model the blend ranks (generate's)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("decoding", self.decoding, DECODINGS), ("layout", self.layout, LAYOUTS)):
@@ -70,6 +74,8 @@ class RunManifest:
                 raise InputError(f"{MANIFEST}: {name} {value!r} is not one of {', '.join(allowed)}")
         if self.prior_weight < 0 or self.search_nodes < 1:
             raise InputError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
+        if (self.likelihood_cf_weight is not None and self.likelihood_cf_weight < 0) or self.candidates < 1:
+            raise InputError(f"{MANIFEST}: likelihood_cf_weight must be at least 0 and candidates at least 1")
         self.wording()  # an unknown name or malformed words are an error on load, not on the first request
 
     def wording(self) -> Domain:

@@ -143,6 +143,7 @@ class Config:
 FEW_SHOT = "sasrec_fewshot"  # the SASRec trained on the rows BIGRec is tuned on
 PROTOCOLS = {"reference": "", "unseen": "_unseen"}  # ranking protocol -> metrics file suffix
 CONTENT = "Last history title (content)"
+LIKELIHOOD_CF = "BIGRec (likelihood) + SASRec"  # likelihood + SASRec (bigrec.grounding.likelihood_cf)
 
 
 def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, Path], sample: int,
@@ -179,7 +180,8 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
         label = f"BIGRec ({decoding})"
         names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
                  f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)",
-                 f"{test_name} +CI blend (weight by NDCG@10)": f"{label} + CI blend (SASRec)"}
+                 f"{test_name} +CI blend (weight by NDCG@10)": f"{label} + CI blend (SASRec)",
+                 f"{test_name} +SASRec (weight by NDCG@10)": f"{label} + SASRec"}
         for key, name in names.items():
             if key in info["ranks"]:
                 cmp.add(name, details_ranks(info, key))
@@ -207,15 +209,17 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     pairs = [(lead, few_shot), (lead, CONTENT), (lead, "Popularity"), (lead, "SASRec"),
              (f"{lead} + CI (SASRec)", "SASRec"), (f"{lead} + CI blend (SASRec)", "SASRec"),
              (f"{lead} + CI (SASRec)", few_shot), (f"{lead} + CI (SASRec, same {sample} examples)", few_shot),
-             (f"{lead} + CI blend (SASRec, same {sample} examples)", few_shot)]
+             (f"{lead} + CI blend (SASRec, same {sample} examples)", few_shot),
+             (LIKELIHOOD_CF, "SASRec"), (LIKELIHOOD_CF, "BIGRec (likelihood)")]
     return {"metrics": cmp.metrics(), "intervals": cmp.intervals(), "paired": cmp.paired(pairs), "infos": infos}
 
 
 def default_ranking(infos: dict[str, dict]) -> tuple[str, bool, float | None, str | None]:
     """What recommend/serve rank by: plain BIGRec, BIGRec + CI by the paper's formula or by the
     blend (on free decoding, which they run; the constrained run's figures where there is none), or
-    likelihood ranking, whichever has the best validation NDCG@10 (the validation rows chose gamma
-    and the weight too; the test rows never enter). Returns (decoding, use CI, blend weight or None, why)."""
+    likelihood ranking, plain or with SASRec (:mod:`bigrec.grounding.likelihood_cf`; use CI then means
+    that blend), whichever has the best validation NDCG@10 (the validation rows chose gamma and the
+    weights too; the test rows never enter). Returns (decoding, use CI, blend weight or None, why)."""
     from bigrec.evaluation.metrics import TOPK
 
     j = TOPK.index(10)
@@ -229,6 +233,9 @@ def default_ranking(infos: dict[str, dict]) -> tuple[str, bool, float | None, st
             found[f"BIGRec + CI (blend, weight {weight})"] = (info["CI"]["blend"]["valid_ndcg10"], "free", True, weight)
     if "valid_plain" in infos.get("likelihood", {}):
         found["likelihood ranking"] = (infos["likelihood"]["valid_plain"]["NDCG"][j], "likelihood", False, None)
+    if "likelihood_cf" in infos.get("likelihood", {}):
+        cf = infos["likelihood"]["likelihood_cf"]
+        found[f"likelihood + SASRec (weight {cf['weight']})"] = (cf["valid_ndcg10"], "likelihood", True, None)
     if not found:
         return "free", False, None, None
     best = max(found, key=lambda name: found[name][0])
@@ -328,7 +335,8 @@ def generate_config(cfg: Config, paths: Paths, tuned: Tuned, decoding: str, spli
         batch_size=cfg.gen_batch_size, max_new_tokens=cfg.max_new_tokens, precision=cfg.precision, decoding=decoding,
         num_beams=cfg.num_beams if decoding == "free" else cfg.constrained_beams, layout=cfg.layout,
         catalog=str(paths.data / "id2name.txt") if decoding != "free" else None, **cfg.likelihood_options(decoding),
-        **({"search_nodes": cfg.search_nodes} if decoding == "likelihood" else {}),
+        **({"search_nodes": cfg.search_nodes, "cf_scores": str(paths.scores("sasrec", split))}
+           if decoding == "likelihood" else {}),  # likelihood: SASRec's top titles scored too
         discard_stale_progress=True)  # a stage reruns on new settings; rows of old ones are no use
 
 
@@ -357,7 +365,7 @@ def choose_epoch(cfg: Config, stages: StageRunner, paths: Paths) -> int:
         result = paths.results / "epochs" / f"epoch-{epoch}" / "valid.json"
         gen_cfg = generate_config(cfg, paths, tuned, "likelihood", "valid", result)
         stages.run(f"generate_valid_likelihood_epoch{epoch}", stage_settings(gen_cfg), [result],
-                   lambda c=gen_cfg: generate_run(c), after=("inputs", "train"))
+                   lambda c=gen_cfg: generate_run(c), after=("inputs", "train", "sasrec"))
         ranked.append(f"generate_valid_likelihood_epoch{epoch}")
 
     def choose() -> None:
@@ -421,6 +429,7 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> Tuned:
                    [paths.adapter / "adapter_config.json"], lambda: copy_adapter(given, paths.adapter),
                    after=("prepare",))
 
+    baselines(cfg, stages, paths)  # likelihood ranking reads SASRec's scores
     after = ("inputs", "train")
     if cfg.select_epoch:
         epoch = choose_epoch(cfg, stages, paths)
@@ -434,14 +443,15 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> Tuned:
         for split in ("test", "valid"):
             result = paths.results / decoding / f"{split}.json"
             gen_cfg = generate_config(cfg, paths, tuned, decoding, split, result)
+            upstream = (*after, "sasrec") if decoding == "likelihood" else after
             if cfg.select_epoch and decoding == "likelihood" and split == "valid":
                 # the chosen epoch has ranked these rows already, with these settings
                 ranked = paths.results / "epochs" / f"epoch-{tuned.epoch}" / "valid.json"
                 stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
-                           lambda src=ranked, dst=result: io.write_json(dst, io.read_json(src)), after=after)
+                           lambda src=ranked, dst=result: io.write_json(dst, io.read_json(src)), after=upstream)
                 continue
             stages.run(f"generate_{split}_{decoding}", stage_settings(gen_cfg), [result],
-                       lambda c=gen_cfg: generate_run(c), after=after)
+                       lambda c=gen_cfg: generate_run(c), after=upstream)
     return tuned
 
 
@@ -464,12 +474,24 @@ def fewshot_label(cfg: Config) -> str:
     return f"SASRec ({same}{fewshot_rows(cfg)} examples)"
 
 
-def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) -> None:
-    """The item index, popularity, SASRec on every training row and SASRec on BIGRec's sampled rows
-    (or on 1,024 of them when BIGRec trains on all). The index embeds titles with the model that
-    serves: the base model under a LoRA adapter, the tuned model itself after full fine-tuning."""
-    from bigrec.grounding.options import grounding_of, grounding_options
+def baselines(cfg: Config, stages: StageRunner, paths: Paths) -> None:
+    """Popularity, SASRec on every training row and SASRec on BIGRec's sampled rows (or on 1,024 of
+    them when BIGRec trains on all); they need the prepared data only, and run before generation,
+    as likelihood ranking reads SASRec's scores."""
     from bigrec.stages import baseline
+
+    for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, fewshot_rows(cfg))):
+        b_cfg = baseline.Config(data=str(paths.data), output_dir=str(paths.run / model), model=model.split("_")[0],
+                                seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
+        stages.run(model, stage_settings(b_cfg), [paths.scores(model, "test")],
+                   lambda c=b_cfg: baseline.run(c), after=("prepare",))
+
+
+def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) -> None:
+    """The item index (the baselines ran before generation: :func:`baselines`). The index embeds
+    titles with the model that serves: the base model under a LoRA adapter, the tuned model itself
+    after full fine-tuning."""
+    from bigrec.grounding.options import grounding_of, grounding_options
     from bigrec.stages import index as index_stage
 
     idx_cfg = index_stage.Config(catalog=str(paths.data / "id2name.txt"), output=str(paths.index),
@@ -477,11 +499,6 @@ def index_and_baselines(cfg: Config, stages: StageRunner, paths: Paths, tuned: T
                                  **grounding_options(grounding_of(cfg)))
     after = ("prepare",) if cfg.lora else ("prepare", "train", *(("choose_epoch",) if cfg.select_epoch else ()))
     stages.run("index", stage_settings(idx_cfg), [paths.index], lambda: index_stage.run(idx_cfg), after=after)
-    for model, sample in (("popularity", -1), ("sasrec", -1), (FEW_SHOT, fewshot_rows(cfg))):
-        b_cfg = baseline.Config(data=str(paths.data), output_dir=str(paths.run / model), model=model.split("_")[0],
-                                seed=cfg.seed, epochs=cfg.sasrec_epochs, sample=sample)
-        stages.run(model, stage_settings(b_cfg), [paths.scores(model, "test")],
-                   lambda c=b_cfg: baseline.run(c), after=("prepare",))
 
 
 def ground_model(cfg: Config, tuned: Tuned) -> str:
@@ -506,10 +523,12 @@ def evaluations(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) ->
         results = paths.results / decoding
         generated = (f"generate_test_{decoding}", f"generate_valid_{decoding}", "index")
         # A likelihood ranking puts its ranked candidates (the top 20) first, so re-weighting would order
-        # only what lies below them and print copies of the plain rows: only the plain ranking is evaluated.
+        # only what lies below them and print copies of the plain rows: it is evaluated plain and as
+        # likelihood + SASRec over both models' top titles (bigrec.grounding.likelihood_cf) instead.
         reweight = decoding != "likelihood"
         reweighting = dict(popularity=str(paths.data / "train.csv"), ci_scores=str(paths.scores("sasrec", "test")),
-                           valid_ci_scores=str(paths.scores("sasrec", "valid"))) if reweight else {}
+                           valid_ci_scores=str(paths.scores("sasrec", "valid"))) if reweight else dict(
+            cf_scores=str(paths.scores("sasrec", "test")), valid_cf_scores=str(paths.scores("sasrec", "valid")))
         for protocol, suffix in PROTOCOLS.items():
             metrics_paths[protocol][decoding] = metrics_path = paths.run / "metrics" / f"bigrec_{decoding}{suffix}.json"
             eval_cfg = evaluate.Config(
@@ -560,6 +579,7 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict], tuned: Tun
                 ci_gamma=gammas_from.get("CI", {}).get("gammas", {}).get("single"),
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 use_ci=use_ci, ci_blend_weight=weight, ranking_note=note, decoding=decoding,
+                likelihood_cf_weight=infos.get("likelihood", {}).get("likelihood_cf", {}).get("weight"),
                 search_nodes=cfg.search_nodes, **cfg.likelihood_options(decoding)).save(run_dir)
 
 
