@@ -356,6 +356,34 @@ def test_likelihood_run_prior_exclusions_batches_and_no_ci(run_dir, tmp_path, ra
         ranked.recommend([history], use_ci=True)
 
 
+def test_likelihood_run_blends_sasrec_where_run_yaml_gives_a_weight(run_dir, tmp_path, ranked):
+    """likelihood_cf_weight: use_ci answers with likelihood + SASRec (its default with use_ci in run.yaml).
+    Weight 0 keeps the plain likelihood order of the model's titles; a weight that dwarfs every
+    log-probability puts SASRec's order first; the history's titles stay out of both lists."""
+    from bigrec.baselines.sasrec import SASRec
+
+    history = ["Heat (1995)", "Babe (1995)"]
+    k = len(set(TITLES)) - 2  # every title the history leaves: the search ranks them all exactly
+    served = {}
+    for weight in (0.0, 1e6):
+        folder = tmp_path / f"w{int(weight)}"
+        folder.mkdir()
+        served[weight] = Recommender.from_run(sibling_run(run_dir, folder, decoding="likelihood", use_ci=True,
+                                                          likelihood_cf_weight=weight, exclude_history=True),
+                                              device="cpu")
+    assert served[0.0].has_ci and served[0.0].default_ci and served[0.0].describe()["likelihood_cf_weight"] == 0.0
+    (plain,) = ranked.recommend([history], k=k, exclude_history=True)
+    (zero,) = served[0.0].recommend([history], k=k)
+    assert zero.use_ci and "+ SASRec" in zero.ranking and [i.id for i in zero.items] == [i.id for i in plain.items]
+    (off,) = served[0.0].recommend([history], k=k, use_ci=False)
+    assert not off.use_ci and [i.id for i in off.items] == [i.id for i in plain.items]
+    sasrec = SASRec.from_dir(run_dir / "sasrec").score([[HEAT, 7]])[0].float()
+    sasrec[[HEAT, HEAT_TWIN, 7]] = float("-inf")
+    (heavy,) = served[1e6].recommend([history], k=3)
+    assert [i.id for i in heavy.items] == torch.argsort(-sasrec, stable=True)[:3].tolist()
+    assert not {HEAT, HEAT_TWIN, 7} & {i.id for i in served[1e6].recommend([history], k=len(TITLES))[0].items}
+
+
 def test_a_likelihood_run_answers_as_generate_ranked_in_evaluation(run_dir, tmp_path):
     """At precision auto (bf16 prompt and title passes on a CPU that has it, the embedding in fp32),
     recommend scores a history exactly as `bigrec generate --decoding likelihood` scored the same

@@ -26,7 +26,10 @@ A run whose ``run.yaml`` says ``decoding: likelihood`` skips steps 2 and 3: ever
 is scored by its log-probability given the prompt (:mod:`bigrec.llm.likelihood`, the run's
 ``search_nodes``), minus ``prior_weight`` times its no-history log-probability, and the items come
 in that order, scored by the negative of it; nothing is generated or grounded, so there are no
-distances and no CI. The run's ``layout`` writes the prompts (and the titles the model is scored
+distances. CI there is likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`, where run.yaml has a
+``likelihood_cf_weight``): the run's top ``candidates`` titles by likelihood and SASRec's top
+``candidates`` titles for the same history (scored exactly), each item by ``log p + w * minmax(s)``,
+every other item below them by SASRec's score, as ``bigrec evaluate --cf_scores`` ranks them. The run's ``layout`` writes the prompts (and the titles the model is scored
 on) as the model was trained.
 """
 
@@ -361,20 +364,52 @@ class Recommender:
             prior = [m.prior_weight * scorer.prior(self.layout.empty_history_prompt(row)) for row in rows]
         excluded = [trie.leaves_of([x.id for x in matches[r]]) if exclude[r] else [] for r in range(len(queries))]
         rankings: list = [None] * len(queries)
-        for k in sorted({q.k for q in queries}):
-            group = [r for r, q in enumerate(queries) if q.k == k]
+        blended = [r for r in range(len(queries)) if use_ci[r]]
+        for k in sorted({q.k for r, q in enumerate(queries) if not use_ci[r]}):
+            group = [r for r, q in enumerate(queries) if q.k == k and not use_ci[r]]
             found = scorer.rank([prompts[r] for r in group], k, None if prior is None else [prior[r] for r in group],
                                 [excluded[r] for r in group], max_nodes=m.search_nodes)
             for r, ranking in zip(group, found, strict=True):
                 rankings[r] = ranking
+        items = self._blend_with_sasrec(queries, blended, matches, prompts, prior, excluded, exclude) if blended else {}
         results = []
         for r, q in enumerate(queries):
-            items = [Item(i, self.catalog.titles[i], -score, None)
-                     for leaf, score in zip(rankings[r].leaves, rankings[r].scores, strict=True)
-                     for i in trie.leaf_items[leaf]][: q.k]
-            results.append(Result(matches[r], [], "", items, False, self.ranking_label(False, q.use_ci is None),
-                                  decoding="likelihood"))
+            if r not in items:
+                items[r] = [Item(i, self.catalog.titles[i], -score, None)
+                            for leaf, score in zip(rankings[r].leaves, rankings[r].scores, strict=True)
+                            for i in trie.leaf_items[leaf]][: q.k]
+            results.append(Result(matches[r], [], "", items[r], use_ci[r],
+                                  self.ranking_label(use_ci[r], q.use_ci is None), decoding="likelihood"))
         return results
+
+    def _blend_with_sasrec(self, queries: list[Query], rows: list[int], matches: list[list[Match]],
+                           prompts: list[str], prior: list[torch.Tensor] | None, excluded: list[list[int]],
+                           exclude: list[bool]) -> dict[int, list[Item]]:
+        """Likelihood + SASRec for ``rows`` of the batch, as generate and evaluate rank it: the top
+        ``candidates`` titles by likelihood (searched together, whatever each query's k) and SASRec's,
+        scored exactly, in the same rounding as a result file."""
+        from bigrec.grounding.likelihood_cf import merge, top_items
+        from bigrec.llm.decoders import cf_leaves
+
+        scorer, trie, m = self.scorer, self.scorer.trie, self.manifest
+        found = scorer.rank([prompts[r] for r in rows], m.candidates,
+                            None if prior is None else [prior[r] for r in rows], [excluded[r] for r in rows],
+                            max_nodes=m.search_nodes)
+        sasrec = self.sasrec.score([[x.id for x in matches[r]] for r in rows]).float().cpu()
+        out = {}
+        for j, (r, ranking) in enumerate(zip(rows, found, strict=True)):
+            leaves = cf_leaves(trie, sasrec[j], m.candidates, excluded[r])
+            logp = scorer.exact([prompts[r]], torch.tensor(leaves))[0] if leaves else torch.zeros(0)
+            if prior is not None and leaves:
+                logp = logp - prior[r][leaves]
+            candidates = merge([trie.leaf_items[leaf] for leaf in ranking.leaves],
+                               [round(v, 6) for v in ranking.scores], [trie.leaf_items[leaf] for leaf in leaves],
+                               [round(float(v), 6) for v in logp])
+            seen = self.seen_ids([x.id for x in matches[r]]) if exclude[r] else []
+            out[r] = [Item(i, self.catalog.titles[i], -score, None)
+                      for i, score in top_items(candidates, sasrec[j], float(m.likelihood_cf_weight), queries[r].k,
+                                                seen)]
+        return out
 
     def seen_ids(self, history: list[int]) -> list[int]:
         """Every catalogue id sharing a title with a history item (what exclude_history leaves out)."""
@@ -413,11 +448,12 @@ class Recommender:
     def ci_unavailable(self) -> str | None:
         """Why this run cannot re-weight by SASRec (None when it can): one wording for the
         Python API's error and the service's 422, which names no server path."""
-        if self.scorer is not None:
-            return "CI re-weights grounded distances, and this run ranks by likelihood (run.yaml: decoding: likelihood)"
+        if self.scorer is not None and self.manifest.likelihood_cf_weight is None:
+            return ("this run ranks by likelihood and has no likelihood_cf_weight in run.yaml (chosen on validation "
+                    "by bigrec evaluate --cf_scores) to blend SASRec's scores with")
         if self.sasrec is None:
             return "this run has no SASRec model to re-weight with (run.yaml: sasrec is unset)"
-        if self.manifest.ci_gamma is None:
+        if self.scorer is None and self.manifest.ci_gamma is None:
             return "this run has no ci_gamma in run.yaml (chosen on validation by bigrec evaluate)"
         return None
 
@@ -436,10 +472,15 @@ class Recommender:
 
     def ranking_label(self, use_ci: bool, by_default: bool) -> str:
         if self.scorer is not None:
-            prior = f", minus {self.manifest.prior_weight} x its no-history log-probability" \
-                if self.manifest.prior_weight else ""
+            m = self.manifest
+            prior = f", minus {m.prior_weight} x its no-history log-probability" if m.prior_weight else ""
             name = f"BIGRec (likelihood: every title by its log-probability given the history{prior})"
-            return name + (f", the run's ranking: {self.manifest.ranking_note}" if self.manifest.ranking_note else "")
+            if use_ci:
+                name += (f" + SASRec (log-probability + {m.likelihood_cf_weight} x SASRec's min-max score over both "
+                         f"models' top {m.candidates} titles; the rest by SASRec)")
+            if not by_default:
+                return f"{name}, as asked"
+            return name + (f", the run's ranking: {m.ranking_note}" if m.ranking_note else "")
         how = ("re-weighted by SASRec's scores" if self.manifest.ci_blend_weight is None
                else f"blended with SASRec's scores, weight {self.manifest.ci_blend_weight}")
         name = f"BIGRec + CI (distances {how})" if use_ci else "BIGRec (L2 distance to the generated title)"
@@ -457,6 +498,7 @@ class Recommender:
                 "popularity_available": self.popularity is not None,
                 "decoding": m.decoding, "layout": m.layout, "prior_weight": m.prior_weight,
                 "search_nodes": m.search_nodes, "exclude_history_by_default": m.exclude_history,
+                "likelihood_cf_weight": m.likelihood_cf_weight,
                 "domain": m.domain, "num_beams": m.num_beams, "max_new_tokens": m.max_new_tokens,
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
                 "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,
