@@ -22,6 +22,10 @@ from transformers.trainer_callback import ExportableState
 
 log = logging.getLogger(__name__)
 
+# what the Trainer adds to every step's log when it counts tokens; the run's own speed is logged at its end
+STEP_SPEED_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
+                             "train_tokens_per_second"})
+
 
 class JsonlLog(TrainerCallback):
     """Appends every Trainer log (loss per step, eval loss per evaluation) to a JSON-lines file."""
@@ -41,6 +45,8 @@ class JsonlLog(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            if "loss" in logs:  # a step's log: counting tokens makes the Trainer add its session's speed to it
+                logs = {k: v for k, v in logs.items() if k not in STEP_SPEED_KEYS}
             self._write({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                          "elapsed_s": round(time.time() - self.started, 3),
                          **{f"total_{k}": v for k, v in Clock.now().items()}, **logs})

@@ -584,6 +584,7 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict], tuned: Tun
 
 
 def run(cfg: Config) -> int:
+    from bigrec.evaluation.demo_report import build_demo_report, write_demo_report
     from bigrec.evaluation.metrics import TOPK
     from bigrec.evaluation.report import format_table, metrics_json, plot_metrics
     from bigrec.grounding.options import grounding_of
@@ -611,21 +612,13 @@ def run(cfg: Config) -> int:
     plot_metrics(table, paths.run / "metrics" / "side_by_side.png", TOPK)
     elapsed = time.perf_counter() - started
     grounding = grounding_of(cfg).describe()
-    io.write_text(paths.run / "report.md", render_report(cfg, table, infos, stages.timings, elapsed,
-                                                         format_table(table, TOPK), grounding, compared))
-    write_report_html(paths.run, cfg, infos, stages.timings, elapsed, compared, grounding)
+    write_demo_report(paths.run, build_demo_report(compared, infos, to_dict(cfg), tuning_summary(cfg), grounding,
+                                                   stages.timings, elapsed))
     save_manifest(cfg, paths.run, infos, tuned)
     print(format_table(table, TOPK))
     print(f"\nreport: {paths.run / 'report.md'}   plot: {paths.run / 'metrics' / 'side_by_side.png'}   "
           f"wall time {elapsed / 60:.1f} min")
     return 0
-
-
-def certified_line(share: float, search_nodes: int) -> str:
-    """Where likelihood ranking's budget cut its search: a ranking past it is not the exact one."""
-    return (f"Likelihood search: the top 10 is provably exact in {share:.1%} of rows; elsewhere the search ran out "
-            f"of its {search_nodes} title tokens a row (--search_nodes) and ranks the titles it did not reach by "
-            "their bound")
 
 
 def tuning_summary(cfg: Config) -> str:
@@ -645,116 +638,3 @@ def tuning_summary(cfg: Config) -> str:
         text += (f"; epoch {record['epoch']} chosen on the validation rows' likelihood NDCG@10 "
                  f"({record['valid_rows']} rows; {scores})")
     return text
-
-
-def run_summary(cfg: Config, infos: dict[str, dict], grounding: str, elapsed: float) -> str:
-    """The report's first paragraph: data, model, training, rows, decodings, grounding, wall time."""
-    beams = {"free": f"{cfg.num_beams} beams, free beam search + L2 grounding"
-                     + (f" (nearest of the first {cfg.ground_beams} beams)" if cfg.ground_beams > 1 else ""),
-             "constrained": f"{cfg.constrained_beams} beams constrained to catalogue titles, beams' items ranked "
-                            "first, then the rest by L2 distance to the top beam",
-             "likelihood": "every title ranked by its log-probability (a best-first search of the catalogue's "
-                           f"trie, at most {cfg.search_nodes} title tokens a row)"
-                           + (f", minus {cfg.prior_weight} x its no-history log-probability" if cfg.prior_weight
-                              else "")
-                           + (", the row's history titles left out" if cfg.likelihood_new_titles else "")}
-    tuning = tuning_summary(cfg)
-    return (f"Dataset {cfg.dataset}, base model {cfg.base_model}, {tuning}; "
-            f"{cfg.test_rows} test rows; decoding: " + "; ".join(f"{d}: {beams[d]}" for d in infos) + ". "
-            f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.")
-
-
-def write_report_html(run_dir: Path, cfg: Config, infos: dict[str, dict], timings: dict, elapsed: float,
-                      compared: dict, grounding: str) -> Path:
-    """report.html: the report in one file that opens from disk (the plot embedded)."""
-    from html import escape
-
-    from bigrec.evaluation.comparison import describe_pairs
-    from bigrec.evaluation.report import html_table, metrics_rows, write_html
-
-    body = [f"<p>{escape(run_summary(cfg, infos, grounding, elapsed))}</p>"]
-    for protocol, title in (("reference", "Every item ranked (the reference protocol)"),
-                            ("unseen", "Each user's seen items left out of the ranking")):
-        part = compared[protocol]
-        body += [f"<h2>{title}</h2>", '<p class="note">95% bootstrap intervals over the test rows (1,000 '
-                 "resamples); paired differences use the same resamples for both results.</p>",
-                 html_table(*metrics_rows(part["metrics"], part["intervals"])),
-                 "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in describe_pairs(part["paired"])) + "</ul>"]
-    for decoding, info in infos.items():
-        diag = info["diagnostics"]
-        copies = diag.get("history_copy_top1_share")
-        facts = [f"{diag['distinct_top1_share']:.1%} of top-1 generations are distinct",
-                 f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles", f"{diag['empty_top1']} are empty"]
-        if copies is not None:
-            facts.append(f"{copies:.1%} copy a title from the user's own history")
-        if diag.get("certified_top10_share") is not None:
-            facts.append(certified_line(diag["certified_top10_share"], cfg.search_nodes))
-        facts.append("most frequent: " + "; ".join(f"“{t}” ×{c}" for t, c in diag["most_frequent_top1"][:10]))
-        for kind in ("popularity", "CI"):
-            if kind in info:
-                facts.append(f"{kind} re-weighting: gamma {info[kind]['gammas']['single']} (chosen on validation "
-                             f"NDCG@10)" + (f", blend weight {info[kind]['blend']['weight']}" if "blend" in info[kind]
-                                            else ""))
-        body += [f"<h2>Decoding: {escape(decoding)}</h2>", "<ul>" + "".join(f"<li>{escape(f)}</li>" for f in facts)
-                 + "</ul>"]
-    body += ["<h2>Settings</h2>", html_table(["setting", "value"], sorted(to_dict(cfg).items()), numeric_from=2),
-             "<h2>Stage times</h2>", html_table(["stage", "seconds (0 = reused)"],
-                                                [[k, f"{v:.0f}"] for k, v in timings.items()])]
-    return write_html(run_dir / "report.html", "bigrec demo report", body,
-                      {"NDCG@K and HR@K, every item ranked": run_dir / "metrics" / "side_by_side.png"})
-
-
-def render_report(cfg: Config, table: dict, infos: dict[str, dict], timings: dict, elapsed: float,
-                  text_table: str, grounding: str, compared: dict) -> str:
-    """report.md: the table, intervals and paired differences under both ranking protocols, where
-    each decoding stands, its decoding diagnostics and gammas, stage times."""
-    from bigrec.evaluation.comparison import describe_pairs
-    from bigrec.evaluation.metrics import TOPK
-    from bigrec.evaluation.report import format_intervals
-
-    k10 = table["topk"].index(10)
-    ndcg10 = {name: m["NDCG"][k10] for name, m in table.items() if name != "topk"}
-    rand = ndcg10["Random"]
-    reference_row = ndcg10.get("BIGRec (free), reference grounding")
-    lines = ["# bigrec demo report", "", run_summary(cfg, infos, grounding, elapsed), "", "```", text_table, "```", ""]
-    for protocol, title in (("reference", "the reference protocol (every item ranked)"),
-                            ("unseen", "each user's seen items left out of the ranking")):
-        part = compared[protocol]
-        lines += [f"## 95% intervals and paired differences, {title}", "",
-                  f"Bootstrap over the {cfg.test_rows} test rows (1,000 resamples, seed 0); a paired difference "
-                  "uses the same resamples for both results.", "",
-                  "```", format_intervals(part["metrics"], part["intervals"], TOPK, (10,)), "```", ""]
-        lines += [f"- {line}" for line in describe_pairs(part["paired"])] + [""]
-    lines += ["## Where BIGRec stands", ""]
-    for decoding in infos:
-        plain = ndcg10.get(f"BIGRec ({decoding})", 0.0)
-        verdict = ("above" if plain > rand * 1.5 else "not clearly above") + " a random ranking"
-        lines.append(f"- NDCG@10: BIGRec ({decoding}) {plain:.4f} ({verdict}).")
-    if reference_row is not None:
-        lines.append(f"- NDCG@10 of the same free generations grounded the reference way (last layer, last token, "
-                     f"bare titles): {reference_row:.4f}.")
-    lines += [f"- NDCG@10 of the references: random ranking {rand:.4f}, popularity "
-              f"{ndcg10.get('Popularity', float('nan')):.4f}, SASRec {ndcg10.get('SASRec', float('nan')):.4f}.", ""]
-    for decoding, info in infos.items():
-        diag = info["diagnostics"]
-        lines += [
-            f"## Decoding: {decoding}", "",
-            f"- {diag['distinct_top1_share']:.1%} of top-1 generations are distinct, "
-            f"{diag['exact_title_top1_share']:.1%} are exact catalogue titles, {diag['empty_top1']} are empty"
-            + ("." if diag.get("history_copy_top1_share") is None else
-               f"; {diag['history_copy_top1_share']:.1%} copy a title from the user's own history."),
-            "- Most frequent top-1 generations: "
-            + "; ".join(f"\"{t}\" x{c}" for t, c in diag["most_frequent_top1"][:10]),
-            f"- {certified_line(diag['certified_top10_share'], cfg.search_nodes)}."
-            if diag.get("certified_top10_share") is not None else "",
-            "- Re-weighting gammas (chosen on validation):" if any(k in info for k in ("popularity", "CI")) else "",
-        ]
-        for kind in ("popularity", "CI"):
-            if kind in info:
-                gammas = info[kind]["gammas"]
-                lines.append(f"  - {kind}: single gamma (by validation NDCG@10) {gammas['single']}; "
-                             f"per-K NDCG gammas {gammas['NDCG']}")
-        lines.append("")
-    lines += ["## Stage times (s; 0 = reused)", "",
-              ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
-    return "\n".join(lines)
