@@ -16,6 +16,7 @@ machinery on a random 2-layer model, not SmolLM2. ``--url`` measures a server al
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,14 +111,18 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def soak(url: str, histories: list[list[int]], clients: int, per_client: int, k: int):
-    """Valid requests' latencies and failures, and the status codes the poisoned ones got."""
+def soak(url: str, histories: list[list[int]], clients: int, per_client: int, k: int, minutes: float = 0.0):
+    """Valid requests' latencies and failures, and the status codes the poisoned ones got; with
+    ``minutes``, each client sends until that much time has passed instead of ``per_client`` requests."""
+    deadline = time.monotonic() + minutes * 60 if minutes else None
     big = b'{"history": [1], "k": 3, "pad": "' + b"x" * (10 << 20) + b'"}'
 
     def client(n: int) -> tuple[list[float], list[str], list[int]]:
         times, failures, poisoned = [], [], []
         with httpx.Client(base_url=url, timeout=600) as c:
-            for i in range(1, per_client + 1):
+            for i in itertools.count(1):
+                if (deadline is None and i > per_client) or (deadline is not None and time.monotonic() > deadline):
+                    break
                 body = big if i % 25 == 0 else POISONS[(n + i) % len(POISONS)] if i % 10 == 0 else None
                 if body is not None:
                     try:
@@ -139,6 +145,58 @@ def soak(url: str, histories: list[list[int]], clients: int, per_client: int, k:
     wall = time.perf_counter() - start
     return ([t for p in parts for t in p[0]], [f for p in parts for f in p[1]], [c for p in parts for c in p[2]],
             wall)
+
+
+class RssSampler(threading.Thread):
+    """The server's RSS every ``every`` seconds while a soak runs: (seconds since start, MiB)."""
+
+    def __init__(self, pid: int, every: float):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples = pid, every, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.done.is_set():
+            self.samples.append((time.monotonic() - start, rss_mib(self.pid)))
+            self.done.wait(self.every)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.done.set()
+        self.join()
+        self.samples.append((self.samples[-1][0] + self.every if self.samples else 0.0, rss_mib(self.pid)))
+        return self.samples
+
+
+def rss_summary(samples: list[tuple[float, float]]) -> str:
+    """RSS at each quarter of the soak and its growth over the last half (MiB a minute, least squares)."""
+    quarters = [samples[min(len(samples) - 1, round(q * (len(samples) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)]
+    tail = samples[len(samples) // 2:]
+    slope = float("nan")
+    if len(tail) >= 2:
+        mt, mr = statistics.fmean(t for t, _ in tail), statistics.fmean(r for _, r in tail)
+        var = sum((t - mt) ** 2 for t, _ in tail)
+        slope = 60 * sum((t - mt) * (r - mr) for t, r in tail) / var if var else float("nan")
+    return ("server RSS at 0, 1/4, 1/2, 3/4 and the end of the soak: "
+            + ", ".join(f"{r:.0f} MiB ({t / 60:.1f} min)" for t, r in quarters)
+            + f"; over the second half {slope:+.2f} MiB/min")
+
+
+def plot_rss(samples: list[tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([t / 60 for t, _ in samples], [r for _, r in samples])
+    ax.set_xlabel("minutes of soak")
+    ax.set_ylabel("server RSS (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def report(label: str, times: list[float], errors: list[str], wall: float) -> None:
@@ -167,6 +225,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: default)")
     parser.add_argument("--start_timeout", type=float, default=900)
     parser.add_argument("--soak", action="store_true", help="poisoned and 10 MB requests among the valid ones")
+    parser.add_argument("--soak_minutes", type=float, default=0.0,
+                        help="--soak: clients send until this many minutes have passed (0: --requests each)")
+    parser.add_argument("--rss_every", type=float, default=10.0, help="--soak: seconds between RSS samples")
+    parser.add_argument("--rss_out", help="--soak: write the RSS samples here (JSON) and their plot beside (.png)")
     args = parser.parse_args()
     run = Path(args.run)
     build = args.url is None and not (run / "run.yaml").is_file()
@@ -203,14 +265,27 @@ def main() -> None:
             [[i, i + 1, i + 2] for i in range(64)]
         report("warm-up", *load(url, histories, 1, args.warmup, args.k, args.use_ci))
         if args.soak:
-            rss0 = rss_mib(proc.pid) if proc is not None else float("nan")
-            times, failures, poisoned, wall = soak(url, histories, args.clients, args.requests, args.k)
-            rss1 = rss_mib(proc.pid) if proc is not None else float("nan")
-            report(f"soak, {args.clients} clients x {args.requests}: valid requests", times, failures, wall)
+            sampler = RssSampler(proc.pid, args.rss_every) if proc is not None else None
+            if sampler is not None:
+                sampler.start()
+            times, failures, poisoned, wall = soak(url, histories, args.clients, args.requests, args.k,
+                                                   args.soak_minutes)
+            samples = sampler.stop() if sampler is not None else [(0.0, float("nan"))]
+            rss0, rss1 = samples[0][1], samples[-1][1]
+            length = f"{args.soak_minutes:g} min" if args.soak_minutes else f"x {args.requests}"
+            report(f"soak, {args.clients} clients {length}: valid requests", times, failures, wall)
             codes = {c: poisoned.count(c) for c in sorted(set(poisoned))}
             print(f"soak: {len(failures)} failed valid requests of {len(times) + len(failures)}; poisoned "
                   f"{len(poisoned)} answered {codes}; server RSS {rss0:.0f} -> {rss1:.0f} MiB "
                   f"({100 * (rss1 / rss0 - 1):+.1f}%)")
+            if sampler is not None:
+                print(rss_summary(samples))
+                if args.rss_out:
+                    out = Path(args.rss_out)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps({"seconds": [t for t, _ in samples], "rss_mib": [r for _, r in samples]}))
+                    plot_rss(samples, out.with_suffix(".png"))
+                    print(f"RSS samples: {out}; plot: {out.with_suffix('.png')}")
             return
         report("1 client", *load(url, histories, 1, max(5, args.requests // 5), args.k, args.use_ci))
         before = httpx.get(f"{url}/health", timeout=30).json()["stats"]
