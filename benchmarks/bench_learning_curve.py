@@ -41,6 +41,7 @@ from bigrec import io
 from bigrec.config import ConfigError, build, load_yaml
 from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
+from bigrec.evaluation.runs import find_run
 from bigrec.llm.defaults import NUM_BEAMS
 from bigrec.runner import StageRunner
 from bigrec.stages import demo
@@ -141,7 +142,7 @@ class Curve:
         if content is None:
             return out  # the last-title line comes with the first scored point
         info = next(iter(io.read_json(content)["files"].values()))
-        key = next(k for k in info["ranks"] if k.endswith("last history title"))
+        key = find_run(info, ranking="last_title")
         out["Last history title (content)"] = summarise(details_ranks(info, key))
         io.write_json(self.root / "baselines.json", out)
         return out

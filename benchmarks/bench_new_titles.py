@@ -33,6 +33,7 @@ from common import K10
 from bigrec import io
 from bigrec.evaluation.metrics import TOPK, details_ranks
 from bigrec.evaluation.report import with_interval
+from bigrec.evaluation.runs import find_run
 from bigrec.llm.defaults import NUM_BEAMS
 
 VARIANTS = {  # file stem -> (decoding, exclude_history)
@@ -77,12 +78,10 @@ def evaluate_all(args, results: Path, out: Path) -> dict[str, dict]:
         runs = {}
         for name, info in io.read_json(details)["files"].items():
             stem = Path(name).stem
-            for key in info["ranks"]:
-                label = LAST if key.endswith(LAST) else stem
-                if label == LAST and LAST in runs:
-                    continue
-                copies = info["diagnostics"]["history_copy_top1_share"] if label != LAST else None
-                runs[label] = {"ranks": details_ranks(info, key), "copies": copies}
+            runs[stem] = {"ranks": details_ranks(info, find_run(info, ranking="plain")),
+                          "copies": info["diagnostics"]["history_copy_top1_share"]}
+            if LAST not in runs:  # every file ranks the same rows by their last title: once is enough
+                runs[LAST] = {"ranks": details_ranks(info, find_run(info, ranking="last_title")), "copies": None}
         found[protocol] = runs
     return found
 

@@ -8,6 +8,7 @@ import torch
 
 from bigrec.cli import main
 from bigrec.evaluation.metrics import TOPK
+from bigrec.evaluation.runs import find_run
 from bigrec.evaluation.scores import load_scores, save_scores
 from bigrec.grounding.embedding import Grounding, embed_texts
 from bigrec.grounding.index import load_index
@@ -202,6 +203,14 @@ def test_reweighting_with_popularity_and_ci(data, tiny_model_dir):
     # the weighted-sum variant lets the perfect CI model outrank the nearest item: every non-empty row a hit
     blend = metrics["test.json +CI blend (weight by NDCG@10)"]
     assert blend["HR"][0] == pytest.approx(5 / 6) and details["CI"]["blend"]["weight"] > 0
+    # every ranking is described by fields, and found by them rather than by its label
+    assert set(details["runs"]) == set(details["ranks"]) | {"test.json +CI (gamma per metric@K)",
+                                                            "test.json +popularity (gamma per metric@K)"}
+    assert set(details["runs"]) == set(metrics) - {"topk"}
+    assert find_run(details, ranking="blend", weights="CI") == "test.json +CI blend (weight by NDCG@10)"
+    assert find_run(details, ranking="reweighted", weights="popularity", chosen_by="NDCG", k=10) == \
+        "test.json +popularity (gamma by NDCG@10)"
+    assert find_run(details, ranking="likelihood_cf") is None
     assert tuned["HR"][0] < 5 / 6  # the paper's formula keeps the nearest item first
     assert len(details["valid_plain"]["NDCG"]) == len(TOPK)
     assert details["CI"]["ci_scores"].endswith("test.safetensors")

@@ -159,6 +159,7 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     from bigrec.data.catalog import read_catalog, row_target
     from bigrec.evaluation.comparison import Comparison
     from bigrec.evaluation.metrics import TOPK, details_ranks, seen_mask, target_id_lists, target_ranks
+    from bigrec.evaluation.runs import find_run
     from bigrec.evaluation.scores import load_scores
 
     catalog = read_catalog(run_dir / "data" / "id2name.txt")
@@ -178,26 +179,29 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
             raise ValueError(f"{metrics_path}: evaluated rows differ from {run_dir / 'inputs' / 'test.json'} "
                              "(targets missing from the catalogue?)")
         label = f"BIGRec ({decoding})"
-        names = {test_name: label, f"{test_name} +popularity (gamma by NDCG@10)": f"{label} + popularity",
-                 f"{test_name} +CI (gamma by NDCG@10)": f"{label} + CI (SASRec)",
-                 f"{test_name} +CI blend (weight by NDCG@10)": f"{label} + CI blend (SASRec)",
-                 f"{test_name} +SASRec (weight by NDCG@10)": f"{label} + SASRec"}
-        for key, name in names.items():
-            if key in info["ranks"]:
+        shown = ((f"{label}", {"ranking": "plain"}),
+                 (f"{label} + popularity", {"ranking": "reweighted", "weights": "popularity", "k": 10}),
+                 (f"{label} + CI (SASRec)", {"ranking": "reweighted", "weights": "CI", "k": 10}),
+                 (f"{label} + CI blend (SASRec)", {"ranking": "blend", "weights": "CI"}),
+                 (f"{label} + SASRec", {"ranking": "likelihood_cf"}))
+        for name, fields in shown:
+            if key := find_run(info, **fields):
                 cmp.add(name, details_ranks(info, key))
         if fewshot_paths and decoding in fewshot_paths:
             few = io.read_json(fewshot_paths[decoding].with_name(fewshot_paths[decoding].stem + ".details.json"))
             few_info = few["files"][test_name]
-            for key, name in ((f"{test_name} +CI (gamma by NDCG@10)", f"{label} + CI (SASRec, same {sample} examples)"),
-                              (f"{test_name} +CI blend (weight by NDCG@10)",
-                               f"{label} + CI blend (SASRec, same {sample} examples)")):
-                if key in few_info["ranks"]:
+            for name, fields in ((f"{label} + CI (SASRec, same {sample} examples)",
+                                  {"ranking": "reweighted", "weights": "CI", "k": 10}),
+                                 (f"{label} + CI blend (SASRec, same {sample} examples)",
+                                  {"ranking": "blend", "weights": "CI"})):
+                if key := find_run(few_info, **fields):
                     cmp.add(name, details_ranks(few_info, key))
         if decoding == "free" and reference_path is not None:
             ref = io.read_json(reference_path.with_name(reference_path.stem + ".details.json"))
-            cmp.add("BIGRec (free), reference grounding", details_ranks(ref["files"][test_name], test_name))
-    content = next((details_ranks(info, k) for info in infos.values() for k in info["ranks"] if k.endswith(
-        "last history title")), None)
+            ref_info = ref["files"][test_name]
+            cmp.add("BIGRec (free), reference grounding", details_ranks(ref_info, find_run(ref_info, ranking="plain")))
+    content = next((details_ranks(info, key) for info in infos.values()
+                    if (key := find_run(info, ranking="last_title"))), None)
     for model, label in (("sasrec", "SASRec"), (FEW_SHOT, few_shot), ("popularity", "Popularity")):
         scores = load_scores(run_dir / model / "scores" / "test_5000.safetensors").align(test_rows)
         cmp.add(label, target_ranks(scores, targets, higher_is_better=True, exclude=exclude))

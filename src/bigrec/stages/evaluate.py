@@ -62,6 +62,7 @@ from bigrec.evaluation.results import (
     read_results,
     result_files,
 )
+from bigrec.evaluation.runs import RunKey
 from bigrec.evaluation.scores import ci_matrix
 from bigrec.grounding.embedding import REFERENCE, Embedder
 from bigrec.grounding.index import ensure_index
@@ -240,9 +241,11 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
     start, embedded = time.perf_counter(), embed.seconds
     exclude = excluded(test, config, n)
     dist, ranks, empty, first = plain_ranks(test, config, items, embed, exclude)
-    row_ranks = {test.name: ranks}  # run -> per-row ranks of every single ranking
+    keys = [RunKey(test.name)]  # what every ranking is (its label is made from these fields)
+    row_ranks = {keys[0].label: ranks}  # run -> per-row ranks of every single ranking
     if config.last_title:
-        row_ranks[f"{test.name} last history title"] = last_title_ranks(test, items, exclude)
+        keys.append(RunKey(test.name, "last_title"))
+        row_ranks[keys[-1].label] = last_title_ranks(test, items, exclude)
     runs = {run: ndcg_hr(r, TOPK) for run, r in row_ranks.items()}
     info: dict = {"diagnostics": diagnostics(test, catalog)}
     log.info("%s: %d rows grounded in %.1fs (%.1fs embedding generations that are not titles)", test.name,
@@ -258,13 +261,16 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
         scores, valid_scores, sources = per_file[test.name]
         out = reweighted(dist, empty, scores, test.targets, valid_dist, valid_empty, valid_scores, valid.targets,
                          first, valid_first, exclude, valid_exclude)
-        single = f"{test.name} +{kind} (gamma by NDCG@{out['single_k']})"
-        runs[f"{test.name} +{kind} (gamma per metric@K)"] = out.pop("tuned")
+        tuned = RunKey(test.name, "reweighted", kind, "each metric")
+        keys += [tuned, RunKey(test.name, "reweighted", kind, "NDCG", out["single_k"])]
+        single = keys[-1].label
+        runs[tuned.label] = out.pop("tuned")
         runs[single] = out.pop("single")
         row_ranks[single] = out.pop("single_ranks")
         blend = out.pop("blend")
         if blend is not None:
-            name = f"{test.name} +{kind} blend (weight by NDCG@10)"
+            keys.append(RunKey(test.name, "blend", kind, "NDCG", 10))
+            name = keys[-1].label
             row_ranks[name] = blend.pop("ranks")
             runs[name] = ndcg_hr(row_ranks[name], TOPK)
             out["blend"] = blend
@@ -272,7 +278,8 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
         log.info("%s +%s: gamma searched and applied in %.1fs", test.name, kind, time.perf_counter() - start)
     if cf is not None:
         scores, valid_scores, sources = cf
-        name = f"{test.name} +SASRec (weight by NDCG@10)"
+        keys.append(RunKey(test.name, "likelihood_cf", "SASRec", "NDCG", 10))
+        name = keys[-1].label
         row_ranks[name], choice = likelihood_cf_ranks(test, valid, scores, valid_scores, exclude, valid_exclude)
         runs[name] = ndcg_hr(row_ranks[name], TOPK)
         info["likelihood_cf"] = {**sources, **choice}
@@ -282,6 +289,7 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
     if other is not None:
         info["compare"] = {"scores": other[1], "ci": bootstrap_ci(other[0], TOPK),
                            "tied_targets": other[0].tied_targets()}
+    info["runs"] = {key.label: key.fields() for key in keys}
     info["rows"] = [r.get("row") for r in test.rows]
     info["ranks"] = {run: r.tolist() for run, r in row_ranks.items()}  # expected ranks under random tie-breaking
     info["tied"] = {run: r.tied.tolist() for run, r in row_ranks.items()}  # per row, other items level with the target
