@@ -118,7 +118,7 @@ def test_a_bad_run_yaml_is_one_line_naming_the_file_and_key(tmp_path, capsys):
     one line naming the file and the key (not an internal error)."""
     manifest = tmp_path / "run.yaml"
     cases = [("base_model: m\nbeams: 4\n", "unknown key(s) beams"),
-             ("base_model: m\ndecoding: greedy\n", "decoding 'greedy' is not one of free, likelihood"),
+             ("base_model: m\ndecoding: greedy\n", "decoding 'greedy' is not one of free, constrained, likelihood"),
              ("base_model: m\nlayout: grid\n", "layout 'grid' is not one of"),
              ("base_model: m\ndomain: office\n", "unknown domain 'office'"),
              ("base_model: m\nnum_beams: four\n", "num_beams 'four' is not a int"),

@@ -145,11 +145,37 @@ def flag_defaults(script: Path, flags: set[str]) -> dict[str, object]:
 def test_the_defaults_module_holds_only_plain_values_and_imports_nothing():
     tree = ast.parse(Path(defaults.__file__).read_text(encoding="utf-8"))
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
-    assert CONSTANTS and all(isinstance(v, bool | int | float | str) for v in CONSTANTS.values())
+    plain = bool | int | float | str
+    assert CONSTANTS and all(isinstance(v, plain) or isinstance(v, tuple) and all(isinstance(x, plain) for x in v)
+                             for v in CONSTANTS.values())
+
+
+# options whose choices are a list of defaults.py (each place that offers the choice offers that list)
+CHOICES = {
+    ("bigrec.stages.generate", "Config", "decoding"): "DECODINGS",
+    ("bigrec.stages.package", "Config", "decoding"): "DECODINGS",
+}
+
+
+@pytest.mark.parametrize(("module", "cls", "name"), list(CHOICES))
+def test_options_offer_the_shared_list(module, cls, name):
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    assert tuple(fields[name].metadata["choices"]) == CONSTANTS[CHOICES[module, cls, name]]
+
+
+def test_every_decoding_is_one_a_run_folder_can_name_and_the_demo_can_run():
+    from bigrec.app.run_manifest import RunManifest
+    from bigrec.stages import demo
+
+    for decoding in defaults.DECODINGS:
+        assert RunManifest(base_model="m", decoding=decoding).decoding == decoding
+        demo.Config(decoding=decoding).validate()
+    with pytest.raises(ValueError, match="not one of free, constrained, likelihood"):
+        RunManifest(base_model="m", decoding="greedy")
 
 
 def test_every_constant_is_checked_somewhere():
-    used = set(FIELDS.values()) | set(SIGNATURES.values()) | set(DEVICE_SHAPES.values())
+    used = set(FIELDS.values()) | set(SIGNATURES.values()) | set(DEVICE_SHAPES.values()) | set(CHOICES.values())
     for value in BENCHMARK_FLAGS.values():
         used |= {value} if value in CONSTANTS else {n for _, n, _, _ in string.Formatter().parse(value) if n}
     assert set(CONSTANTS) <= used, f"constants no place is checked against: {sorted(set(CONSTANTS) - used)}"

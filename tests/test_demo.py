@@ -234,7 +234,7 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
                 "BIGRec (likelihood) + SASRec minus BIGRec (likelihood)"} <= set(part["paired"])
         assert "BIGRec (likelihood) + SASRec" in part["intervals"]
     inputs = {r["row"]: r for r in json.loads((run_dir / "inputs" / "test.json").read_text())}
-    for r in rows:  # the default 20 titles, each once; none of the row's own history (--likelihood_new_titles)
+    for r in rows:  # the default 20 titles, each once; none of the row's own history (--exclude_history)
         history = set(inputs[r["row"]]["history_item_id"])
         assert len(r["predict"]) == len(set(r["predict"])) == min(20, 25 - len(history))
         assert not {i for ids in r["predict_ids"] + r["cf_ids"] for i in ids} & history  # nor of SASRec's
@@ -345,7 +345,7 @@ def test_full_data_demo_tunes_every_weight_chooses_the_epoch_on_validation_and_s
     assert certified and all(b.use_ci and "+ SASRec" in b.ranking for b in blended)
     for r in certified:
         evaluated = top_items(candidates_of(rows[r]), sasrec[r], manifest.likelihood_cf_weight, 10,
-                              rec.seen_ids(histories[r]))
+                              rec.catalog.history_titles(histories[r]))
         assert [i.id for i in blended[r].items] == [i for i, _ in evaluated], r
 
     caplog.set_level("INFO")

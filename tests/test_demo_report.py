@@ -70,7 +70,7 @@ INFOS = {"free": {"diagnostics": diagnostics(history_copy_top1_share=0.25),
                   "CI": {"gammas": {"single": 1.0, "NDCG": [1.0] * 6}, "blend": {"weight": 0.3}}},
          "likelihood": {"diagnostics": diagnostics(certified_top10_share=0.75)}}
 SETTINGS = {"dataset": "ml-100k", "base_model": "tiny", "test_rows": 12, "num_beams": 2, "ground_beams": 1,
-            "constrained_beams": 3, "search_nodes": 96, "prior_weight": 0.0, "likelihood_new_titles": True,
+            "constrained_beams": 3, "search_nodes": 96, "prior_weight": 0.0, "exclude_history": True,
             "seed": 42}
 
 

@@ -15,6 +15,7 @@ from bigrec.grounding.embedding import embed_texts
 from bigrec.grounding.index import IndexMismatchError, load_index
 from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import reweight
+from bigrec.llm.defaults import DECODINGS
 from bigrec.llm.models import load_model
 from run_fixture import TAUGHT, TITLES, tiny_run
 
@@ -319,10 +320,12 @@ def test_likelihood_run_ranks_every_title_by_its_log_probability(ranked):
     assert [i.title for i in new.items] == [TAUGHT[0][1]]
     for history, _ in TAUGHT:
         (result,) = ranked.recommend([history], k=len(TITLES))
-        assert result.decoding == "likelihood" and result.generated == [] and result.grounded == ""
-        assert result.items[0].distance is None
         truth = title_logprobs(ranked.gen_model, ranked.tokenizer, ranked.prompt(history), distinct)
         order = [distinct[i] for i in torch.argsort(-truth, stable=True).tolist()]
+        # the candidates are the decoder's (every title here: fewer than run.yaml's candidates); past them the
+        # rest would follow by distance to the top title, as evaluate ranks a likelihood file
+        assert result.decoding == "likelihood" and result.generated == order and result.grounded == order[0]
+        assert result.items[0].distance == pytest.approx(0.0, abs=1e-3)
         assert list(dict.fromkeys(i.title for i in result.items)) == order
         assert sorted(i.id for i in result.items) == list(range(len(TITLES)))  # both Heat ids, next to each other
         for item in result.items:
@@ -442,3 +445,47 @@ def test_manifest_refuses_unknown_decodings_and_layouts(run_dir, tmp_path):
         (path / "run.yaml").write_text(f"base_model: base\n{key}: {value}\n")
         with pytest.raises(ValueError, match=rf"run.yaml: {key} '{value}' is not one of"):
             RunManifest.load(path)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("decoding", DECODINGS)
+def test_every_decoding_is_served_as_generate_and_evaluate_rank_it(run_dir, tmp_path, decoding, exclude):
+    """One path from a model to an answer: for each decoding of the one list, a run.yaml naming it is
+    served, and each test row's history gets generate's prompt, generate's list, and evaluate's
+    rank of the target (with the history's titles left out by the same rule when asked)."""
+    from bigrec.data.catalog import read_catalog, row_target
+    from bigrec.llm.decoders import layout_of
+    from bigrec.stages import evaluate, generate
+
+    served = Recommender.from_run(sibling_run(run_dir, tmp_path, decoding=decoding, exclude_history=exclude),
+                                  device="cpu")
+    m, data = served.manifest, run_dir / "data"
+    catalog = read_catalog(data / "id2name.txt")
+    results = tmp_path / "results" / "test.json"
+    gen = generate.Config(test_data_path=str(data / "test_5000.json"), result_json_data=str(results),
+                          base_model=str(run_dir / "base"), lora_weights=str(run_dir / "adapter"), decoding=decoding,
+                          num_beams=m.num_beams, max_new_tokens=m.max_new_tokens, precision=m.precision,
+                          exclude_history=exclude, catalog=str(data / "id2name.txt") if decoding != "free" or exclude
+                          else None)
+    generate.run(gen)
+    evaluate.run(evaluate.Config(catalog=str(data / "id2name.txt"), input_dir=str(results),
+                                 output=str(tmp_path / "metrics.json"), base_model=str(run_dir / "base"),
+                                 index_path=str(run_dir / "index.safetensors"), precision=m.precision,
+                                 exclude_history=exclude))
+    info = json.loads((tmp_path / "metrics.details.json").read_text())["files"]["test.json"]
+    rows = json.loads(results.read_text())
+    answers = served.recommend([row["history_item_id"] for row in rows], k=len(TITLES))
+    checked = 0
+    for row, answer, rank, tied in zip(rows, answers, info["ranks"]["test.json"], info["tied"]["test.json"],
+                                       strict=True):
+        assert served.prompt([catalog.titles[i] for i in row["history_item_id"]]) == layout_of(gen).prompt(row)
+        assert answer.generated == [t for t in row["predict"] if t]
+        seen = set(catalog.history_titles(row["history_item_id"])) if exclude else set()
+        assert not seen & {i.id for i in answer.items}
+        target = set(catalog.ids_for(catalog.titles[row_target(row, catalog, "test")]))
+        if target & seen:  # evaluation never leaves a target out (repeat consumption); a request has no target
+            continue
+        if tied == 0:  # a target level with other items has no single place to compare
+            assert min(p for p, item in enumerate(answer.items) if item.id in target) == rank
+            checked += 1
+    assert checked >= len(rows) // 2

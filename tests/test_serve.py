@@ -180,8 +180,8 @@ def test_use_ci_without_sasrec_is_422(rec):
 
 
 def test_a_likelihood_run_is_served(rec):
-    """A run that ranks by likelihood answers with the recommender's own ranking, no distances and
-    nothing generated, and refuses use_ci by name."""
+    """A run that ranks by likelihood answers with the recommender's own ranking (its top titles as the
+    beams, the first as the grounded text), and refuses use_ci by name."""
     import dataclasses
 
     manifest = dataclasses.replace(rec.manifest, decoding="likelihood")
@@ -190,9 +190,10 @@ def test_a_likelihood_run_is_served(rec):
     (expected,) = ranked.recommend([[0, 5]], k=4)
     with serving(ranked) as base:
         body = httpx.post(f"{base}/recommend", json={"history": [0, 5], "k": 4}, timeout=60).json()
-        assert body["decoding"] == "likelihood" and body["generated"] == "" and body["beams"] == []
+        assert body["decoding"] == "likelihood" and body["beams"] == expected.generated
+        assert body["generated"] == expected.generated[0] and body["grounded"] == expected.grounded
         assert [i["id"] for i in body["items"]] == [i.id for i in expected.items]
-        assert all(i["distance"] is None for i in body["items"])
+        assert [i["distance"] for i in body["items"]] == pytest.approx([i.distance for i in expected.items])
         assert body["items"][0]["score"] == pytest.approx(expected.items[0].score)
         response = httpx.post(f"{base}/recommend", json={"history": [0], "use_ci": True}, timeout=60)
         assert response.status_code == 422 and "ranks by likelihood" in response.json()["message"]

@@ -7,30 +7,30 @@ share every weight the adapter does not change, :func:`bigrec.llm.models.with_me
 the catalogue, the item index (checked against the base model's fingerprint, the catalogue and
 the precision by :func:`bigrec.grounding.index.ensure_index`) and SASRec where the run has one.
 
-One :meth:`Recommender.recommend_queries` call runs the two BIGRec steps for a whole batch:
+One :meth:`Recommender.recommend_queries` call answers a whole batch, through the decoders of
+``bigrec generate`` (:func:`bigrec.llm.decoders.make_decoder`, configured from ``run.yaml`` by
+:meth:`bigrec.app.run_manifest.RunManifest.decoding`), so a request is ranked as ``generate`` +
+``evaluate`` rank the same row:
 
 1. history items (catalogue ids, or titles) become catalogue items. A title that is not in
    the catalogue, even ignoring case, is matched to the nearest catalogue title by L2 distance
    between base-model embeddings, the same measure that grounds generations; the match is
    reported with its distance;
-2. the instruction prompt (``bigrec.data.prompts``, the run's domain wording, the last
-   ``max_history`` items) goes through beam search with the run's ``num_beams``, in one
-   ``generate`` call for the batch;
-3. the top generation (normalised like a catalogue title) is embedded and every item is ranked
-   by L2 distance; with ``use_ci`` the distances are re-weighted by SASRec's scores for the
-   same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (``bigrec.grounding.reweighting.reweight``).
+2. the prompt (the run's layout and domain wording, the last ``max_history`` items) goes to the
+   run's decoding in one call for the batch: ``free`` beam search, ``constrained`` beam search over
+   the catalogue's titles, or ``likelihood`` (the run's top ``candidates`` titles by log-probability,
+   minus ``prior_weight`` times the no-history one); a request that leaves its history out asks
+   the decoder to (:class:`bigrec.llm.decoders.Ask`);
+3. every item is ranked by the L2 distance of its embedding to the top title (the best non-empty
+   beam, normalised); the decoder's own items (constrained beams, likelihood candidates) come
+   first, in its order (:func:`bigrec.grounding.ranking.rank_with_beams`, as ``bigrec evaluate``).
+   With ``use_ci`` a free or constrained run re-weights the distances by SASRec's scores for the
+   same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (or the blend, ``ci_blend_weight``),
+   and a likelihood run ranks likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`): both models'
+   top ``candidates`` titles, each item by ``log p + w * minmax(s)`` (``likelihood_cf_weight``), every
+   other item below them by SASRec's score, as ``bigrec evaluate --cf_scores`` does.
 
-A lower score is better in both cases.
-
-A run whose ``run.yaml`` says ``decoding: likelihood`` skips steps 2 and 3: every catalogue title
-is scored by its log-probability given the prompt (:mod:`bigrec.llm.likelihood`, the run's
-``search_nodes``), minus ``prior_weight`` times its no-history log-probability, and the items come
-in that order, scored by the negative of it; nothing is generated or grounded, so there are no
-distances. CI there is likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`, where run.yaml has a
-``likelihood_cf_weight``): the run's top ``candidates`` titles by likelihood and SASRec's top
-``candidates`` titles for the same history (scored exactly), each item by ``log p + w * minmax(s)``,
-every other item below them by SASRec's score, as ``bigrec evaluate --cf_scores`` ranks them. The run's ``layout`` writes the prompts (and the titles the model is scored
-on) as the model was trained.
+Lower scores are better.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import yaml
 from bigrec.app.run_manifest import RunManifest
 from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.data.prompts import Domain, natural_title, normalize_title
-from bigrec.grounding.ranking import l2_distances
+from bigrec.grounding.ranking import l2_distances, rank_with_beams
 from bigrec.grounding.reweighting import blend, reweight
 from bigrec.io import InputError, read_json
-from bigrec.llm.layouts import get_layout
+from bigrec.llm.decoders import Ask, layout_of, make_decoder
 from bigrec.llm.models import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,10 @@ class Match:
 class Item:
     id: int
     title: str
-    score: float  # what the ranking sorts by, lower is better: L2 distance, re-weighted with use_ci, or -log p
-    distance: float | None  # L2 distance between the grounded text's and the title's embeddings (None: likelihood)
+    # lower is better: -log p of a likelihood candidate (with use_ci, minus the blend), -score of a constrained
+    # beam; else the L2 distance (re-weighted with use_ci). The decoder's own items rank before the rest.
+    score: float
+    distance: float | None  # L2 distance between the grounded text's and the title's embeddings (None: not computed)
 
 
 @dataclass(frozen=True)
@@ -101,21 +103,21 @@ class Query:
     history: list[str | int]  # oldest first; catalogue ids (int) or titles (str)
     k: int = 10
     use_ci: bool | None = None  # None: the run's default (run.yaml use_ci, chosen on validation)
-    exclude_history: bool | None = None  # drop history items (and ids sharing their titles); None: the run's default
+    exclude_history: bool | None = None  # leave the history's titles out (Catalog.history_titles); None: the run's
     baselines: bool = False  # also SASRec's and popularity's top k for the same history
 
 
 @dataclass
 class Result:
     history: list[Match]
-    generated: list[str]  # every beam, best first, cut at the end of its title (empty: likelihood ranking)
-    grounded: str  # the text whose embedding ranked the items (the top beam, normalised; empty: likelihood)
+    generated: list[str]  # every beam (free, constrained) or candidate title (likelihood), best first
+    grounded: str  # the text whose embedding ranked the items past the decoder's own (the top title, normalised)
     items: list[Item]
     use_ci: bool = False
     ranking: str = ""  # which ranking this is, and why (the run's validated default or the caller's choice)
     baselines: dict[str, list[Scored]] | None = None  # "sasrec", "popularity" -> top k (with Query.baselines)
     timing: dict[str, float] = field(default_factory=dict)
-    decoding: str = "free"  # free (generated, then grounded) or likelihood (every title scored; nothing generated)
+    decoding: str = "free"  # the run's decoding (bigrec.llm.decoders.DECODINGS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,13 +158,10 @@ class Recommender:
             self.domain: Domain = manifest.wording()  # as bigrec prepare worded the training rows
         except ValueError as exc:
             raise InputError(f"{run_dir}/{exc}") from None
-        self.layout = get_layout(manifest.layout, manifest.prompt_template, self.domain.plural)
-        self.scorer = None
-        if manifest.decoding == "likelihood":
-            from bigrec.llm.likelihood import TitleScorer
-
-            self.scorer = TitleScorer(gen_model, tokenizer, self.layout.trie(tokenizer, catalog.titles),
-                                      autocast=self.prefill_dtype)
+        self.decoding = manifest.decoding_config(run_dir, sasrec is not None)
+        self.layout = layout_of(self.decoding)
+        cf = _LiveScores(sasrec, len(catalog)) if self.decoding.cf_scores else None
+        self.decoder = make_decoder(self.decoding, gen_model, tokenizer, self.prefill_dtype, cf)
         self._casefold: dict[str, int] = {}
         for item_id, title in enumerate(catalog.titles):
             self._casefold.setdefault(title.casefold(), item_id)
@@ -184,10 +183,10 @@ class Recommender:
         catalog = read_catalog(catalog_path)
         embed_model, tokenizer = load_model(base, manifest.precision, device=device)
         adapter = manifest.path(run_dir, "adapter")
-        if manifest.decoding == "likelihood" and \
+        if manifest.decoding != "free" and \
                 resolve_dtype(manifest.precision, embed_model.device, "prefill") != embed_model.dtype:
-            # Loaded as `bigrec generate --decoding likelihood` loads it (weights in the prefill's dtype,
-            # bf16 where native), so the served ranking is the evaluated one, near ties included.
+            # Loaded as `bigrec generate` loads it for a decoding that scores titles (weights in the
+            # prefill's dtype, bf16 where native), so the served ranking is the evaluated one, near ties included.
             gen_model = load_model(base, manifest.precision, str(adapter) if adapter is not None else None,
                                    device=str(embed_model.device), phase="prefill")[0]
         else:
@@ -305,8 +304,7 @@ class Recommender:
         exclude = [self.manifest.exclude_history if q.exclude_history is None else q.exclude_history
                    for q in queries]
         t1 = time.perf_counter()
-        rank = self._rank_by_likelihood if self.scorer is not None else self._generate_and_ground
-        results = rank(queries, matches, use_ci, exclude)
+        results = self._rank(queries, matches, use_ci, exclude)
         t2 = time.perf_counter()
         wanted = [r for r, q in enumerate(queries) if q.baselines]
         if wanted:
@@ -319,101 +317,55 @@ class Recommender:
             result.timing = dict(timing)
         return results
 
-    def _generate_and_ground(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
-                             exclude: list[bool]) -> list[Result]:
-        """The paper's two steps for the batch: one beam-search call, then every item by L2 distance."""
-        from bigrec.llm.generation import generate_batch
+    def rows(self, matches: list[list[Match]]) -> list[dict]:
+        """The rows the decoders read for these histories: the prepared row's text fields, as the
+        run's layout wrote them in training, and the history's ids."""
+        return [{**self._row([m.title for m in row]), "history_item_id": [m.id for m in row]} for row in matches]
 
-        prompts = [self.prompt([m.title for m in row]) for row in matches]
-        beams = generate_batch(self.gen_model, self.tokenizer, prompts, self.manifest.num_beams,
-                               self.manifest.max_new_tokens, prefill_dtype=self.prefill_dtype,
-                               stop_token_id=self.layout.stop_token(self.tokenizer))
-        grounded = [_grounding_text(b, row) for b, row in zip(beams, matches, strict=True)]
+    def _rank(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
+              exclude: list[bool]) -> list[Result]:
+        """The run's decoding for the batch in one call, then every item ranked as evaluate ranks it."""
+        from bigrec.grounding.likelihood_cf import merge, top_items
+
+        m, likelihood = self.manifest, self.decoding.decoding == "likelihood"
+        rows = self.rows(matches)
+        out = self.decoder(rows, [self.layout.prompt(r) for r in rows],
+                           [Ask(x, cf=c) for x, c in zip(exclude, use_ci, strict=True)])
+        grounded = [_grounding_text(o["predict"], row) for o, row in zip(out, matches, strict=True)]
         dist = l2_distances(self._embed(grounded), self.items)  # [B, N]
         score = dist.clone()
         ci_rows = [r for r, use in enumerate(use_ci) if use]
+        sasrec = None
         if ci_rows:
-            sasrec_scores = self.sasrec.score([[m.id for m in matches[r]] for r in ci_rows]).float().cpu()
-            weight = self.manifest.ci_blend_weight
-            score[ci_rows] = (reweight(dist[ci_rows], sasrec_scores, float(self.manifest.ci_gamma)) if weight is None
-                              else blend(dist[ci_rows], sasrec_scores, float(weight)))
+            sasrec = self.sasrec.score([rows[r]["history_item_id"] for r in ci_rows]).float().cpu()
+            if not likelihood:
+                weight = m.ci_blend_weight
+                score[ci_rows] = (reweight(dist[ci_rows], sasrec, float(m.ci_gamma)) if weight is None
+                                  else blend(dist[ci_rows], sasrec, float(weight)))
         results = []
         for r, q in enumerate(queries):
-            row = score[r]
-            if exclude[r]:
-                row = row.clone()
-                row[self.seen_ids([m.id for m in matches[r]])] = float("inf")
-            order = torch.argsort(row, stable=True)[: q.k].tolist()  # ties: lower id first
-            items = [Item(i, self.catalog.titles[i], float(row[i]), float(dist[r, i])) for i in order
-                     if row[i] != float("inf")]
-            results.append(Result(matches[r], beams[r], grounded[r], items, use_ci[r],
-                                  self.ranking_label(use_ci[r], q.use_ci is None)))
+            seen = self.catalog.history_titles(rows[r]["history_item_id"]) if exclude[r] else []
+            own: dict[int, float] = {}  # the decoder's items, best first -> their score (lower is better)
+            if likelihood and use_ci[r]:
+                candidates = merge(out[r]["predict_ids"], out[r]["predict_scores"], out[r]["cf_ids"],
+                                   out[r]["cf_logp"])
+                own = {i: -v for i, v in top_items(candidates, sasrec[ci_rows.index(r)],
+                                                   float(m.likelihood_cf_weight), q.k, seen)}
+                order = list(own)
+            else:
+                for ids, value in zip(out[r].get("predict_ids", []), out[r].get("predict_scores", []), strict=True):
+                    for i in ids:
+                        own.setdefault(i, -value)
+                row = rank_with_beams([list(own)], score[r : r + 1])[0]
+                row[seen] = float("inf")
+                order = [i for i in torch.argsort(row, stable=True)[: q.k].tolist()  # ties: lower id first
+                         if row[i] != float("inf")]
+            items = [Item(i, self.catalog.titles[i], own.get(i, float(score[r, i])), float(dist[r, i]))
+                     for i in order]
+            generated = [t for t in out[r]["predict"] if t]
+            results.append(Result(matches[r], generated, grounded[r], items, use_ci[r],
+                                  self.ranking_label(use_ci[r], q.use_ci is None), decoding=m.decoding))
         return results
-
-    def _rank_by_likelihood(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
-                            exclude: list[bool]) -> list[Result]:
-        """Every title by its log-probability given the prompt (minus the run's prior), best first.
-
-        Queries asking for the same k are searched together, so an answer does not depend on what
-        else shared its batch (past ``search_nodes`` the places beyond a row's exact top depend on k)."""
-        scorer, trie, m = self.scorer, self.scorer.trie, self.manifest
-        rows = [self._row([x.title for x in row]) for row in matches]
-        prompts = [self.layout.prompt(row) for row in rows]
-        prior = None
-        if m.prior_weight:
-            prior = [m.prior_weight * scorer.prior(self.layout.empty_history_prompt(row)) for row in rows]
-        excluded = [trie.leaves_of([x.id for x in matches[r]]) if exclude[r] else [] for r in range(len(queries))]
-        rankings: list = [None] * len(queries)
-        blended = [r for r in range(len(queries)) if use_ci[r]]
-        for k in sorted({q.k for r, q in enumerate(queries) if not use_ci[r]}):
-            group = [r for r, q in enumerate(queries) if q.k == k and not use_ci[r]]
-            found = scorer.rank([prompts[r] for r in group], k, None if prior is None else [prior[r] for r in group],
-                                [excluded[r] for r in group], max_nodes=m.search_nodes)
-            for r, ranking in zip(group, found, strict=True):
-                rankings[r] = ranking
-        items = self._blend_with_sasrec(queries, blended, matches, prompts, prior, excluded, exclude) if blended else {}
-        results = []
-        for r, q in enumerate(queries):
-            if r not in items:
-                items[r] = [Item(i, self.catalog.titles[i], -score, None)
-                            for leaf, score in zip(rankings[r].leaves, rankings[r].scores, strict=True)
-                            for i in trie.leaf_items[leaf]][: q.k]
-            results.append(Result(matches[r], [], "", items[r], use_ci[r],
-                                  self.ranking_label(use_ci[r], q.use_ci is None), decoding="likelihood"))
-        return results
-
-    def _blend_with_sasrec(self, queries: list[Query], rows: list[int], matches: list[list[Match]],
-                           prompts: list[str], prior: list[torch.Tensor] | None, excluded: list[list[int]],
-                           exclude: list[bool]) -> dict[int, list[Item]]:
-        """Likelihood + SASRec for ``rows`` of the batch, as generate and evaluate rank it: the top
-        ``candidates`` titles by likelihood (searched together, whatever each query's k) and SASRec's,
-        scored exactly, in the same rounding as a result file."""
-        from bigrec.grounding.likelihood_cf import merge, top_items
-        from bigrec.llm.decoders import cf_leaves
-
-        scorer, trie, m = self.scorer, self.scorer.trie, self.manifest
-        found = scorer.rank([prompts[r] for r in rows], m.candidates,
-                            None if prior is None else [prior[r] for r in rows], [excluded[r] for r in rows],
-                            max_nodes=m.search_nodes)
-        sasrec = self.sasrec.score([[x.id for x in matches[r]] for r in rows]).float().cpu()
-        out = {}
-        for j, (r, ranking) in enumerate(zip(rows, found, strict=True)):
-            leaves = cf_leaves(trie, sasrec[j], m.candidates, excluded[r])
-            logp = scorer.exact([prompts[r]], torch.tensor(leaves))[0] if leaves else torch.zeros(0)
-            if prior is not None and leaves:
-                logp = logp - prior[r][leaves]
-            candidates = merge([trie.leaf_items[leaf] for leaf in ranking.leaves],
-                               [round(v, 6) for v in ranking.scores], [trie.leaf_items[leaf] for leaf in leaves],
-                               [round(float(v), 6) for v in logp])
-            seen = self.seen_ids([x.id for x in matches[r]]) if exclude[r] else []
-            out[r] = [Item(i, self.catalog.titles[i], -score, None)
-                      for i, score in top_items(candidates, sasrec[j], float(m.likelihood_cf_weight), queries[r].k,
-                                                seen)]
-        return out
-
-    def seen_ids(self, history: list[int]) -> list[int]:
-        """Every catalogue id sharing a title with a history item (what exclude_history leaves out)."""
-        return sorted({i for m in history for i in self.catalog.ids_for(self.catalog.titles[m])})
 
     @property
     def popularity(self) -> torch.Tensor | None:
@@ -437,7 +389,7 @@ class Recommender:
                     continue
                 scores = scores.clone()
                 if q.exclude_history:
-                    scores[self.seen_ids(history)] = float("-inf")
+                    scores[self.catalog.history_titles(history)] = float("-inf")
                 top = torch.argsort(-scores, stable=True)[: q.k].tolist()
                 found[name] = [Scored(i, self.catalog.titles[i], float(scores[i])) for i in top
                                if scores[i] != float("-inf")]
@@ -448,12 +400,13 @@ class Recommender:
     def ci_unavailable(self) -> str | None:
         """Why this run cannot re-weight by SASRec (None when it can): one wording for the
         Python API's error and the service's 422, which names no server path."""
-        if self.scorer is not None and self.manifest.likelihood_cf_weight is None:
+        likelihood = self.manifest.decoding == "likelihood"
+        if likelihood and self.manifest.likelihood_cf_weight is None:
             return ("this run ranks by likelihood and has no likelihood_cf_weight in run.yaml (chosen on validation "
                     "by bigrec evaluate --cf_scores) to blend SASRec's scores with")
         if self.sasrec is None:
             return "this run has no SASRec model to re-weight with (run.yaml: sasrec is unset)"
-        if self.scorer is None and self.manifest.ci_gamma is None:
+        if not likelihood and self.manifest.ci_gamma is None and self.manifest.ci_blend_weight is None:
             return "this run has no ci_gamma in run.yaml (chosen on validation by bigrec evaluate)"
         return None
 
@@ -471,8 +424,8 @@ class Recommender:
         return bool(self.manifest.use_ci) and self.has_ci
 
     def ranking_label(self, use_ci: bool, by_default: bool) -> str:
-        if self.scorer is not None:
-            m = self.manifest
+        m = self.manifest
+        if m.decoding == "likelihood":
             prior = f", minus {m.prior_weight} x its no-history log-probability" if m.prior_weight else ""
             name = f"BIGRec (likelihood: every title by its log-probability given the history{prior})"
             if use_ci:
@@ -481,9 +434,13 @@ class Recommender:
             if not by_default:
                 return f"{name}, as asked"
             return name + (f", the run's ranking: {m.ranking_note}" if m.ranking_note else "")
-        how = ("re-weighted by SASRec's scores" if self.manifest.ci_blend_weight is None
-               else f"blended with SASRec's scores, weight {self.manifest.ci_blend_weight}")
-        name = f"BIGRec + CI (distances {how})" if use_ci else "BIGRec (L2 distance to the generated title)"
+        how = ("re-weighted by SASRec's scores" if m.ci_blend_weight is None
+               else f"blended with SASRec's scores, weight {m.ci_blend_weight}")
+        if m.decoding == "constrained":
+            name = (f"BIGRec (constrained: {m.num_beams} beams over the catalogue's titles, then the rest by L2 "
+                    "distance to the top beam)") + (f" + CI (the rest's distances {how})" if use_ci else "")
+        else:
+            name = f"BIGRec + CI (distances {how})" if use_ci else "BIGRec (L2 distance to the generated title)"
         if not by_default:
             return f"{name}, as asked"
         return f"{name}, the run's default" + (f": {self.manifest.ranking_note}" if self.manifest.ranking_note else "")
@@ -503,6 +460,21 @@ class Recommender:
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
                 "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,
                 "device": str(self.gen_model.device), "dtype": str(self.gen_model.dtype).removeprefix("torch.")}
+
+
+class _LiveScores:
+    """SASRec's scores for the rows' histories, computed as rows come (the decoders' ``cf`` scores;
+    ``bigrec generate`` reads the same model's scores from a file)."""
+
+    def __init__(self, sasrec, num_items: int):
+        self.sasrec, self._num_items = sasrec, num_items
+
+    @property
+    def num_items(self) -> int:
+        return self._num_items
+
+    def align(self, rows: list[dict]) -> torch.Tensor:
+        return self.sasrec.score([row["history_item_id"] for row in rows]).float().cpu()
 
 
 def _grounding_text(beams: list[str], history: list[Match]) -> str:

@@ -21,8 +21,13 @@ from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
 from bigrec.io import InputError, read_json, write_yaml
 from bigrec.llm.defaults import (
     CANDIDATES,
+    CF_WEIGHT,
     DECODING,
+    DECODINGS,
     EXCLUDE_HISTORY,
+    GENERATE_BATCH_SIZE,
+    GHOST_THRESHOLD,
+    LENGTH_PENALTY,
     MAX_NEW_TOKENS,
     NUM_BEAMS,
     PRECISION,
@@ -34,7 +39,7 @@ from bigrec.llm.layouts import LAYOUTS, get_layout
 MANIFEST = "run.yaml"
 # the Python types a run.yaml value may have, by the name a field's annotation gives (a float may be written 1)
 _KINDS = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "None": type(None)}
-DECODINGS = ("free", "likelihood")  # what recommend and serve rank by
+SASREC_LIVE = "the run's SASRec (scored per request)"  # the decoders' cf_scores when the service scores live
 
 
 @dataclass
@@ -52,15 +57,20 @@ class RunManifest:
     pooling: str = "last"  # how the index and the generations are embedded (bigrec.grounding.embedding.Grounding)
     embed_layer: int = -1
     title_text: str = "bare"
-    num_beams: int = NUM_BEAMS  # free: beams per request
+    num_beams: int = NUM_BEAMS  # free and constrained: beams per request
     max_new_tokens: int = MAX_NEW_TOKENS  # free: most generated tokens
+    length_penalty: float = LENGTH_PENALTY  # free and constrained: beam scores divided by length ** this
+    length_correction: bool = False  # constrained: D3's length correction (generate --length_correction)
+    ghost_threshold: float = GHOST_THRESHOLD  # constrained, with length_correction
+    cf_weight: float = CF_WEIGHT  # constrained: weight of SASRec's log-scores guiding the beams (generate --cf_weight)
     ci_gamma: float | None = None  # gamma for SASRec re-weighting, chosen on validation
     use_ci: bool = False  # the ranking recommend/serve give by default: the better on validation NDCG@10
     ci_blend_weight: float | None = None  # set: CI re-weights as the blend (1-w) minmax(d) - w minmax(s), not the paper's
     ranking_note: str | None = None  # how that choice was made, shown with every recommendation
     popularity_gamma: float | None = None
     layout: str = "window"  # the training text's layout (bigrec.llm.layouts): how prompts and titles are written
-    decoding: str = DECODING  # free: beam search + L2 grounding (the paper's); likelihood: every title by its log-probability
+    decoding: str = DECODING  # free: beam search + L2 grounding (the paper's); constrained: beam search over the
+    # catalogue's titles; likelihood: every title by its log-probability (bigrec.llm.decoders)
     prior_weight: float = PRIOR_WEIGHT  # likelihood: minus this times log p(title | an empty history)
     search_nodes: int = SEARCH_NODES  # likelihood: the most title tokens a history's search feeds the model
     exclude_history: bool = EXCLUDE_HISTORY  # leave the history's titles out where a request does not say
@@ -76,6 +86,9 @@ class RunManifest:
             raise InputError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
         if (self.likelihood_cf_weight is not None and self.likelihood_cf_weight < 0) or self.candidates < 1:
             raise InputError(f"{MANIFEST}: likelihood_cf_weight must be at least 0 and candidates at least 1")
+        if self.num_beams < 1 or not 0 < self.ghost_threshold <= 1 or self.cf_weight < 0:
+            raise InputError(f"{MANIFEST}: num_beams must be at least 1, ghost_threshold in (0, 1] and cf_weight "
+                             "at least 0")
         self.wording()  # an unknown name or malformed words are an error on load, not on the first request
 
     def wording(self) -> Domain:
@@ -118,6 +131,25 @@ class RunManifest:
         except ValueError as exc:
             raise InputError(f"{path}: {str(exc).removeprefix(MANIFEST + ': ')}") from None
 
+    def decoding_config(self, run_dir: str | Path, has_sasrec: bool) -> ServedDecoding:
+        """The settings ``bigrec generate`` would decode this run with (the decoders' config): the
+        run's SASRec, scored per request, stands for a score file where the decoding takes one
+        (likelihood + SASRec's candidates, constrained decoding's guidance)."""
+        cf = has_sasrec and (self.likelihood_cf_weight is not None if self.decoding == "likelihood"
+                             else self.decoding == "constrained" and self.cf_weight > 0)
+        if self.decoding == "constrained" and self.cf_weight > 0 and not has_sasrec:
+            raise InputError(f"{Path(run_dir) / MANIFEST}: cf_weight {self.cf_weight} guides constrained decoding "
+                             "by SASRec's scores, but sasrec is unset")
+        return ServedDecoding(
+            decoding=self.decoding, batch_size=GENERATE_BATCH_SIZE, num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens, length_penalty=self.length_penalty, layout=self.layout,
+            prompt_template=self.prompt_template, category=self.wording().plural,
+            exclude_history=self.exclude_history, candidates=self.candidates, search_nodes=self.search_nodes,
+            prior_weight=self.prior_weight, length_correction=self.length_correction,
+            ghost_threshold=self.ghost_threshold, cf_scores=SASREC_LIVE if cf else None,
+            cf_weight=self.cf_weight if self.decoding == "constrained" else 0.0,
+            catalog=str(self.path(run_dir, "catalog")))
+
     def save(self, run_dir: str | Path) -> None:
         write_yaml(Path(run_dir) / MANIFEST, dataclasses.asdict(self))
 
@@ -125,6 +157,33 @@ class RunManifest:
         """The absolute path of a manifest entry, or None when the entry is unset."""
         value = getattr(self, field)
         return None if value is None else (Path(run_dir) / value).resolve()
+
+
+@dataclass(frozen=True)
+class ServedDecoding:
+    """A run's decoding settings in the shape of ``bigrec generate``'s config
+    (:class:`bigrec.llm.decoders.DecodingConfig`), so the service decodes with the same decoders."""
+
+    decoding: str
+    batch_size: int
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float
+    layout: str
+    prompt_template: str
+    category: str | None
+    exclude_history: bool
+    candidates: int
+    search_nodes: int
+    prior_weight: float
+    length_correction: bool
+    ghost_threshold: float
+    cf_scores: str | None
+    cf_weight: float
+    catalog: str
+
+    def catalog_path(self) -> Path:
+        return Path(self.catalog)
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

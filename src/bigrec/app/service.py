@@ -113,10 +113,10 @@ class MatchOut(BaseModel):
 class ItemOut(BaseModel):
     id: int
     title: str
-    score: float = Field(description="ranking score, lower is better (distance, re-weighted with use_ci, or "
-                                     "the negative log-probability with likelihood ranking)")
-    distance: float | None = Field(description="L2 distance to the generated text's embedding (null: likelihood "
-                                               "ranking, which generates nothing)")
+    score: float = Field(description="ranking score, lower is better: the decoder's own items come first (likelihood: "
+                                     "the negative log-probability, or of the blend with use_ci; constrained: the "
+                                     "negative beam score), the rest by distance (re-weighted with use_ci)")
+    distance: float | None = Field(description="L2 distance to the grounded text's embedding (null: not computed)")
 
 class ScoredOut(BaseModel):
     id: int
@@ -124,15 +124,16 @@ class ScoredOut(BaseModel):
     score: float = Field(description="the model's score, higher is better")
 
 class RecommendResponse(BaseModel):
-    generated: str = Field(description="the top beam, cut at the end of its title (empty: likelihood ranking)")
+    generated: str = Field(description="the top beam, cut at the end of its title, or the top title by likelihood")
     beams: list[str]
-    grounded: str = Field(description="the text whose embedding ranked the items (empty: likelihood ranking)")
+    grounded: str = Field(description="the text whose embedding ranked the items past the decoder's own (the top "
+                                      "title, normalised)")
     history: list[MatchOut]
     items: list[ItemOut]
     use_ci: bool
     ranking: str = Field(description="which ranking this is and why")
-    decoding: str = Field(description="free: generated, then grounded by distance; likelihood: every title "
-                                      "scored by its log-probability")
+    decoding: str = Field(description="free: generated, then grounded by distance; constrained: beams over the "
+                                      "catalogue's titles; likelihood: titles by their log-probability")
     baselines: dict[str, list[ScoredOut]] | None = Field(None, description="with baselines: sasrec and "
                                                                            "popularity top k, where the run has them")
     batch_size: int = Field(description="requests that shared this generation call")

@@ -41,6 +41,13 @@ class Catalog:
     def is_title(self, text: str) -> bool:
         return normalize_title(text) in self.ids_by_title
 
+    def history_titles(self, history: Sequence[int]) -> list[int]:
+        """Every id sharing a title with an item of ``history`` (ids), sorted: what leaving a row's
+        history out leaves out, in every decoder, the service and its baselines alike (the
+        model writes titles, so an item whose title it would copy is a copy, whatever its id)."""
+        n = len(self.titles)
+        return sorted({i for h in history if 0 <= int(h) < n for i in self.ids_for(self.titles[int(h)])})
+
 
 def catalog_hash(titles: Sequence[str]) -> str:
     h = hashlib.sha256()

@@ -123,7 +123,7 @@ def run_summary(settings: Mapping, decodings: Sequence[str], tuning: str, ground
                            f"trie, at most {s['search_nodes']} title tokens a row)"
                            + (f", minus {s['prior_weight']} x its no-history log-probability" if s.get("prior_weight")
                               else "")
-                           + (", the row's history titles left out" if s.get("likelihood_new_titles") else "")}
+                           + (", the row's history titles left out" if s.get("exclude_history") else "")}
     return (f"Dataset {s['dataset']}, base model {s['base_model']}, {tuning}; "
             f"{s['test_rows']} test rows; decoding: " + "; ".join(f"{d}: {beams.get(d, d)}" for d in decodings) + ". "
             f"Grounding embeds titles with the base model: {grounding}. Wall time {elapsed / 60:.1f} min.")
@@ -216,7 +216,7 @@ def build_demo_report(compared: Mapping[str, Mapping], infos: Mapping[str, Mappi
     returns each protocol (without ``"infos"``); ``infos``: decoding -> the evaluation details of its
     test file; ``settings``: the demo's settings (``dataset``, ``base_model``, ``test_rows``,
     ``num_beams``, ``ground_beams``, ``constrained_beams``, ``search_nodes``, ``prior_weight``,
-    ``likelihood_new_titles`` are read; all are listed); ``tuning``: how the model was tuned, in
+    ``exclude_history`` are read; all are listed); ``tuning``: how the model was tuned, in
     words; ``grounding``: the grounding, described; ``timings``: stage -> seconds (0 = reused)."""
     decodings = list(infos)
     reference = compared["reference"]["metrics"]

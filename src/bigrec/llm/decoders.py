@@ -6,7 +6,7 @@ likelihood ranking ``candidates`` titles. The decodings (``--decoding``):
 * ``free`` (the paper's, :class:`FreeDecoder`): a beam ends at the end of the title (EOS, a
   newline, or the quote that closes the opening one) rather than running to ``max_new_tokens``:
   small models otherwise drift on into a list of titles, which is slow and makes the text to
-  ground worse (:mod:`bigrec.llm.generation`). With ``exclude_history``, :class:`NewTitles`.
+  ground worse (:mod:`bigrec.llm.generation`).
 * ``constrained`` (:class:`ConstrainedDecoder`): beam search restricted to a trie of the
   catalogue titles (:mod:`bigrec.llm.constrained`), so every beam is a real item; rows also get
   ``"predict_ids"`` (per beam, every catalogue id with that title) and ``"predict_scores"``,
@@ -19,6 +19,12 @@ likelihood ranking ``candidates`` titles. The decodings (``--decoding``):
   score file (``cf_scores``), the row's SASRec top ``candidates`` titles (history left out where the
   ranking leaves it out) have their titles scored exactly too, as ``cf_ids``/``cf_logp``, so that
   evaluation can rank likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`) with no model.
+
+Leaving a row's history out (``exclude_history``) is one mechanism for every decoder,
+:class:`HistoryTitles`: the catalogue ids sharing a title with a history item, which free decoding
+drops from its beams (rerunning a row whose every beam was one), constrained decoding masks in
+its trie and likelihood ranking leaves out of its search. A caller may ask it per row (:class:`Ask`,
+the service's per-request option); ``bigrec generate`` asks the config's for every row.
 
 The layout the model was trained on (:mod:`bigrec.llm.layouts`, picked by :func:`layout_of`)
 gives the prompts, the trie's token ids and the token that ends a title: with ``timeline`` the
@@ -36,16 +42,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from bigrec.data.prompts import normalize_title, title_forms
+from bigrec.llm.defaults import DECODINGS  # the one list of decodings, imported from here too
 from bigrec.llm.generation import generate_batch
 from bigrec.llm.layouts import Layout, get_layout
-
-DECODINGS = ("free", "constrained", "likelihood")
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +90,21 @@ class RowScores(Protocol):
         """Scores [len(rows), num_items] in the order of ``rows``."""
 
 
-class Decoder(Protocol):
-    """Built as ``Decoder(config, model, tokenizer, prefill_dtype)``; called on a batch of rows and
-    their prompts (same order), returns per row the fields generate adds to it (``predict``, ...)."""
+@dataclass(frozen=True)
+class Ask:
+    """What one row asks of a decoder beyond the run's settings (a service request's options)."""
 
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]: ...
+    exclude_history: bool  # leave the row's history titles out (:class:`HistoryTitles`)
+    cf: bool = True  # likelihood with a CF model: also score that model's candidates (cf_ids, cf_logp)
+
+
+class Decoder(Protocol):
+    """Built by :func:`make_decoder`; called on a batch of rows and their prompts (same order) and,
+    optionally, what each row asks (default: the config's ``exclude_history`` for every row); returns
+    per row the fields generate adds to it (``predict``, ...)."""
+
+    def __call__(self, rows: list[dict], prompts: list[str],
+                 asks: Sequence[Ask] | None = None) -> list[dict[str, Any]]: ...
 
     def summary(self) -> str | None:
         """What this process's decoding is worth logging once its rows are done (None: nothing)."""
@@ -96,18 +112,24 @@ class Decoder(Protocol):
 
 def make_decoder(config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None,
                  cf: RowScores | None = None) -> Decoder:
-    """The decoder ``config.decoding`` names (free decoding with ``exclude_history``: :class:`NewTitles`);
-    ``cf``: the scores of ``config.cf_scores`` (constrained decoding's guidance; likelihood ranking's
-    second list of candidates)."""
+    """The decoder ``config.decoding`` names; ``cf``: the scores of ``config.cf_scores`` (constrained
+    decoding's guidance; likelihood ranking's second list of candidates)."""
     if config.decoding == "constrained":
         return ConstrainedDecoder(config, model, tokenizer, prefill_dtype, cf)
     if config.decoding == "likelihood":
         return LikelihoodDecoder(config, model, tokenizer, prefill_dtype, cf)
     if config.decoding != "free":
         raise ValueError(f"unknown decoding {config.decoding!r}; expected one of {', '.join(DECODINGS)}")
-    if config.exclude_history:
-        return NewTitles(config, model, tokenizer, prefill_dtype)
     return FreeDecoder(config, model, tokenizer, prefill_dtype)
+
+
+def asks_of(config: DecodingConfig, rows: list[dict], asks: Sequence[Ask] | None) -> Sequence[Ask]:
+    """What each row asks: ``asks`` as given, or the config's ``exclude_history`` for every row."""
+    if asks is None:
+        return [Ask(config.exclude_history)] * len(rows)
+    if len(asks) != len(rows):
+        raise ValueError(f"{len(asks)} asks for {len(rows)} rows")
+    return asks
 
 
 # --- layouts and histories --------------------------------------------------------------------
@@ -122,6 +144,26 @@ def history_ids(row: dict) -> list[int]:
     if not isinstance(ids, list):
         raise ValueError(f"--exclude_history: row {row.get('row', '?')} has no history_item_id list")
     return [int(i) for i in ids]
+
+
+class HistoryTitles:
+    """The one way a decoder leaves a row's history out: every catalogue id sharing a title with an
+    item of the row's ``history_item_id`` (:meth:`bigrec.data.catalog.Catalog.history_titles`), as
+    the decoder needs it: ids, trie leaves, or the title texts a free beam must not be."""
+
+    def __init__(self, catalog):
+        self.catalog = catalog
+
+    def items(self, row: dict) -> list[int]:
+        return self.catalog.history_titles(history_ids(row))
+
+    def leaves(self, trie, row: dict) -> list[int]:
+        return trie.leaves_of(self.items(row))
+
+    def texts(self, row: dict) -> set[str]:
+        """The titles normalised as a beam is compared, each as the catalogue writes it and with its
+        article in front (:func:`bigrec.data.prompts.title_forms`)."""
+        return {normalize_title(form) for i in self.items(row) for form in title_forms(self.catalog.titles[i])}
 
 
 def catalog_trie(config: DecodingConfig, layout: Layout, tokenizer):
@@ -139,54 +181,46 @@ def catalog_trie(config: DecodingConfig, layout: Layout, tokenizer):
 # --- the decoders -----------------------------------------------------------------------------
 
 class FreeDecoder:
-    """Free beam search, the paper's: ``num_beams`` titles per row, each cut at the end of its title."""
+    """Free beam search, the paper's: ``num_beams`` titles per row, each cut at the end of its title.
+
+    A row that asks to leave its history out never gets one of its history's titles back: beams that
+    copy one are dropped, and a row whose every beam was a copy is generated again with 2x, then 4x
+    the beams (its list may stay empty: ``[""]``)."""
 
     def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
         self.stop = layout_of(config).stop_token(tokenizer)
+        self._history: HistoryTitles | None = None  # the catalogue, read when a row first asks for it
+        self.reruns = 0
 
     def beams(self, prompts: list[str], num_beams: int) -> list[list[str]]:
         cfg = self.config
         return generate_batch(self.model, self.tokenizer, prompts, num_beams, cfg.max_new_tokens,
                               cfg.length_penalty, self.prefill_dtype, self.stop)
 
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
-        return [{"predict": p} for p in self.beams(prompts, self.config.num_beams)]
+    def history(self) -> HistoryTitles:
+        if self._history is None:
+            from bigrec.data.catalog import read_catalog
 
-    def summary(self) -> str | None:
-        return None
+            self._history = HistoryTitles(read_catalog(self.config.catalog_path()))
+        return self._history
 
-
-class NewTitles(FreeDecoder):
-    """Free decoding that never returns a title of the row's own history: beams that copy one
-    (as the catalogue writes it, or with its article in front) are dropped, and a row whose every
-    beam was a copy is generated again with 2x, then 4x the beams (its list may stay empty)."""
-
-    def __init__(self, config: DecodingConfig, model, tokenizer, prefill_dtype: torch.dtype | None = None):
-        from bigrec.data.catalog import read_catalog
-
-        super().__init__(config, model, tokenizer, prefill_dtype)
-        self.catalog = read_catalog(config.catalog_path())
-        self.reruns = 0
-
-    def seen(self, row: dict) -> set[str]:
-        return {normalize_title(form) for i in history_ids(row) if 0 <= i < len(self.catalog)
-                for form in title_forms(self.catalog.titles[i])}
-
-    def keep(self, beams: list[str], seen: set[str]) -> list[str]:
-        return [b for b in beams if normalize_title(b) not in seen]
-
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict], prompts: list[str],
+                 asks: Sequence[Ask] | None = None) -> list[dict[str, Any]]:
         num_beams = self.config.num_beams
         results = []
-        for row, prompt, beams in zip(rows, prompts, self.beams(prompts, num_beams), strict=True):
-            seen = self.seen(row)
-            kept = self.keep(beams, seen)
+        for row, prompt, beams, ask in zip(rows, prompts, self.beams(prompts, num_beams),
+                                           asks_of(self.config, rows, asks), strict=True):
+            if not ask.exclude_history:
+                results.append({"predict": beams})
+                continue
+            seen = self.history().texts(row)
+            kept = [b for b in beams if normalize_title(b) not in seen]
             for factor in (2, 4):
                 if kept:
                     break
                 self.reruns += 1
-                kept = self.keep(self.beams([prompt], num_beams * factor)[0], seen)
+                kept = [b for b in self.beams([prompt], num_beams * factor)[0] if normalize_title(b) not in seen]
             results.append({"predict": kept[:num_beams] or [""]})  # "": nothing new was generated
         return results
 
@@ -206,6 +240,7 @@ class ConstrainedDecoder:
         self.config, self.model, self.tokenizer, self.prefill_dtype = config, model, tokenizer, prefill_dtype
         self.layout = layout_of(config)
         catalog, self.trie = catalog_trie(config, self.layout, tokenizer)
+        self.history = HistoryTitles(catalog)
         self.cf = cf
         if self.cf is not None and self.cf.num_items != len(catalog):
             raise ValueError(f"{config.cf_scores}: {self.cf.num_items} item columns, but the catalogue "
@@ -225,10 +260,13 @@ class ConstrainedDecoder:
         scores[items >= 0] = -leaf[items[items >= 0]]
         return scores
 
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict], prompts: list[str],
+                 asks: Sequence[Ask] | None = None) -> list[dict[str, Any]]:
         from bigrec.llm.constrained import constrained_generate
 
         cfg = self.config
+        asks = asks_of(cfg, rows, asks)
+        exclude = [self.history.items(r) if a.exclude_history else [] for r, a in zip(rows, asks, strict=True)]
         cf = self.cf.align(rows) if self.cf is not None else None
         weight = cfg.cf_weight
         if cfg.prior_weight:
@@ -239,7 +277,7 @@ class ConstrainedDecoder:
             length_penalty=cfg.length_penalty, length_correction=cfg.length_correction, cf_scores=cf,
             cf_weight=weight, max_new_tokens=None, ghost_threshold=cfg.ghost_threshold, stats=self.stats,
             prefill_dtype=self.prefill_dtype,
-            exclude_items=[history_ids(r) for r in rows] if cfg.exclude_history else None)
+            exclude_items=exclude if any(exclude) else None)
         return [{"predict": [b.text for b in beams], "predict_ids": [list(b.item_ids) for b in beams],
                  "predict_scores": [round(b.score, 6) for b in beams]} for beams in out]
 
@@ -261,6 +299,7 @@ class LikelihoodDecoder:
             raise ValueError("likelihood ranking takes the scores of --cf_scores (cf) exactly when it is given")
         self.config, self.layout = config, layout_of(config)
         catalog, self.trie = catalog_trie(config, self.layout, tokenizer)
+        self.history = HistoryTitles(catalog)
         if cf is not None and cf.num_items != len(catalog):
             raise ValueError(f"{config.cf_scores}: {cf.num_items} item columns, but the catalogue "
                              f"{catalog.path} has {len(catalog)} items")
@@ -269,24 +308,26 @@ class LikelihoodDecoder:
                                   batch_size=config.batch_size)  # a generate batch is searched at once
         self.certified: list[int] = []
 
-    def __call__(self, rows: list[dict], prompts: list[str]) -> list[dict[str, Any]]:
+    def __call__(self, rows: list[dict], prompts: list[str],
+                 asks: Sequence[Ask] | None = None) -> list[dict[str, Any]]:
         cfg, trie = self.config, self.trie
+        asks = asks_of(cfg, rows, asks)
         prior = None
         if cfg.prior_weight:
             prior = [cfg.prior_weight * self.scorer.prior(self.layout.empty_history_prompt(r)) for r in rows]
-        excluded = None
-        if cfg.exclude_history:
-            excluded = [trie.leaves_of(history_ids(r)) for r in rows]
+        excluded = [self.history.leaves(trie, r) if a.exclude_history else [] for r, a in zip(rows, asks, strict=True)]
         rankings = self.scorer.rank(prompts, cfg.candidates, prior, excluded, max_nodes=cfg.search_nodes)
         self.certified.extend(r.certified for r in rankings)
         out = [{"predict": [trie.titles[leaf] for leaf in r.leaves],
                 "predict_ids": [list(trie.leaf_items[leaf]) for leaf in r.leaves],
                 "predict_scores": [round(s, 6) for s in r.scores], "predict_certified": r.certified}
                for r in rankings]
-        if self.cf is not None:
-            scores = self.cf.align(rows)
-            for r, row_out in enumerate(out):
-                leaves = cf_leaves(trie, scores[r], cfg.candidates, excluded[r] if excluded else ())
+        wanted = [r for r, a in enumerate(asks) if a.cf]
+        if self.cf is not None and wanted:
+            scores = self.cf.align([rows[r] for r in wanted])
+            for j, r in enumerate(wanted):
+                row_out = out[r]
+                leaves = cf_leaves(trie, scores[j], cfg.candidates, excluded[r])
                 logp = self.scorer.exact([prompts[r]], torch.tensor(leaves))[0] if leaves else torch.zeros(0)
                 if prior is not None and leaves:
                     logp = logp - prior[r][leaves]

@@ -15,6 +15,7 @@ its path, where ``bigrec`` need not be installed.
 PRECISION = "auto"  # bf16 where the CPU or GPU computes it natively, else fp32 (bigrec.llm.models.resolve_dtype)
 
 # decoding (bigrec generate's --decoding, run.yaml's decoding)
+DECODINGS = ("free", "constrained", "likelihood")  # every decoding: generate, the demo, run.yaml and the service
 DECODING = "free"  # free beam search, then L2 grounding: the paper's method
 NUM_BEAMS = 4  # free beam search: beams per row, all returned; the reference BIGRec's beam count
 CONSTRAINED_BEAMS = 4  # constrained beam search: beams per row, as many as free decoding so that their lists compare

@@ -89,8 +89,10 @@ class Config:
                                               "all = the three")
     prior_weight: float = option(PRIOR_WEIGHT, "likelihood: subtract this times log p(title | an empty history)",
                                  keyed_at_default=False)
-    likelihood_new_titles: bool = option(True, "likelihood: leave each row's history titles out of its ranking "
-                                               "(better on ml-100k's validation rows)", keyed_at_default=False)
+    exclude_history: bool = option(True, "likelihood: leave each row's history titles out of its ranking (better on "
+                                         "ml-100k's validation rows; generate's, run.yaml's and the service's option of "
+                                         "the same name); both evaluation protocols are reported either way",
+                                   keyed_at_default=False)
     search_nodes: int = option(DEMO_SEARCH_NODES, "likelihood: the most title tokens a row's search feeds the model (the few-shot "
                                     "adapter's flat distribution would need thousands to certify its top 10; "
                                     "fewer is faster)", minimum=1)
@@ -137,7 +139,7 @@ class Config:
         """The prior and the history exclusion a decoding ranks with: generation and run.yaml alike."""
         likelihood = decoding == "likelihood"
         return {"prior_weight": self.prior_weight if likelihood else 0.0,
-                "exclude_history": likelihood and self.likelihood_new_titles}
+                "exclude_history": likelihood and self.exclude_history}
 
 
 FEW_SHOT = "sasrec_fewshot"  # the SASRec trained on the rows BIGRec is tuned on
@@ -172,7 +174,8 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     for decoding, metrics_path in metrics_paths.items():
         details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
         if details.get("exclude_history"):
-            exclude = seen_mask([r["history_item_id"] for r in test_rows], targets, len(catalog))
+            exclude = seen_mask([catalog.history_titles(r["history_item_id"]) for r in test_rows], targets,
+                                len(catalog))  # as evaluate leaves them out
         test_name = next(iter(details["files"]))  # the result file's name, "test.json"
         info = infos[decoding] = details["files"][test_name]
         if info["rows"] != row_ids:

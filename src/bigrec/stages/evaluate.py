@@ -33,8 +33,9 @@ scores on the same rows (:mod:`bigrec.evaluation.intervals`); the details keep e
 and tie count so that any two results on the same rows can be compared later. A target level with
 other items (not of its own title) takes every metric's expectation under random tie-breaking
 (:mod:`bigrec.evaluation.metrics`); how many targets were tied is counted per run and printed. ``--exclude_history`` leaves each
-row's history items out of every ranking (:func:`bigrec.evaluation.metrics.seen_mask`); the default is
-the reference protocol, which ranks them.
+row's history out of every ranking: every id sharing a title with a history item, the rule the decoders
+and the service follow (:meth:`bigrec.data.catalog.Catalog.history_titles`,
+:func:`bigrec.evaluation.metrics.seen_mask`); the default is the reference protocol, which ranks them.
 """
 
 from __future__ import annotations
@@ -125,11 +126,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(text).rstrip("/")).name) or "model"
 
 
-def excluded(results: Results, config: Config, num_items: int) -> torch.Tensor | None:
-    """The seen-items mask [R, N] of ``results`` under ``--exclude_history``, else None."""
+def excluded(results: Results, config: Config, catalog: Catalog) -> torch.Tensor | None:
+    """The seen-items mask [R, N] of ``results`` under ``--exclude_history``, else None: every id
+    sharing a title with a history item (:meth:`Catalog.history_titles`, what the decoders and the
+    service leave out too), never a target id."""
     if not config.exclude_history:
         return None
-    return seen_mask(need_histories(results, "--exclude_history"), results.targets, num_items)
+    histories = need_histories(results, "--exclude_history")
+    return seen_mask([catalog.history_titles(h) for h in histories], results.targets, len(catalog))
 
 
 # (test scores, valid scores, where from) per re-weighting kind and test file
@@ -211,12 +215,12 @@ def likelihood_cf_ranks(test: Results, valid: Results, scores: torch.Tensor, val
                    "valid_ndcg10": ndcg[WEIGHT_GRID.index(weight)]}
 
 
-def compared_ranks(config: Config, tests: list[Results], n: int) -> dict[str, tuple[Ranks, str]]:
+def compared_ranks(config: Config, tests: list[Results], catalog: Catalog) -> dict[str, tuple[Ranks, str]]:
     """Per test file, the ``--compare`` model's ranks of the targets and the score file they came from."""
     others = {}
     for t in tests if config.compare else ():
-        scores, src = ci_matrix(Path(config.compare), t, "test", n)
-        others[t.name] = (target_ranks(scores, t.targets, higher_is_better=True, exclude=excluded(t, config, n)),
+        scores, src = ci_matrix(Path(config.compare), t, "test", len(catalog))
+        others[t.name] = (target_ranks(scores, t.targets, higher_is_better=True, exclude=excluded(t, config, catalog)),
                           str(src))
     return others
 
@@ -237,9 +241,9 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
                   cf: tuple[torch.Tensor, torch.Tensor, dict] | None = None) -> tuple[dict, dict]:
     """Every ranking of one result file -> (metrics per run, the file's details: diagnostics,
     re-weighting choices, intervals and per-row ranks)."""
-    n = len(catalog)
+    len(catalog)
     start, embedded = time.perf_counter(), embed.seconds
-    exclude = excluded(test, config, n)
+    exclude = excluded(test, config, catalog)
     dist, ranks, empty, first = plain_ranks(test, config, items, embed, exclude)
     keys = [RunKey(test.name)]  # what every ranking is (its label is made from these fields)
     row_ranks = {keys[0].label: ranks}  # run -> per-row ranks of every single ranking
@@ -252,7 +256,7 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
              len(test.rows), time.perf_counter() - start, embed.seconds - embedded)
     if valid is not None:  # validation's plain metrics choose between rankings (the demo's run.yaml)
         info["valid_file"] = str(valid.path)
-        valid_exclude = excluded(valid, config, n)
+        valid_exclude = excluded(valid, config, catalog)
         valid_dist, valid_ranks, valid_empty, valid_first = ground_results(valid, items, embed, valid_exclude,
                                                                            config.ground_beams)
         info["valid_plain"] = ndcg_hr(valid_ranks, TOPK)  # to compare with the re-weightings' validation
@@ -322,7 +326,7 @@ def run(config: Config) -> dict:
     tests = [read_results(p, catalog) for p in result_files(config.input_dir, {output, details_path})]
     weights, pairs = read_weights(config, tests, catalog)
     cf = read_cf(config, tests, pairs, n)
-    others = compared_ranks(config, tests, n)
+    others = compared_ranks(config, tests, catalog)
     for t in tests if config.exclude_history or config.last_title else ():
         need_histories(t, "--exclude_history" if config.exclude_history else "--last_title")
 

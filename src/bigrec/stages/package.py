@@ -28,7 +28,6 @@ from pathlib import Path
 import yaml
 
 from bigrec.app.run_manifest import (
-    DECODINGS,
     MANIFEST,
     RunManifest,
     domain_value,
@@ -46,6 +45,7 @@ from bigrec.grounding.options import (
 from bigrec.io import InputError, staged_dir, write_yaml
 from bigrec.llm.defaults import (
     DECODING,
+    DECODINGS,
     EXCLUDE_HISTORY,
     MAX_NEW_TOKENS,
     NUM_BEAMS,
@@ -67,9 +67,10 @@ class Config:
     out: str = option(help="the run folder to write (replaced whole; an existing folder must be a run folder)")
     base_model: str | None = option(None, "LoRA: the base model, where the path the train record names is gone "
                                           "(checked against the recorded weights' hash)")
-    decoding: str = option(DECODING, "free: beam search, then every item by L2 distance (the paper's); likelihood: "
+    decoding: str = option(DECODING, "free: beam search, then every item by L2 distance (the paper's); constrained: "
+                                     "beam search over the catalogue's titles, the rest by L2 distance; likelihood: "
                                      "every title by its log-probability given the history", choices=list(DECODINGS))
-    num_beams: int = option(NUM_BEAMS, "free: beams per request", minimum=1)
+    num_beams: int = option(NUM_BEAMS, "free and constrained: beams per request", minimum=1)
     max_new_tokens: int = option(MAX_NEW_TOKENS, "free: most generated tokens", minimum=1)
     search_nodes: int = option(SEARCH_NODES, "likelihood: the most title tokens a history's search feeds the model "
                                              "(as bigrec generate --search_nodes)", minimum=1)
