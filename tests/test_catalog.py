@@ -23,6 +23,14 @@ def test_reads_titles_duplicates_and_hash(tmp_path):
     assert other.digest != cat.digest
 
 
+def test_history_titles_are_every_id_of_a_history_title(tmp_path):
+    """What leaving the history out leaves out: each history item's title, under every id it has."""
+    cat = read_catalog(write(tmp_path, "Toy Story (1995)\t0\nHeat (1995)\t1\nToy Story (1995)\t2\nBabe (1995)\t3\n"))
+    assert cat.history_titles([2]) == [0, 2]
+    assert cat.history_titles([1, 0, 1]) == [0, 1, 2]
+    assert cat.history_titles([]) == [] and cat.history_titles([3]) == [3]
+
+
 def test_ids_may_come_in_any_line_order(tmp_path):
     cat = read_catalog(write(tmp_path, "B\t1\nA\t0\n"))
     assert cat.titles == ["A", "B"]
