@@ -32,12 +32,11 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from common import run_child
 
 SETTINGS = {
     "before": {"micro_batch_size": 8, "fused_adamw": False},
@@ -128,20 +127,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in names:
         result_file, log_file = workdir / f"{name}.result.json", workdir / f"{name}.log"
-        result_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", name, "--result", str(result_file), "--data", str(data),
                "--base_model", base, "--steps", str(args.steps), "--chunks", str(args.chunks),
                "--workdir", str(workdir)]
-        print(f"[{name}] {args.steps} steps in a subprocess (log: {log_file}) ...", flush=True)
-        started = time.perf_counter()
-        with log_file.open("w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode or not result_file.is_file():
-            tail = log_file.read_text().splitlines()[-15:]
-            print(f"[{name}] FAILED (exit {proc.returncode}):\n  " + "\n  ".join(tail), flush=True)
-            continue
-        results[name] = json.loads(result_file.read_text())
-        print(f"[{name}] done in {time.perf_counter() - started:.0f}s", flush=True)
+        if (result := run_child(name, cmd, result_file, log_file)) is not None:
+            results[name] = result
     if not results:
         raise SystemExit("no setting finished")
 

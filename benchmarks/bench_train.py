@@ -43,10 +43,11 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_child
 
 from bigrec.llm.defaults import PRECISION
 
@@ -244,23 +245,14 @@ def main() -> None:
     for recipe in recipes:
         result_file = workdir / f"{recipe}.result.json"
         log_file = workdir / f"{recipe}.log"
-        result_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", recipe, "--result", str(result_file), "--sample",
                str(args.sample), "--data", str(data), "--base_model", base, "--precision", args.precision,
                "--cutoff_len", str(args.cutoff_len), "--attention", args.attention, "--seed", str(args.seed), "--workdir", str(workdir),
                "--threads", str(args.threads)]
-        print(f"[{recipe}] training in a subprocess (log: {log_file}) ...", flush=True)
-        started = time.perf_counter()
-        with log_file.open("w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode or not result_file.is_file():
-            tail = log_file.read_text().splitlines()[-15:]
-            print(f"[{recipe}] FAILED (exit {proc.returncode}):\n  " + "\n  ".join(tail), flush=True)
+        if (r := run_child(recipe, cmd, result_file, log_file)) is None:
             continue
-        results[recipe] = json.loads(result_file.read_text())
-        r = results[recipe]
-        print(f"[{recipe}] {r['steps']} steps, {r['tokens']} tokens in {r['train_runtime']:.1f}s "
-              f"(process {time.perf_counter() - started:.1f}s)", flush=True)
+        results[recipe] = r
+        print(f"[{recipe}] {r['steps']} steps, {r['tokens']} tokens in {r['train_runtime']:.1f}s", flush=True)
 
     from bigrec.llm.sft_data import load_rows
 

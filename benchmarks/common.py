@@ -1,5 +1,5 @@
 """Helpers the benchmark scripts and the tests' tools share: a free port, waiting for ``bigrec
-serve``, and the small demo (its settings, its made-up ml-100k, its command line) that the tests'
+serve``, a benchmark setting in its own process, and the small demo (its settings, its made-up ml-100k, its command line) that the tests'
 demo runs and ``run_small.py``'s run on. Importing it loads neither torch nor bigrec; it imports
 no test module and no other benchmark, so both sides import it (pytest puts benchmarks/ on the
 path, pyproject's ``pythonpath``)."""
@@ -39,6 +39,24 @@ def demo_args(run_dir: Path, model: str, source: Path, **over) -> list[str]:
     unless ``over`` says otherwise (the default's likelihood ranking has its own test)."""
     opts = {"run_dir": run_dir, "base_model": model, "source": source, "decoding": "both", **DEMO_SMALL, **over}
     return ["demo", *[x for k, v in opts.items() for x in (f"--{k}", str(v))]]
+
+
+def run_child(name: str, cmd: list[str], result_file: Path, log_file: Path) -> dict | None:
+    """Run one setting of a benchmark in its own process (so its peak RSS is its own), its output
+    in ``log_file``: the JSON it wrote to ``result_file``, or None (the log's tail printed) if it failed."""
+    import json
+
+    result_file.unlink(missing_ok=True)
+    print(f"[{name}] running in a subprocess (log: {log_file}) ...", flush=True)
+    started = time.perf_counter()
+    with log_file.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode or not result_file.is_file():
+        tail = log_file.read_text().splitlines()[-15:]
+        print(f"[{name}] FAILED (exit {proc.returncode}):\n  " + "\n  ".join(tail), flush=True)
+        return None
+    print(f"[{name}] process finished in {time.perf_counter() - started:.0f}s", flush=True)
+    return json.loads(result_file.read_text())
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ from common import DEMO_SMALL, demo_args, write_small_movielens
 
 from bigrec.app.run_manifest import RunManifest
 from bigrec.cli import main
+from bigrec.stages.demo import candidates_ndcg
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +252,23 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     rec = Recommender.from_run(run_dir, device="cpu")
     (result,) = rec.recommend([[0, 1, 2]], k=5, use_ci=False)
     assert result.decoding == "likelihood" and len(result.items) == 5 and not {0, 1, 2} & {i.id for i in result.items}
-    # beside free decoding (its stages reused), run.yaml keeps whichever validation prefers
+    # beside free decoding, the validation rows decide whether likelihood ranks the test rows: only where
+    # it beats popularity there (the rows it ranked above are reused)
+    caplog.clear()
     assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,likelihood", prior_weight=0.5)) == 0
+    gate = json.loads((run_dir / "likelihood_gate.json").read_text())
+    assert gate["kept"] == (gate["valid_ndcg10"] > gate["popularity_valid_ndcg10"]) and gate["valid_rows"] == 10
+    assert gate["valid_ndcg10"] == pytest.approx(candidates_ndcg(run_dir / "results" / "likelihood" / "valid.json",
+                                                                 run_dir / "data" / "id2name.txt"))
+    ran = [r.message for r in caplog.records if r.message.endswith("] running")]
+    assert "[likelihood_gate] running" in ran and "[generate_valid_likelihood] running" not in ran
+    table = json.loads((run_dir / "metrics" / "side_by_side.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    assert ("BIGRec (likelihood)" in table) == gate["kept"]
+    assert ("Likelihood ranking was left out of the test rows" in report) != gate["kept"]
+    # with the gate off, run.yaml keeps whichever validation prefers
+    assert main(demo_args(run_dir, tiny_model_dir, source, decoding="free,likelihood", prior_weight=0.5,
+                          likelihood_gate="false")) == 0
     manifest = RunManifest.load(run_dir)
     note = manifest.ranking_note
     assert "plain BIGRec" in note and "likelihood ranking" in note and "BIGRec + CI" in note

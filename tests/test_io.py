@@ -61,3 +61,22 @@ def test_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["prepare", "--dataset", "ml-100k", "--out", str(target), "--source", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(target) in err
+
+
+def test_read_yaml_mapping_names_the_file_and_the_problem(tmp_path):
+    from bigrec.io import InputError, read_yaml_mapping
+
+    path = tmp_path / "run.yaml"
+    path.write_text("")
+    assert read_yaml_mapping(path) == {}
+    path.write_text("a: 1\nb: [x, y]\n")
+    assert read_yaml_mapping(path) == {"a": 1, "b": ["x", "y"]}
+    path.write_text("a: [1\n")
+    with pytest.raises(InputError, match=r"run.yaml: not valid YAML: line \d+, column \d+") as err:
+        read_yaml_mapping(path)
+    assert "\n" not in str(err.value)
+    path.write_text("- a\n")
+    with pytest.raises(ValueError, match="expected options, got list"):
+        read_yaml_mapping(path, ValueError, "options")
+    with pytest.raises(FileNotFoundError):
+        read_yaml_mapping(tmp_path / "missing.yaml")

@@ -75,6 +75,31 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: where and what (PyYAML's own message spans several lines)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (problem or " ".join(str(exc).split()))
+
+
+def read_yaml_mapping(path: str | Path, error: type[ValueError] = InputError,
+                      what: str = "a mapping of keys to values") -> dict:
+    """A YAML file that must hold a mapping (an empty file is an empty one); a parse error or
+    another kind of document is one ``error`` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {what}, got {type(data).__name__}")
+    return data
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -42,14 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from bigrec.app.run_manifest import RunManifest
 from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.data.prompts import Domain, natural_title, normalize_title
 from bigrec.grounding.ranking import l2_distances, rank_with_beams
 from bigrec.grounding.reweighting import blend, reweight
-from bigrec.io import InputError, read_json
+from bigrec.io import InputError, read_json, read_yaml_mapping
 from bigrec.llm.decoders import Ask, layout_of, make_decoder
 from bigrec.llm.models import resolve_dtype
 
@@ -132,7 +131,7 @@ def _resolve_model_path(run_dir: Path, base_model: str) -> str:
 def _max_history(data_dir: Path | None) -> int:
     config = data_dir / "config.yaml" if data_dir is not None else None
     if config is not None and config.is_file():
-        value = (yaml.safe_load(config.read_text()) or {}).get("max_history")
+        value = read_yaml_mapping(config).get("max_history")
         if isinstance(value, int) and value > 0:
             return value
     return DEFAULT_MAX_HISTORY

@@ -15,10 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
-from bigrec.io import InputError, read_json, write_yaml
+from bigrec.io import InputError, read_json, read_yaml_mapping, write_yaml
 from bigrec.llm.defaults import (
     CANDIDATES,
     CF_WEIGHT,
@@ -110,12 +108,7 @@ class RunManifest:
         path = Path(run_dir) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a finished run folder (no {MANIFEST}); run `bigrec demo` first")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(map(str, data)) - set(fields))
         if unknown:
@@ -186,13 +179,6 @@ class ServedDecoding:
         return Path(self.catalog)
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """A YAML parse error in one line: where and what (PyYAML's own message spans several lines)."""
-    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + (problem or " ".join(str(exc).split()))
-
-
 def domain_value(domain: Domain) -> str | dict:
     """``domain`` as run.yaml writes it: the DOMAINS name where it is one, else its words."""
     for name, known in DOMAINS.items():
@@ -209,11 +195,8 @@ def prepared_domain(data_dir: str | Path) -> Domain:
     record_path = data_dir / "config.yaml"
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path}: not found; give a data folder that bigrec prepare wrote")
-    try:
-        record = yaml.safe_load(record_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{record_path}: not valid YAML: {yaml_problem(exc)}") from None
-    plural = record.get("domain_wording") if isinstance(record, dict) else None
+    record = read_yaml_mapping(record_path)
+    plural = record.get("domain_wording")
     if not isinstance(plural, str) or not plural.strip():
         raise InputError(f"{record_path}: no 'domain_wording' (the prompts' wording bigrec prepare used)")
     try:

@@ -209,7 +209,8 @@ def full_table(metrics: Mapping[str, Mapping]) -> tuple[list[str], list[list[str
 
 
 def build_demo_report(compared: Mapping[str, Mapping], infos: Mapping[str, Mapping], settings: Mapping,
-                      tuning: str, grounding: str, timings: Mapping[str, float], elapsed: float) -> DemoReport:
+                      tuning: str, grounding: str, timings: Mapping[str, float], elapsed: float,
+                      notes: Sequence[str] = ()) -> DemoReport:
     """The report's model from what the demo computed.
 
     ``compared``: ``{protocol: {"metrics", "intervals", "paired"}}`` as the demo's ``side_by_side``
@@ -217,13 +218,14 @@ def build_demo_report(compared: Mapping[str, Mapping], infos: Mapping[str, Mappi
     test file; ``settings``: the demo's settings (``dataset``, ``base_model``, ``test_rows``,
     ``num_beams``, ``ground_beams``, ``constrained_beams``, ``search_nodes``, ``prior_weight``,
     ``exclude_history`` are read; all are listed); ``tuning``: how the model was tuned, in
-    words; ``grounding``: the grounding, described; ``timings``: stage -> seconds (0 = reused)."""
+    words; ``grounding``: the grounding, described; ``timings``: stage -> seconds (0 = reused);
+    ``notes``: sentences the summary ends with (what the demo left out, and why)."""
     decodings = list(infos)
     reference = compared["reference"]["metrics"]
     lead = lead_method(reference, decodings)
     order = [p for p in PROTOCOL_TITLES if p in compared] + [p for p in compared if p not in PROTOCOL_TITLES]
     return DemoReport(
-        summary=run_summary(settings, decodings, tuning, grounding, elapsed),
+        summary=" ".join([run_summary(settings, decodings, tuning, grounding, elapsed), *notes]),
         rows=int(settings["test_rows"]), lead=lead,
         protocols=[protocol_part(p, compared[p], lead) for p in order],
         table=full_table(reference), standing=standing_lines(reference, decodings),

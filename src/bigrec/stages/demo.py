@@ -93,6 +93,9 @@ class Config:
                                          "ml-100k's validation rows; generate's, run.yaml's and the service's option of "
                                          "the same name); both evaluation protocols are reported either way",
                                    keyed_at_default=False)
+    likelihood_gate: bool = option(True, "beside another decoding: rank the test rows by likelihood only where it beats "
+                                         "popularity on the validation rows (ranked first); elsewhere it is left out "
+                                         "and the report says why", keyed_at_default=False)
     search_nodes: int = option(DEMO_SEARCH_NODES, "likelihood: the most title tokens a row's search feeds the model (the few-shot "
                                     "adapter's flat distribution would need thousands to certify its top 10; "
                                     "fewer is faster)", minimum=1)
@@ -143,6 +146,7 @@ class Config:
 
 
 FEW_SHOT = "sasrec_fewshot"  # the SASRec trained on the rows BIGRec is tuned on
+GATE = "likelihood_gate.json"  # whether validation kept likelihood ranking for the test rows (likelihood_gate)
 PROTOCOLS = {"reference": "", "unseen": "_unseen"}  # ranking protocol -> metrics file suffix
 CONTENT = "Last history title (content)"
 LIKELIHOOD_CF = "BIGRec (likelihood) + SASRec"  # likelihood + SASRec (bigrec.grounding.likelihood_cf)
@@ -306,6 +310,65 @@ def decodings_of(cfg: Config) -> list[str]:
                               for d in named.get(part.strip(), [part.strip()])))
 
 
+def gated(cfg: Config) -> bool:
+    """Whether validation decides if likelihood ranking reaches the test rows: beside another
+    decoding (with ``--select_epoch``, or alone, it is the recipe itself and always runs)."""
+    decodings = decodings_of(cfg)
+    return cfg.likelihood_gate and "likelihood" in decodings and len(decodings) > 1 and not cfg.select_epoch
+
+
+def ranked_decodings(cfg: Config, paths: Paths) -> list[str]:
+    """The decodings whose test rows are ranked: ``--decoding``'s, less likelihood where the
+    validation rows left it out (:func:`likelihood_gate`)."""
+    decodings = decodings_of(cfg)
+    record = paths.run / GATE
+    if gated(cfg) and record.is_file() and not io.read_json(record)["kept"]:
+        decodings.remove("likelihood")
+    return decodings
+
+
+def likelihood_gate(cfg: Config, paths: Paths) -> None:
+    """Keep likelihood ranking for the test rows only where it beats popularity's NDCG@10 on the
+    validation rows, history titles left out of both as the ranking leaves them.
+
+    A flat few-shot adapter's search is budget-bound: on Amazon's long titles the demo's budget
+    certified no row's top 10 and the ranking scored below popularity (docs/results/amazon-industrial.md),
+    while on ml-100k it beat free decoding. Validation tells the two apart before the test rows' cost."""
+    from bigrec.data.catalog import read_catalog, row_target
+    from bigrec.evaluation.metrics import ndcg_hr, seen_mask, target_id_lists, target_ranks
+    from bigrec.evaluation.results import certified_share, read_results
+    from bigrec.evaluation.scores import load_scores
+
+    catalog = read_catalog(paths.data / "id2name.txt")
+    rows = io.read_json(paths.inputs("valid"))
+    targets = target_id_lists([row_target(r, catalog, "valid") for r in rows], catalog.titles)
+    exclude = seen_mask([catalog.history_titles(r["history_item_id"]) for r in rows], targets,
+                        len(catalog)) if cfg.exclude_history else None
+    popularity = load_scores(paths.scores("popularity", "valid")).align(rows)
+    pop_ndcg = ndcg_hr(target_ranks(popularity, targets, higher_is_better=True, exclude=exclude), (10,))["NDCG"][0]
+    result = paths.results / "likelihood" / "valid.json"
+    ndcg = candidates_ndcg(result, paths.data / "id2name.txt")
+    record = {"kept": ndcg > pop_ndcg, "valid_ndcg10": ndcg, "popularity_valid_ndcg10": pop_ndcg,
+              "valid_rows": len(rows), "search_nodes": cfg.search_nodes,
+              "certified_top10_share": certified_share(read_results(result, catalog).rows)}
+    io.write_json(paths.run / GATE, record)
+    log.info("[likelihood_gate] likelihood ranking %s: validation NDCG@10 %.4f against popularity's %.4f "
+             "(top 10 certified in %.1f%% of rows)", "kept" if record["kept"] else "left out", ndcg, pop_ndcg,
+             100 * record["certified_top10_share"])
+
+
+def gate_note(cfg: Config, paths: Paths) -> str | None:
+    """The report's sentence for a likelihood ranking the validation rows left out, else None."""
+    record = paths.run / GATE
+    if not gated(cfg) or not record.is_file() or io.read_json(record)["kept"]:
+        return None
+    r = io.read_json(record)
+    return (f"Likelihood ranking was left out of the test rows: on the {r['valid_rows']} validation rows its "
+            f"NDCG@10 {r['valid_ndcg10']:.4f} did not beat popularity's {r['popularity_valid_ndcg10']:.4f} (its "
+            f"top 10 certified in {r['certified_top10_share']:.1%} of rows at {r['search_nodes']} title tokens; "
+            "--likelihood_gate false ranks them anyway).")
+
+
 @dataclass(frozen=True)
 class Tuned:
     """The tuned model generation and grounding use: a LoRA adapter on the base model, or a fully
@@ -447,7 +510,14 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> Tuned:
         tuned = Tuned(cfg.base_model, str(tuned_dir), None) if cfg.lora else Tuned(str(tuned_dir), None, None)
 
     for decoding in decodings_of(cfg):
-        for split in ("test", "valid"):
+        gate = decoding == "likelihood" and gated(cfg)
+        for split in ("valid", "test") if gate else ("test", "valid"):
+            if gate and split == "test":  # the validation rows decide whether the test rows are ranked
+                stages.run("likelihood_gate", {"valid_rows": cfg.valid_rows, "exclude_history": cfg.exclude_history},
+                           [paths.run / GATE], lambda: likelihood_gate(cfg, paths),
+                           after=("generate_valid_likelihood", "popularity"))
+                if "likelihood" not in ranked_decodings(cfg, paths):
+                    continue
             result = paths.results / decoding / f"{split}.json"
             gen_cfg = generate_config(cfg, paths, tuned, decoding, split, result)
             upstream = (*after, "sasrec") if decoding == "likelihood" else after
@@ -526,7 +596,7 @@ def evaluations(cfg: Config, stages: StageRunner, paths: Paths, tuned: Tuned) ->
     catalog = str(paths.data / "id2name.txt")
     metrics_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
     fewshot_paths: dict[str, dict[str, Path]] = {protocol: {} for protocol in PROTOCOLS}
-    for decoding in decodings_of(cfg):
+    for decoding in ranked_decodings(cfg, paths):
         results = paths.results / decoding
         generated = (f"generate_test_{decoding}", f"generate_valid_{decoding}", "index")
         # A likelihood ranking puts its ranked candidates (the top 20) first, so re-weighting would order
@@ -620,7 +690,7 @@ def run(cfg: Config) -> int:
     elapsed = time.perf_counter() - started
     grounding = grounding_of(cfg).describe()
     write_demo_report(paths.run, build_demo_report(compared, infos, to_dict(cfg), tuning_summary(cfg), grounding,
-                                                   stages.timings, elapsed))
+                                                   stages.timings, elapsed, notes=[n for n in [gate_note(cfg, paths)] if n]))
     save_manifest(cfg, paths.run, infos, tuned)
     print(format_table(table, TOPK))
     print(f"\nreport: {paths.run / 'report.md'}   plot: {paths.run / 'metrics' / 'side_by_side.png'}   "

@@ -25,14 +25,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from bigrec.app.run_manifest import (
     MANIFEST,
     RunManifest,
     domain_value,
     prepared_domain,
-    yaml_problem,
 )
 from bigrec.config import ConfigError, check_output_dir, option, to_dict
 from bigrec.grounding.options import (
@@ -42,7 +39,7 @@ from bigrec.grounding.options import (
     pooling_option,
     title_text_option,
 )
-from bigrec.io import InputError, staged_dir, write_yaml
+from bigrec.io import InputError, read_yaml_mapping, staged_dir, write_yaml
 from bigrec.llm.defaults import (
     DECODING,
     DECODINGS,
@@ -91,13 +88,7 @@ class Config:
 def _record(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    try:
-        record = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
-    if not isinstance(record, dict):
-        raise InputError(f"{path}: expected a mapping")
-    return record
+    return read_yaml_mapping(path)
 
 
 def _relative(target: Path, run_dir: Path) -> str:
