@@ -449,7 +449,7 @@ def test_manifest_refuses_unknown_decodings_and_layouts(run_dir, tmp_path):
 
 @pytest.mark.parametrize("exclude", [False, True])
 @pytest.mark.parametrize("decoding", DECODINGS)
-def test_every_decoding_is_served_as_generate_and_evaluate_rank_it(run_dir, tmp_path, decoding, exclude):
+def test_every_decoding_is_served_as_generate_and_evaluate_rank_it(run_dir, tmp_path, decoding, exclude, capsys):
     """One path from a model to an answer: for each decoding of the one list, a run.yaml naming it is
     served, and each test row's history gets generate's prompt, generate's list, and evaluate's
     rank of the target (with the history's titles left out by the same rule when asked)."""
@@ -489,3 +489,7 @@ def test_every_decoding_is_served_as_generate_and_evaluate_rank_it(run_dir, tmp_
             assert min(p for p, item in enumerate(answer.items) if item.id in target) == rank
             checked += 1
     assert checked >= len(rows) // 2
+    if decoding == "constrained":  # the command line says what the scores are
+        assert main(["recommend", "--run", str(served.run_dir), "--history", "0", "--history", "5", "-k", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "top 3 (score: the beams' items first (minus the beam score), then L2 distance):" in out

@@ -94,12 +94,14 @@ def format_result(result, catalog, held_out: int | None = None) -> str:
         for n, text in enumerate(result.generated[1:], start=2):
             lines.append(f"  beam {n}: {text}")
     label = ("-log p(title | history)" if ranked else
+             "score: the beams' items first (minus the beam score), then L2 distance"
+             + (" re-weighted by SASRec" if result.use_ci else "") if result.decoding == "constrained" else
              "score (re-weighted by SASRec)" if result.use_ci else "distance")
     lines.append(f"ranking: {result.ranking}")
     lines.append(f"top {len(result.items)} ({label}):")
     width = len(str(len(catalog) - 1))
     for n, item in enumerate(result.items, start=1):
-        extra = f"  (distance {item.distance:.4f})" if result.use_ci else ""
+        extra = f"  (distance {item.distance:.4f})" if result.use_ci and item.distance is not None else ""
         mark = "  <- held-out target" if held_out is not None and catalog.titles[held_out] == item.title else ""
         lines.append(f"  {n:>2}. #{item.id:<{width}}  {item.score:8.4f}  {item.title}{extra}{mark}")
     if held_out is not None:
