@@ -245,8 +245,12 @@ def test_demo_likelihood_ranking_reuses_training_and_reports_it(finished_demo, t
     assert (manifest.decoding, manifest.prior_weight, manifest.exclude_history) == ("likelihood", 0.5, True)
     assert "chosen on validation NDCG@10 (likelihood ranking " in manifest.ranking_note
     assert manifest.use_ci == manifest.ranking_note.startswith("likelihood + SASRec")
-    assert manifest.likelihood_cf_weight == json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json")
-                                                       .read_text())["files"]["test.json"]["likelihood_cf"]["weight"]
+    choice = json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json").read_text())["files"]["test.json"][
+        "likelihood_cf"]
+    assert (manifest.likelihood_cf_weight, manifest.likelihood_content_weight) == (choice["weight"],
+                                                                                   choice["content_weight"])
+    assert choice["content_grid"][0] == 0.0 and len(choice["content_grid"]) > 1  # the rows carry their histories
+    assert f"terms kept: {', '.join(choice['terms'])}" in (run_dir / "report.md").read_text()
     from bigrec.app.recommender import Recommender
 
     rec = Recommender.from_run(run_dir, device="cpu")
@@ -351,17 +355,21 @@ def test_full_data_demo_tunes_every_weight_chooses_the_epoch_on_validation_and_s
     # likelihood + SASRec: served as evaluated, with the weight validation chose, where the likelihood
     # top 20 is certified (every row here)
     from bigrec.evaluation.scores import load_scores
-    from bigrec.grounding.likelihood_cf import candidates_of, top_items
+    from bigrec.grounding.index import load_index
+    from bigrec.grounding.likelihood_cf import candidates_of, last_title_content, top_items
 
     details = json.loads((run_dir / "metrics" / "bigrec_likelihood.details.json").read_text())["files"]["test.json"]
     assert manifest.likelihood_cf_weight == details["likelihood_cf"]["weight"]
+    assert manifest.likelihood_content_weight == details["likelihood_cf"]["content_weight"]
+    items, _ = load_index(run_dir / "index.safetensors")  # the index evaluate measured the content term with
     sasrec = load_scores(run_dir / "sasrec" / "scores" / "test_5000.safetensors").align(rows)
     blended = rec.recommend(histories, k=10, use_ci=True)
     certified = [r for r in range(len(rows)) if rows[r]["predict_certified"] == len(rows[r]["predict"])]
     assert certified and all(b.use_ci and "+ SASRec" in b.ranking for b in blended)
     for r in certified:
         evaluated = top_items(candidates_of(rows[r]), sasrec[r], manifest.likelihood_cf_weight, 10,
-                              rec.catalog.history_titles(histories[r]))
+                              rec.catalog.history_titles(histories[r]), last_title_content([histories[r]], items)[0],
+                              manifest.likelihood_content_weight)
         assert [i.id for i in blended[r].items] == [i for i, _ in evaluated], r
 
     caplog.set_level("INFO")

@@ -11,7 +11,8 @@ from bigrec.grounding.likelihood_cf import (
     blend_ranks,
     blend_scores,
     candidates_of,
-    choose_weight,
+    choose_weights,
+    last_title_content,
     merge,
     top_items,
 )
@@ -66,15 +67,30 @@ def test_blend_ranks_count_ties_and_leave_excluded_items_out():
 def test_choose_weight_by_validation_ndcg10_smallest_on_a_tie():
     cand = [candidates_of(ROW)] * 2
     sasrec = SASREC.expand(2, 5)
-    weight, ndcg = choose_weight(cand, sasrec, [[4], [4]], (0.0, 8.0))
-    assert weight == 8.0 and ndcg == pytest.approx([0.5, 1.0])  # rank 2: 1 / log2(4)
-    weight, ndcg = choose_weight(cand, sasrec, [[2], [2]], (0.0, 0.5, 8.0))  # 2 first at 0 and 0.5
-    assert weight == 0.0 and ndcg[:2] == [1.0, 1.0] and ndcg[2] < 1.0
+    weight, content_weight, ndcg = choose_weights(cand, sasrec, [[4], [4]], (0.0, 8.0))
+    assert (weight, content_weight) == (8.0, 0.0) and ndcg[0] == pytest.approx([0.5, 1.0])  # rank 2: 1 / log2(4)
+    weight, _, ndcg = choose_weights(cand, sasrec, [[2], [2]], (0.0, 0.5, 8.0))  # 2 first at 0 and 0.5
+    assert weight == 0.0 and ndcg[0][:2] == [1.0, 1.0] and ndcg[0][2] < 1.0
     assert WEIGHT_GRID[0] == 0.0 and list(WEIGHT_GRID) == sorted(WEIGHT_GRID)
 
 
-def test_top_items_ranks_the_row_and_leaves_out_what_it_is_told():
-    cand = candidates_of(ROW)
-    assert [i for i, _ in top_items(cand, SASREC[0], 8.0, 3)] == [4, 2, 0]
-    assert top_items(cand, SASREC[0], 8.0, 2, excluded=[4]) == [(2, 3.0), (0, -2.0)]
-    assert [i for i, _ in top_items(cand, SASREC[0], 0.0, 10, excluded=[0, 1])] == [2, 4, 3]
+def test_the_last_titles_content_term_is_kept_only_where_validation_gains():
+    """Items 0..4 on a line (embeddings 0, 1, 2, 3, 4), the history ending on item 0: the content term
+    ranks 0 first and 4 last. Target 0, which the LM names second and SASRec does not lift, needs it;
+    target 2, the LM's first, needs nothing: no term is kept (the fewer terms on a tie)."""
+    items = torch.arange(5, dtype=torch.float32)[:, None]
+    content = last_title_content([[3, 0], []], items)
+    assert content[0].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0] and content[1].tolist() == [0.0] * 5
+    cand = [candidates_of(ROW)]
+    by_hand = blend_scores(cand, SASREC, 1.0, content[:1], 2.0)[0]
+    # minmax(content) = 1, .75, .5, .25, 0; item 0: -2 + 0 + 2, item 2: -1 + .5 + 1, item 4: -3 + 1 + 0
+    assert by_hand[[0, 2, 4]].tolist() == pytest.approx([0.0, 0.5, -2.0])
+    sasrec = torch.tensor([[0.0, 1.0, 4.0, 3.0, 2.0]])  # SASRec puts the LM's first title (2) first too
+    weight, content_weight, ndcg = choose_weights(cand, sasrec, [[0]], (0.0, 1.0), content=content[:1],
+                                                  content_grid=(0.0, 4.0))
+    assert (weight, content_weight) == (0.0, 4.0) and ndcg[1][0] == 1.0 and max(ndcg[0]) < 1.0
+    assert choose_weights(cand, sasrec, [[2]], (0.0, 1.0), content=content[:1], content_grid=(0.0, 4.0))[:2] == \
+        (0.0, 0.0)
+    assert top_items(cand[0], sasrec[0], 0.0, 3, content=content[0], content_weight=4.0)[0][0] == 0
+    with pytest.raises(ValueError, match="content"):
+        blend_scores(cand, SASREC, 1.0, None, 2.0)

@@ -385,6 +385,18 @@ def test_likelihood_run_blends_sasrec_where_run_yaml_gives_a_weight(run_dir, tmp
     (heavy,) = served[1e6].recommend([history], k=3)
     assert [i.id for i in heavy.items] == torch.argsort(-sasrec, stable=True)[:3].tolist()
     assert not {HEAT, HEAT_TWIN, 7} & {i.id for i in served[1e6].recommend([history], k=len(TITLES))[0].items}
+    # a content weight that dwarfs the rest ranks the candidates by closeness to the last history title
+    folder = tmp_path / "content"
+    folder.mkdir()
+    content = Recommender.from_run(sibling_run(run_dir, folder, decoding="likelihood", use_ci=True,
+                                               likelihood_cf_weight=0.0, likelihood_content_weight=1e6,
+                                               exclude_history=True), device="cpu")
+    (near,) = content.recommend([history], k=3)
+    distance = l2_distances(content.items[[7]], content.items)[0]
+    distance[[HEAT, HEAT_TWIN, 7]] = float("inf")
+    assert [i.id for i in near.items] == torch.argsort(distance, stable=True)[:3].tolist()
+    assert "closeness to the last history title" in near.ranking
+    assert content.describe()["likelihood_content_weight"] == 1e6
 
 
 def test_a_likelihood_run_answers_as_generate_ranked_in_evaluation(run_dir, tmp_path):

@@ -27,8 +27,9 @@ One :meth:`Recommender.recommend_queries` call answers a whole batch, through th
    With ``use_ci`` a free or constrained run re-weights the distances by SASRec's scores for the
    same history, ``minmax(d) * (1 + minmax(s)) ** (-ci_gamma)`` (or the blend, ``ci_blend_weight``),
    and a likelihood run ranks likelihood + SASRec (:mod:`bigrec.grounding.likelihood_cf`): both models'
-   top ``candidates`` titles, each item by ``log p + w * minmax(s)`` (``likelihood_cf_weight``), every
-   other item below them by SASRec's score, as ``bigrec evaluate --cf_scores`` does.
+   top ``candidates`` titles, each item by ``log p + w * minmax(s)`` (``likelihood_cf_weight``; plus
+   ``likelihood_content_weight`` times its min-max closeness to the last history title where validation
+   kept that term), every other item below them by SASRec's score, as ``bigrec evaluate --cf_scores`` does.
 
 Lower scores are better.
 """
@@ -324,7 +325,7 @@ class Recommender:
     def _rank(self, queries: list[Query], matches: list[list[Match]], use_ci: list[bool],
               exclude: list[bool]) -> list[Result]:
         """The run's decoding for the batch in one call, then every item ranked as evaluate ranks it."""
-        from bigrec.grounding.likelihood_cf import merge, top_items
+        from bigrec.grounding.likelihood_cf import last_title_content, merge, top_items
 
         m, likelihood = self.manifest, self.decoding.decoding == "likelihood"
         rows = self.rows(matches)
@@ -348,8 +349,10 @@ class Recommender:
             if likelihood and use_ci[r]:
                 candidates = merge(out[r]["predict_ids"], out[r]["predict_scores"], out[r]["cf_ids"],
                                    out[r]["cf_logp"])
-                own = {i: -v for i, v in top_items(candidates, sasrec[ci_rows.index(r)],
-                                                   float(m.likelihood_cf_weight), q.k, seen)}
+                content = (last_title_content([rows[r]["history_item_id"]], self.items)[0]
+                           if m.likelihood_content_weight else None)
+                own = {i: -v for i, v in top_items(candidates, sasrec[ci_rows.index(r)], float(m.likelihood_cf_weight),
+                                                   q.k, seen, content, float(m.likelihood_content_weight))}
                 order = list(own)
             else:
                 for ids, value in zip(out[r].get("predict_ids", []), out[r].get("predict_scores", []), strict=True):
@@ -428,8 +431,10 @@ class Recommender:
             prior = f", minus {m.prior_weight} x its no-history log-probability" if m.prior_weight else ""
             name = f"BIGRec (likelihood: every title by its log-probability given the history{prior})"
             if use_ci:
-                name += (f" + SASRec (log-probability + {m.likelihood_cf_weight} x SASRec's min-max score over both "
-                         f"models' top {m.candidates} titles; the rest by SASRec)")
+                content = (f" + {m.likelihood_content_weight} x the min-max closeness to the last history title"
+                           if m.likelihood_content_weight else "")
+                name += (f" + SASRec (log-probability + {m.likelihood_cf_weight} x SASRec's min-max score{content} over "
+                         f"both models' top {m.candidates} titles; the rest by SASRec)")
             if not by_default:
                 return f"{name}, as asked"
             return name + (f", the run's ranking: {m.ranking_note}" if m.ranking_note else "")
@@ -455,7 +460,7 @@ class Recommender:
                 "decoding": m.decoding, "layout": m.layout, "prior_weight": m.prior_weight,
                 "search_nodes": m.search_nodes, "candidates": m.candidates,
                 "exclude_history_by_default": m.exclude_history,
-                "likelihood_cf_weight": m.likelihood_cf_weight,
+                "likelihood_cf_weight": m.likelihood_cf_weight, "likelihood_content_weight": m.likelihood_content_weight,
                 "domain": m.domain, "num_beams": m.num_beams, "max_new_tokens": m.max_new_tokens,
                 "max_history": self.max_history, "ci_available": self.has_ci, "ci_gamma": m.ci_gamma,
                 "ci_by_default": self.default_ci, "ranking_note": m.ranking_note,

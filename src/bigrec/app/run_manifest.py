@@ -75,6 +75,8 @@ class RunManifest:
     likelihood_cf_weight: float | None = None  # likelihood: SASRec's weight in log p + w * minmax(s), chosen on
     # validation (bigrec.grounding.likelihood_cf); with use_ci, a likelihood run answers with that blend
     candidates: int = CANDIDATES  # likelihood + SASRec: the top titles of each model the blend ranks (generate's)
+    likelihood_content_weight: float = 0.0  # likelihood + SASRec: the last history title's weight c in
+    # + c * minmax(-L2 distance to it), chosen on validation with likelihood_cf_weight (0: no content term)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("decoding", self.decoding, DECODINGS), ("layout", self.layout, LAYOUTS)):
@@ -84,6 +86,8 @@ class RunManifest:
             raise InputError(f"{MANIFEST}: prior_weight must be at least 0 and search_nodes at least 1")
         if (self.likelihood_cf_weight is not None and self.likelihood_cf_weight < 0) or self.candidates < 1:
             raise InputError(f"{MANIFEST}: likelihood_cf_weight must be at least 0 and candidates at least 1")
+        if self.likelihood_content_weight < 0:
+            raise InputError(f"{MANIFEST}: likelihood_content_weight must be at least 0")
         if self.num_beams < 1 or not 0 < self.ghost_threshold <= 1 or self.cf_weight < 0:
             raise InputError(f"{MANIFEST}: num_beams must be at least 1, ghost_threshold in (0, 1] and cf_weight "
                              "at least 0")

@@ -193,6 +193,11 @@ def decoding_facts(info: Mapping, search_nodes: int) -> list[str]:
              "Most frequent top-1 generations: " + "; ".join(f'"{t}" x{c}' for t, c in diag["most_frequent_top1"][:10])]
     if diag.get("certified_top10_share") is not None:
         facts.append(certified_line(diag["certified_top10_share"], search_nodes) + ".")
+    if "likelihood_cf" in info:
+        cf = info["likelihood_cf"]
+        facts.append(f"Likelihood + SASRec (chosen on validation, NDCG@10 {cf['valid_ndcg10']:.4f}): SASRec's weight "
+                     f"{cf['weight']}, the last title's {cf.get('content_weight', 0.0)}; terms kept: "
+                     f"{', '.join(cf.get('terms', ['likelihood', 'SASRec']))}.")
     for kind in ("popularity", "CI"):
         if kind in info:
             gammas = info[kind]["gammas"]

@@ -5,18 +5,21 @@ log-probabilities (``predict_ids``, ``predict_scores``); generation with ``--cf_
 SASRec's top M titles for the row exactly (``cf_ids``, ``cf_logp``). Per row, every item of the
 union of those titles (the candidates) scores
 
-    log p(title | prompt) + w * s(item),
+    log p(title | prompt) + w * s(item) + c * t(item),
 
 where s is SASRec's score for the row min-max normalised to [0, 1] over the whole catalogue, as the
 CI step normalises it (:func:`bigrec.grounding.reweighting.minmax_rows`), and log p is the score the
 likelihood ranking ranks by (its prior applied). A title in both lists keeps the likelihood
 ranking's score, so with w = 0 the language model's candidates keep their plain likelihood order.
-Every other item ranks below every candidate, by SASRec's score. w is chosen on validation rows from
-:data:`WEIGHT_GRID` by NDCG@10.
+t is the content term: minus each item's L2 distance to the row's last history title (the grounding
+embedding, as the last-title baseline ranks), min-max normalised the same way; on Amazon, where titles
+carry the signal, the last title alone beats SASRec. Every other item ranks below every candidate, by
+SASRec's score. w and c are chosen together on validation rows from :data:`WEIGHT_GRID` and
+:data:`CONTENT_GRID` by NDCG@10 (the fewer terms on a tie): a weight of 0 says validation dropped its term.
 
 Pure maths on tensors and lists: :func:`candidates_of` reads a result row, :func:`blend_scores` gives the
 [R, N] scores (higher is better), :func:`blend_ranks` the targets' ranks for many weights at once,
-:func:`choose_weight` the weight, :func:`top_items` a row's ranking (what ``recommend`` and ``serve``
+:func:`choose_weights` the weights, :func:`top_items` a row's ranking (what ``recommend`` and ``serve``
 answer with).
 """
 
@@ -28,10 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from bigrec.evaluation.metrics import Ranks, Targets, ndcg_hr_many, target_ranks
+from bigrec.grounding.ranking import l2_distances
 from bigrec.grounding.reweighting import minmax_rows
 
 # SASRec's weight against the log-probabilities (nats); 0 = plain likelihood ranking.
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# the content term's weight (the last history title); 0 = no content term
+CONTENT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True)
@@ -69,14 +75,19 @@ def candidates_of(row: dict) -> Candidates | None:
     return merge(row["predict_ids"], row["predict_scores"], row["cf_ids"], row["cf_logp"])
 
 
-def blend_scores(candidates: Sequence[Candidates], sasrec: torch.Tensor, weight: float) -> torch.Tensor:
-    """[R, N] float64 scores, higher is better: ``logp + weight * minmax(s)`` on each row's
-    candidates; every other item below the row's worst candidate, in SASRec's order."""
+def blend_scores(candidates: Sequence[Candidates], sasrec: torch.Tensor, weight: float,
+                 content: torch.Tensor | None = None, content_weight: float = 0.0) -> torch.Tensor:
+    """[R, N] float64 scores, higher is better: ``logp + weight * minmax(s) + content_weight *
+    minmax(content)`` on each row's candidates; every other item below the row's worst candidate, in
+    SASRec's order. ``content``: [R, N] content scores, higher is better (:func:`last_title_content`)."""
     if sasrec.dim() != 2 or sasrec.shape[0] != len(candidates):
         raise ValueError(f"SASRec scores {tuple(sasrec.shape)} for {len(candidates)} rows of candidates")
-    if weight < 0:
-        raise ValueError(f"weight must be at least 0, got {weight}")
+    if weight < 0 or content_weight < 0:
+        raise ValueError(f"weights must be at least 0, got {weight} and {content_weight}")
+    if content_weight and (content is None or content.shape != sasrec.shape):
+        raise ValueError("a content weight needs content scores of SASRec's shape")
     s = minmax_rows(sasrec.double())
+    t = minmax_rows(content.double()) if content_weight else None
     out = torch.empty_like(s)
     for r, cand in enumerate(candidates):  # a few dozen ids per row
         rows = [i for title in cand.ids for i in title]
@@ -89,32 +100,53 @@ def blend_scores(candidates: Sequence[Candidates], sasrec: torch.Tensor, weight:
         logp = torch.tensor([v for title, v in zip(cand.ids, cand.logp, strict=True) for _ in title],
                             dtype=torch.float64)
         value = logp + weight * s[r, ids]
+        if t is not None:
+            value = value + content_weight * t[r, ids]
         out[r] = s[r] + (value.min() - 2.0)  # in [worst - 2, worst - 1]: below every candidate
         out[r, ids] = value
     return out
 
 
 def blend_ranks(candidates: Sequence[Candidates], sasrec: torch.Tensor, targets: Targets,
-                weights: Sequence[float], exclude: torch.Tensor | None = None) -> Ranks:
+                weights: Sequence[float], exclude: torch.Tensor | None = None, content: torch.Tensor | None = None,
+                content_weight: float = 0.0) -> Ranks:
     """Target ranks [W, R] under :func:`blend_scores` for every weight (ties counted as ties)."""
-    return Ranks.stack([target_ranks(blend_scores(candidates, sasrec, w), targets, higher_is_better=True,
-                                     exclude=exclude) for w in weights])
+    return Ranks.stack([target_ranks(blend_scores(candidates, sasrec, w, content, content_weight), targets,
+                                     higher_is_better=True, exclude=exclude) for w in weights])
 
 
-def choose_weight(candidates: Sequence[Candidates], sasrec: torch.Tensor, targets: Targets,
-                  grid: Sequence[float] = WEIGHT_GRID, exclude: torch.Tensor | None = None) -> tuple[float, list[float]]:
-    """The weight of ``grid`` with the best NDCG@10 on these (validation) rows, the smallest on a
-    tie, and NDCG@10 at every weight of the grid."""
-    ndcg = [row[0] for row in ndcg_hr_many(blend_ranks(candidates, sasrec, targets, grid, exclude), (10,))[0]]
-    best = max(range(len(grid)), key=lambda i: (ndcg[i], -float(grid[i])))
-    return float(grid[best]), ndcg
+def choose_weights(candidates: Sequence[Candidates], sasrec: torch.Tensor, targets: Targets,
+                   grid: Sequence[float] = WEIGHT_GRID, exclude: torch.Tensor | None = None,
+                   content: torch.Tensor | None = None,
+                   content_grid: Sequence[float] = CONTENT_GRID) -> tuple[float, float, list[list[float]]]:
+    """(SASRec's weight, the content weight, NDCG@10 [content weight][weight]) with the best NDCG@10
+    on these (validation) rows; on a tie the smaller content weight, then the smaller weight. Without
+    ``content`` the content grid is (0,)."""
+    content_grid = content_grid if content is not None else (0.0,)
+    ndcg = [[row[0] for row in ndcg_hr_many(blend_ranks(candidates, sasrec, targets, grid, exclude, content, c),
+                                            (10,))[0]] for c in content_grid]
+    ci, wi = max(((c, w) for c in range(len(content_grid)) for w in range(len(grid))),
+                 key=lambda cw: (ndcg[cw[0]][cw[1]], -float(content_grid[cw[0]]), -float(grid[cw[1]])))
+    return float(grid[wi]), float(content_grid[ci]), ndcg
+
+
+def last_title_content(histories: Sequence[Sequence[int]], items: torch.Tensor) -> torch.Tensor:
+    """[R, N] content scores, higher is better: minus each item's L2 distance to the row's last
+    history item in the item index ``items`` [N, D] (the last-title baseline's measure); a row with
+    no history scores every item 0."""
+    last = torch.tensor([h[-1] if h else 0 for h in histories], dtype=torch.long)
+    out = -l2_distances(items[last], items)
+    out[torch.tensor([not h for h in histories], dtype=torch.bool)] = 0.0
+    return out
 
 
 def top_items(candidates: Candidates, sasrec: torch.Tensor, weight: float, k: int,
-              excluded: Sequence[int] = ()) -> list[tuple[int, float]]:
+              excluded: Sequence[int] = (), content: torch.Tensor | None = None,
+              content_weight: float = 0.0) -> list[tuple[int, float]]:
     """A row's ``k`` best (item id, blended score) under :func:`blend_scores`, ``excluded`` ids left
-    out; ties go to the lower id. ``sasrec``: the row's scores [N]."""
-    score = blend_scores([candidates], sasrec[None], weight)[0]
+    out; ties go to the lower id. ``sasrec``, ``content``: the row's scores [N]."""
+    score = blend_scores([candidates], sasrec[None], weight, None if content is None else content[None],
+                         content_weight)[0]
     if excluded:
         score[torch.tensor(sorted(set(excluded)))] = float("-inf")
     order = torch.argsort(-score, stable=True)[:k].tolist()

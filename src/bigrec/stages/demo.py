@@ -246,7 +246,8 @@ def default_ranking(infos: dict[str, dict]) -> tuple[str, bool, float | None, st
         found["likelihood ranking"] = (infos["likelihood"]["valid_plain"]["NDCG"][j], "likelihood", False, None)
     if "likelihood_cf" in infos.get("likelihood", {}):
         cf = infos["likelihood"]["likelihood_cf"]
-        found[f"likelihood + SASRec (weight {cf['weight']})"] = (cf["valid_ndcg10"], "likelihood", True, None)
+        content = f", last title {cf['content_weight']}" if cf.get("content_weight") else ""
+        found[f"likelihood + SASRec (weight {cf['weight']}{content})"] = (cf["valid_ndcg10"], "likelihood", True, None)
     if not found:
         return "free", False, None, None
     best = max(found, key=lambda name: found[name][0])
@@ -657,6 +658,7 @@ def save_manifest(cfg: Config, run_dir: Path, infos: dict[str, dict], tuned: Tun
                 popularity_gamma=gammas_from.get("popularity", {}).get("gammas", {}).get("single"),
                 use_ci=use_ci, ci_blend_weight=weight, ranking_note=note, decoding=decoding,
                 likelihood_cf_weight=infos.get("likelihood", {}).get("likelihood_cf", {}).get("weight"),
+                likelihood_content_weight=infos.get("likelihood", {}).get("likelihood_cf", {}).get("content_weight", 0.0),
                 search_nodes=cfg.search_nodes, **cfg.likelihood_options(decoding)).save(run_dir)
 
 

@@ -67,7 +67,14 @@ from bigrec.evaluation.runs import RunKey
 from bigrec.evaluation.scores import ci_matrix
 from bigrec.grounding.embedding import REFERENCE, Embedder
 from bigrec.grounding.index import ensure_index
-from bigrec.grounding.likelihood_cf import WEIGHT_GRID, Candidates, candidates_of, choose_weight
+from bigrec.grounding.likelihood_cf import (
+    CONTENT_GRID,
+    WEIGHT_GRID,
+    Candidates,
+    candidates_of,
+    choose_weights,
+    last_title_content,
+)
 from bigrec.grounding.likelihood_cf import blend_ranks as blend_cf_ranks
 from bigrec.grounding.options import grounding_of, layer_option, pooling_option, title_text_option
 from bigrec.grounding.ranking import ground, ground_results, last_title_ranks
@@ -202,17 +209,27 @@ def read_cf(config: Config, tests: list[Results], pairs: dict[str, Results],
 
 
 def likelihood_cf_ranks(test: Results, valid: Results, scores: torch.Tensor, valid_scores: torch.Tensor,
-                        exclude: torch.Tensor | None, valid_exclude: torch.Tensor | None) -> tuple[Ranks, dict]:
-    """The test rows' ranks under likelihood + SASRec, w chosen on the validation rows by NDCG@10, and
-    what the choice saw (the grid, validation NDCG@10 at each weight, the weight and its NDCG@10)."""
+                        exclude: torch.Tensor | None, valid_exclude: torch.Tensor | None,
+                        items: torch.Tensor) -> tuple[Ranks, dict]:
+    """The test rows' ranks under likelihood + SASRec (+ the last title's content term where both files'
+    rows carry their histories), the weights chosen on the validation rows by NDCG@10, and what the
+    choice saw (the grids, validation NDCG@10 at each pair, the weights, their NDCG@10 and the terms kept)."""
+    content = valid_content = None
+    if test.histories is not None and valid.histories is not None:
+        content, valid_content = last_title_content(test.histories, items), last_title_content(valid.histories, items)
     try:
-        weight, ndcg = choose_weight(likelihood_candidates(valid), valid_scores, valid.targets, WEIGHT_GRID,
-                                     valid_exclude)
-        ranks = blend_cf_ranks(likelihood_candidates(test), scores, test.targets, [weight], exclude)[0]
+        weight, content_weight, ndcg = choose_weights(likelihood_candidates(valid), valid_scores, valid.targets,
+                                                      WEIGHT_GRID, valid_exclude, valid_content, CONTENT_GRID)
+        ranks = blend_cf_ranks(likelihood_candidates(test), scores, test.targets, [weight], exclude, content,
+                               content_weight)[0]
     except ValueError as exc:
         raise InputError(f"{test.path}: likelihood + SASRec: {exc}") from None
-    return ranks, {"weight": weight, "grid": list(WEIGHT_GRID), "valid_grid_ndcg10": ndcg,
-                   "valid_ndcg10": ndcg[WEIGHT_GRID.index(weight)]}
+    grid = list(CONTENT_GRID) if content is not None else [0.0]
+    row = ndcg[grid.index(content_weight)]
+    terms = ["likelihood"] + (["SASRec"] if weight else []) + (["last title"] if content_weight else [])
+    return ranks, {"weight": weight, "content_weight": content_weight, "terms": terms, "grid": list(WEIGHT_GRID),
+                   "content_grid": grid, "valid_grid_ndcg10": row, "valid_content_grid_ndcg10": ndcg,
+                   "valid_ndcg10": row[WEIGHT_GRID.index(weight)]}
 
 
 def compared_ranks(config: Config, tests: list[Results], catalog: Catalog) -> dict[str, tuple[Ranks, str]]:
@@ -284,11 +301,12 @@ def evaluate_file(test: Results, config: Config, catalog: Catalog, items: torch.
         scores, valid_scores, sources = cf
         keys.append(RunKey(test.name, "likelihood_cf", "SASRec", "NDCG", 10))
         name = keys[-1].label
-        row_ranks[name], choice = likelihood_cf_ranks(test, valid, scores, valid_scores, exclude, valid_exclude)
+        row_ranks[name], choice = likelihood_cf_ranks(test, valid, scores, valid_scores, exclude, valid_exclude, items)
         runs[name] = ndcg_hr(row_ranks[name], TOPK)
         info["likelihood_cf"] = {**sources, **choice}
-        log.info("%s likelihood + SASRec: weight %s chosen on validation (NDCG@10 %.4f)", test.name,
-                 choice["weight"], choice["valid_ndcg10"])
+        log.info("%s likelihood + SASRec: weight %s, last title's %s chosen on validation (NDCG@10 %.4f; terms "
+                 "kept: %s)", test.name, choice["weight"], choice["content_weight"], choice["valid_ndcg10"],
+                 ", ".join(choice["terms"]))
     info["intervals"] = rank_intervals(row_ranks, other[0] if other else None)
     if other is not None:
         info["compare"] = {"scores": other[1], "ci": bootstrap_ci(other[0], TOPK),
