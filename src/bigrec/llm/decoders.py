@@ -192,6 +192,8 @@ class FreeDecoder:
         self.stop = layout_of(config).stop_token(tokenizer)
         self._history: HistoryTitles | None = None  # the catalogue, read when a row first asks for it
         self.reruns = 0
+        if config.exclude_history:  # every row will ask: a missing catalogue fails now, not after a batch
+            self.history()
 
     def beams(self, prompts: list[str], num_beams: int) -> list[list[str]]:
         cfg = self.config
