@@ -87,6 +87,11 @@ def test_shipped_full_data_config_is_the_demo_that_trains_every_weight_on_every_
     assert (train.layout, train.lora, train.sample, train.micro_batch_size) == ("timeline", False, -1, 1)
     assert train.snapshot_epochs == [1, 2, 3, 4, 5] and train.output_dir == str(tmp_path / "run" / "model")
     assert parse(DemoConfig, ["--config", "full-data", "--lora", "true"]).lora  # flags override it
+    # a user subset for a large catalogue reaches prepare, drawn with the data seed
+    subset = parse(DemoConfig, ["--config", "full-data", "--users", "3000", "--data_seed", "7"])
+    prep = demo.prepare_config(subset, demo.Paths(tmp_path / "run"))
+    assert (prep.users, prep.seed, prep.layout, prep.out) == (3000, 7, "timeline", str(tmp_path / "run" / "data"))
+    assert demo.prepare_config(cfg, demo.Paths(tmp_path / "run")).users is None
     with pytest.raises(ConfigError, match="select_epoch"):
         parse(DemoConfig, ["--config", "full-data", "--decoding", "free"])
 

@@ -89,6 +89,34 @@ def test_ml100k_official_layout(tmp_path):
     assert [r["item_id"] for r in rows] == [2, 0, 4]
 
 
+def test_a_random_subset_of_users_in_every_split(tmp_path):
+    """--users N keeps N users drawn with --seed, each with every example the whole data gave it, in
+    the same splits; the catalogue stays whole; more users than the data holds is one line."""
+    from common import write_small_movielens
+
+    src = write_small_movielens(tmp_path)  # 40 users
+    whole = prepare(tmp_path, "--dataset", "ml-100k", "--source", str(src))
+    picked = [prepare(tmp_path, "--dataset", "ml-100k", "--source", str(src), "--users", "10", "--seed", str(seed),
+                      out=f"users-{n}") for n, seed in enumerate((1, 1, 2))]
+
+    def examples(out):
+        return {split: [(r["user_id"], r["item_id"], tuple(r["history_item_id"])) for r in load_split(out, split)[1]]
+                for split in SPLITS}
+
+    everything = examples(whole)
+    kept = [{u for rows in examples(out).values() for u, _, _ in rows} for out in picked]
+    assert all(len(users) == 10 for users in kept) and kept[0] == kept[1] != kept[2]  # the seed decides
+    for out, users in zip(picked, kept, strict=True):
+        assert examples(out) == {s: [e for e in everything[s] if e[0] in users] for s in SPLITS}
+        stats = json.loads((out / "stats.json").read_text())
+        assert catalog(out) == catalog(whole) and stats["users"] == 10
+        assert any("random subset of 10 of 40 users" in note for note in stats["notes"])
+        check_invariants(out)
+    rc = main(["prepare", "--out", str(tmp_path / "too-many"), "--dataset", "ml-100k", "--source", str(src),
+               "--users", "41"])
+    assert rc == 1 and not (tmp_path / "too-many").exists()
+
+
 def test_prompt_text_matches_reference_template(tmp_path):
     out = prepare(tmp_path, "--dataset", "ml-100k", "--source", str(write_ml100k_official(tmp_path)))
     rows = [r for s in SPLITS for r in load_split(out, s)[1]]

@@ -116,6 +116,9 @@ class Config:
     data_seed: int | None = option(None, "seed of prepare's samples (which test and validation rows); "
                                          "default --seed. Set it to compare seeds on the same rows",
                                    keyed_at_default=False)
+    users: int | None = option(None, "prepare: a random subset of this many users (drawn with the data seed); every "
+                                     "method, baseline and split sees exactly them (a large catalogue's users on a "
+                                     "CPU budget)", minimum=1, keyed_at_default=False)
     adapter: str | None = option(None, "a LoRA adapter trained elsewhere (a `bigrec train` output or one of its "
                                        "snapshots): copied into the run and used instead of tuning; give the "
                                        "--sample and --seed it was trained with, so few-shot SASRec sees its rows",
@@ -383,6 +386,15 @@ class Tuned:
         return {"base_model": self.base_model, "lora_weights": self.adapter}
 
 
+def prepare_config(cfg: Config, paths: Paths):
+    """``bigrec prepare``'s config for the demo's data (the data seed draws the rows and any user subset)."""
+    from bigrec.stages import prepare
+
+    return prepare.Config(dataset=cfg.dataset, out=str(paths.data), source=cfg.source,
+                          seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                          prompt_titles=cfg.prompt_titles, layout=cfg.layout, users=cfg.users)
+
+
 def train_config(cfg: Config, paths: Paths):
     """``bigrec train``'s config for the demo's tuning (also what ``bench_full_step`` times)."""
     from bigrec.stages import train
@@ -463,9 +475,7 @@ def tune_and_generate(cfg: Config, stages: StageRunner, paths: Paths) -> Tuned:
     from bigrec.stages import prepare, train
 
     data = paths.data
-    prep_cfg = prepare.Config(dataset=cfg.dataset, out=str(data), source=cfg.source,
-                              seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-                              prompt_titles=cfg.prompt_titles, layout=cfg.layout)
+    prep_cfg = prepare_config(cfg, paths)
     stages.run("prepare", stage_settings(prep_cfg), [data / "test_5000.json", data / "id2name.txt"],
                lambda: prepare.run(prep_cfg))
 

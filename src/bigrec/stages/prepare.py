@@ -9,7 +9,9 @@ output folder only when everything succeeded, so a failed run leaves it as it wa
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,9 @@ class Config:
     kcore: int = option(5, "amazon: iterative K-core on users and items (0 disables)")
     seed: int = option(42, "seed of the item-id shuffle (amazon) and of the 5,000-row samples")
     sample_rows: int = option(5000, "rows in valid_5000.json / test_5000.json", minimum=1)
+    users: int | None = option(None, "keep a random subset of this many users (drawn with --seed) in every split, so "
+                                     "that every model trained and scored on the folder sees exactly them; the "
+                                     "catalogue stays whole", minimum=1, keyed_at_default=False)
     prompt_titles: str = option("catalogue", "titles in the instruction rows (prompts and answers) as the catalogue "
                                              "writes them ('Shining, The (1980)', the reference) or natural ('The "
                                              "Shining (1980)', the order a language model knows)",
@@ -80,6 +85,19 @@ def read_source(cfg: Config) -> SplitExamples:
     else:
         return read_d3(source, cfg.category)
     return window_and_split(inter, cfg.max_history, cfg.min_history, tuple(cfg.split_ratios), cfg.min_target_rating)
+
+
+def sample_users(examples: SplitExamples, users: int, seed: int) -> SplitExamples:
+    """Every split's examples of ``users`` users drawn at random (``seed``) from those the splits hold,
+    each keeping all its examples where the time split put them; the catalogue is left whole."""
+    found = sorted({str(u) for split in SPLITS for u in examples.splits[split]["user"]})
+    if users > len(found):
+        raise InputError(f"--users {users}: the data holds {len(found)} users with examples")
+    chosen = set(random.Random(seed).sample(found, users))
+    splits = {split: frame[frame["user"].astype(str).isin(chosen)].reset_index(drop=True)
+              for split, frame in examples.splits.items()}
+    note = f"a random subset of {users} of {len(found)} users (seed {seed})"
+    return dataclasses.replace(examples, splits=splits, notes=[*examples.notes, note])
 
 
 def pick_domain(cfg: Config, examples: SplitExamples) -> Domain:
@@ -176,6 +194,8 @@ def run(cfg: Config) -> dict:
     started = time.time()
     log.info("reading %s%s", cfg.dataset, f" from {cfg.source}" if cfg.source else "")
     examples = read_source(cfg)
+    if cfg.users is not None:
+        examples = sample_users(examples, cfg.users, cfg.seed)
     if any(len(examples.splits[s]) == 0 for s in SPLITS):
         empty = [s for s in SPLITS if len(examples.splits[s]) == 0]
         raise InputError(f"{cfg.dataset}: the {', '.join(empty)} split(s) would be empty "
