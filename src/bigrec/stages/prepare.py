@@ -218,6 +218,8 @@ def run(cfg: Config) -> dict:
         settings = to_dict(cfg)
         if cfg.layout == "window":  # the default: a config.yaml without 'layout' means window
             del settings["layout"]
+        if cfg.users is None:  # the default, every user: written only when a subset was drawn
+            del settings["users"]
         write_yaml(stage / "config.yaml", {"stage": "prepare", **settings, "domain_wording": domain.plural})
     log.info("%s: %d users, %d items, %d interactions; examples %s -> %s (%.1fs)", cfg.dataset, stats["users"],
              stats["items"], stats["interactions"], stats["examples"], Path(cfg.out), time.time() - started)
