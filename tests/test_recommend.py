@@ -384,6 +384,13 @@ def test_likelihood_run_blends_sasrec_where_run_yaml_gives_a_weight(run_dir, tmp
     sasrec[[HEAT, HEAT_TWIN, 7]] = float("-inf")
     (heavy,) = served[1e6].recommend([history], k=3)
     assert [i.id for i in heavy.items] == torch.argsort(-sasrec, stable=True)[:3].tolist()
+    # the decoder's candidates, the blend and the baselines of one request score its history once
+    scored = served[1e6]._sasrec_scores.scored
+    (again,) = served[1e6].recommend_queries([Query(history[::-1], 3, baselines=True)])
+    assert served[1e6]._sasrec_scores.scored == scored + 1
+    sasrec = SASRec.from_dir(run_dir / "sasrec").score([[7, HEAT]])[0].float()
+    sasrec[[HEAT, HEAT_TWIN, 7]] = float("-inf")  # the run leaves the history out of the baselines too
+    assert [s.id for s in again.baselines["sasrec"]] == torch.argsort(-sasrec, stable=True)[:3].tolist()
     assert not {HEAT, HEAT_TWIN, 7} & {i.id for i in served[1e6].recommend([history], k=len(TITLES))[0].items}
     # a content weight that dwarfs the rest ranks the candidates by closeness to the last history title
     folder = tmp_path / "content"

@@ -160,8 +160,9 @@ class Recommender:
             raise InputError(f"{run_dir}/{exc}") from None
         self.decoding = manifest.decoding_config(run_dir, sasrec is not None)
         self.layout = layout_of(self.decoding)
-        cf = _LiveScores(sasrec, len(catalog)) if self.decoding.cf_scores else None
-        self.decoder = make_decoder(self.decoding, gen_model, tokenizer, self.prefill_dtype, cf)
+        self._sasrec_scores = _LiveScores(sasrec, len(catalog)) if sasrec is not None else None
+        self.decoder = make_decoder(self.decoding, gen_model, tokenizer, self.prefill_dtype,
+                                    self._sasrec_scores if self.decoding.cf_scores else None)
         self._casefold: dict[str, int] = {}
         for item_id, title in enumerate(catalog.titles):
             self._casefold.setdefault(title.casefold(), item_id)
@@ -308,7 +309,8 @@ class Recommender:
         t2 = time.perf_counter()
         wanted = [r for r, q in enumerate(queries) if q.baselines]
         if wanted:
-            lists = self.baseline_lists([[m.id for m in matches[r]] for r in wanted], [queries[r] for r in wanted])
+            lists = self.baseline_lists([[m.id for m in matches[r]] for r in wanted], [queries[r].k for r in wanted],
+                                        [exclude[r] for r in wanted])
             for r, found in zip(wanted, lists, strict=True):
                 results[r].baselines = found
         timing = {"match_s": t1 - t0, "rank_s": t2 - t1, "baselines_s": time.perf_counter() - t2,
@@ -337,7 +339,7 @@ class Recommender:
         ci_rows = [r for r, use in enumerate(use_ci) if use]
         sasrec = None
         if ci_rows:
-            sasrec = self.sasrec.score([rows[r]["history_item_id"] for r in ci_rows]).float().cpu()
+            sasrec = self._sasrec_scores.score([rows[r]["history_item_id"] for r in ci_rows])
             if not likelihood:
                 weight = m.ci_blend_weight
                 score[ci_rows] = (reweight(dist[ci_rows], sasrec, float(m.ci_gamma)) if weight is None
@@ -379,20 +381,22 @@ class Recommender:
             self._popularity = train_counts(data, len(self.catalog)).float()
         return self._popularity
 
-    def baseline_lists(self, histories: list[list[int]], queries: list[Query]) -> list[dict[str, list[Scored]]]:
-        """SASRec's and popularity's top k for each history (ids), as the run's baselines rank them."""
-        sasrec = self.sasrec.score(histories).float().cpu() if self.sasrec is not None else None
+    def baseline_lists(self, histories: list[list[int]], ks: list[int],
+                       exclude: list[bool]) -> list[dict[str, list[Scored]]]:
+        """SASRec's and popularity's top k for each history (ids), as the run's baselines rank them,
+        each history's titles left out where its query leaves them out of the model's list."""
+        sasrec = self._sasrec_scores.score(histories) if self._sasrec_scores is not None else None
         pop = self.popularity
         out = []
-        for r, (history, q) in enumerate(zip(histories, queries, strict=True)):
+        for r, (history, k, leave_out) in enumerate(zip(histories, ks, exclude, strict=True)):
             found: dict[str, list[Scored]] = {}
             for name, scores in (("sasrec", None if sasrec is None else sasrec[r]), ("popularity", pop)):
                 if scores is None:
                     continue
                 scores = scores.clone()
-                if q.exclude_history:
+                if leave_out:
                     scores[self.catalog.history_titles(history)] = float("-inf")
-                top = torch.argsort(-scores, stable=True)[: q.k].tolist()
+                top = torch.argsort(-scores, stable=True)[:k].tolist()
                 found[name] = [Scored(i, self.catalog.titles[i], float(scores[i])) for i in top
                                if scores[i] != float("-inf")]
             out.append(found)
@@ -469,17 +473,34 @@ class Recommender:
 
 class _LiveScores:
     """SASRec's scores for the rows' histories, computed as rows come (the decoders' ``cf`` scores;
-    ``bigrec generate`` reads the same model's scores from a file)."""
+    ``bigrec generate`` reads the same model's scores from a file). The last batch's rows are kept,
+    so the decoder, the ranking and the baselines of one request score each history once."""
 
     def __init__(self, sasrec, num_items: int):
         self.sasrec, self._num_items = sasrec, num_items
+        self._last: dict[tuple[int, ...], torch.Tensor] = {}
+        self.scored = 0  # histories sent to the model so far
 
     @property
     def num_items(self) -> int:
         return self._num_items
 
     def align(self, rows: list[dict]) -> torch.Tensor:
-        return self.sasrec.score([row["history_item_id"] for row in rows]).float().cpu()
+        return self.score([row["history_item_id"] for row in rows])
+
+    def score(self, histories: list[list[int]]) -> torch.Tensor:
+        """[len(histories), N] float32 scores on the CPU."""
+        keys = [tuple(int(i) for i in h) for h in histories]
+        last = self._last
+        missing = [k for k in dict.fromkeys(keys) if k not in last]
+        if missing:
+            fresh = self.sasrec.score([list(k) for k in missing]).float().cpu()
+            self.scored += len(missing)
+            last = {k: last[k] for k in keys if k in last} | dict(zip(missing, fresh, strict=True))
+            self._last = last
+        if not keys:
+            return torch.empty(0, self._num_items)
+        return torch.stack([last[k] for k in keys])
 
 
 def _grounding_text(beams: list[str], history: list[Match]) -> str:

@@ -16,7 +16,7 @@ from bigrec import io
 from bigrec.config import ConfigError
 from bigrec.data.catalog import Catalog, UnknownTargetError, row_target
 from bigrec.data.prompts import normalize_title, title_forms
-from bigrec.evaluation.metrics import target_id_lists
+from bigrec.evaluation.metrics import seen_mask, target_id_lists
 from bigrec.io import InputError
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,18 @@ def read_results(path: Path, catalog: Catalog) -> Results:
     return Results(path, kept, target_id_lists(targets, catalog.titles), beams, first, has_ids, unknown,
                    None if any(h is None for h in histories) else histories)
 
+
+
+def row_targets(rows: list[dict], catalog: Catalog, where: str) -> list[list[int]]:
+    """Per instruction row, every catalogue id with its target's title (what ranks are counted on)."""
+    return target_id_lists([row_target(r, catalog, where) for r in rows], catalog.titles)
+
+
+def history_mask(histories: list[list[int]], targets: list[list[int]], catalog: Catalog):
+    """The seen-items mask [R, N] that leaving each row's history out ranks under: every id sharing a
+    title with a history item (:meth:`Catalog.history_titles`, what the decoders and the service
+    leave out too), never a target id. One rule for ``evaluate --exclude_history`` and the demo."""
+    return seen_mask([catalog.history_titles(h) for h in histories], targets, len(catalog))
 
 
 def _history_ids(ids: object, num_items: int, where: str) -> list[int] | None:

@@ -165,14 +165,15 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     label (default: it trained on the same ``sample`` rows as BIGRec)."""
     import torch
 
-    from bigrec.data.catalog import read_catalog, row_target
+    from bigrec.data.catalog import read_catalog
     from bigrec.evaluation.comparison import Comparison
-    from bigrec.evaluation.metrics import TOPK, details_ranks, seen_mask, target_id_lists, target_ranks
+    from bigrec.evaluation.metrics import TOPK, details_ranks, target_ranks
+    from bigrec.evaluation.results import history_mask, row_targets
     from bigrec.evaluation.runs import find_run
     from bigrec.evaluation.scores import load_scores
 
     catalog = read_catalog(run_dir / "data" / "id2name.txt")
-    targets = target_id_lists([row_target(r, catalog, "test") for r in test_rows], catalog.titles)
+    targets = row_targets(test_rows, catalog, "test")
     row_ids = [r.get("row") for r in test_rows]
     cmp = Comparison(len(test_rows))
     infos: dict[str, dict] = {}
@@ -181,8 +182,7 @@ def side_by_side(run_dir: Path, test_rows: list[dict], metrics_paths: dict[str, 
     for decoding, metrics_path in metrics_paths.items():
         details = io.read_json(metrics_path.with_name(metrics_path.stem + ".details.json"))
         if details.get("exclude_history"):
-            exclude = seen_mask([catalog.history_titles(r["history_item_id"]) for r in test_rows], targets,
-                                len(catalog))  # as evaluate leaves them out
+            exclude = history_mask([r["history_item_id"] for r in test_rows], targets, catalog)
         test_name = next(iter(details["files"]))  # the result file's name, "test.json"
         info = infos[decoding] = details["files"][test_name]
         if info["rows"] != row_ids:
@@ -338,16 +338,15 @@ def likelihood_gate(cfg: Config, paths: Paths) -> None:
     A flat few-shot adapter's search is budget-bound: on Amazon's long titles the demo's budget
     certified no row's top 10 and the ranking scored below popularity (docs/results/amazon-industrial.md),
     while on ml-100k it beat free decoding. Validation tells the two apart before the test rows' cost."""
-    from bigrec.data.catalog import read_catalog, row_target
-    from bigrec.evaluation.metrics import ndcg_hr, seen_mask, target_id_lists, target_ranks
-    from bigrec.evaluation.results import certified_share, read_results
+    from bigrec.data.catalog import read_catalog
+    from bigrec.evaluation.metrics import ndcg_hr, target_ranks
+    from bigrec.evaluation.results import certified_share, history_mask, read_results, row_targets
     from bigrec.evaluation.scores import load_scores
 
     catalog = read_catalog(paths.data / "id2name.txt")
     rows = io.read_json(paths.inputs("valid"))
-    targets = target_id_lists([row_target(r, catalog, "valid") for r in rows], catalog.titles)
-    exclude = seen_mask([catalog.history_titles(r["history_item_id"]) for r in rows], targets,
-                        len(catalog)) if cfg.exclude_history else None
+    targets = row_targets(rows, catalog, "valid")
+    exclude = history_mask([r["history_item_id"] for r in rows], targets, catalog) if cfg.exclude_history else None
     popularity = load_scores(paths.scores("popularity", "valid")).align(rows)
     pop_ndcg = ndcg_hr(target_ranks(popularity, targets, higher_is_better=True, exclude=exclude), (10,))["NDCG"][0]
     result = paths.results / "likelihood" / "valid.json"

@@ -35,7 +35,7 @@ other items (not of its own title) takes every metric's expectation under random
 (:mod:`bigrec.evaluation.metrics`); how many targets were tied is counted per run and printed. ``--exclude_history`` leaves each
 row's history out of every ranking: every id sharing a title with a history item, the rule the decoders
 and the service follow (:meth:`bigrec.data.catalog.Catalog.history_titles`,
-:func:`bigrec.evaluation.metrics.seen_mask`); the default is the reference protocol, which ranks them.
+:func:`bigrec.evaluation.results.history_mask`); the default is the reference protocol, which ranks them.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ from bigrec import io
 from bigrec.config import ConfigError, option, to_dict
 from bigrec.data.catalog import Catalog, read_catalog
 from bigrec.evaluation.intervals import bootstrap_ci, rank_intervals
-from bigrec.evaluation.metrics import TOPK, Ranks, ndcg_hr, seen_mask, target_ranks
+from bigrec.evaluation.metrics import TOPK, Ranks, ndcg_hr, target_ranks
 from bigrec.evaluation.report import write_evaluation_report
 from bigrec.evaluation.results import (
     Results,
     diagnostics,
+    history_mask,
     need_histories,
     pair_valid,
     read_results,
@@ -134,13 +135,10 @@ def _slug(text: str) -> str:
 
 
 def excluded(results: Results, config: Config, catalog: Catalog) -> torch.Tensor | None:
-    """The seen-items mask [R, N] of ``results`` under ``--exclude_history``, else None: every id
-    sharing a title with a history item (:meth:`Catalog.history_titles`, what the decoders and the
-    service leave out too), never a target id."""
+    """The seen-items mask [R, N] of ``results`` under ``--exclude_history`` (:func:`history_mask`), else None."""
     if not config.exclude_history:
         return None
-    histories = need_histories(results, "--exclude_history")
-    return seen_mask([catalog.history_titles(h) for h in histories], results.targets, len(catalog))
+    return history_mask(need_histories(results, "--exclude_history"), results.targets, catalog)
 
 
 # (test scores, valid scores, where from) per re-weighting kind and test file
