@@ -14,6 +14,8 @@ that recipe's alone:
   logits at every position: what computing them only where the loss needs them is worth.
 * ``ours_demo_mb1`` (not run by default): ``ours_demo`` one row a forward pass (micro-batch 1): no
   padding and no attention mask, so SDPA keeps its causal kernel (the full-data recipe's setting).
+* ``ours_demo_unshared`` (not run by default): ``ours_demo`` with ``share_prefix`` false, every row's
+  prompt run whole: what running a micro-batch's common prompt prefix once is worth.
 * ``ours_ref``: ``bigrec.stages.train.run`` with the reference's settings (batch 128, micro-batch 4,
   lr 1e-4, 20 warm-up steps, loss on prompt and response) at precision auto.
 * ``reference``: the reference BIGRec recipe restated here: plain ``transformers.Trainer`` +
@@ -53,7 +55,10 @@ from common import run_child
 
 from bigrec.llm.defaults import PRECISION
 
-RECIPES = ("ours_demo", "ours_ref", "reference", "ours_demo_dense", "ours_demo_mb1")
+# the demo's settings with one part changed: what that part is worth
+VARIANTS = {"ours_demo_dense": {"sparse_logits": False}, "ours_demo_mb1": {"micro_batch_size": 1},
+            "ours_demo_unshared": {"share_prefix": False}}
+RECIPES = ("ours_demo", "ours_ref", "reference", *VARIANTS)
 DEFAULT_RECIPES = RECIPES[:3]
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 REF = {"batch_size": 128, "micro_batch_size": 4, "learning_rate": 1e-4, "warmup_steps": 20}
@@ -64,21 +69,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train_ours(args, out: Path, demo: bool, sparse_logits: bool = True, micro_batch_size: int | None = None) -> dict:
+def train_ours(args, out: Path, demo: bool, changed: dict | None = None) -> dict:
     import yaml
 
     from bigrec.stages.train import LOG_NAME, Config, run
 
     settings = dict(DEMO, warmup_steps=min(20, max(1, args.sample // DEMO["batch_size"] // 4)),
                     train_on_inputs=False) if demo else dict(REF, train_on_inputs=True)
-    if micro_batch_size:
-        settings["micro_batch_size"] = micro_batch_size
+    changed = dict(changed or {})
+    if "micro_batch_size" in changed:
+        settings["micro_batch_size"] = changed.pop("micro_batch_size")
     config = Config(base_model=args.base_model, train_data_path=[str(Path(args.data) / "train.json")],
                     output_dir=str(out), sample=args.sample, seed=args.seed, num_epochs=1,
                     cutoff_len=args.cutoff_len, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=list(LORA["targets"]),
-                    precision=args.precision, resume_from_checkpoint="false", sparse_logits=sparse_logits,
-                    attention=args.attention, **settings)
+                    precision=args.precision, resume_from_checkpoint="false", attention=args.attention,
+                    **settings, **changed)
     started = time.perf_counter()
     summary = run(config)
     wall = time.perf_counter() - started
@@ -154,9 +160,7 @@ def child(args) -> None:
     if args.child == "reference":
         result = train_reference(args, out)
     else:
-        result = train_ours(args, out, demo=args.child.startswith("ours_demo"),
-                            sparse_logits=args.child != "ours_demo_dense",
-                            micro_batch_size=1 if args.child == "ours_demo_mb1" else None)
+        result = train_ours(args, out, demo=args.child.startswith("ours_demo"), changed=VARIANTS.get(args.child))
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -341,6 +341,96 @@ def test_unpadded_single_rows_learn_what_padded_batches_do(tiny_model_dir, tmp_p
         torch.testing.assert_close(weights, trained[4][name], rtol=0.0, atol=1e-2)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("chunk", [0, 2])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_a_shared_prefix_run_once_gives_the_plain_loss_and_gradients(request, fixture, chunk, lora):
+    """The rows' common prompt prefix through the body once, its cache repeated for the batch: the
+    loss and gradients of the whole padded batch, for an adapter and for every weight."""
+    from bigrec.llm.shared_prefix import shared_length, split_batch
+
+    model_dir = request.getfixturevalue(fixture)
+    tok = load_tokenizer(model_dir, padding_side="right")
+    rows = make_rows(3)
+    rows[1]["input"] = rows[1]["input"] * 2  # rows of two lengths: the batch is padded
+    batch = Collator(tok.pad_token_id)([SFTDataset(rows, tok, 400, False, "train")[i] for i in range(3)])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if lora:
+        model = get_peft_model(model, lora_config(Config(train_data_path=["x"], lora_target_modules=["q_proj", "v_proj"])))
+    model.train(False)
+    labelled = LabelledLogits(model, chunk)
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        with labelled.positions(inputs["labels"]):
+            loss = labelled.loss(model(**{k: v for k, v in inputs.items() if k != "labels"}), inputs["labels"])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    length = shared_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    first_label = int((batch["labels"] != IGNORE_INDEX).any(0).nonzero()[0])
+    assert 16 <= length < first_label and bool((batch["input_ids"][:, :length] == batch["input_ids"][0, :length]).all())
+    split = split_batch(model, batch, length)
+    assert split["input_ids"].shape == (3, batch["input_ids"].shape[1] - length)
+    plain, plain_grads = loss_and_grads(batch)
+    shared, shared_grads = loss_and_grads(split)
+    torch.testing.assert_close(shared, plain)
+    assert len(shared_grads) == len(plain_grads) > 0
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    labelled.remove()
+
+
+def test_what_a_shared_prefix_may_hold(tiny_model_dir):
+    """Nothing for one row, rows that differ from the first token, or a loss on the prompt; never a
+    padded position or the position before a label."""
+    from bigrec.llm.shared_prefix import shared_length
+
+    tok = load_tokenizer(tiny_model_dir, padding_side="right")
+    collate = Collator(tok.pad_token_id)
+    response_only = [SFTDataset(make_rows(2), tok, 400, False, "train")[i] for i in range(2)]
+    batch = collate(response_only)
+    length = shared_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert length > 0
+    assert shared_length(*(batch[k][:1] for k in ("input_ids", "attention_mask", "labels"))) == 0
+    assert shared_length(batch["input_ids"], batch["attention_mask"], batch["labels"], minimum=length + 1) == 0
+    labels = batch["labels"].clone()
+    labels[1, length - 3] = 7  # a label inside the prefix: the prefix stops before its predecessor
+    assert shared_length(batch["input_ids"], batch["attention_mask"], labels) == length - 4
+    mask = batch["attention_mask"].clone()
+    mask[0, 20] = 0
+    assert shared_length(batch["input_ids"], mask, batch["labels"]) == 20
+    other = batch["input_ids"].clone()
+    other[1, 0] += 1
+    assert shared_length(other, batch["attention_mask"], batch["labels"]) == 0
+    on_inputs = collate([SFTDataset(make_rows(2), tok, 400, True, "train")[i] for i in range(2)])
+    assert shared_length(on_inputs["input_ids"], on_inputs["attention_mask"], on_inputs["labels"]) == 0
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_training_with_a_shared_prefix_learns_what_plain_batches_do(tiny_model_dir, tmp_path, lora):
+    """`train --share_prefix` (the default): the same steps as running every row whole (no dropout),
+    so the same losses and weights, and the run records the prompt tokens it ran once."""
+    rows = make_rows(8)
+    for i in (1, 4, 6):
+        rows[i]["input"] = rows[i]["input"] * 2
+    data = write_rows(tmp_path / "d.json", rows)
+    trained, losses, shared = {}, {}, {}
+    for share in (True, False):
+        out = tmp_path / f"share-{share}"
+        summary = run(tiny_config(tiny_model_dir, out, [data], lora=lora, lora_dropout=0.0, max_steps=3,
+                                  train_on_inputs=False, share_prefix=share, cutoff_len=400))
+        trained[share] = load_file(out / ("adapter_model.safetensors" if lora else "model.safetensors"))
+        losses[share] = [r["loss"] for r in read_log(out) if "loss" in r]
+        shared[share] = summary["shared_prefix_tokens"]
+        assert yaml.safe_load((out / "config.yaml").read_text())["result"]["shared_prefix_tokens"] == shared[share]
+    assert shared[False] == 0 and shared[True] >= 16 * 3 * 2 * 3  # >= 16 tokens x 3 other rows x 2 micro-batches x 3 steps
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    for name, weights in trained[True].items():
+        torch.testing.assert_close(weights, trained[False][name], rtol=0.0, atol=1e-2)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_adamw_is_the_optimizer_train_builds(tiny_model_dir, tmp_path, fused):
     """--fused_adamw picks torch's fused AdamW kernel (the default) or its multi-tensor one."""

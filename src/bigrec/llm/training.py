@@ -211,15 +211,24 @@ class QuietProgress(ProgressCallback):
 
 class BigrecTrainer(Trainer):
     """``Trainer`` that, given a :class:`bigrec.llm.labelled_logits.LabelledLogits`, selects the LM head's
-    rows for each batch."""
+    rows for each batch; with ``share_prefix``, runs a training batch's common prompt prefix once
+    (:mod:`bigrec.llm.shared_prefix`)."""
 
-    def __init__(self, *args, labelled=None, **kwargs):
+    def __init__(self, *args, labelled=None, share_prefix: bool = False, **kwargs):
         super().__init__(*args, compute_loss_func=labelled.loss if labelled else None, **kwargs)
         self.labelled = labelled
+        self.share_prefix = share_prefix and not self.is_deepspeed_enabled
+        self.shared_tokens = 0  # prompt tokens this process ran once for a batch instead of once per row
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "attention_mask" not in inputs:  # packed rows: transformers finds them from the position ids only
             inputs = {**inputs, "use_cache": False}  # when no cache is passed
+        elif self.share_prefix and not return_outputs:
+            from bigrec.llm.shared_prefix import shared_length, split_batch
+
+            if length := shared_length(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]):
+                self.shared_tokens += length * (inputs["input_ids"].shape[0] - 1)
+                inputs = split_batch(model, inputs, length)
         if self.labelled is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self.labelled.positions(inputs["labels"]):

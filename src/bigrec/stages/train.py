@@ -90,6 +90,9 @@ class Config:
                                   "time, in reused buffers, from the LM head's weight (same loss; no "
                                   "[positions x vocabulary] tensors); 0 = all at once through the head",
                              minimum=0, keyed_at_default=False)
+    share_prefix: bool = option(True, "run the prompt prefix every row of a micro-batch shares once, its cache "
+                                      "repeated for the rows (the same loss; less compute where the loss is on "
+                                      "the response only; one process only)")
     fused_adamw: bool = option(True, "AdamW as torch's fused kernel (one pass over each weight, CPU and GPU) instead "
                                      "of its multi-tensor one; the same update", keyed_at_default=False)
     trim_heap: int = option(10, "on a CPU: every N optimizer steps, return the free pages of the C heap to the "
@@ -174,11 +177,12 @@ def resolve_resume(config: Config) -> tuple[str | None, str | None]:
 
 
 # Settings a resumed run may change: where it stops, how often it saves or evaluates, packing, the loss's
-# chunking and the optimizer's kernel (the same loss and update), heap trimming (no output at all).
+# chunking, the shared prefix and the optimizer's kernel (the same loss and update), heap trimming (no output).
 # (num_epochs and max_steps re-plan the learning-rate decay; stop_after_epoch keeps it.)
 RESUME_MAY_CHANGE = frozenset({"resume_from_checkpoint", "num_epochs", "max_steps", "save_steps", "save_total_limit",
                                "eval_steps", "early_stopping_patience", "report_to", "snapshot_epochs",
-                               "stop_after_epoch", "packing", "loss_chunk", "trim_heap", "fused_adamw"})
+                               "stop_after_epoch", "packing", "loss_chunk", "trim_heap", "fused_adamw",
+                               "share_prefix"})
 
 
 def data_digest(train_rows: list, val_rows: list) -> str:
@@ -381,7 +385,7 @@ def run(config: Config) -> dict[str, Any]:
                             data_collator=collator, processing_class=tokenizer,
                             callbacks=[Clock(), JsonlLog(str(out / LOG_NAME), {"resumed_from": checkpoint}),
                                        KeepBest(str(best_dir), config.early_stopping_patience), marks],
-                            labelled=labelled)
+                            labelled=labelled, share_prefix=config.share_prefix and world == 1)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     if config.trim_heap and not use_cuda():
@@ -402,7 +406,7 @@ def run(config: Config) -> dict[str, Any]:
                "epoch": state.epoch, "train_loss": result.training_loss,
                "best_eval_loss": best_loss(best_dir), "best_step": best_step(best_dir), "paused": marks.paused,
                "early_stopped": bool(keep_best.patience and keep_best.bad_evals >= keep_best.patience),
-               **Clock.now()}
+               "shared_prefix_tokens": trainer.shared_tokens, **Clock.now()}
     if trainer.is_world_process_zero():
         save_result(trainer, tokenizer, out, resolved, summary)
         log.info("saved %s to %s (step %d, best validation loss %s)", "adapter" if config.lora else "model",
