@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bigrec.data.prompts import DOMAINS, Domain, domain_for_plural
 from bigrec.io import InputError, read_json, read_yaml_mapping, write_yaml
@@ -33,6 +34,9 @@ from bigrec.llm.defaults import (
     SEARCH_NODES,
 )
 from bigrec.llm.layouts import LAYOUTS, get_layout
+
+if TYPE_CHECKING:
+    from bigrec.llm.decoders import DecodingConfig
 
 MANIFEST = "run.yaml"
 # the Python types a run.yaml value may have, by the name a field's annotation gives (a float may be written 1)
@@ -128,16 +132,18 @@ class RunManifest:
         except ValueError as exc:
             raise InputError(f"{path}: {str(exc).removeprefix(MANIFEST + ': ')}") from None
 
-    def decoding_config(self, run_dir: str | Path, has_sasrec: bool) -> ServedDecoding:
+    def decoding_config(self, run_dir: str | Path, has_sasrec: bool) -> DecodingConfig:
         """The settings ``bigrec generate`` would decode this run with (the decoders' config): the
         run's SASRec, scored per request, stands for a score file where the decoding takes one
         (likelihood + SASRec's candidates, constrained decoding's guidance)."""
+        from bigrec.llm.decoders import DecodingConfig
+
         cf = has_sasrec and (self.likelihood_cf_weight is not None if self.decoding == "likelihood"
                              else self.decoding == "constrained" and self.cf_weight > 0)
         if self.decoding == "constrained" and self.cf_weight > 0 and not has_sasrec:
             raise InputError(f"{Path(run_dir) / MANIFEST}: cf_weight {self.cf_weight} guides constrained decoding "
                              "by SASRec's scores, but sasrec is unset")
-        return ServedDecoding(
+        return DecodingConfig(
             decoding=self.decoding, batch_size=GENERATE_BATCH_SIZE, num_beams=self.num_beams,
             max_new_tokens=self.max_new_tokens, length_penalty=self.length_penalty, layout=self.layout,
             prompt_template=self.prompt_template, category=self.wording().plural,
@@ -154,33 +160,6 @@ class RunManifest:
         """The absolute path of a manifest entry, or None when the entry is unset."""
         value = getattr(self, field)
         return None if value is None else (Path(run_dir) / value).resolve()
-
-
-@dataclass(frozen=True)
-class ServedDecoding:
-    """A run's decoding settings in the shape of ``bigrec generate``'s config
-    (:class:`bigrec.llm.decoders.DecodingConfig`), so the service decodes with the same decoders."""
-
-    decoding: str
-    batch_size: int
-    num_beams: int
-    max_new_tokens: int
-    length_penalty: float
-    layout: str
-    prompt_template: str
-    category: str | None
-    exclude_history: bool
-    candidates: int
-    search_nodes: int
-    prior_weight: float
-    length_correction: bool
-    ghost_threshold: float
-    cf_scores: str | None
-    cf_weight: float
-    catalog: str
-
-    def catalog_path(self) -> Path:
-        return Path(self.catalog)
 
 
 def domain_value(domain: Domain) -> str | dict:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,9 +56,10 @@ from bigrec.llm.layouts import Layout, get_layout
 log = logging.getLogger(__name__)
 
 
-class DecodingConfig(Protocol):
-    """The settings the decoders read: the fields of ``bigrec generate``'s ``Config`` (typed here
-    by shape, so that ``llm`` does not import a stage)."""
+@dataclass(frozen=True)
+class DecodingConfig:
+    """The settings the decoders read: ``bigrec generate``'s (:meth:`of` its ``Config``) or a served
+    run's (``RunManifest.decoding_config``), so both decode through the same decoders."""
 
     decoding: str
     batch_size: int
@@ -76,8 +77,16 @@ class DecodingConfig(Protocol):
     ghost_threshold: float
     cf_scores: str | None
     cf_weight: float
+    catalog: str  # the catalogue file (id2name.txt) constrained decoding and likelihood ranking read
 
-    def catalog_path(self) -> Path: ...
+    @classmethod
+    def of(cls, config: Any) -> DecodingConfig:
+        """These fields of ``config`` (generate's ``Config``), the catalogue from its ``catalog_path()``."""
+        names = [f.name for f in fields(cls) if f.name != "catalog"]
+        return cls(**{name: getattr(config, name) for name in names}, catalog=str(config.catalog_path()))
+
+    def catalog_path(self) -> Path:
+        return Path(self.catalog)
 
 
 class RowScores(Protocol):

@@ -22,7 +22,7 @@ from bigrec import io
 from bigrec.config import option, to_dict
 from bigrec.data.prompts import TEMPLATES
 from bigrec.io import InputError
-from bigrec.llm.decoders import DECODINGS, layout_of, make_decoder
+from bigrec.llm.decoders import DECODINGS, DecodingConfig, layout_of, make_decoder
 from bigrec.llm.defaults import (
     CANDIDATES,
     CF_WEIGHT,
@@ -298,7 +298,7 @@ def run(config: Config) -> Path:
             from bigrec.evaluation.scores import load_scores
 
             cf = load_scores(config.cf_scores)
-        decoder = make_decoder(config, model, tokenizer, prefill_dtype, cf)
+        decoder = make_decoder(DecodingConfig.of(config), model, tokenizer, prefill_dtype, cf)
         lengths = {pos: len(ids) for pos, ids in zip(todo, tokenizer([prompts[p] for p in todo])["input_ids"],
                                                       strict=True)}
         todo.sort(key=lambda pos: (-lengths[pos], pos))  # long prompts first: little padding per batch
