@@ -404,6 +404,10 @@ def test_what_a_shared_prefix_may_hold(tiny_model_dir):
     other = batch["input_ids"].clone()
     other[1, 0] += 1
     assert shared_length(other, batch["attention_mask"], batch["labels"]) == 0
+    twins = collate([response_only[0], response_only[0]])  # the same row twice, its labels cut away
+    no_labels = torch.full_like(twins["labels"], IGNORE_INDEX)
+    assert shared_length(twins["input_ids"], torch.ones_like(twins["attention_mask"]), no_labels) == \
+        twins["input_ids"].shape[1] - 1
     on_inputs = collate([SFTDataset(make_rows(2), tok, 400, True, "train")[i] for i in range(2)])
     assert shared_length(on_inputs["input_ids"], on_inputs["attention_mask"], on_inputs["labels"]) == 0
 

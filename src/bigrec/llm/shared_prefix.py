@@ -31,7 +31,7 @@ def shared_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     same = (input_ids == input_ids[:1]).all(0)
     if attention_mask is not None:
         same &= (attention_mask == 1).all(0)
-    length = int(same.long().cumprod(0).sum())
+    length = min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)  # each row keeps a token of its own
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()
     if labelled.numel():
         length = min(length, int(labelled[0]) - 1)  # position j - 1 predicts label j: it runs per row
