@@ -1,21 +1,28 @@
-"""Likelihood ranking's speed: the trie search with tree attention against a dense mask, at node
-budgets, beside the reference recipe's beam search on the same rows; prints figures, asserts nothing.
+"""Likelihood ranking's speed: the trie search as it runs now against the same search with each of its
+attention changes turned off, at node budgets, beside the reference recipe's beam search on the same
+rows; prints figures, asserts nothing.
 
     .venv/bin/python benchmarks/bench_rank.py --run runs/quality/ml-100k/demo [--rows 16] [--nodes 512,3072]
-        [--repeats 2] [--ref_rows 8] [--tree_from 1024]
+        [--repeats 2] [--ref_rows 8] [--tree_from 1024] [--base_model smollm2-135m]
 
 The rows are the first ``--rows`` of the run's validation rows (``inputs/valid.json``, the window
-layout). The model is loaded as ``bigrec generate --decoding likelihood`` loads it (weights in the
-prefill's dtype: bf16 where the CPU has it natively, at precision auto), and
-:meth:`bigrec.llm.likelihood.TitleScorer.rank` ranks the top 20 of every row in one batch, no prior,
-no titles left out. For each budget the two attentions alternate ``--repeats`` times in this process
-(the search attends through the gathered ancestors once ``--tree_from`` nodes are fed; the dense mask
-from the start); the best time of each is printed with the ratio, and how many rows' top 20 and
-top 10 agree (bf16 rounding moves a budget-cut ranking; in fp32 the two agree).
+layout); a run folder without an adapter ranks with the base model. The model is loaded as ``bigrec
+generate --decoding likelihood`` loads it (weights in the prefill's dtype: bf16 where the CPU has it
+natively, at precision auto), and :meth:`bigrec.llm.likelihood.TitleScorer.rank` ranks the top 20 of
+every row in one batch, no prior, no titles left out. Three attentions, alternating ``--repeats``
+times in this process for each budget:
+
+* ``plain``: transformers' SDPA (each key/value head repeated for its query heads) under a dense mask;
+* ``packed``: :func:`bigrec.llm.likelihood._packed_gqa_sdpa` (``TitleScorer.packed_gqa``), dense mask;
+* ``now``: packed, attending through the gathered ancestors once ``--tree_from`` nodes are fed
+  (``TitleScorer.tree_attention``): the scorer's defaults.
+
+The best time of each is printed, the ratio now / plain, and how many rows' top 20 and top 10 agree
+with plain's (bf16 rounding moves a budget-cut ranking; in fp32 they agree but for near ties).
 
 The reference recipe (BIGRec's ``inference.py``, restated in ``bench_generate.py``: fp32, the adapter
 unmerged, 4 beams, ``--ref_max_new_tokens``, no stopping criteria) decodes the first ``--ref_rows``
-of the same rows, and each ranking's rows/s prints as a ratio against it.
+of the same rows, and the ranking's rows/s prints as a ratio against it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import torch
 from bench_generate import reference_generate, reference_model
 
 from bigrec.llm.defaults import DEMO_SEARCH_NODES, PRECISION, SEARCH_NODES
+
+SETTINGS = ("plain", "packed", "now")
 
 
 def main() -> None:
@@ -72,21 +81,24 @@ def main() -> None:
           f"{'from ' + str(scorer.tree_from) + ' fed nodes' if scorer.tree_attention else 'unavailable (dense only)'}; "
           f"{torch.get_num_threads()} threads", flush=True)
     scorer.rank(prompts[:1], 20, max_nodes=64)  # warm-up
+    packed, tree = scorer.packed_gqa, scorer.tree_attention  # what this model and device allow
 
     results = []
     for nodes in (int(n) for n in args.nodes.split(",")):
         best: dict[str, float] = {}
         rankings = {}
         for _ in range(args.repeats):
-            for name in ("dense", "tree"):
-                scorer.tree_attention = name == "tree"
+            for name in SETTINGS:
+                scorer.packed_gqa = packed and name != "plain"
+                scorer.tree_attention = tree and name == "now"
                 start = time.perf_counter()
                 rankings[name] = scorer.rank(prompts, 20, max_nodes=nodes)
                 best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / len(prompts))
-        same20 = sum(a.leaves == b.leaves for a, b in zip(rankings["dense"], rankings["tree"], strict=True))
-        same10 = sum(a.leaves[:10] == b.leaves[:10] for a, b in zip(rankings["dense"], rankings["tree"], strict=True))
-        results.append((nodes, best, same20, same10))
-        print(f"  {nodes} nodes: dense {best['dense']:.3f}, tree {best['tree']:.3f} s a row", flush=True)
+        same = {name: (sum(a.leaves == b.leaves for a, b in zip(rankings["plain"], rankings[name], strict=True)),
+                       sum(a.leaves[:10] == b.leaves[:10] for a, b in zip(rankings["plain"], rankings[name], strict=True)))
+                for name in SETTINGS[1:]}
+        results.append((nodes, best, same))
+        print(f"  {nodes} nodes: " + ", ".join(f"{name} {best[name]:.3f}" for name in SETTINGS) + " s a row", flush=True)
     del model, scorer
 
     ref_rps = None
@@ -98,15 +110,17 @@ def main() -> None:
             reference_generate(ref_model, ref_tok, ref_prompts[lo:lo + args.ref_batch_size], 4, args.ref_max_new_tokens)
         ref_rps = len(ref_prompts) / (time.perf_counter() - start)
 
-    head = f"{'nodes':>6} {'dense s/row':>11} {'tree s/row':>10} {'tree/dense':>10} {'same top 20':>11} {'same top 10':>11}"
+    head = (f"{'nodes':>6} {'plain s/row':>11} {'packed s/row':>12} {'now s/row':>9} {'now/plain':>9} "
+            f"{'same top 20 (packed, now)':>25} {'same top 10 (packed, now)':>25}")
     if ref_rps:
-        head += f" {'tree vs reference':>17}"
+        head += f" {'now vs reference':>16}"
     print("\n" + head + "\n" + "-" * len(head))
-    for nodes, best, same20, same10 in results:
-        line = (f"{nodes:>6} {best['dense']:>11.3f} {best['tree']:>10.3f} {best['dense'] / best['tree']:>9.2f}x "
-                f"{same20:>5}/{len(rows):<5} {same10:>5}/{len(rows):<5}")
+    for nodes, best, same in results:
+        line = (f"{nodes:>6} {best['plain']:>11.3f} {best['packed']:>12.3f} {best['now']:>9.3f} "
+                f"{best['plain'] / best['now']:>8.2f}x {same['packed'][0]:>8}, {same['now'][0]:>3} of {len(rows):<8} "
+                f"{same['packed'][1]:>8}, {same['now'][1]:>3} of {len(rows):<8}")
         if ref_rps:
-            line += f" {1 / best['tree'] / ref_rps:>16.2f}x"
+            line += f" {1 / best['now'] / ref_rps:>15.2f}x"
         print(line)
     if ref_rps:
         print(f"reference recipe (4 beams, {args.ref_max_new_tokens} new tokens, fp32): {ref_rps:.3f} rows/s "

@@ -228,6 +228,8 @@ def test_grouped_query_models_attend_packed_with_the_same_scores(loaded):
         assert model.config._attn_implementation == PACKED_SDPA
     packed, ranked = scorer.exact(prompts()), scorer.rank(prompts(), 5)
     assert model.config._attn_implementation == "sdpa"
-    scorer._sdpa_config = None  # transformers' own SDPA, keys and values repeated
+    scorer.packed_gqa = False  # transformers' own SDPA, keys and values repeated
+    with scorer._packed_attention():
+        assert model.config._attn_implementation == "sdpa"
     assert torch.allclose(packed, scorer.exact(prompts()), atol=1e-5)
     assert [r.leaves for r in ranked] == [r.leaves for r in scorer.rank(prompts(), 5)]

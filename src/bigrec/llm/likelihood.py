@@ -153,6 +153,9 @@ class TitleScorer:
         # the SDPA attention layers' config: their calls go through _packed_gqa_sdpa
         self._sdpa_config = next((m.config for m in self.body.modules() if hasattr(m, "num_key_value_groups")
                                   and getattr(m, "config", None) is not None), None) if self.bool_mask else None
+        # whether the calls attend through _packed_gqa_sdpa (false: transformers' SDPA, which repeats
+        # each key/value head for its query heads; tree attention needs the packed form)
+        self.packed_gqa = self._sdpa_config is not None
         # search steps attend over their ancestors only (:func:`_tree_attention`, on SDPA's CPU kernel)
         # once this many nodes are fed: below, one call over the dense mask costs less than its two
         self.tree_attention = self._sdpa_config is not None and model.device.type == "cpu"
@@ -225,7 +228,7 @@ class TitleScorer:
     def _packed_attention(self) -> Iterator[None]:
         """For the call, an SDPA model's attention layers attend through :func:`_packed_gqa_sdpa`."""
         config = self._sdpa_config
-        if config is None:
+        if config is None or not self.packed_gqa:
             yield
             return
         _register_packed_sdpa()
