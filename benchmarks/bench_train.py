@@ -76,15 +76,13 @@ def train_ours(args, out: Path, demo: bool, changed: dict | None = None) -> dict
 
     settings = dict(DEMO, warmup_steps=min(20, max(1, args.sample // DEMO["batch_size"] // 4)),
                     train_on_inputs=False) if demo else dict(REF, train_on_inputs=True)
-    changed = dict(changed or {})
-    if "micro_batch_size" in changed:
-        settings["micro_batch_size"] = changed.pop("micro_batch_size")
+    settings.update(changed or {})
     config = Config(base_model=args.base_model, train_data_path=[str(Path(args.data) / "train.json")],
                     output_dir=str(out), sample=args.sample, seed=args.seed, num_epochs=1,
                     cutoff_len=args.cutoff_len, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                     lora_dropout=LORA["dropout"], lora_target_modules=list(LORA["targets"]),
                     precision=args.precision, resume_from_checkpoint="false", attention=args.attention,
-                    **settings, **changed)
+                    **settings)
     started = time.perf_counter()
     summary = run(config)
     wall = time.perf_counter() - started

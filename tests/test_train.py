@@ -112,6 +112,22 @@ def test_config_flags_and_yaml(tmp_path):
         parse(Config, [])
 
 
+def loss_and_grads(model, fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss ``fn()`` returns and the gradients of ``model``'s trained weights from it."""
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same_loss_and_grads(got, expected) -> None:
+    (loss, grads), (want, want_grads) = got, expected
+    torch.testing.assert_close(loss, want)
+    assert len(grads) == len(want_grads) > 0
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("chunk", [0, 2])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
@@ -128,14 +144,7 @@ def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture
     if lora:
         model = get_peft_model(model, lora_config(Config(train_data_path=["x"], lora_target_modules=["q_proj", "v_proj"])))
     model.train(False)
-
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    full, full_grads = loss_and_grads(lambda: model(**batch).loss)
+    full = loss_and_grads(model, lambda: model(**batch).loss)
     labelled = LabelledLogits(model, chunk)
     assert labelled.chunk == chunk  # the probe finds these heads plain
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -147,11 +156,7 @@ def test_labelled_logits_give_the_models_own_loss_and_gradients(request, fixture
             assert outputs.logits.shape[0] == (0 if chunk else positions)  # [K, vocab], or none when chunked
             return labelled.loss(outputs, batch["labels"])
 
-    part, part_grads = loss_and_grads(sparse)
-    torch.testing.assert_close(part, full)
-    assert len(part_grads) == len(full_grads) > 0
-    for a, b in zip(part_grads, full_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_loss_and_grads(loss_and_grads(model, sparse), full)
     labelled.remove()
     assert model(**inputs).logits.shape[:2] == batch["input_ids"].shape  # the hook is gone
 
@@ -361,24 +366,17 @@ def test_a_shared_prefix_run_once_gives_the_plain_loss_and_gradients(request, fi
     model.train(False)
     labelled = LabelledLogits(model, chunk)
 
-    def loss_and_grads(inputs):
-        model.zero_grad()
+    def loss(inputs):
         with labelled.positions(inputs["labels"]):
-            loss = labelled.loss(model(**{k: v for k, v in inputs.items() if k != "labels"}), inputs["labels"])
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            return labelled.loss(model(**{k: v for k, v in inputs.items() if k != "labels"}), inputs["labels"])
 
     length = shared_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
     first_label = int((batch["labels"] != IGNORE_INDEX).any(0).nonzero()[0])
     assert 16 <= length < first_label and bool((batch["input_ids"][:, :length] == batch["input_ids"][0, :length]).all())
     split = split_batch(model, batch, length)
     assert split["input_ids"].shape == (3, batch["input_ids"].shape[1] - length)
-    plain, plain_grads = loss_and_grads(batch)
-    shared, shared_grads = loss_and_grads(split)
-    torch.testing.assert_close(shared, plain)
-    assert len(shared_grads) == len(plain_grads) > 0
-    for a, b in zip(shared_grads, plain_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    plain = loss_and_grads(model, lambda: loss(batch))
+    assert_same_loss_and_grads(loss_and_grads(model, lambda: loss(split)), plain)
     labelled.remove()
 
 

@@ -67,6 +67,16 @@ def shared_prompt(model, enc, pad_token_id: int, num_beams: int, max_new_tokens:
 
 
 
+def repeated_prefix(model, rows: int, **inputs):
+    """The body's KV cache of one row's prefix (``inputs``, each [1, P]) repeated for ``rows`` rows:
+    tokens every row of a batch opens with run once (generation's prompts, a training batch's
+    shared instruction in :mod:`bigrec.llm.shared_prefix`)."""
+    out = decoder_of(model)(use_cache=True, **inputs)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = MAX_NEW_TOKENS, prefix_len: int = 0):
     """KV cache of the prompts without their last token, encoded once and shared by ``num_beams`` beams.
 
@@ -86,10 +96,8 @@ def prompt_cache(model, enc, num_beams: int, max_new_tokens: int = MAX_NEW_TOKEN
     cache_arg = cache_kwarg(model)
     cache = None
     if prefix_len:
-        out = body(input_ids=ids[:1, :prefix_len], attention_mask=mask[:1, :prefix_len],
-                   position_ids=positions[:1, :prefix_len], use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(ids.shape[0])
+        cache = repeated_prefix(model, ids.shape[0], input_ids=ids[:1, :prefix_len],
+                                attention_mask=mask[:1, :prefix_len], position_ids=positions[:1, :prefix_len])
     if prefix_len < ids.shape[1]:
         out = body(input_ids=ids[:, prefix_len:], attention_mask=mask, position_ids=positions[:, prefix_len:],
                    use_cache=True, **{cache_arg: cache})

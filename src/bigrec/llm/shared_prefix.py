@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from bigrec.llm.kv_cache import cache_kwarg, decoder_of
+from bigrec.llm.kv_cache import cache_kwarg, repeated_prefix
 from bigrec.llm.sft_data import IGNORE_INDEX
 
 MIN_SHARED = 16  # fewer common tokens are not worth a second call of the model
@@ -43,8 +43,6 @@ def split_batch(model, inputs: dict[str, torch.Tensor], length: int) -> dict[str
     each row, its labels, and the prefix's cache repeated for the batch (the attention mask stays
     whole, since it covers the cache too)."""
     ids = inputs["input_ids"]
-    out = decoder_of(model)(input_ids=ids[:1, :length], use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(ids.shape[0])
+    cache = repeated_prefix(model, ids.shape[0], input_ids=ids[:1, :length])
     return {**inputs, "input_ids": ids[:, length:], "labels": inputs["labels"][:, length:],
             cache_kwarg(model): cache}
